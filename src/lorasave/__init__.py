@@ -1,0 +1,34 @@
+"""lorasave: save LoRA fine-tuned models for deployment, streaming, on CPU.
+
+Public API::
+
+    lorasave.merge(base, adapters, output, dtype="auto", max_shard_size="5GB")
+    lorasave.save_adapter(adapter, output, dtype=None)
+
+Errors raised on bad input are subclasses of ``lorasave.errors.LorasaveError``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = ["AdapterResult", "LorasaveError", "MergeResult", "__version__", "merge", "save_adapter"]
+
+if TYPE_CHECKING:
+    from .api import AdapterResult, MergeResult, merge, save_adapter
+    from .errors import LorasaveError
+
+
+def __getattr__(name: str) -> Any:
+    # import torch lazily, so `lorasave --help` and `import lorasave` stay fast
+    if name in ("merge", "save_adapter", "MergeResult", "AdapterResult"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "LorasaveError":
+        from .errors import LorasaveError
+
+        return LorasaveError
+    raise AttributeError(f"module 'lorasave' has no attribute {name!r}")

@@ -1,0 +1,5 @@
+"""``python -m lorasave``."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,318 @@
+"""The public operations; the CLI is a thin shell over these functions."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_NAME, Adapter, load_adapter
+from .architecture import inspect_architecture
+from .checkpoint import TensorReader, open_checkpoint
+from .dtypes import FLOAT_DTYPES, dtype_name, parse_output_dtype, st_dtype
+from .errors import UnsupportedModelError
+from .manifest import MANIFEST_NAME, SourceHasher, sha256_file, write_manifest
+from .merge import Timings, stream_tensor
+from .output import StagedOutput, carry_files, check_free_space, check_output_path, has_tokenizer, write_config
+from .plan import INDEX_NAME, build_plan
+from .safetensors_format import layout, serialize_header
+from .sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
+from .writers import SafetensorsShardWriter
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+
+@dataclass
+class MergeResult:
+    """What ``merge`` wrote.
+
+    Attributes:
+        output: the output folder.
+        files: names of the files written, manifest included.
+        n_tensors: tensors written.
+        n_merged: tensors that received LoRA deltas (or were replaced by adapter tensors).
+        total_bytes: bytes of the weight files.
+        dtype: floating dtype of the output (``"bfloat16"``...).
+        seconds: wall time of the whole call.
+        timings: seconds per phase: read, merge (arithmetic), write, hash.
+        notes: fallbacks and facts worth knowing.
+    """
+
+    output: Path
+    files: list[str]
+    n_tensors: int
+    n_merged: int
+    total_bytes: int
+    dtype: str
+    seconds: float
+    timings: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``--json``)."""
+        d = asdict(self)
+        d["output"] = str(self.output)
+        return d
+
+    def summary(self) -> str:
+        """One line for humans."""
+        return (
+            f"merged {self.n_merged} of {self.n_tensors} tensors into {self.output} "
+            f"({len([f for f in self.files if f.endswith('.safetensors')])} shard(s), {self.total_bytes / 1e6:.1f} MB, {self.dtype}) "
+            f"in {self.seconds:.1f} s"
+        )
+
+
+def _adapter_list(adapters: PathLike | Sequence[PathLike]) -> list[PathLike]:
+    if isinstance(adapters, (str, os.PathLike)):
+        return [adapters]
+    return list(adapters)
+
+
+def _describe_adapter(ad: Adapter, hashes: dict[str, str]) -> dict[str, Any]:
+    cfg = ad.config
+    return {
+        "path": str(ad.root.resolve()),
+        "files": hashes,
+        "peft_type": cfg.get("peft_type"),
+        "r": cfg.get("r"),
+        "lora_alpha": cfg.get("lora_alpha"),
+        "use_rslora": bool(cfg.get("use_rslora", False)),
+        "rank_pattern": cfg.get("rank_pattern") or {},
+        "alpha_pattern": cfg.get("alpha_pattern") or {},
+        "target_modules": cfg.get("target_modules"),
+        "base_model_name_or_path": cfg.get("base_model_name_or_path"),
+        "modules": len(ad.lora),
+    }
+
+
+def merge(
+    base: PathLike,
+    adapters: PathLike | Sequence[PathLike],
+    output: PathLike,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    overwrite: bool = False,
+    tokenizer: PathLike | None = None,
+    allow_pickle: bool = False,
+    progress: bool = False,
+) -> MergeResult:
+    """Merge LoRA adapter(s) into a base checkpoint and write a sharded safetensors checkpoint.
+
+    Streams tensor by tensor: W' = W0 + scaling * (B @ A) for every targeted weight
+    (``(B @ A).T`` for GPT-2 ``Conv1D``), computed in float32 and rounded once to the output
+    dtype; every other tensor is copied (cast when ``dtype`` asks). Shards, their names and the
+    index match transformers 5 ``save_pretrained`` for the same ``max_shard_size``. The output
+    folder also gets ``config.json`` (``dtype`` updated), ``generation_config.json``, license
+    files, the tokenizer (``tokenizer``, else the first adapter's, else the base's) and
+    ``lorasave.json``. It appears atomically: complete, or not at all.
+
+    Args:
+        base: base folder (``config.json`` + safetensors) or a Hub id in the local HF cache.
+        adapters: one PEFT adapter folder or several (their deltas add up).
+        output: the folder to create.
+        dtype: ``"auto"`` (the base's dtype), ``"bfloat16"``, ``"float16"`` or ``"float32"``;
+            applies to every floating tensor except those transformers keeps in float32.
+        max_shard_size: shard limit in bytes, or a string such as ``"5GB"`` (decimal units:
+            5GB = 5 * 10**9 bytes). Default 5GB; transformers 5's own default is 50GB.
+        overwrite: replace an existing ``output`` (after the new one is complete).
+        tokenizer: folder whose tokenizer files are copied instead.
+        allow_pickle: accept ``adapter_model.bin`` (loaded with ``torch.load(weights_only=True)``).
+        progress: show a progress bar in bytes on stderr.
+
+    Returns:
+        MergeResult.
+
+    Raises:
+        LorasaveError subclasses: SourceNotFoundError, NotAnAdapterError, CheckpointFormatError,
+        UnsafePathError, PickleRefusedError, AdapterMismatchError, UnsupportedAdapterError,
+        UnsupportedModelError, OutputExistsError, InsufficientDiskError, NonFiniteResultError,
+        InvalidOptionError.
+    """
+    t_start = time.perf_counter()
+    out_dtype = parse_output_dtype(dtype)
+    shard_limit = parse_size(max_shard_size)
+    ckpt = open_checkpoint(base)
+    ads = [load_adapter(a, allow_pickle=allow_pickle) for a in _adapter_list(adapters)]
+    tok_dir = Path(tokenizer) if tokenizer is not None else next((a.root for a in ads if has_tokenizer(a.root)), ckpt.root)
+    final = check_output_path(Path(output), [ckpt.root, *(a.root for a in ads), tok_dir], overwrite)
+    if ckpt.config.get("quantization_config"):
+        qm = ckpt.config["quantization_config"].get("quant_method", "?")
+        raise UnsupportedModelError(f"{ckpt.root} is a quantized checkpoint (quant_method {qm}); quantized bases are not supported yet", path=ckpt.root)
+    arch = inspect_architecture(ckpt.config)
+    plan = build_plan(ckpt, ads, arch, out_dtype=out_dtype, max_shard_size=shard_limit)
+    check_free_space(final, plan.total_bytes)
+    for note in plan.notes:
+        logger.info("%s", note)
+
+    hasher = SourceHasher()
+    timings = Timings()
+    files: dict[str, str] = {}
+    try:
+        hasher.submit(ckpt.source_files())
+        for ad in ads:
+            hasher.submit(ad.source_files())
+        with StagedOutput(final) as stage, TensorReader() as reader, _progress(progress, plan.data_bytes) as bar:
+            for shard in plan.shards:
+                writer = SafetensorsShardWriter(stage.path / shard.filename, shard.header, shard.layouts)
+                writer.begin()
+                try:
+                    for lay in shard.layouts:
+                        for chunk in stream_tensor(plan.tensors[lay.name], reader, ads, timings):
+                            writer.write(lay.name, chunk)
+                            bar.update(len(chunk))
+                    files[shard.filename] = writer.end()
+                except BaseException:
+                    writer.abort()
+                    raise
+                timings.write += writer.write_seconds
+                timings.hash += writer.hash_seconds
+            index = plan.index_bytes()
+            if index is not None:
+                (stage.path / INDEX_NAME).write_bytes(index)
+            write_config(
+                ckpt.root / "config.json",
+                stage.path / "config.json",
+                {"dtype": dtype_name(plan.out_dtype)},
+                remove=("torch_dtype",),
+            )
+            carried = carry_files(ckpt.root, tok_dir, stage.path)
+            for name in [INDEX_NAME if index is not None else None, "config.json", *carried]:
+                if name is not None:
+                    files[name] = sha256_file(stage.path / name)
+            sources = {
+                "base": {
+                    "path": str(ckpt.root.resolve()),
+                    "hub_id": ckpt.hub_id,
+                    "files": hasher.result(ckpt.source_files(), ckpt.root),
+                },
+                "adapters": [_describe_adapter(a, hasher.result(a.source_files(), a.root)) for a in ads],
+                "tokenizer": str(tok_dir.resolve()),
+            }
+            settings = {"dtype": dtype_name(plan.out_dtype), "max_shard_size": shard_limit, "allow_pickle": allow_pickle}
+            summary = {
+                "n_tensors": len(plan.tensors),
+                "n_merged": len([t for t in plan.tensors.values() if t.deltas or t.replacement]),
+                "merged": [n for n, t in plan.tensors.items() if t.deltas or t.replacement],
+                "architecture": arch.model_class,
+                "notes": plan.notes,
+            }
+            write_manifest(stage.path, command="merge", sources=sources, settings=settings, result=summary, files=files)
+            stage.commit()
+    finally:
+        hasher.close()
+    result = MergeResult(
+        output=final,
+        files=sorted([*files, MANIFEST_NAME]),
+        n_tensors=summary["n_tensors"],
+        n_merged=summary["n_merged"],
+        total_bytes=plan.total_bytes,
+        dtype=dtype_name(plan.out_dtype),
+        seconds=round(time.perf_counter() - t_start, 3),
+        timings=timings.as_dict(),
+        notes=list(plan.notes),
+    )
+    logger.debug("%s", result.summary())
+    return result
+
+
+def _progress(enabled: bool, total: int) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=not enabled, desc="merge", leave=False)
+
+
+@dataclass
+class AdapterResult:
+    """What ``save_adapter`` wrote.
+
+    Attributes:
+        output: the output folder.
+        files: names of the files written.
+        n_tensors: tensors in ``adapter_model.safetensors``.
+        dtype: dtype of floating tensors (``"as-is"`` when unchanged).
+    """
+
+    output: Path
+    files: list[str]
+    n_tensors: int
+    dtype: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        d = asdict(self)
+        d["output"] = str(self.output)
+        return d
+
+    def summary(self) -> str:
+        """One line for humans."""
+        return f"saved adapter ({self.n_tensors} tensors, {self.dtype}) to {self.output}"
+
+
+def save_adapter(
+    adapter: PathLike,
+    output: PathLike,
+    *,
+    dtype: str | torch.dtype | None = None,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+) -> AdapterResult:
+    """Re-save a PEFT adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``lorasave.json``).
+
+    The output loads with ``PeftModel.from_pretrained``. Tensor names are kept; floating
+    tensors are cast to ``dtype`` when given.
+
+    Args:
+        adapter: PEFT adapter folder.
+        output: folder to create.
+        dtype: None/``"auto"`` keeps each tensor's dtype; else ``"bfloat16"``, ``"float16"``, ``"float32"``.
+        overwrite: replace an existing output.
+        allow_pickle: accept ``adapter_model.bin`` (``torch.load(weights_only=True)``).
+
+    Raises:
+        LorasaveError subclasses, as ``load_adapter`` and ``check_output_path``.
+    """
+    out_dtype = parse_output_dtype(dtype)
+    ad = load_adapter(adapter, allow_pickle=allow_pickle)
+    final = check_output_path(Path(output), [ad.root], overwrite)
+    keys = ad.keys()
+    with TensorReader() as reader:
+        tensors = {}
+        for k in keys:
+            t = ad.tensor(k, reader)
+            if out_dtype is not None and t.dtype in FLOAT_DTYPES:
+                t = t.to(out_dtype)
+            tensors[k] = t.contiguous()
+    lay = layout((k, st_dtype(t.dtype), tuple(t.shape)) for k, t in tensors.items())
+    header = serialize_header(lay, {"format": "pt"})
+    check_free_space(final, len(header) + (lay[-1].end if lay else 0))
+    files: dict[str, str] = {}
+    with StagedOutput(final) as stage:
+        writer = SafetensorsShardWriter(stage.path / ADAPTER_SAFE_NAME, header, lay)
+        writer.begin()
+        for entry in lay:
+            t = tensors[entry.name]
+            writer.write(entry.name, memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
+        files[ADAPTER_SAFE_NAME] = writer.end()
+        write_config(ad.root / ADAPTER_CONFIG_NAME, stage.path / ADAPTER_CONFIG_NAME, {})
+        files[ADAPTER_CONFIG_NAME] = sha256_file(stage.path / ADAPTER_CONFIG_NAME)
+        hashes = {p.name: sha256_file(p) for p in ad.source_files()}
+        write_manifest(
+            stage.path,
+            command="adapter",
+            sources={"adapters": [_describe_adapter(ad, hashes)]},
+            settings={"dtype": dtype_name(out_dtype) if out_dtype else "as-is", "allow_pickle": allow_pickle},
+            result={"n_tensors": len(tensors)},
+            files=files,
+        )
+        stage.commit()
+    return AdapterResult(final, sorted([*files, MANIFEST_NAME]), len(tensors), dtype_name(out_dtype) if out_dtype else "as-is")

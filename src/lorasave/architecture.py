@@ -1,0 +1,176 @@
+"""What transformers knows about the base's architecture, learned without weights or remote code.
+
+The model class named in ``config.json`` is built on the meta device (no memory, no data), which
+gives: the ``state_dict`` order that ``save_pretrained`` shards in (tied weights removed and
+checkpoint renames reverted, as transformers 5 does in ``PreTrainedModel.save_pretrained``),
+each module's layer type (``nn.Linear`` vs GPT-2 ``Conv1D`` decides whether a LoRA delta is
+transposed), the modules transformers keeps in float32, and the parameter count written to
+the shard index. Only classes built into transformers are used: ``trust_remote_code`` is never
+set, and a ``model_type`` transformers does not know falls back to the checkpoint's own order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+class ModuleKind(enum.Enum):
+    """Layer types that decide how a LoRA delta is shaped."""
+
+    LINEAR = "linear"
+    CONV1D_GPT2 = "conv1d_gpt2"  # transformers.pytorch_utils.Conv1D: weight stored (in, out)
+    EMBEDDING = "embedding"
+    CONV = "conv"
+    OTHER = "other"
+
+
+@dataclass
+class ArchitectureInfo:
+    """Facts about the base's architecture.
+
+    Attributes:
+        model_class: name of the transformers class used, or None when none was usable.
+        save_order: tensor names in the order ``save_pretrained`` writes them (tied removed),
+            or None when no class was usable.
+        tied_names: names present in the class's state_dict that ``save_pretrained`` drops as tied.
+        module_kinds: module name -> layer type.
+        keep_fp32: module-name patterns kept in float32 for fp16 outputs.
+        keep_fp32_strict: module-name patterns kept in float32 for fp16 and bf16 outputs.
+        num_parameters: ``model.num_parameters()``, written as ``total_parameters`` in the index.
+        note: why the fallback was taken, when it was.
+    """
+
+    model_class: str | None = None
+    save_order: list[str] | None = None
+    tied_names: set[str] = field(default_factory=set)
+    module_kinds: dict[str, ModuleKind] = field(default_factory=dict)
+    keep_fp32: set[str] = field(default_factory=set)
+    keep_fp32_strict: set[str] = field(default_factory=set)
+    num_parameters: int | None = None
+    note: str | None = None
+
+    def kind_of(self, module: str) -> ModuleKind | None:
+        """The layer type of ``module``, or None when the class is unknown or has no such module."""
+        return self.module_kinds.get(module)
+
+    def fp32_pattern(self, out_dtype: torch.dtype) -> re.Pattern[str] | None:
+        """Regex of tensor names transformers keeps in float32 when loading in ``out_dtype``.
+
+        Mirrors ``PreTrainedModel._get_dtype_plan``: ``_keep_in_fp32_modules`` applies to
+        float16 only, ``_keep_in_fp32_modules_strict`` to float16 and bfloat16; names are
+        matched with ``re.search`` as transformers' ``build_glob_alternation`` does.
+        """
+        pats: set[str] = set()
+        if out_dtype == torch.float16:
+            pats |= self.keep_fp32
+        if out_dtype in (torch.float16, torch.bfloat16):
+            pats |= self.keep_fp32_strict
+        if not pats:
+            return None
+        return re.compile("|".join(f"(?:{p})" for p in sorted(pats)))
+
+
+def _kind(module: torch.nn.Module) -> ModuleKind:
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return ModuleKind.CONV1D_GPT2
+    if isinstance(module, torch.nn.Linear):
+        return ModuleKind.LINEAR
+    if isinstance(module, torch.nn.Embedding):
+        return ModuleKind.EMBEDDING
+    if isinstance(module, (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)):
+        return ModuleKind.CONV
+    return ModuleKind.OTHER
+
+
+def _model_class(config: Any, architectures: list[str]) -> type | None:
+    import transformers
+
+    for name in architectures:
+        cls = getattr(transformers, name, None)
+        if isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel):
+            return cls
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModel):
+        mapping = getattr(auto, "_model_mapping", None)
+        if mapping is not None and type(config) in mapping:
+            return mapping[type(config)]
+    return None
+
+
+def inspect_architecture(config_json: dict[str, Any]) -> ArchitectureInfo:
+    """Build the base's model class on the meta device and read its layout.
+
+    Args:
+        config_json: the parsed ``config.json`` of the base.
+
+    Returns:
+        The facts, or an ArchitectureInfo with ``note`` set (and ``save_order`` None) when
+        transformers has no built-in class for this ``model_type``; lorasave then keeps the
+        checkpoint's own tensor order.
+    """
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    model_type = config_json.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        return ArchitectureInfo(note=f"transformers has no built-in model_type {model_type!r}; keeping the base's tensor order")
+    try:
+        config = CONFIG_MAPPING[model_type].from_dict(dict(config_json))
+    except Exception as e:  # a config transformers cannot parse: fall back, say why
+        return ArchitectureInfo(note=f"transformers could not read config.json ({type(e).__name__}: {e}); keeping the base's tensor order")
+    cls = _model_class(config, list(config_json.get("architectures") or []))
+    if cls is None:
+        return ArchitectureInfo(note=f"no built-in transformers class for {config_json.get('architectures')}; keeping the base's tensor order")
+    tf_logger = transformers.utils.logging.get_logger("transformers")
+    old_level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)
+    try:
+        with torch.device("meta"), contextlib.redirect_stdout(None):
+            model = cls._from_config(config)
+        state = model.state_dict()
+        kept = _drop_tied(state, model)
+        kept = _revert_conversion(kept, model)
+    except Exception as e:
+        return ArchitectureInfo(note=f"could not build {cls.__name__} on the meta device ({type(e).__name__}: {e}); keeping the base's tensor order")
+    finally:
+        tf_logger.setLevel(old_level)
+    info = ArchitectureInfo(
+        model_class=cls.__name__,
+        save_order=list(kept),
+        tied_names=set(state) - set(kept),
+        module_kinds={name: _kind(mod) for name, mod in model.named_modules() if name},
+        keep_fp32=set(getattr(model, "_keep_in_fp32_modules", None) or ()),
+        keep_fp32_strict=set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()),
+        num_parameters=int(model.num_parameters()),
+    )
+    logger.debug("architecture %s: %d tensors in save order", info.model_class, len(kept))
+    return info
+
+
+def _drop_tied(state: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+    """``save_pretrained``'s tied-weight removal (transformers.modeling_utils)."""
+    try:
+        from transformers.modeling_utils import remove_tied_weights_from_state_dict
+    except ImportError:  # older/newer transformers: drop the declared tied keys ourselves
+        tied = getattr(model, "_tied_weights_keys", None) or {}
+        return {k: v for k, v in state.items() if k not in tied}
+    return remove_tied_weights_from_state_dict(dict(state), model)
+
+
+def _revert_conversion(state: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
+    """``save_pretrained``'s revert of load-time renames (transformers.core_model_loading)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:
+        return state
+    return revert_weight_conversion(model, state)

@@ -1,0 +1,257 @@
+"""Reading a base checkpoint: locate it, validate its index and headers, read tensors in slices.
+
+A base is a folder in the Hugging Face layout (``config.json`` plus ``model.safetensors`` or
+``model-0000k-of-0000N.safetensors`` with ``model.safetensors.index.json``), or a Hub id found in
+the local Hugging Face cache (``huggingface_hub.snapshot_download(local_files_only=True)``; no
+network call). Tensor names, dtypes and shapes come from the headers alone; data is read with
+positional OS reads, a row slice at a time, so the resident set holds only the slice in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointFormatError, PickleRefusedError, SourceNotFoundError, UnsafePathError
+from .safetensors_format import TensorEntry, pread_exact, read_header
+
+logger = logging.getLogger(__name__)
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """Parse a JSON object file.
+
+    Raises:
+        CheckpointFormatError: not valid JSON, or not an object.
+    """
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointFormatError(f"{path}: invalid JSON ({e}); fix or re-download the file", path=path) from None
+    if not isinstance(obj, dict):
+        raise CheckpointFormatError(f"{path}: expected a JSON object", path=path)
+    return obj
+
+
+def resolve_source(spec: str | os.PathLike[str], what: str) -> tuple[Path, str | None]:
+    """Turn a folder path or a Hub id into a local folder.
+
+    Args:
+        spec: a local folder, or a Hub id such as ``HuggingFaceTB/SmolLM2-135M`` present in the
+            local Hugging Face cache.
+        what: ``"base"`` or ``"adapter"``, for messages.
+
+    Returns:
+        ``(folder, hub_id)``; ``hub_id`` is None for a local folder.
+
+    Raises:
+        SourceNotFoundError: neither a folder nor a cached Hub id.
+    """
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return path, None
+    if path.exists():
+        raise SourceNotFoundError(f"{what} {spec} is a file; give the folder that holds config.json and the weights", path=path)
+    text = str(spec)
+    if _HUB_ID.match(text) and not text.startswith((".", "/")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(text, local_files_only=True)
+            return Path(folder), text
+        except Exception:
+            raise SourceNotFoundError(
+                f"{what} {spec!r} is not a folder, and not a Hub id in the local Hugging Face cache; "
+                f"download it first (hf download {text}) or give a local folder",
+                path=path,
+            ) from None
+    raise SourceNotFoundError(f"{what} folder {spec} does not exist", path=path)
+
+
+def _check_plain_name(index_path: Path, name: object) -> str:
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in (".", "..")
+        or "/" in name
+        or "\\" in name
+        or "\x00" in name
+        or Path(name).is_absolute()
+    ):
+        raise UnsafePathError(
+            f"{index_path}: weight_map entry {name!r} is not a plain file name in the same folder; refusing to read it",
+            path=index_path,
+        )
+    return name
+
+
+@dataclass
+class Checkpoint:
+    """A base checkpoint: config, files and tensor table.
+
+    Attributes:
+        root: the folder.
+        hub_id: the Hub id it was resolved from, if any.
+        config: parsed ``config.json``.
+        weight_files: safetensors files, in index order.
+        index_path: the index file, when sharded.
+        tensors: entry per tensor name, in the checkpoint's own order (file by file, by offset).
+    """
+
+    root: Path
+    hub_id: str | None
+    config: dict[str, Any]
+    weight_files: list[Path]
+    index_path: Path | None
+    tensors: dict[str, TensorEntry] = field(default_factory=dict)
+
+    @property
+    def nbytes(self) -> int:
+        """Total bytes of tensor data."""
+        return sum(e.nbytes for e in self.tensors.values())
+
+    def source_files(self) -> list[Path]:
+        """Every file whose content defines the weights (config, index, shards)."""
+        files = [self.root / "config.json"]
+        if self.index_path is not None:
+            files.append(self.index_path)
+        return files + list(self.weight_files)
+
+
+def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
+    """Locate a base checkpoint and read its config, index and safetensors headers.
+
+    Raises:
+        SourceNotFoundError: no such folder / cached id.
+        CheckpointFormatError: missing config.json or weights, malformed files, an index naming a
+            missing shard or a tensor absent from its shard.
+        UnsafePathError: an index entry that is not a plain file name.
+        PickleRefusedError: only pickle weights (``pytorch_model.bin``) are present.
+    """
+    root, hub_id = resolve_source(spec, "base")
+    cfg_path = root / "config.json"
+    if not cfg_path.is_file():
+        if (root / "adapter_config.json").is_file():
+            raise CheckpointFormatError(f"{root} is a PEFT adapter, not a base model; put the base first: lorasave merge BASE ADAPTER", path=root)
+        raise CheckpointFormatError(f"{root}: no config.json; BASE must be a Hugging Face model folder", path=root)
+    config = read_json(cfg_path)
+    index_path = root / SAFE_WEIGHTS_INDEX_NAME
+    tensors: dict[str, TensorEntry] = {}
+    if index_path.is_file():
+        index = read_json(index_path)
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointFormatError(f"{index_path}: no weight_map; re-download the index", path=index_path)
+        files: list[str] = []
+        for fname in weight_map.values():
+            if _check_plain_name(index_path, fname) not in files:
+                files.append(fname)
+        files.sort()
+        headers = {}
+        for fname in files:
+            p = root / fname
+            if not p.is_file():
+                raise CheckpointFormatError(f"{index_path} names shard {fname}, which is missing; download it again", path=p)
+            headers[fname] = read_header(p)
+        for fname in files:
+            for name, entry in headers[fname].tensors.items():
+                if weight_map.get(name) == fname:
+                    tensors[name] = entry
+        for name, fname in weight_map.items():
+            if name not in tensors:
+                raise CheckpointFormatError(f"{index_path} puts tensor {name!r} in {fname}, which does not contain it", path=index_path)
+        weight_files = [root / f for f in files]
+    elif (root / SAFE_WEIGHTS_NAME).is_file():
+        header = read_header(root / SAFE_WEIGHTS_NAME)
+        tensors = dict(header.tensors)
+        weight_files = [root / SAFE_WEIGHTS_NAME]
+        index_path = None
+    else:
+        if any((root / n).exists() for n in PICKLE_WEIGHTS):
+            raise PickleRefusedError(
+                f"{root} has only pickle weights (pytorch_model.bin), which can run code when loaded; "
+                "convert them to safetensors first",
+                path=root,
+            )
+        raise CheckpointFormatError(f"{root}: no model.safetensors or model.safetensors.index.json", path=root)
+    # keep the checkpoint's own order: file by file, by offset
+    order = sorted(tensors.values(), key=lambda e: (weight_files.index(e.file), e.offset))
+    return Checkpoint(root, hub_id, config, weight_files, index_path, {e.name: e for e in order})
+
+
+class TensorReader:
+    """Reads tensors, or slices of their first dimension, from safetensors files by OS reads.
+
+    Use as a context manager; file descriptors are opened lazily and closed on exit.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[Path, int] = {}
+        self.bytes_read = 0
+
+    def __enter__(self) -> TensorReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close every open file."""
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        return fd
+
+    def read(self, entry: TensorEntry, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read rows ``[start, stop)`` of the first dimension of ``entry`` (all of it by default).
+
+        Args:
+            entry: where the tensor lives.
+            start, stop: row range; a 0-d tensor is one row.
+            out: optional contiguous buffer of the entry's dtype with at least the rows' elements;
+                the result is a view of it.
+
+        Returns:
+            A tensor of shape ``(stop - start, *entry.shape[1:])`` in the entry's dtype.
+
+        Raises:
+            CheckpointFormatError: the dtype has no torch equivalent, or the file was truncated.
+        """
+        dt = entry.dtype.torch_dtype
+        if dt is None:
+            raise CheckpointFormatError(f"{entry.file}: tensor {entry.name!r} has dtype {entry.dtype.name}, which torch cannot read", path=entry.file)
+        rows = entry.shape[0] if entry.shape else 1
+        stop = rows if stop is None else stop
+        inner = entry.shape[1:] if entry.shape else ()
+        row_elems = 1
+        for d in inner:
+            row_elems *= d
+        count = (stop - start) * row_elems
+        nbytes = count * entry.dtype.bits // 8
+        if out is None:
+            buf = torch.empty(count, dtype=dt)
+        else:
+            buf = out.view(-1)[:count]
+        if nbytes:
+            view = memoryview(buf.view(torch.uint8).numpy()).cast("B")
+            pread_exact(self._fd(entry.file), nbytes, entry.offset + start * row_elems * entry.dtype.bits // 8, view)
+            self.bytes_read += nbytes
+        shape = (stop - start, *inner) if entry.shape else ()
+        return buf.view(shape)

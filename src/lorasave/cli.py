@@ -1,0 +1,170 @@
+"""The ``lorasave`` command line: ``lorasave COMMAND BASE [ADAPTER ...] -o OUT [options]``.
+
+A thin shell: parse options, call the function of the same name in ``lorasave.api``, print a
+summary (or ``--json``), and map errors to one line on stderr and a non-zero exit code
+(``--debug`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from . import __version__
+from .errors import LorasaveError
+from .sizes import DEFAULT_MAX_SHARD_SIZE
+
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+_DTYPE = click.Choice(["auto", "bfloat16", "float16", "float32"], case_sensitive=False)
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: bool) -> None:
+    debug = ctx.obj.get("debug", False)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if debug else "note: %(message)s"))
+    log = logging.getLogger("lorasave")
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else (logging.WARNING if quiet or as_json else logging.INFO))
+    signal.signal(signal.SIGTERM, _sigterm)
+    try:
+        result = fn()
+    except LorasaveError as e:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {e}", err=True)
+        ctx.exit(e.exit_code)
+    except KeyboardInterrupt:
+        click.echo("error: interrupted; no output was written", err=True)
+        ctx.exit(EXIT_INTERRUPTED)
+    except Exception as e:  # a bug: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: internal error ({type(e).__name__}: {e}); rerun with --debug and report it", err=True)
+        ctx.exit(EXIT_INTERNAL)
+    finally:
+        log.removeHandler(handler)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        click.echo(result.summary())
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lorasave")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Save LoRA fine-tuned models for deployment: merge, convert, verify.
+
+    Grammar: lorasave COMMAND BASE [ADAPTER ...] -o OUT [options]
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")(f)
+    f = click.option("--quiet", "-q", is_flag=True, help="No progress bar, notes or summary.")(f)
+    f = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")(f)
+    f = click.option("--allow-pickle", is_flag=True, help="Accept .bin pickle weights, loaded with torch.load(weights_only=True).")(f)
+    f = click.option("--debug", is_flag=True, hidden=True)(f)
+    return f
+
+
+@main.command("merge")
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
+@click.option("--dtype", type=_DTYPE, default="auto", show_default=True, help="Floating dtype of the output; auto = the base's.")
+@click.option(
+    "--max-shard-size",
+    default="5GB",
+    show_default=True,
+    help=f"Largest shard, decimal units as transformers ({DEFAULT_MAX_SHARD_SIZE:,} bytes = 5GB; transformers 5 defaults to 50GB).",
+)
+@click.option("--tokenizer", type=click.Path(), default=None, help="Copy the tokenizer from this folder (default: the adapter's, else the base's).")
+@_common
+@click.pass_context
+def merge_cmd(
+    ctx: click.Context,
+    base: str,
+    adapters: tuple[str, ...],
+    output: str,
+    dtype: str,
+    max_shard_size: str,
+    tokenizer: str | None,
+    overwrite: bool,
+    quiet: bool,
+    as_json: bool,
+    allow_pickle: bool,
+    debug: bool,
+) -> None:
+    """Merge ADAPTER(s) into BASE and write a sharded safetensors checkpoint to OUT.
+
+    BASE is a Hugging Face model folder or a Hub id in the local cache; ADAPTER a PEFT folder.
+    """
+    from .api import merge
+
+    ctx.obj["debug"] = ctx.obj.get("debug") or debug
+    _run(
+        ctx,
+        lambda: merge(
+            base,
+            list(adapters),
+            output,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            tokenizer=tokenizer,
+            allow_pickle=allow_pickle,
+            progress=not (quiet or as_json) and sys.stderr.isatty(),
+        ),
+        quiet=quiet,
+        as_json=as_json,
+    )
+
+
+@main.command("adapter")
+@click.argument("adapter")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
+@click.option("--dtype", type=_DTYPE, default="auto", show_default=True, help="Cast floating tensors; auto keeps them.")
+@_common
+@click.pass_context
+def adapter_cmd(
+    ctx: click.Context,
+    adapter: str,
+    output: str,
+    dtype: str,
+    overwrite: bool,
+    quiet: bool,
+    as_json: bool,
+    allow_pickle: bool,
+    debug: bool,
+) -> None:
+    """Re-save ADAPTER as PEFT safetensors (adapter_config.json + adapter_model.safetensors)."""
+    from .api import save_adapter
+
+    ctx.obj["debug"] = ctx.obj.get("debug") or debug
+    _run(
+        ctx,
+        lambda: save_adapter(adapter, output, dtype=dtype, overwrite=overwrite, allow_pickle=allow_pickle),
+        quiet=quiet,
+        as_json=as_json,
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,121 @@
+"""One hierarchy for every user-facing error lorasave raises.
+
+Each error also subclasses the matching builtin (``FileNotFoundError``, ``ValueError``, ...)
+so callers can catch either, carries the offending path or name as attributes, and knows its
+one-line message: ``str(err)`` says what is wrong and how to fix it. The CLI prints exactly that
+line (``error: ...``) and exits non-zero; ``--debug`` shows the traceback.
+
+Modelled on ``huggingface_hub.errors``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class LorasaveError(Exception):
+    """Base class of every error lorasave raises on bad input or a failed save.
+
+    Attributes:
+        path: the file or folder the error is about, when there is one.
+    """
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.path = Path(path) if path is not None else None
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class SourceNotFoundError(LorasaveError, FileNotFoundError):
+    """A base model, adapter or file named on the command line does not exist."""
+
+    exit_code = 2
+
+
+class NotAnAdapterError(LorasaveError, FileNotFoundError):
+    """A folder given as ADAPTER holds no ``adapter_config.json``.
+
+    Attributes:
+        found: adapter folders found below it (named adapters, ``checkpoint-N``), possibly empty.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, *, path: str | Path | None = None, found: list[str] | None = None) -> None:
+        super().__init__(message, path=path)
+        self.found = list(found or [])
+
+
+class CheckpointFormatError(LorasaveError, ValueError):
+    """A checkpoint file (safetensors, index, config) is malformed or inconsistent."""
+
+
+class UnsafePathError(LorasaveError, PermissionError):
+    """An index file names a path outside its folder, or OUT would overwrite a source."""
+
+
+class PickleRefusedError(LorasaveError, PermissionError):
+    """Only a pickle checkpoint (``.bin``/``.pt``) is present and ``allow_pickle`` was not given."""
+
+
+class AdapterMismatchError(LorasaveError, ValueError):
+    """The adapter does not fit the base: missing modules, wrong shapes, nothing targeted.
+
+    Attributes:
+        module: the first module name concerned, when there is one.
+    """
+
+    def __init__(self, message: str, *, path: str | Path | None = None, module: str | None = None) -> None:
+        super().__init__(message, path=path)
+        self.module = module
+
+
+class UnsupportedAdapterError(LorasaveError, NotImplementedError):
+    """The adapter uses a PEFT feature lorasave does not merge (yet), so merging would lose it."""
+
+
+class UnsupportedModelError(LorasaveError, ValueError):
+    """The base's ``model_type`` / architecture is not one lorasave can handle without remote code."""
+
+
+class NonFiniteResultError(LorasaveError, ArithmeticError):
+    """A merged tensor contains NaN or Inf.
+
+    Attributes:
+        tensor: name of the output tensor.
+    """
+
+    def __init__(self, message: str, *, tensor: str) -> None:
+        super().__init__(message)
+        self.tensor = tensor
+
+
+class OutputExistsError(LorasaveError, FileExistsError):
+    """OUT already exists and ``overwrite`` was not given."""
+
+    exit_code = 3
+
+
+class InsufficientDiskError(LorasaveError, OSError):
+    """The planned output does not fit in the free space of OUT's file system.
+
+    Attributes:
+        needed_bytes: bytes the plan will write.
+        free_bytes: bytes free on the target file system.
+    """
+
+    def __init__(self, message: str, *, path: str | Path, needed_bytes: int, free_bytes: int) -> None:
+        super().__init__(message, path=path)
+        self.needed_bytes = needed_bytes
+        self.free_bytes = free_bytes
+
+
+class InvalidOptionError(LorasaveError, ValueError):
+    """An option value (dtype, max_shard_size, ...) cannot be understood."""
+
+    exit_code = 2

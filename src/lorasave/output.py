@@ -1,0 +1,162 @@
+"""Atomic output folders and the non-weight files carried into them.
+
+An output is built in a hidden staging folder beside OUT (same file system, so the final
+``os.replace`` is atomic) and renamed into place only when complete. An existing OUT is
+replaced only with ``overwrite``, and only after the new one is complete. Any exception,
+KeyboardInterrupt included, removes the staging folder: OUT is either complete or untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .errors import InsufficientDiskError, OutputExistsError, UnsafePathError
+
+logger = logging.getLogger(__name__)
+
+#: Tokenizer and processor files transformers' ``save_pretrained`` methods write.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+)
+#: License-like files carried from the base, matched by prefix.
+LICENSE_PREFIXES = ("LICENSE", "LICENCE", "USE_POLICY", "NOTICE")
+
+
+def has_tokenizer(folder: Path) -> bool:
+    """Whether ``folder`` holds a tokenizer (``tokenizer.json``, ``tokenizer_config.json``, ``tokenizer.model`` or ``vocab.json``)."""
+    return any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json"))
+
+
+def check_output_path(out: Path, sources: list[Path], overwrite: bool) -> Path:
+    """Validate OUT before any work: not a source, not inside one, no source inside it; exists only with overwrite.
+
+    Returns:
+        The absolute OUT path.
+
+    Raises:
+        UnsafePathError: OUT overlaps BASE, an ADAPTER or the tokenizer folder.
+        OutputExistsError: OUT exists and ``overwrite`` is False.
+    """
+    final = Path(os.path.abspath(out))
+    real_final = Path(os.path.realpath(final))
+    for src in sources:
+        real_src = Path(os.path.realpath(src))
+        if real_final == real_src or real_src in real_final.parents or real_final in real_src.parents:
+            raise UnsafePathError(f"output {out} overlaps the source folder {src}; choose an output folder outside the sources", path=out)
+    if final.exists() and not overwrite:
+        raise OutputExistsError(f"output {out} already exists; pass --overwrite (overwrite=True) to replace it", path=out)
+    return final
+
+
+def check_free_space(final: Path, needed_bytes: int) -> None:
+    """Refuse before writing when OUT's file system has less free space than the plan needs.
+
+    Raises:
+        InsufficientDiskError: ``needed_bytes`` (plus 1% margin) exceeds the free bytes.
+    """
+    parent = final.parent
+    while not parent.exists():
+        parent = parent.parent
+    free = shutil.disk_usage(parent).free
+    if needed_bytes * 1.01 > free:
+        raise InsufficientDiskError(
+            f"the output needs {needed_bytes:,} bytes but {parent} has {free:,} bytes free; free some space or write elsewhere",
+            path=final,
+            needed_bytes=needed_bytes,
+            free_bytes=free,
+        )
+
+
+class StagedOutput:
+    """Context manager for an atomic output folder.
+
+    Usage::
+
+        with StagedOutput(final) as stage:
+            write files under stage.path
+            stage.commit()
+    """
+
+    def __init__(self, final: Path) -> None:
+        self.final = final
+        tag = uuid.uuid4().hex[:8]
+        self.path = final.parent / f".{final.name}.lorasave-tmp-{tag}"
+        self._old = final.parent / f".{final.name}.lorasave-old-{tag}"
+        self.committed = False
+
+    def __enter__(self) -> StagedOutput:
+        self.final.parent.mkdir(parents=True, exist_ok=True)
+        self.path.mkdir()
+        return self
+
+    def commit(self) -> None:
+        """Move the complete staging folder to OUT, replacing an old OUT only now."""
+        if self.final.is_symlink() or self.final.is_file():
+            self.final.unlink()
+        if self.final.exists():
+            os.replace(self.final, self._old)
+            os.replace(self.path, self.final)
+            shutil.rmtree(self._old, ignore_errors=True)
+        else:
+            os.replace(self.path, self.final)
+        self.committed = True
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if not self.committed:
+            shutil.rmtree(self.path, ignore_errors=True)
+
+
+def write_config(src: Path, dst: Path, updates: dict[str, Any], remove: tuple[str, ...] = ()) -> None:
+    """Copy ``config.json`` with ``updates`` applied, written as transformers writes it (indent 2, sorted keys)."""
+    cfg = json.loads(src.read_text(encoding="utf-8"))
+    for k in remove:
+        cfg.pop(k, None)
+    cfg.update(updates)
+    dst.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def carry_files(base: Path, tokenizer_dir: Path, dst: Path) -> list[str]:
+    """Copy ``generation_config.json``, license files and the tokenizer into ``dst``.
+
+    Args:
+        base: base folder (generation config, licenses).
+        tokenizer_dir: folder whose tokenizer files are copied.
+        dst: staging folder.
+
+    Returns:
+        Names of the files copied (symlinks, as in the Hugging Face cache, are followed).
+    """
+    names: list[tuple[Path, str]] = []
+    if (base / "generation_config.json").is_file():
+        names.append((base, "generation_config.json"))
+    for p in sorted(base.iterdir()):
+        if p.is_file() and p.name.upper().startswith(LICENSE_PREFIXES):
+            names.append((base, p.name))
+    for n in TOKENIZER_FILES:
+        if (tokenizer_dir / n).is_file():
+            names.append((tokenizer_dir, n))
+    copied = []
+    for folder, n in names:
+        shutil.copyfile(folder / n, dst / n)
+        copied.append(n)
+    return copied
