@@ -235,7 +235,7 @@ def _resolve_modules(adapter: Adapter) -> None:
     for key in adapter.keys():
         if not key.startswith(KEY_PREFIX):
             raise CheckpointFormatError(f"{path}: key {key!r} does not start with {KEY_PREFIX!r}; not a PEFT adapter file", path=path)
-        name = key[len(KEY_PREFIX):]
+        name = key[len(KEY_PREFIX) :]
         for pat, what in _UNSUPPORTED_KEYS:
             if pat.search(name):
                 raise UnsupportedAdapterError(f"{path}: the adapter uses {what} ({key}), which lorasave does not merge yet", path=path)
@@ -253,8 +253,7 @@ def _resolve_modules(adapter: Adapter) -> None:
         a_shape, b_shape = adapter.shape(parts["lora_A"]), adapter.shape(parts["lora_B"])
         if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
             raise AdapterMismatchError(
-                f"{path}: module {module} has lora_A {list(a_shape)} and lora_B {list(b_shape)}, which do not multiply "
-                "(expected (r, in) and (out, r))",
+                f"{path}: module {module} has lora_A {list(a_shape)} and lora_B {list(b_shape)}, which do not multiply (expected (r, in) and (out, r))",
                 path=path,
                 module=module,
             )

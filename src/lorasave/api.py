@@ -17,8 +17,8 @@ from .architecture import inspect_architecture
 from .checkpoint import TensorReader, open_checkpoint
 from .dtypes import FLOAT_DTYPES, dtype_name, parse_output_dtype, st_dtype
 from .errors import UnsupportedModelError
+from .execute import execute
 from .manifest import MANIFEST_NAME, SourceHasher, sha256_file, write_manifest
-from .merge import Timings, stream_tensor
 from .output import StagedOutput, carry_files, check_free_space, check_output_path, has_tokenizer, write_config
 from .plan import INDEX_NAME, build_plan
 from .safetensors_format import layout, serialize_header
@@ -155,27 +155,12 @@ def merge(
         logger.info("%s", note)
 
     hasher = SourceHasher()
-    timings = Timings()
-    files: dict[str, str] = {}
     try:
         hasher.submit(ckpt.source_files())
         for ad in ads:
             hasher.submit(ad.source_files())
-        with StagedOutput(final) as stage, TensorReader() as reader, _progress(progress, plan.data_bytes) as bar:
-            for shard in plan.shards:
-                writer = SafetensorsShardWriter(stage.path / shard.filename, shard.header, shard.layouts)
-                writer.begin()
-                try:
-                    for lay in shard.layouts:
-                        for chunk in stream_tensor(plan.tensors[lay.name], reader, ads, timings):
-                            writer.write(lay.name, chunk)
-                            bar.update(len(chunk))
-                    files[shard.filename] = writer.end()
-                except BaseException:
-                    writer.abort()
-                    raise
-                timings.write += writer.write_seconds
-                timings.hash += writer.hash_seconds
+        with StagedOutput(final) as stage, _progress(progress, plan.data_bytes) as bar:
+            files, timings = execute(plan, ads, stage.path, bar)
             index = plan.index_bytes()
             if index is not None:
                 (stage.path / INDEX_NAME).write_bytes(index)

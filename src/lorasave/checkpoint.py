@@ -81,15 +81,7 @@ def resolve_source(spec: str | os.PathLike[str], what: str) -> tuple[Path, str |
 
 
 def _check_plain_name(index_path: Path, name: object) -> str:
-    if (
-        not isinstance(name, str)
-        or not name
-        or name in (".", "..")
-        or "/" in name
-        or "\\" in name
-        or "\x00" in name
-        or Path(name).is_absolute()
-    ):
+    if not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or Path(name).is_absolute():
         raise UnsafePathError(
             f"{index_path}: weight_map entry {name!r} is not a plain file name in the same folder; refusing to read it",
             path=index_path,
@@ -181,8 +173,7 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
     else:
         if any((root / n).exists() for n in PICKLE_WEIGHTS):
             raise PickleRefusedError(
-                f"{root} has only pickle weights (pytorch_model.bin), which can run code when loaded; "
-                "convert them to safetensors first",
+                f"{root} has only pickle weights (pytorch_model.bin), which can run code when loaded; convert them to safetensors first",
                 path=root,
             )
         raise CheckpointFormatError(f"{root}: no model.safetensors or model.safetensors.index.json", path=root)

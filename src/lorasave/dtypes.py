@@ -55,8 +55,7 @@ _ENUM_ORDER: list[tuple[str, str | None, int]] = [
 ]
 
 ST_DTYPES: dict[str, StDtype] = {
-    name: StDtype(name, getattr(torch, tname, None) if tname else None, bits, rank)
-    for rank, (name, tname, bits) in enumerate(_ENUM_ORDER)
+    name: StDtype(name, getattr(torch, tname, None) if tname else None, bits, rank) for rank, (name, tname, bits) in enumerate(_ENUM_ORDER)
 }
 _BY_TORCH: dict[torch.dtype, StDtype] = {d.torch_dtype: d for d in ST_DTYPES.values() if d.torch_dtype is not None}
 

@@ -163,8 +163,7 @@ def _lora_delta(i: int, lw: LoraWeights, ckpt: Checkpoint, adapter: Adapter, arc
     if name not in ckpt.tensors:
         if name in arch.tied_names:
             raise UnsupportedAdapterError(
-                f"{adapter.root}: the adapter targets {lw.module}, which the base ties to its input embeddings; "
-                "untying tied embeddings is not supported yet",
+                f"{adapter.root}: the adapter targets {lw.module}, which the base ties to its input embeddings; untying tied embeddings is not supported yet",
                 path=adapter.root,
             )
         raise AdapterMismatchError(

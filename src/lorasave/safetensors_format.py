@@ -63,9 +63,7 @@ class SafetensorsHeader:
 
 
 def _bad(path: Path, what: str) -> CheckpointFormatError:
-    return CheckpointFormatError(
-        f"{path}: not a valid safetensors file ({what}); re-download or re-save it", path=path
-    )
+    return CheckpointFormatError(f"{path}: not a valid safetensors file ({what}); re-download or re-save it", path=path)
 
 
 def read_header(path: str | Path) -> SafetensorsHeader:
@@ -115,12 +113,7 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         offs = info.get("data_offsets")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
-        if (
-            not isinstance(offs, list)
-            or len(offs) != 2
-            or not all(isinstance(o, int) for o in offs)
-            or not 0 <= offs[0] <= offs[1]
-        ):
+        if not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs) or not 0 <= offs[0] <= offs[1]:
             raise _bad(path, f"tensor {name!r} has invalid data_offsets {offs!r}")
         if offs[1] > data_len:
             raise _bad(path, f"tensor {name!r} ends at byte {offs[1]} but the data buffer has {data_len} bytes; the file is truncated")

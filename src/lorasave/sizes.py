@@ -46,9 +46,7 @@ def parse_size(value: int | str) -> int:
         m = _SIZE_RE.match(str(value))
         unit = m.group(2).upper() if m else None
         if m is None or unit not in _UNITS:
-            raise InvalidOptionError(
-                f"invalid size {value!r}: write a number of bytes or a number with KB, MB, GB or TB (decimal, e.g. 5GB)"
-            )
+            raise InvalidOptionError(f"invalid size {value!r}: write a number of bytes or a number with KB, MB, GB or TB (decimal, e.g. 5GB)")
         n = int(float(m.group(1)) * _UNITS[unit])
     if n <= 0:
         raise InvalidOptionError(f"size must be positive, got {value!r}")

@@ -92,12 +92,9 @@ def stream_tensor(t: OutputTensor, reader: TensorReader, adapters: list[Adapter]
     if not t.deltas:
         same = src.dtype is t.dtype
         step = _rows_per_block(t, COPY_BLOCK_BYTES, max(1, src.dtype.bits // 8))
-        buf = None
         for i in range(0, max(rows, 1), step):
             t0 = time.perf_counter()
-            blk = reader.read(src, i, min(rows, i + step), out=buf)
-            if buf is None and blk.numel() > 0:
-                buf = blk
+            blk = reader.read(src, i, min(rows, i + step))  # a fresh buffer: it is written behind
             t1 = time.perf_counter()
             timings.read += t1 - t0
             if not same:
@@ -123,7 +120,7 @@ def stream_tensor(t: OutputTensor, reader: TensorReader, adapters: list[Adapter]
     for i in range(0, rows, step):
         j = min(rows, i + step)
         t0 = time.perf_counter()
-        w = reader.read(src, i, j, out=buf)
+        w = reader.read(src, i, j, out=buf)  # consumed below before the next read
         buf = w if buf is None else buf
         t1 = time.perf_counter()
         acc = w.float()  # (rows_blk, cols) float32
