@@ -168,9 +168,18 @@ def _drop_tied(state: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Te
 
 
 def _revert_conversion(state: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:
-    """``save_pretrained``'s revert of load-time renames (transformers.core_model_loading)."""
+    """``save_pretrained``'s revert of load-time renames (transformers.core_model_loading).
+
+    A model loaded with ``from_pretrained`` carries ``_weight_conversions`` (a list, often
+    empty), and ``revert_weight_conversion`` then sorts the state dict by ``dot_natural_key``
+    before splitting it into shards. The merged model a user saves was loaded, so lorasave
+    reproduces that: it attaches the conversions a fresh model would use (as a list, even empty).
+    """
     try:
-        from transformers.core_model_loading import revert_weight_conversion
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import PrefixChange, revert_weight_conversion
     except ImportError:
         return state
+    conversions = [c for c in get_model_conversion_mapping(model, add_legacy=False) if not isinstance(c, PrefixChange)]
+    model._weight_conversions = conversions
     return revert_weight_conversion(model, state)

@@ -13,6 +13,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .adapter import Adapter
 from .checkpoint import TensorReader
 from .merge_math import Timings, stream_tensor
@@ -88,6 +90,10 @@ def execute(plan: MergePlan, adapters: list[Adapter], folder: Path, bar: Any) ->
     timings = Timings()
     writers: list[tuple[Shard, SafetensorsShardWriter]] = []
     behind = _WriteBehind(bar)
+    # one intra-op thread: the writer thread has the other core, and OpenMP threads that
+    # spin at barriers while it runs would slow the arithmetic tenfold on a 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
         with TensorReader() as reader:
             for shard in plan.shards:
@@ -104,6 +110,8 @@ def execute(plan: MergePlan, adapters: list[Adapter], folder: Path, bar: Any) ->
         for _, w in writers:
             w.abort()
         raise
+    finally:
+        torch.set_num_threads(threads)
     files = {}
     for shard, w in writers:
         assert w.sha256 is not None

@@ -6,9 +6,10 @@ Formula: Hu et al. 2021, "LoRA" (arXiv:2106.09685), eq. 3; PEFT ``lora.Linear.ge
 
 Precision: W0, A and B are upcast to float32, the sum is formed in float32 and rounded once to
 the output dtype. For a single adapter the result is bit-identical to
-``(W0.float() + scaling * (B.float() @ A.float())).to(dtype)``: each row block is one
-``torch.addmm(W0_block, B_block, A, alpha=scaling)``, whose per-element dot products over ``r``
-are those of the full product (checked by the tests against the formula). Blocks of about
+``(W0.float() + scaling * (B.float() @ A.float())).to(dtype)``: each row block computes
+``W0_block + (B_block @ A) * scaling`` with the formula's three roundings (a fused
+``addmm(alpha=scaling)`` differs unless scaling is a power of two), and the per-element dot
+products over ``r`` of a row block are those of the full product (checked by the tests). Blocks of about
 1 MiB of float32 keep the arithmetic cache-resident and memory bounded.
 """
 
@@ -125,9 +126,12 @@ def stream_tensor(t: OutputTensor, reader: TensorReader, adapters: list[Adapter]
         t1 = time.perf_counter()
         acc = w.float()  # (rows_blk, cols) float32
         for left, right, scaling in factors:
-            acc = torch.addmm(acc, left[i:j], right, alpha=scaling)  # acc + scaling * left_blk @ right
+            # acc + scaling * (left_blk @ right), as three roundings in the formula's order: a fused
+            # addmm(alpha=scaling) rounds differently unless scaling is a power of two
+            acc = acc + torch.mm(left[i:j], right).mul_(scaling)  # (rows_blk, r) @ (r, cols)
         res = acc.to(out_dt)
-        if not torch.isfinite(res).all():
+        # a NaN/Inf anywhere makes the float32 sum non-finite (cheap); confirm exactly before failing
+        if not torch.isfinite(res.sum(dtype=torch.float32)) and not torch.isfinite(res).all():
             raise NonFiniteResultError(
                 f"merged tensor {t.name} has NaN or Inf values (rows {i}-{j}); the adapter weights are broken "
                 "or the result overflows the output dtype (try --dtype float32 or bfloat16)",
