@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ import _models as M
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# lorasave's cache (architecture facts, source hashes) goes to a fresh folder per session,
+# so no test depends on what an earlier run left in ~/.cache
+os.environ["LORASAVE_CACHE"] = tempfile.mkdtemp(prefix="lorasave-test-cache-")
 torch.set_num_threads(2)
 
 

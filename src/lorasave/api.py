@@ -148,17 +148,16 @@ def merge(
     if ckpt.config.get("quantization_config"):
         qm = ckpt.config["quantization_config"].get("quant_method", "?")
         raise UnsupportedModelError(f"{ckpt.root} is a quantized checkpoint (quant_method {qm}); quantized bases are not supported yet", path=ckpt.root)
-    arch = inspect_architecture(ckpt.config)
-    plan = build_plan(ckpt, ads, arch, out_dtype=out_dtype, max_shard_size=shard_limit)
-    check_free_space(final, plan.total_bytes)
-    for note in plan.notes:
-        logger.info("%s", note)
-
-    hasher = SourceHasher()
+    hasher = SourceHasher()  # hashes the sources on another core while the plan is made
     try:
         hasher.submit(ckpt.source_files())
         for ad in ads:
             hasher.submit(ad.source_files())
+        arch = inspect_architecture(ckpt.config)
+        plan = build_plan(ckpt, ads, arch, out_dtype=out_dtype, max_shard_size=shard_limit)
+        check_free_space(final, plan.total_bytes)
+        for note in plan.notes:
+            logger.info("%s", note)
         with StagedOutput(final) as stage, _progress(progress, plan.data_bytes) as bar:
             files, timings = execute(plan, ads, stage.path, bar)
             index = plan.index_bytes()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -78,6 +79,29 @@ class ArchitectureInfo:
             return None
         return re.compile("|".join(f"(?:{p})" for p in sorted(pats)))
 
+    def to_json(self) -> dict[str, Any]:
+        """JSON form, for the cache."""
+        d = dict(vars(self))
+        d["tied_names"] = sorted(self.tied_names)
+        d["keep_fp32"] = sorted(self.keep_fp32)
+        d["keep_fp32_strict"] = sorted(self.keep_fp32_strict)
+        d["module_kinds"] = {k: v.value for k, v in self.module_kinds.items()}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> ArchitectureInfo:
+        """Inverse of ``to_json``."""
+        return cls(
+            model_class=d["model_class"],
+            save_order=d["save_order"],
+            tied_names=set(d["tied_names"]),
+            module_kinds={k: ModuleKind(v) for k, v in d["module_kinds"].items()},
+            keep_fp32=set(d["keep_fp32"]),
+            keep_fp32_strict=set(d["keep_fp32_strict"]),
+            num_parameters=d["num_parameters"],
+            note=d["note"],
+        )
+
 
 def _kind(module: torch.nn.Module) -> ModuleKind:
     from transformers.pytorch_utils import Conv1D
@@ -108,6 +132,24 @@ def _model_class(config: Any, architectures: list[str]) -> type | None:
 
 
 def inspect_architecture(config_json: dict[str, Any]) -> ArchitectureInfo:
+    """``build_architecture``, remembered in the cache by config content and library versions."""
+    from importlib.metadata import version
+
+    from . import __version__, cache
+
+    key = (json.dumps(config_json, sort_keys=True), version("transformers"), version("torch"), __version__)
+    hit = cache.get("architecture", *key)
+    if isinstance(hit, dict):
+        try:
+            return ArchitectureInfo.from_json(hit)
+        except (KeyError, ValueError, TypeError):
+            pass
+    info = build_architecture(config_json)
+    cache.put("architecture", info.to_json(), *key)
+    return info
+
+
+def build_architecture(config_json: dict[str, Any]) -> ArchitectureInfo:
     """Build the base's model class on the meta device and read its layout.
 
     Args:

@@ -46,6 +46,12 @@ def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: boo
             traceback.print_exc()
         click.echo(f"error: {e}", err=True)
         ctx.exit(e.exit_code)
+    except OSError as e:  # disk full, permission denied, a source that vanished mid-run
+        if debug:
+            traceback.print_exc()
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        click.echo(f"error: {e.strerror or e}{where}; no output was written", err=True)
+        ctx.exit(1)
     except KeyboardInterrupt:
         click.echo("error: interrupted; no output was written", err=True)
         ctx.exit(EXIT_INTERRUPTED)

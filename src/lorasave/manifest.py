@@ -14,6 +14,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from . import cache
+
 MANIFEST_NAME = "lorasave.json"
 MANIFEST_FORMAT = 1
 _CHUNK = 8 << 20
@@ -28,6 +30,18 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def sha256_source(path: Path) -> str:
+    """sha256 of a source file, remembered by its stat identity (``cache.stat_key``) across runs."""
+    key = cache.stat_key(path)
+    hit = cache.get("sha256", key)
+    if isinstance(hit, str):
+        return hit
+    digest = sha256_file(path)
+    if cache.stat_key(path) == key:  # unchanged while it was read
+        cache.put("sha256", digest, key)
+    return digest
+
+
 class SourceHasher:
     """Hashes source files on a background thread while the merge runs."""
 
@@ -39,7 +53,7 @@ class SourceHasher:
         """Queue files for hashing (each once)."""
         for p in paths:
             if p not in self._jobs:
-                self._jobs[p] = self._pool.submit(sha256_file, p)
+                self._jobs[p] = self._pool.submit(sha256_source, p)
 
     def result(self, paths: list[Path], root: Path) -> dict[str, str]:
         """``{path relative to root: sha256}`` for ``paths``, waiting for the jobs."""
