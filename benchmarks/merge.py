@@ -130,8 +130,7 @@ def build_fixture(workdir: Path, shape_name: str) -> tuple[Path, Path]:
     root = workdir / shape_name
     base_dir, adapter_dir = root / "base", root / "adapter"
     marker = root / "READY.json"
-    shape = dict(MODEL_SHAPES[shape_name])
-    signature = {"shape": shape, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA}
+    signature = {"shape": MODEL_SHAPES[shape_name], "lora_r": LORA_R, "lora_alpha": LORA_ALPHA}
     if marker.is_file() and json.loads(marker.read_text()) == signature:
         return base_dir, adapter_dir
 
@@ -141,6 +140,7 @@ def build_fixture(workdir: Path, shape_name: str) -> tuple[Path, Path]:
 
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
+    shape = dict(MODEL_SHAPES[shape_name])
     max_shard_size = shape.pop("max_shard_size")
     print(f"building random {shape_name} base + r={LORA_R} adapter in {root} (once) ...")
     start = time.perf_counter()

@@ -42,7 +42,9 @@ class MergeResult:
         total_bytes: bytes of the weight files.
         dtype: floating dtype of the output (``"bfloat16"``...).
         seconds: wall time of the whole call.
-        timings: seconds per phase: read, merge (arithmetic), write, hash.
+        timings: seconds per phase: read, merge (arithmetic), write, hash. Reading and merging run on
+            the main thread while writing and hashing run on a writer thread, so the phases overlap
+            and their sum exceeds ``seconds``.
         notes: fallbacks and facts worth knowing.
     """
 
