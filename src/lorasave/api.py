@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -16,11 +17,12 @@ from .adapter import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_NAME, Adapter, load_adapt
 from .architecture import inspect_architecture
 from .checkpoint import TensorReader, open_checkpoint
 from .dtypes import FLOAT_DTYPES, dtype_name, parse_output_dtype, st_dtype
-from .errors import UnsupportedModelError
 from .execute import execute
 from .manifest import MANIFEST_NAME, SourceHasher, sha256_file, write_manifest
+from .options import MergeInto, SaveMethod, bnb_spec, parse_enum
 from .output import StagedOutput, carry_files, check_free_space, check_output_path, has_tokenizer, write_config
 from .plan import INDEX_NAME, build_plan
+from .quant.bnb import import_bnb
 from .safetensors_format import layout, serialize_header
 from .sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 from .writers import SafetensorsShardWriter
@@ -107,6 +109,13 @@ def merge(
     tokenizer: PathLike | None = None,
     allow_pickle: bool = False,
     progress: bool = False,
+    save_method: str | SaveMethod = SaveMethod.MERGED_16BIT,
+    merge_into: str | MergeInto = MergeInto.BASE,
+    quant_type: str = "nf4",
+    blocksize: int = 64,
+    double_quant: bool = True,
+    quant_input_dtype: str | torch.dtype = "bfloat16",
+    quantization_from: PathLike | None = None,
 ) -> MergeResult:
     """Merge LoRA adapter(s) into a base checkpoint and write a sharded safetensors checkpoint.
 
@@ -130,6 +139,16 @@ def merge(
         tokenizer: folder whose tokenizer files are copied instead.
         allow_pickle: accept ``adapter_model.bin`` (loaded with ``torch.load(weights_only=True)``).
         progress: show a progress bar in bytes on stderr.
+        save_method: ``"merged_16bit"`` (a plain checkpoint in ``dtype``) or ``"merged_4bit"``
+            (Linear weights quantized once, from the float32 merge, to bitsandbytes 4-bit with
+            ``quant_type`` / ``blocksize`` / ``double_quant``, loadable by ``from_pretrained``).
+        merge_into: ``"base"`` adds the delta to BASE's weights (dequantized to float32 first
+            when BASE is a bitsandbytes checkpoint); ``"dequantized"`` first round-trips each
+            targeted weight of a 16-bit BASE through the 4-bit quantization a QLoRA adapter was
+            trained against (``quant_type``, ``blocksize`` in elements, ``double_quant``,
+            ``quant_input_dtype``, or all read from ``quantization_from``'s config.json).
+        quantization_from: a bitsandbytes 4-bit checkpoint folder whose ``quantization_config``
+            gives the 4-bit settings.
 
     Returns:
         MergeResult.
@@ -147,16 +166,33 @@ def merge(
     ads = [load_adapter(a, allow_pickle=allow_pickle) for a in _adapter_list(adapters)]
     tok_dir = Path(tokenizer) if tokenizer is not None else next((a.root for a in ads if has_tokenizer(a.root)), ckpt.root)
     final = check_output_path(Path(output), [ckpt.root, *(a.root for a in ads), tok_dir], overwrite)
-    if ckpt.config.get("quantization_config"):
-        qm = ckpt.config["quantization_config"].get("quant_method", "?")
-        raise UnsupportedModelError(f"{ckpt.root} is a quantized checkpoint (quant_method {qm}); quantized bases are not supported yet", path=ckpt.root)
+    method = parse_enum(SaveMethod, save_method, "save_method")
+    into = parse_enum(MergeInto, merge_into, "merge_into")
+    spec = None
+    if method is SaveMethod.MERGED_4BIT or into is MergeInto.DEQUANTIZED:
+        import_bnb()
+        spec = bnb_spec(
+            quant_type=quant_type,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            quant_input_dtype=quant_input_dtype,
+            quantization_from=quantization_from,
+        )
     hasher = SourceHasher()  # hashes the sources on another core while the plan is made
     try:
         hasher.submit(ckpt.source_files())
         for ad in ads:
             hasher.submit(ad.source_files())
         arch = inspect_architecture(ckpt.config)
-        plan = build_plan(ckpt, ads, arch, out_dtype=out_dtype, max_shard_size=shard_limit)
+        plan = build_plan(
+            ckpt,
+            ads,
+            arch,
+            out_dtype=out_dtype,
+            max_shard_size=shard_limit,
+            merge_into=spec if into is MergeInto.DEQUANTIZED else None,
+            quantize=spec if method is SaveMethod.MERGED_4BIT else None,
+        )
         check_free_space(final, plan.total_bytes)
         for note in plan.notes:
             logger.info("%s", note)
@@ -165,12 +201,8 @@ def merge(
             index = plan.index_bytes()
             if index is not None:
                 (stage.path / INDEX_NAME).write_bytes(index)
-            write_config(
-                ckpt.root / "config.json",
-                stage.path / "config.json",
-                {"dtype": dtype_name(plan.out_dtype)},
-                remove=("torch_dtype",),
-            )
+            quant = spec.quantization_config(plan.out_dtype) if method is SaveMethod.MERGED_4BIT and spec else None
+            write_config(ckpt.root / "config.json", stage.path / "config.json", dtype=plan.out_dtype, quantization=quant)
             carried = carry_files(ckpt.root, tok_dir, stage.path)
             for name in [INDEX_NAME if index is not None else None, "config.json", *carried]:
                 if name is not None:
@@ -184,7 +216,14 @@ def merge(
                 "adapters": [_describe_adapter(a, hasher.result(a.source_files(), a.root)) for a in ads],
                 "tokenizer": str(tok_dir.resolve()),
             }
-            settings = {"dtype": dtype_name(plan.out_dtype), "max_shard_size": shard_limit, "allow_pickle": allow_pickle}
+            settings = {
+                "dtype": dtype_name(plan.out_dtype),
+                "max_shard_size": shard_limit,
+                "allow_pickle": allow_pickle,
+                "save_method": method.value,
+                "merge_into": into.value,
+                "bnb_4bit": spec.describe() if spec else None,
+            }
             summary = {
                 "n_tensors": len(plan.tensors),
                 "n_merged": len([t for t in plan.tensors.values() if t.deltas or t.replacement]),
@@ -289,7 +328,7 @@ def save_adapter(
             t = tensors[entry.name]
             writer.write(entry.name, memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
         files[ADAPTER_SAFE_NAME] = writer.end()
-        write_config(ad.root / ADAPTER_CONFIG_NAME, stage.path / ADAPTER_CONFIG_NAME, {})
+        shutil.copyfile(ad.root / ADAPTER_CONFIG_NAME, stage.path / ADAPTER_CONFIG_NAME)
         files[ADAPTER_CONFIG_NAME] = sha256_file(stage.path / ADAPTER_CONFIG_NAME)
         hashes = {p.name: sha256_file(p) for p in ad.source_files()}
         write_manifest(

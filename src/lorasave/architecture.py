@@ -48,6 +48,8 @@ class ArchitectureInfo:
         keep_fp32_strict: module-name patterns kept in float32 for fp16 and bf16 outputs.
         num_parameters: ``model.num_parameters()``, written as ``total_parameters`` in the index.
         note: why the fallback was taken, when it was.
+        bnb_quantizable: modules transformers + bitsandbytes would quantize (``replace_with_bnb_linear``
+            with the default skips: ``get_keys_to_not_convert`` and the fp32 modules).
     """
 
     model_class: str | None = None
@@ -58,6 +60,7 @@ class ArchitectureInfo:
     keep_fp32_strict: set[str] = field(default_factory=set)
     num_parameters: int | None = None
     note: str | None = None
+    bnb_quantizable: set[str] = field(default_factory=set)
 
     def kind_of(self, module: str) -> ModuleKind | None:
         """The layer type of ``module``, or None when the class is unknown or has no such module."""
@@ -85,6 +88,7 @@ class ArchitectureInfo:
         d["tied_names"] = sorted(self.tied_names)
         d["keep_fp32"] = sorted(self.keep_fp32)
         d["keep_fp32_strict"] = sorted(self.keep_fp32_strict)
+        d["bnb_quantizable"] = sorted(self.bnb_quantizable)
         d["module_kinds"] = {k: v.value for k, v in self.module_kinds.items()}
         return d
 
@@ -100,6 +104,7 @@ class ArchitectureInfo:
             keep_fp32_strict=set(d["keep_fp32_strict"]),
             num_parameters=d["num_parameters"],
             note=d["note"],
+            bnb_quantizable=set(d["bnb_quantizable"]),
         )
 
 
@@ -194,9 +199,22 @@ def build_architecture(config_json: dict[str, Any]) -> ArchitectureInfo:
         keep_fp32=set(getattr(model, "_keep_in_fp32_modules", None) or ()),
         keep_fp32_strict=set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()),
         num_parameters=int(model.num_parameters()),
+        bnb_quantizable=_bnb_quantizable(model),
     )
     logger.debug("architecture %s: %d tensors in save order", info.model_class, len(kept))
     return info
+
+
+def _bnb_quantizable(model: Any) -> set[str]:
+    """Modules ``replace_with_bnb_linear`` converts with transformers' default skips (no user skip list)."""
+    try:
+        from transformers.pytorch_utils import Conv1D
+        from transformers.quantizers.base import get_keys_to_not_convert
+        from transformers.quantizers.quantizers_utils import should_convert_module
+    except ImportError:
+        return set()
+    skip = list(get_keys_to_not_convert(model)) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return {name for name, mod in model.named_modules() if (type(mod) is torch.nn.Linear or isinstance(mod, Conv1D)) and should_convert_module(name, skip)}
 
 
 def _drop_tied(state: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:

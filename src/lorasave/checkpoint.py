@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointFormatError, PickleRefusedError, SourceNotFoundError, UnsafePathError
+from .quant.bnb import QuantizedWeight, check_quant_method, group_quantized
 from .safetensors_format import TensorEntry, pread_exact, read_header
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,9 @@ class Checkpoint:
         config: parsed ``config.json``.
         weight_files: safetensors files, in index order.
         index_path: the index file, when sharded.
-        tensors: entry per tensor name, in the checkpoint's own order (file by file, by offset).
+        tensors: entry per tensor name, in the checkpoint's own order (file by file, by offset);
+            a bitsandbytes weight appears once, as a ``QuantizedWeight``, its statistics folded in.
+        quant_method: ``"bitsandbytes"`` for a quantized base, else None.
     """
 
     root: Path
@@ -107,7 +110,8 @@ class Checkpoint:
     config: dict[str, Any]
     weight_files: list[Path]
     index_path: Path | None
-    tensors: dict[str, TensorEntry] = field(default_factory=dict)
+    tensors: dict[str, TensorEntry | QuantizedWeight] = field(default_factory=dict)
+    quant_method: str | None = None
 
     @property
     def nbytes(self) -> int:
@@ -179,7 +183,21 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
         raise CheckpointFormatError(f"{root}: no model.safetensors or model.safetensors.index.json", path=root)
     # keep the checkpoint's own order: file by file, by offset
     order = sorted(tensors.values(), key=lambda e: (weight_files.index(e.file), e.offset))
-    return Checkpoint(root, hub_id, config, weight_files, index_path, {e.name: e for e in order})
+    ckpt = Checkpoint(root, hub_id, config, weight_files, index_path, {e.name: e for e in order})
+    ckpt.quant_method = check_quant_method(config, str(root))
+    if ckpt.quant_method is not None:
+        with TensorReader() as reader:
+            weights, used = group_quantized(ckpt.tensors, lambda e: reader.read(e).numpy().tobytes())
+        if not weights:
+            raise CheckpointFormatError(f"{cfg_path} declares bitsandbytes quantization but no quantized weights were found", path=cfg_path)
+        logical: dict[str, TensorEntry | QuantizedWeight] = {}
+        for name, entry in ckpt.tensors.items():
+            if name in weights:
+                logical[name] = weights[name]
+            elif name not in used:
+                logical[name] = entry
+        ckpt.tensors = logical
+    return ckpt
 
 
 class TensorReader:

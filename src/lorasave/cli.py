@@ -38,6 +38,8 @@ def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: boo
     log = logging.getLogger("lorasave")
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if debug else (logging.WARNING if quiet or as_json else logging.INFO))
+    if not debug:  # bitsandbytes warns at import about optional CPU kernels it does not need here
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, _sigterm)
     try:
         result = fn()
@@ -102,6 +104,25 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     help=f"Largest shard, decimal units as transformers ({DEFAULT_MAX_SHARD_SIZE:,} bytes = 5GB; transformers 5 defaults to 50GB).",
 )
 @click.option("--tokenizer", type=click.Path(), default=None, help="Copy the tokenizer from this folder (default: the adapter's, else the base's).")
+@click.option(
+    "--save-method",
+    type=click.Choice(["merged_16bit", "merged_4bit"]),
+    default="merged_16bit",
+    show_default=True,
+    help="merged_16bit: plain checkpoint in --dtype; merged_4bit: Linear weights as bitsandbytes 4-bit.",
+)
+@click.option(
+    "--merge-into",
+    type=click.Choice(["base", "dequantized"]),
+    default="base",
+    show_default=True,
+    help="dequantized: round-trip each targeted weight of a 16-bit BASE through the 4-bit quantization QLoRA trained on.",
+)
+@click.option("--quant-type", type=click.Choice(["nf4", "fp4"]), default="nf4", show_default=True, help="4-bit data type.")
+@click.option("--blocksize", type=int, default=64, show_default=True, help="4-bit block size in elements.")
+@click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="Quantize the block scales too.")
+@click.option("--quant-input-dtype", type=_DTYPE, default="bfloat16", show_default=True, help="dtype the base was in when it was quantized (--merge-into).")
+@click.option("--quantization-from", type=click.Path(), default=None, help="Read the 4-bit settings from this 4-bit checkpoint's config.json.")
 @_common
 @click.pass_context
 def merge_cmd(
@@ -112,6 +133,13 @@ def merge_cmd(
     dtype: str,
     max_shard_size: str,
     tokenizer: str | None,
+    save_method: str,
+    merge_into: str,
+    quant_type: str,
+    blocksize: int,
+    double_quant: bool,
+    quant_input_dtype: str,
+    quantization_from: str | None,
     overwrite: bool,
     quiet: bool,
     as_json: bool,
@@ -137,6 +165,13 @@ def merge_cmd(
             tokenizer=tokenizer,
             allow_pickle=allow_pickle,
             progress=not (quiet or as_json) and sys.stderr.isatty(),
+            save_method=save_method,
+            merge_into=merge_into,
+            quant_type=quant_type,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            quant_input_dtype=quant_input_dtype,
+            quantization_from=quantization_from,
         ),
         quiet=quiet,
         as_json=as_json,

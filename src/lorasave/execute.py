@@ -17,9 +17,10 @@ import torch
 
 from .adapter import Adapter
 from .checkpoint import TensorReader
-from .merge_math import Timings, stream_tensor
-from .plan import MergePlan, Shard
-from .writers import SafetensorsShardWriter
+from .dtypes import st_dtype
+from .merge_math import Timings, quantized_tensors, stream_tensor
+from .plan import SHARD_METADATA, MergePlan, OutputTensor, Shard
+from .writers import DeferredShardWriter, SafetensorsShardWriter
 
 #: Most blocks waiting to be written (each at most ``merge_math.COPY_BLOCK_BYTES``).
 QUEUE_BLOCKS = 6
@@ -72,6 +73,25 @@ class _WriteBehind:
         self._thread.join()
 
 
+def _produce_deferred(
+    t: OutputTensor,
+    writer: DeferredShardWriter,
+    behind: _WriteBehind,
+    reader: TensorReader,
+    adapters: list[Adapter],
+    timings: Timings,
+) -> None:
+    """Queue the tensors of one output for a deferred-header shard (4-bit outputs)."""
+    if t.quantize is not None:
+        for name, tensor in quantized_tensors(t, reader, adapters, timings).items():
+            writer.declare(name, st_dtype(tensor.dtype), tuple(tensor.shape))
+            behind.put(writer, name, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B"))
+        return
+    writer.declare(t.name, t.dtype, t.shape)
+    for chunk in stream_tensor(t, reader, adapters, timings):
+        behind.put(writer, t.name, chunk)
+
+
 def execute(plan: MergePlan, adapters: list[Adapter], folder: Path, bar: Any) -> tuple[dict[str, str], Timings]:
     """Write every shard of ``plan`` into ``folder``.
 
@@ -88,7 +108,7 @@ def execute(plan: MergePlan, adapters: list[Adapter], folder: Path, bar: Any) ->
         NonFiniteResultError and reader errors, from the main thread; write errors from the writer.
     """
     timings = Timings()
-    writers: list[tuple[Shard, SafetensorsShardWriter]] = []
+    writers: list[tuple[Shard, SafetensorsShardWriter | DeferredShardWriter]] = []
     behind = _WriteBehind(bar)
     # one intra-op thread: the writer thread has the other core, and OpenMP threads that
     # spin at barriers while it runs would slow the arithmetic tenfold on a 2-core machine
@@ -97,12 +117,20 @@ def execute(plan: MergePlan, adapters: list[Adapter], folder: Path, bar: Any) ->
     try:
         with TensorReader() as reader:
             for shard in plan.shards:
-                writer = SafetensorsShardWriter(folder / shard.filename, shard.header, shard.layouts)
-                writers.append((shard, writer))
-                writer.begin()
-                for lay in shard.layouts:
-                    for chunk in stream_tensor(plan.tensors[lay.name], reader, adapters, timings):
-                        behind.put(writer, lay.name, chunk)
+                writer: SafetensorsShardWriter | DeferredShardWriter
+                if shard.deferred:
+                    writer = DeferredShardWriter(folder / shard.filename, SHARD_METADATA)
+                    writers.append((shard, writer))
+                    writer.begin()
+                    for name in shard.outputs:
+                        _produce_deferred(plan.tensors[name], writer, behind, reader, adapters, timings)
+                else:
+                    writer = SafetensorsShardWriter(folder / shard.filename, shard.header, shard.layouts)
+                    writers.append((shard, writer))
+                    writer.begin()
+                    for lay in shard.layouts:
+                        for chunk in stream_tensor(plan.tensors[lay.name], reader, adapters, timings):
+                            behind.put(writer, lay.name, chunk)
                 behind.put(writer, shard.filename, _END)
         behind.finish()
     except BaseException:

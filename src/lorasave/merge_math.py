@@ -25,6 +25,8 @@ from .adapter import Adapter
 from .checkpoint import TensorReader
 from .errors import NonFiniteResultError
 from .plan import OutputTensor
+from .quant.bnb import Bnb4bitWeight, Int8Weight, dequantize
+from .safetensors_format import TensorEntry
 
 #: Target bytes of one float32 row block of merge arithmetic.
 MERGE_BLOCK_BYTES = 1 << 20
@@ -65,6 +67,87 @@ def _as_bytes(x: torch.Tensor) -> memoryview:
     return memoryview(x.reshape(-1).view(torch.uint8).numpy()).cast("B")
 
 
+class _Rows:
+    """Row slices of a planned tensor's starting value W0.
+
+    A plain base tensor is read slice by slice from disk, in its stored dtype. A bitsandbytes
+    weight, or a weight round-tripped through 4-bit (``merge_into="dequantized"``), is
+    dequantized whole to float32 once (one tensor in memory) and sliced.
+    """
+
+    def __init__(self, t: OutputTensor, reader: TensorReader, timings: Timings) -> None:
+        self._reader = reader
+        self._src = t.source
+        self._full: torch.Tensor | None = None
+        self._buf: torch.Tensor | None = None
+        t0 = time.perf_counter()
+        if isinstance(t.source, (Bnb4bitWeight, Int8Weight)):
+            self._full = dequantize(t.source, reader.read)  # float32, t.shape
+        elif t.roundtrip is not None:
+            self._full = t.roundtrip.roundtrip(reader.read(t.source))  # float32, t.shape
+        timings.read += time.perf_counter() - t0
+
+    @property
+    def float32(self) -> bool:
+        """Whether slices come out as float32 (dequantized) rather than the stored dtype."""
+        return self._full is not None
+
+    def get(self, start: int, stop: int, reuse: bool) -> torch.Tensor:
+        """Rows ``[start, stop)``; with ``reuse`` the result may share a buffer with the previous slice."""
+        if self._full is not None:
+            return self._full[start:stop]
+        assert isinstance(self._src, TensorEntry)
+        w = self._reader.read(self._src, start, stop, out=self._buf if reuse else None)
+        if reuse and self._buf is None:
+            self._buf = w
+        return w
+
+
+def _merged_blocks(t: OutputTensor, reader: TensorReader, adapters: list[Adapter], timings: Timings) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """Yield ``(start, stop, block)``: rows of W0 + sum of the LoRA terms, in float32.
+
+    Each block is ``(stop - start, *shape[1:])``; it is only valid until the next one is requested.
+    """
+    t0 = time.perf_counter()
+    factors = []
+    for d in t.deltas:
+        ad = adapters[d.adapter]
+        a = ad.tensor(d.weights.lora_A, reader).float()  # (r, in)
+        b = ad.tensor(d.weights.lora_B, reader).float()  # (out, r)
+        if d.transpose:
+            # W0 rows are input features: block = A[:, rows].T @ B.T -> (rows, out)
+            factors.append((a.T.contiguous(), b.T.contiguous(), d.weights.scaling))  # (in, r), (r, out)
+        else:
+            factors.append((b, a, d.weights.scaling))  # (out, r), (r, in)
+    timings.read += time.perf_counter() - t0
+    rows_src = _Rows(t, reader, timings)
+    rows = t.shape[0] if t.shape else 1
+    step = _rows_per_block(t, MERGE_BLOCK_BYTES, 4)
+    for i in range(0, rows, step):
+        j = min(rows, i + step)
+        t0 = time.perf_counter()
+        w = rows_src.get(i, j, reuse=True)  # consumed below before the next read
+        t1 = time.perf_counter()
+        acc = w.float()  # (rows_blk, cols) float32
+        for left, right, scaling in factors:
+            # acc + scaling * (left_blk @ right), as three roundings in the formula's order: a fused
+            # addmm(alpha=scaling) rounds differently unless scaling is a power of two
+            acc = acc + torch.mm(left[i:j], right).mul_(scaling)  # (rows_blk, r) @ (r, cols)
+        timings.read += t1 - t0
+        timings.merge += time.perf_counter() - t1
+        yield i, j, acc
+
+
+def _check_finite(t: OutputTensor, res: torch.Tensor, i: int, j: int) -> None:
+    # a NaN/Inf anywhere makes the float32 sum non-finite (cheap); confirm exactly before failing
+    if not torch.isfinite(res.sum(dtype=torch.float32)) and not torch.isfinite(res).all():
+        raise NonFiniteResultError(
+            f"merged tensor {t.name} has NaN or Inf values (rows {i}-{j}); the adapter weights are broken "
+            "or the result overflows the output dtype (try --dtype float32 or bfloat16)",
+            tensor=t.name,
+        )
+
+
 def stream_tensor(t: OutputTensor, reader: TensorReader, adapters: list[Adapter], timings: Timings) -> Iterator[memoryview]:
     """Yield the bytes of output tensor ``t`` in row blocks, in the output dtype.
 
@@ -88,56 +171,53 @@ def stream_tensor(t: OutputTensor, reader: TensorReader, adapters: list[Adapter]
         timings.merge += time.perf_counter() - t1
         yield _as_bytes(res)
         return
-    src = t.source
-    rows = src.shape[0] if src.shape else 1
-    if not t.deltas:
-        same = src.dtype is t.dtype
-        step = _rows_per_block(t, COPY_BLOCK_BYTES, max(1, src.dtype.bits // 8))
-        for i in range(0, max(rows, 1), step):
+    if t.deltas:
+        for i, j, acc in _merged_blocks(t, reader, adapters, timings):
             t0 = time.perf_counter()
-            blk = reader.read(src, i, min(rows, i + step))  # a fresh buffer: it is written behind
-            t1 = time.perf_counter()
-            timings.read += t1 - t0
-            if not same:
-                blk = blk.to(out_dt)
-                timings.merge += time.perf_counter() - t1
-            yield _as_bytes(blk)
+            res = acc.to(out_dt)
+            _check_finite(t, res, i, j)
+            timings.merge += time.perf_counter() - t0
+            yield _as_bytes(res)
         return
-    # merged tensor: factors upcast once; W0 upcast block by block
-    t0 = time.perf_counter()
-    factors = []
-    for d in t.deltas:
-        ad = adapters[d.adapter]
-        a = ad.tensor(d.weights.lora_A, reader).float()  # (r, in)
-        b = ad.tensor(d.weights.lora_B, reader).float()  # (out, r)
-        if d.transpose:
-            # W0 rows are input features: block = A[:, rows].T @ B.T -> (rows, out)
-            factors.append((a.T.contiguous(), b.T.contiguous(), d.weights.scaling))  # (in, r), (r, out)
-        else:
-            factors.append((b, a, d.weights.scaling))  # (out, r), (r, in)
-    timings.read += time.perf_counter() - t0
-    step = _rows_per_block(t, MERGE_BLOCK_BYTES, 4)
-    buf = None
-    for i in range(0, rows, step):
-        j = min(rows, i + step)
+    rows_src = _Rows(t, reader, timings)
+    rows = t.shape[0] if t.shape else 1
+    itemsize = 4 if rows_src.float32 else max(1, t.source.dtype.bits // 8)
+    step = _rows_per_block(t, COPY_BLOCK_BYTES, itemsize)
+    same = not rows_src.float32 and t.source.dtype is t.dtype
+    for i in range(0, max(rows, 1), step):
         t0 = time.perf_counter()
-        w = reader.read(src, i, j, out=buf)  # consumed below before the next read
-        buf = w if buf is None else buf
+        blk = rows_src.get(i, min(rows, i + step), reuse=False)  # a fresh buffer: it is written behind
         t1 = time.perf_counter()
-        acc = w.float()  # (rows_blk, cols) float32
-        for left, right, scaling in factors:
-            # acc + scaling * (left_blk @ right), as three roundings in the formula's order: a fused
-            # addmm(alpha=scaling) rounds differently unless scaling is a power of two
-            acc = acc + torch.mm(left[i:j], right).mul_(scaling)  # (rows_blk, r) @ (r, cols)
-        res = acc.to(out_dt)
-        # a NaN/Inf anywhere makes the float32 sum non-finite (cheap); confirm exactly before failing
-        if not torch.isfinite(res.sum(dtype=torch.float32)) and not torch.isfinite(res).all():
-            raise NonFiniteResultError(
-                f"merged tensor {t.name} has NaN or Inf values (rows {i}-{j}); the adapter weights are broken "
-                "or the result overflows the output dtype (try --dtype float32 or bfloat16)",
-                tensor=t.name,
-            )
-        t2 = time.perf_counter()
         timings.read += t1 - t0
-        timings.merge += t2 - t1
-        yield _as_bytes(res)
+        if not same:
+            blk = blk.to(out_dt).contiguous()
+            timings.merge += time.perf_counter() - t1
+        yield _as_bytes(blk)
+
+
+def quantized_tensors(t: OutputTensor, reader: TensorReader, adapters: list[Adapter], timings: Timings) -> dict[str, torch.Tensor]:
+    """The tensors a 4-bit output writes for ``t``: its merged float32 value quantized once.
+
+    Args:
+        t: an output tensor with ``t.quantize`` set (a Linear weight ``(out, in)``).
+
+    Returns:
+        ``{name: packed codes, name + ".absmax": ..., ...}`` as transformers serializes
+        bitsandbytes 4-bit weights (``Bnb4bitSpec.serialized``).
+
+    Raises:
+        NonFiniteResultError: NaN or Inf in the merged weight.
+    """
+    assert t.quantize is not None and t.dtype.torch_dtype is not None
+    full = torch.empty(t.shape, dtype=torch.float32)  # (out, in): the whole merged weight
+    if t.deltas:
+        for i, j, acc in _merged_blocks(t, reader, adapters, timings):
+            _check_finite(t, acc, i, j)
+            full[i:j] = acc
+    else:
+        rows_src = _Rows(t, reader, timings)
+        full.copy_(rows_src.get(0, t.shape[0], reuse=False))
+    t0 = time.perf_counter()
+    out = t.quantize.serialized(t.name, full, t.dtype.torch_dtype)
+    timings.merge += time.perf_counter() - t0
+    return out

@@ -17,6 +17,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import torch
+
 from .errors import InsufficientDiskError, OutputExistsError, UnsafePathError
 
 logger = logging.getLogger(__name__)
@@ -126,12 +128,21 @@ class StagedOutput:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def write_config(src: Path, dst: Path, updates: dict[str, Any], remove: tuple[str, ...] = ()) -> None:
-    """Copy ``config.json`` with ``updates`` applied, written as transformers writes it (indent 2, sorted keys)."""
+def write_config(src: Path, dst: Path, *, dtype: torch.dtype, quantization: dict[str, Any] | None = None) -> None:
+    """Copy ``config.json`` for a merged output, written as transformers writes it (indent 2, sorted keys).
+
+    Sets ``dtype`` (transformers 5's key; ``torch_dtype`` is dropped), removes any
+    ``quantization_config`` (top level or nested, as in ``text_config``), and sets the given one.
+    """
     cfg = json.loads(src.read_text(encoding="utf-8"))
-    for k in remove:
-        cfg.pop(k, None)
-    cfg.update(updates)
+    cfg.pop("torch_dtype", None)
+    cfg.pop("quantization_config", None)
+    for v in cfg.values():
+        if isinstance(v, dict):
+            v.pop("quantization_config", None)
+    cfg["dtype"] = str(dtype).removeprefix("torch.")
+    if quantization is not None:
+        cfg["quantization_config"] = quantization
     dst.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 

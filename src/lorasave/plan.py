@@ -20,6 +20,7 @@ from .architecture import ArchitectureInfo, ModuleKind
 from .checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, Checkpoint
 from .dtypes import FLOAT_DTYPES, ST_DTYPES, StDtype, nbytes, st_dtype
 from .errors import AdapterMismatchError, UnsupportedAdapterError
+from .quant.bnb import Bnb4bitSpec, QuantizedWeight
 from .safetensors_format import TensorEntry, TensorLayout, layout, serialize_header
 
 logger = logging.getLogger(__name__)
@@ -62,19 +63,30 @@ class OutputTensor:
         source: the base tensor it starts from.
         deltas: LoRA terms to add (empty: copied, with a dtype cast if needed).
         replacement: adapter tensor that replaces the base tensor instead.
+        roundtrip: round-trip W0 through this 4-bit quantization first (``merge_into="dequantized"``).
+        quantize: write the result as bitsandbytes 4-bit (``save_method="merged_4bit"``).
     """
 
     name: str
     shape: tuple[int, ...]
     dtype: StDtype
-    source: TensorEntry
+    source: TensorEntry | QuantizedWeight
     deltas: tuple[LoraDelta, ...] = ()
     replacement: Replacement | None = None
+    roundtrip: Bnb4bitSpec | None = None
+    quantize: Bnb4bitSpec | None = None
 
     @property
     def nbytes(self) -> int:
-        """Bytes of data in the output file."""
-        return nbytes(self.dtype, self.shape)
+        """Bytes of data in the output file(s); estimated for a quantized output (see ``file_tensors``)."""
+        return sum(nbytes(dt, shape) for dt, shape in self.file_tensors().values())
+
+    def file_tensors(self) -> dict[str, tuple[StDtype, tuple[int, ...]]]:
+        """The tensors this output writes: itself, or its 4-bit codes and statistics."""
+        if self.quantize is not None:
+            assert self.dtype.torch_dtype is not None
+            return self.quantize.planned_shapes(self.name, self.shape, self.dtype.torch_dtype)
+        return {self.name: (self.dtype, self.shape)}
 
 
 @dataclass
@@ -85,15 +97,20 @@ class Shard:
         filename: e.g. ``model-00001-of-00002.safetensors``.
         layouts: tensors in file order with their data offsets.
         header: the bytes before the data buffer.
+        outputs: the output tensors whose file tensors this shard holds, in production order.
+        deferred: the header depends on values computed while writing (4-bit statistics), so the
+            shard is written data-first and assembled at the end; ``layouts`` are then estimates.
     """
 
     filename: str
     layouts: list[TensorLayout]
     header: bytes
+    outputs: list[str] = field(default_factory=list)
+    deferred: bool = False
 
     @property
     def nbytes(self) -> int:
-        """Size of the file in bytes."""
+        """Size of the file in bytes (an estimate when ``deferred``)."""
         return len(self.header) + (self.layouts[-1].end if self.layouts else 0)
 
 
@@ -138,7 +155,12 @@ class MergePlan:
 
 
 def base_dtype(ckpt: Checkpoint) -> torch.dtype:
-    """The base's floating dtype: ``dtype`` / ``torch_dtype`` in config.json, else the most common one."""
+    """The base's floating dtype: ``dtype`` / ``torch_dtype`` in config.json, else the most common one.
+
+    A bitsandbytes-quantized base gives bfloat16, the usual 16-bit form of such models.
+    """
+    if ckpt.quant_method is not None:
+        return torch.bfloat16
     name = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
     dt = getattr(torch, name, None) if isinstance(name, str) else None
     if isinstance(dt, torch.dtype) and dt in (torch.float16, torch.bfloat16, torch.float32):
@@ -203,6 +225,8 @@ def build_plan(
     *,
     out_dtype: torch.dtype | None,
     max_shard_size: int,
+    merge_into: Bnb4bitSpec | None = None,
+    quantize: Bnb4bitSpec | None = None,
 ) -> MergePlan:
     """Decide every output tensor, its dtype, recipe and shard.
 
@@ -212,6 +236,9 @@ def build_plan(
         arch: architecture facts (save order, layer types, fp32 modules).
         out_dtype: floating output dtype, or None for the base's dtype.
         max_shard_size: shard limit in bytes.
+        merge_into: round-trip each LoRA-targeted W0 through this 4-bit quantization first
+            (the base the adapter saw when it was trained with QLoRA on a 16-bit original).
+        quantize: write the Linear weights transformers would quantize as bitsandbytes 4-bit.
 
     Raises:
         AdapterMismatchError: an adapter targets a tensor the base lacks, shapes disagree, or
@@ -270,34 +297,86 @@ def build_plan(
         tdt = src.dtype
         if tdt.torch_dtype in FLOAT_DTYPES:
             tdt = ST_DTYPES["F32"] if fp32 is not None and fp32.search(name) else st_dtype(dtype)
-        tensors[name] = OutputTensor(name, src.shape, tdt, src, tuple(deltas.get(name, ())), replacements.get(name))
-    shards, index = _shard(tensors, max_shard_size, arch)
+        ds = tuple(deltas.get(name, ()))
+        rt = merge_into if ds and isinstance(src, TensorEntry) else None
+        q = quantize if quantize is not None and name.removesuffix(".weight") in arch.bnb_quantizable and name.endswith(".weight") else None
+        tensors[name] = OutputTensor(name, src.shape, tdt, src, ds, replacements.get(name), rt, q)
+    if merge_into is not None and ckpt.quant_method is not None:
+        raise UnsupportedAdapterError(f"{ckpt.root} is already quantized; merge_into='dequantized' applies to a 16-bit base", path=ckpt.root)
+    if quantize is not None:
+        if any(k is ModuleKind.CONV1D_GPT2 for k in arch.module_kinds.values()):
+            raise UnsupportedAdapterError("merged_4bit output of GPT-2 style Conv1D models is not supported yet", path=ckpt.root)
+        if not any(t.quantize for t in tensors.values()):
+            raise UnsupportedAdapterError(f"no Linear layer of {arch.model_class or ckpt.root} would be quantized; use merged_16bit", path=ckpt.root)
+    shards, index = _shard(tensors, max_shard_size, arch, natural_order=arch.save_order is not None)
     return MergePlan(tensors, shards, index, dtype, notes)
 
 
-def _shard(tensors: dict[str, OutputTensor], max_shard_size: int, arch: ArchitectureInfo) -> tuple[list[Shard], dict[str, object] | None]:
+def _shard(
+    tensors: dict[str, OutputTensor], max_shard_size: int, arch: ArchitectureInfo, *, natural_order: bool
+) -> tuple[list[Shard], dict[str, object] | None]:
     from huggingface_hub import split_state_dict_into_shards_factory
 
+    files: dict[str, tuple[StDtype, tuple[int, ...]]] = {}
+    owner: dict[str, str] = {}
+    for t in tensors.values():
+        for fname, spec in t.file_tensors().items():
+            files[fname] = spec
+            owner[fname] = t.name
+    deferred = any(t.quantize is not None for t in tensors.values())
+    if deferred and natural_order:  # 4-bit statistics sort in among the weights, as transformers saves them
+        files = dict(sorted(files.items(), key=lambda kv: dot_natural_key(kv[0])))
     split = split_state_dict_into_shards_factory(
-        tensors,
-        get_storage_size=lambda t: t.nbytes,
+        files,
+        get_storage_size=lambda spec: nbytes(*spec),
         filename_pattern=SAFE_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors"),
         max_shard_size=max_shard_size,
     )
     shards = []
     for filename, names in split.filename_to_tensors.items():
-        lay = layout((n, tensors[n].dtype, tensors[n].shape) for n in names)
-        shards.append(Shard(filename, lay, serialize_header(lay, SHARD_METADATA)))
+        lay = layout((n, *files[n]) for n in names)
+        outputs = list(dict.fromkeys(owner[n] for n in names))
+        shards.append(Shard(filename, lay, serialize_header(lay, SHARD_METADATA), outputs, deferred))
+    if deferred:
+        _check_whole(shards, owner)
     if not split.is_sharded:
         return shards, None
     total_params = arch.num_parameters
-    if total_params is None:
+    if total_params is None or deferred:
         total_params = sum(_numel(t.shape) for t in tensors.values() if t.dtype.torch_dtype in FLOAT_DTYPES)
     index = {
         "metadata": {"total_parameters": total_params, **split.metadata},
         "weight_map": dict(split.tensor_to_filename),
     }
     return shards, index
+
+
+def _check_whole(shards: list[Shard], owner: dict[str, str]) -> None:
+    """A quantized weight's codes and statistics must land in one shard (they are produced together)."""
+    seen: dict[str, str] = {}
+    for shard in shards:
+        for lay in shard.layouts:
+            o = owner[lay.name]
+            if seen.setdefault(o, shard.filename) != shard.filename:
+                # the greedy split cut a weight's statistics off: move them with their weight
+                raise UnsupportedAdapterError(f"max_shard_size splits the 4-bit statistics of {o} across shards; use a larger max_shard_size")
+
+
+def dot_natural_key(name: str) -> tuple[tuple[object, ...], ...]:
+    """Sort key of state-dict names: numbers numerically, text alphabetically, by dotted part.
+
+    Same order as transformers' ``core_model_loading.dot_natural_key``, which ``save_pretrained``
+    applies before sharding.
+    """
+    parts: list[tuple[object, ...]] = []
+    for part in name.split("."):
+        if part.isdigit():
+            parts.append((0, int(part)))
+        else:
+            text = part.rstrip("0123456789")
+            digits = part[len(text) :]
+            parts.append((1, text, int(digits)) if digits else (1, part))
+    return tuple(parts)
 
 
 def _numel(shape: tuple[int, ...]) -> int:

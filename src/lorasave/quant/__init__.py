@@ -1,0 +1,1 @@
+"""Quantized weights: reading quantized bases (dequantize to float32) and writing quantized outputs."""
