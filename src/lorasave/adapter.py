@@ -14,6 +14,7 @@ and ``lora_alpha`` are per module after ``rank_pattern`` / ``alpha_pattern`` res
 
 from __future__ import annotations
 
+import enum
 import logging
 import math
 import os
@@ -39,13 +40,40 @@ KEY_PREFIX = "base_model.model."
 #: adapter only fits the mutated base (peft ``tuners/lora/config.py``).
 MUTATING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga", "mica", "eva", "orthogonal")
 
-_LORA_RE = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+
+class TunerType(enum.Enum):
+    """PEFT tuner types (``peft_type`` in adapter_config.json) lorasave merges."""
+
+    LORA = "LORA"
+    LOHA = "LOHA"
+    LOKR = "LOKR"
+    IA3 = "IA3"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
+
+
+#: Tuners with a merge PEFT defines but lorasave does not implement, and why.
+REFUSED_TUNERS = {
+    "VERA": "VeRA (shared random projections) is not merged yet",
+    "ADALORA": "AdaLoRA is not merged yet (its rank budget state is not saved with the adapter)",
+    "OFT": "OFT (multiplicative orthogonal updates) is not merged yet",
+    "BOFT": "BOFT (multiplicative orthogonal updates) is not merged yet",
+}
+#: Tuners that have no weights to merge at all.
+UNMERGEABLE_TUNERS = ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING", "MULTITASK_PROMPT_TUNING", "ADAPTION_PROMPT", "POLY", "XLORA", "CPT", "CARTRIDGE")
+
+#: Per-module factor names by tuner; ``.weight`` suffixes are stripped before matching.
+_ROLES = {
+    TunerType.LORA: ("lora_A", "lora_B", "lora_B.bias", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector"),
+    TunerType.LOHA: ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"),
+    TunerType.LOKR: ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"),
+    TunerType.IA3: ("ia3_l",),
+    TunerType.TRAINABLE_TOKENS: (),
+}
+TOKENS_ROLE = "token_adapter.trainable_tokens_delta"
 _UNSUPPORTED_KEYS: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"\.lora_magnitude_vector(\.weight)?$"), "DoRA (use_dora) magnitude vectors"),
-    (re.compile(r"\.lora_embedding_[AB]$"), "embedding LoRA (lora_embedding_A/B)"),
-    (re.compile(r"\.lora_B\.bias$"), "lora_bias"),
-    (re.compile(r"\.trainable_tokens_delta$"), "trainable tokens"),
     (re.compile(r"\.lora_E$"), "AdaLoRA"),
+    (re.compile(r"\.vera_lambda_[bd]$"), "VeRA"),
+    (re.compile(r"\.oft_[Rs]"), "OFT"),
 ]
 
 
@@ -58,24 +86,44 @@ def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
 
 
 @dataclass(frozen=True)
-class LoraWeights:
-    """The LoRA pair of one targeted module.
+class ModuleParts:
+    """One adapted module: its factor keys and scaling.
 
     Attributes:
         module: module name in the base model, e.g. ``model.layers.0.self_attn.q_proj``.
-        lora_A: key of A, shape ``(r, in_features)``.
-        lora_B: key of B, shape ``(out_features, r)``.
-        r: rank (rows of A).
-        lora_alpha: alpha after ``alpha_pattern``.
-        scaling: ``lora_alpha / r`` or ``lora_alpha / sqrt(r)`` (rsLoRA).
+        keys: full tensor key by role: ``lora_A`` ``(r, in)`` (conv: ``(r, in, *k)``), ``lora_B``
+            ``(out, r)``, ``lora_B.bias`` ``(out,)``, ``lora_embedding_A`` ``(r, vocab)``,
+            ``lora_embedding_B`` ``(dim, r)``, ``lora_magnitude_vector`` (DoRA), LoHa ``hada_*``,
+            LoKr ``lokr_*``, IA3 ``ia3_l``, trainable tokens ``token_adapter.trainable_tokens_delta``.
+        r: rank (LoRA: rows of A; LoHa/LoKr: from the config), None for IA3 / trainable tokens.
+        alpha: ``lora_alpha`` / ``alpha`` after ``alpha_pattern``.
+        scaling: ``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA; 1.0 where it does not apply.
     """
 
     module: str
-    lora_A: str
-    lora_B: str
-    r: int
-    lora_alpha: float
+    keys: dict[str, str]
+    r: int | None
+    alpha: float
     scaling: float
+
+    @property
+    def lora_A(self) -> str:
+        """Key of the A factor (``lora_A`` or ``lora_embedding_A``)."""
+        return self.keys.get("lora_A") or self.keys["lora_embedding_A"]
+
+    @property
+    def lora_B(self) -> str:
+        """Key of the B factor (``lora_B`` or ``lora_embedding_B``)."""
+        return self.keys.get("lora_B") or self.keys["lora_embedding_B"]
+
+    @property
+    def is_lora(self) -> bool:
+        """Has a LoRA pair."""
+        return ("lora_A" in self.keys and "lora_B" in self.keys) or "lora_embedding_A" in self.keys
+
+
+# kept for callers that name the LoRA pair type
+LoraWeights = ModuleParts
 
 
 @dataclass
@@ -88,8 +136,10 @@ class Adapter:
         weights_file: ``adapter_model.safetensors`` (or ``.bin`` when pickle was allowed).
         entries: safetensors entries by full key (empty for a pickle file).
         loaded: tensors by full key, for a pickle file (empty for safetensors).
-        lora: LoRA pairs by base module name, in file order.
-        extra: non-LoRA keys (``modules_to_save`` copies, trained biases) by base tensor name.
+        tuner: the PEFT tuner type.
+        parts: adapted modules by base module name, in file order.
+        extra: full tensors (``modules_to_save`` copies, ``base_layer`` weights saved with
+            ``save_embedding_layers``, trained biases) by base tensor name.
     """
 
     root: Path
@@ -97,8 +147,37 @@ class Adapter:
     weights_file: Path
     entries: dict[str, TensorEntry] = field(default_factory=dict)
     loaded: dict[str, torch.Tensor] = field(default_factory=dict)
-    lora: dict[str, LoraWeights] = field(default_factory=dict)
+    tuner: TunerType = TunerType.LORA
+    parts: dict[str, ModuleParts] = field(default_factory=dict)
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def lora(self) -> dict[str, ModuleParts]:
+        """Modules with a LoRA pair."""
+        return {m: p for m, p in self.parts.items() if p.is_lora}
+
+    @property
+    def uses_dora(self) -> bool:
+        """Whether any module has a DoRA magnitude vector."""
+        return any("lora_magnitude_vector" in p.keys for p in self.parts.values())
+
+    def token_indices(self, module: str) -> list[int]:
+        """``trainable_token_indices`` (LoRA) / ``token_indices`` (TRAINABLE_TOKENS) for ``module``.
+
+        Raises:
+            AdapterMismatchError: the config lists no indices for it.
+        """
+        spec = self.config.get("trainable_token_indices")
+        if spec is None:
+            spec = self.config.get("token_indices")
+        if isinstance(spec, dict):
+            for key, ids in spec.items():
+                if module == key or module.endswith("." + key):
+                    return list(ids)
+            spec = None
+        if spec is None:
+            raise AdapterMismatchError(f"{self.root}: trainable tokens for {module} but no token indices in adapter_config.json", path=self.root)
+        return list(spec)
 
     def keys(self) -> list[str]:
         """Every tensor key in the weights file."""
@@ -163,18 +242,25 @@ def locate_adapter(spec: str | os.PathLike[str]) -> Path:
     raise NotAnAdapterError(f"{root} is not a PEFT adapter: no adapter_config.json", path=root)
 
 
-def _check_config(root: Path, config: dict[str, Any]) -> None:
+def _check_config(root: Path, config: dict[str, Any]) -> TunerType:
     cfg_path = root / ADAPTER_CONFIG_NAME
     peft_type = str(config.get("peft_type", "")).upper()
-    if peft_type != "LORA":
+    if peft_type in REFUSED_TUNERS:
+        raise UnsupportedAdapterError(f"{cfg_path}: peft_type {peft_type}: {REFUSED_TUNERS[peft_type]}", path=cfg_path)
+    if peft_type in UNMERGEABLE_TUNERS:
         raise UnsupportedAdapterError(
-            f"{cfg_path}: peft_type {config.get('peft_type')!r} is not supported yet; lorasave merges LoRA adapters",
+            f"{cfg_path}: peft_type {peft_type} adds virtual tokens or a routing module, not weight updates; it cannot be merged",
             path=cfg_path,
         )
+    try:
+        tuner = TunerType(peft_type)
+    except ValueError:
+        raise UnsupportedAdapterError(
+            f"{cfg_path}: peft_type {config.get('peft_type')!r} is not supported; lorasave merges LORA, LOHA, LOKR, IA3 and TRAINABLE_TOKENS",
+            path=cfg_path,
+        ) from None
     if config.get("layer_replication"):
         raise UnsupportedAdapterError(f"{cfg_path}: layer_replication adapters cannot be merged (PEFT refuses too)", path=cfg_path)
-    if config.get("use_dora"):
-        raise UnsupportedAdapterError(f"{cfg_path}: DoRA (use_dora) adapters are not supported yet", path=cfg_path)
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(MUTATING_INITS):
         raise UnsupportedAdapterError(
@@ -182,9 +268,11 @@ def _check_config(root: Path, config: dict[str, Any]) -> None:
             "that modified base; re-save it with PEFT's path_initial_model_for_weight_conversion to get a plain LoRA",
             path=cfg_path,
         )
-    r = config.get("r")
-    if not isinstance(r, int) or r <= 0:
-        raise AdapterMismatchError(f"{cfg_path}: r must be a positive integer, got {r!r}", path=cfg_path)
+    if tuner in (TunerType.LORA, TunerType.LOHA, TunerType.LOKR):
+        r = config.get("r")
+        if not isinstance(r, int) or r <= 0:
+            raise AdapterMismatchError(f"{cfg_path}: r must be a positive integer, got {r!r}", path=cfg_path)
+    return tuner
 
 
 def load_adapter(spec: str | os.PathLike[str], *, allow_pickle: bool = False) -> Adapter:
@@ -203,11 +291,11 @@ def load_adapter(spec: str | os.PathLike[str], *, allow_pickle: bool = False) ->
     """
     root = locate_adapter(spec)
     config = read_json(root / ADAPTER_CONFIG_NAME)
-    _check_config(root, config)
+    tuner = _check_config(root, config)
     adapter: Adapter
     if (root / ADAPTER_SAFE_NAME).is_file():
         header = read_header(root / ADAPTER_SAFE_NAME)
-        adapter = Adapter(root, config, root / ADAPTER_SAFE_NAME, entries=dict(header.tensors))
+        adapter = Adapter(root, config, root / ADAPTER_SAFE_NAME, entries=dict(header.tensors), tuner=tuner)
     elif (root / ADAPTER_PICKLE_NAME).is_file():
         if not allow_pickle:
             raise PickleRefusedError(
@@ -221,54 +309,76 @@ def load_adapter(spec: str | os.PathLike[str], *, allow_pickle: bool = False) ->
             raise CheckpointFormatError(f"{root / ADAPTER_PICKLE_NAME}: cannot be loaded safely ({type(e).__name__}: {e})", path=root) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointFormatError(f"{root / ADAPTER_PICKLE_NAME}: not a dict of tensors", path=root)
-        adapter = Adapter(root, config, root / ADAPTER_PICKLE_NAME, loaded={k: v.contiguous() for k, v in state.items()})
+        adapter = Adapter(root, config, root / ADAPTER_PICKLE_NAME, loaded={k: v.contiguous() for k, v in state.items()}, tuner=tuner)
     else:
         raise CheckpointFormatError(f"{root}: no {ADAPTER_SAFE_NAME}; the adapter weights are missing", path=root)
     _resolve_modules(adapter)
     return adapter
 
 
+def _split_key(name: str, tuner: TunerType) -> tuple[str, str] | None:
+    """``module.role`` -> ``(module, role)`` for a per-module factor, else None."""
+    if name.endswith("." + TOKENS_ROLE):
+        return name[: -len(TOKENS_ROLE) - 1], TOKENS_ROLE
+    base = name.removesuffix(".weight")
+    for role in sorted(_ROLES[tuner], key=len, reverse=True):
+        if name.endswith("." + role):
+            return name[: -len(role) - 1], role
+        if base.endswith("." + role) and role != "lora_B.bias":
+            return base[: -len(role) - 1], role
+    return None
+
+
 def _resolve_modules(adapter: Adapter) -> None:
     cfg = adapter.config
     path = adapter.weights_file
-    pairs: dict[str, dict[str, str]] = {}
+    found: dict[str, dict[str, str]] = {}
     for key in adapter.keys():
         if not key.startswith(KEY_PREFIX):
             raise CheckpointFormatError(f"{path}: key {key!r} does not start with {KEY_PREFIX!r}; not a PEFT adapter file", path=path)
         name = key[len(KEY_PREFIX) :]
         for pat, what in _UNSUPPORTED_KEYS:
             if pat.search(name):
-                raise UnsupportedAdapterError(f"{path}: the adapter uses {what} ({key}), which lorasave does not merge yet", path=path)
-        m = _LORA_RE.match(name)
-        if m:
-            pairs.setdefault(m["module"], {})[m["part"]] = key
-        else:
-            adapter.extra[name.replace(".base_layer.", ".")] = key
+                raise UnsupportedAdapterError(f"{path}: the adapter uses {what} ({key}), which lorasave does not merge", path=path)
+        split = _split_key(name, adapter.tuner)
+        if split is not None:
+            found.setdefault(split[0], {})[split[1]] = key
+        else:  # a full tensor: modules_to_save copy, base_layer weight, trained bias
+            adapter.extra[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = key
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
-    for module, parts in pairs.items():
-        if set(parts) != {"lora_A", "lora_B"}:
-            missing = ({"lora_A", "lora_B"} - set(parts)).pop()
-            raise AdapterMismatchError(f"{path}: module {module} has no {missing}; the adapter file is incomplete", path=path, module=module)
-        a_shape, b_shape = adapter.shape(parts["lora_A"]), adapter.shape(parts["lora_B"])
-        if len(a_shape) != 2 or len(b_shape) != 2 or a_shape[0] != b_shape[1]:
-            raise AdapterMismatchError(
-                f"{path}: module {module} has lora_A {list(a_shape)} and lora_B {list(b_shape)}, which do not multiply (expected (r, in) and (out, r))",
-                path=path,
-                module=module,
-            )
-        r = a_shape[0]
-        if r == 0:
-            raise AdapterMismatchError(f"{path}: module {module} has rank 0", path=path, module=module)
-        r_cfg = pattern_value(rank_pattern, module, cfg["r"])
-        if r_cfg != r:
-            raise AdapterMismatchError(
-                f"{path}: module {module} has rank {r} in the file but {r_cfg} in adapter_config.json (r/rank_pattern); "
-                "the config does not belong to these weights",
-                path=path,
-                module=module,
-            )
-        alpha = pattern_value(alpha_pattern, module, cfg.get("lora_alpha", 8))
-        scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        adapter.lora[module] = LoraWeights(module, parts["lora_A"], parts["lora_B"], r, alpha, scaling)
-    logger.debug("adapter %s: %d LoRA modules, %d other tensors", adapter.root, len(adapter.lora), len(adapter.extra))
+    alpha_default = cfg.get("lora_alpha", cfg.get("alpha", 8))
+    for module, keys in found.items():
+        r: int | None = None
+        alpha = 1.0
+        scaling = 1.0
+        if adapter.tuner is TunerType.LORA and set(keys) & {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}:
+            a_role, b_role = ("lora_embedding_A", "lora_embedding_B") if "lora_embedding_A" in keys or "lora_embedding_B" in keys else ("lora_A", "lora_B")
+            missing = [k for k in (a_role, b_role) if k not in keys]
+            if missing:
+                raise AdapterMismatchError(f"{path}: module {module} has no {missing[0]}; the adapter file is incomplete", path=path, module=module)
+            a_shape, b_shape = adapter.shape(keys[a_role]), adapter.shape(keys[b_role])
+            if len(a_shape) < 2 or len(b_shape) < 2 or a_shape[0] != b_shape[1]:
+                raise AdapterMismatchError(
+                    f"{path}: module {module} has {a_role} {list(a_shape)} and {b_role} {list(b_shape)}, which do not multiply (expected (r, in) and (out, r))",
+                    path=path,
+                    module=module,
+                )
+            r = a_shape[0]
+        elif adapter.tuner in (TunerType.LOHA, TunerType.LOKR):
+            r = pattern_value(rank_pattern, module, cfg["r"])
+        if r is not None:
+            if r == 0:
+                raise AdapterMismatchError(f"{path}: module {module} has rank 0", path=path, module=module)
+            r_cfg = pattern_value(rank_pattern, module, cfg.get("r"))
+            if adapter.tuner is TunerType.LORA and r_cfg != r:
+                raise AdapterMismatchError(
+                    f"{path}: module {module} has rank {r} in the file but {r_cfg} in adapter_config.json (r/rank_pattern); "
+                    "the config does not belong to these weights",
+                    path=path,
+                    module=module,
+                )
+            alpha = pattern_value(alpha_pattern, module, alpha_default)
+            scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
+        adapter.parts[module] = ModuleParts(module, dict(keys), r, alpha, scaling)
+    logger.debug("adapter %s: %d modules, %d full tensors", adapter.root, len(adapter.parts), len(adapter.extra))

@@ -20,7 +20,7 @@ from .dtypes import FLOAT_DTYPES, dtype_name, parse_output_dtype, st_dtype
 from .execute import execute
 from .manifest import MANIFEST_NAME, SourceHasher, sha256_file, write_manifest
 from .options import MergeInto, SaveMethod, bnb_spec, parse_enum
-from .output import StagedOutput, carry_files, check_free_space, check_output_path, has_tokenizer, write_config
+from .output import StagedOutput, align_generation_eos, carry_files, check_free_space, check_output_path, has_tokenizer, write_config
 from .plan import INDEX_NAME, build_plan
 from .quant.bnb import import_bnb
 from .safetensors_format import layout, serialize_header
@@ -40,7 +40,7 @@ class MergeResult:
         output: the output folder.
         files: names of the files written, manifest included.
         n_tensors: tensors written.
-        n_merged: tensors that received LoRA deltas (or were replaced by adapter tensors).
+        n_merged: tensors an adapter changed (deltas, scales, replaced rows or whole tensors).
         total_bytes: bytes of the weight files.
         dtype: floating dtype of the output (``"bfloat16"``...).
         seconds: wall time of the whole call.
@@ -116,6 +116,7 @@ def merge(
     double_quant: bool = True,
     quant_input_dtype: str | torch.dtype = "bfloat16",
     quantization_from: PathLike | None = None,
+    weights: Sequence[float] | None = None,
 ) -> MergeResult:
     """Merge LoRA adapter(s) into a base checkpoint and write a sharded safetensors checkpoint.
 
@@ -149,6 +150,8 @@ def merge(
             ``quant_input_dtype``, or all read from ``quantization_from``'s config.json).
         quantization_from: a bitsandbytes 4-bit checkpoint folder whose ``quantization_config``
             gives the 4-bit settings.
+        weights: one combination weight per adapter (default 1.0 each): W0 + Σ wᵢ·ΔWᵢ, each ΔWᵢ
+            with its own scaling; PEFT's ``add_weighted_adapter(combination_type="cat")``.
 
     Returns:
         MergeResult.
@@ -190,6 +193,7 @@ def merge(
             arch,
             out_dtype=out_dtype,
             max_shard_size=shard_limit,
+            weights=list(weights) if weights is not None else None,
             merge_into=spec if into is MergeInto.DEQUANTIZED else None,
             quantize=spec if method is SaveMethod.MERGED_4BIT else None,
         )
@@ -202,8 +206,12 @@ def merge(
             if index is not None:
                 (stage.path / INDEX_NAME).write_bytes(index)
             quant = spec.quantization_config(plan.out_dtype) if method is SaveMethod.MERGED_4BIT and spec else None
-            write_config(ckpt.root / "config.json", stage.path / "config.json", dtype=plan.out_dtype, quantization=quant)
+            write_config(ckpt.root / "config.json", stage.path / "config.json", dtype=plan.out_dtype, quantization=quant, updates=plan.config_updates)
             carried = carry_files(ckpt.root, tok_dir, stage.path)
+            if tok_dir.resolve() != ckpt.root.resolve():
+                note = align_generation_eos(stage.path, tok_dir)
+                if note:
+                    plan.notes.append(note)
             for name in [INDEX_NAME if index is not None else None, "config.json", *carried]:
                 if name is not None:
                     files[name] = sha256_file(stage.path / name)
@@ -226,8 +234,8 @@ def merge(
             }
             summary = {
                 "n_tensors": len(plan.tensors),
-                "n_merged": len([t for t in plan.tensors.values() if t.deltas or t.replacement]),
-                "merged": [n for n, t in plan.tensors.items() if t.deltas or t.replacement],
+                "n_merged": len(plan.merged),
+                "merged": plan.merged,
                 "architecture": arch.model_class,
                 "notes": plan.notes,
             }

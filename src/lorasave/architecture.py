@@ -50,6 +50,9 @@ class ArchitectureInfo:
         note: why the fallback was taken, when it was.
         bnb_quantizable: modules transformers + bitsandbytes would quantize (``replace_with_bnb_linear``
             with the default skips: ``get_keys_to_not_convert`` and the fp32 modules).
+        tied_to: each tensor ``save_pretrained`` drops as tied -> the tensor it shares storage with
+            (``lm_head.weight`` -> ``model.embed_tokens.weight``).
+        conv_groups: ``groups`` of convolutions that have more than one.
     """
 
     model_class: str | None = None
@@ -61,6 +64,8 @@ class ArchitectureInfo:
     num_parameters: int | None = None
     note: str | None = None
     bnb_quantizable: set[str] = field(default_factory=set)
+    tied_to: dict[str, str] = field(default_factory=dict)
+    conv_groups: dict[str, int] = field(default_factory=dict)
 
     def kind_of(self, module: str) -> ModuleKind | None:
         """The layer type of ``module``, or None when the class is unknown or has no such module."""
@@ -89,6 +94,8 @@ class ArchitectureInfo:
         d["keep_fp32"] = sorted(self.keep_fp32)
         d["keep_fp32_strict"] = sorted(self.keep_fp32_strict)
         d["bnb_quantizable"] = sorted(self.bnb_quantizable)
+        d["tied_to"] = dict(self.tied_to)
+        d["conv_groups"] = dict(self.conv_groups)
         d["module_kinds"] = {k: v.value for k, v in self.module_kinds.items()}
         return d
 
@@ -105,6 +112,8 @@ class ArchitectureInfo:
             num_parameters=d["num_parameters"],
             note=d["note"],
             bnb_quantizable=set(d["bnb_quantizable"]),
+            tied_to=dict(d["tied_to"]),
+            conv_groups=dict(d["conv_groups"]),
         )
 
 
@@ -200,6 +209,8 @@ def build_architecture(config_json: dict[str, Any]) -> ArchitectureInfo:
         keep_fp32_strict=set(getattr(model, "_keep_in_fp32_modules_strict", None) or ()),
         num_parameters=int(model.num_parameters()),
         bnb_quantizable=_bnb_quantizable(model),
+        tied_to=_tie_partners(model, set(state) - set(kept), kept),
+        conv_groups={n: int(m.groups) for n, m in model.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd) and m.groups != 1},
     )
     logger.debug("architecture %s: %d tensors in save order", info.model_class, len(kept))
     return info
@@ -215,6 +226,21 @@ def _bnb_quantizable(model: Any) -> set[str]:
         return set()
     skip = list(get_keys_to_not_convert(model)) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
     return {name for name, mod in model.named_modules() if (type(mod) is torch.nn.Linear or isinstance(mod, Conv1D)) and should_convert_module(name, skip)}
+
+
+def _tie_partners(model: Any, dropped: set[str], kept: dict[str, Any]) -> dict[str, str]:
+    """For each dropped tied name, the kept name whose parameter object it shares."""
+    by_id: dict[int, str] = {}
+    for name in kept:
+        with contextlib.suppress(AttributeError):
+            by_id.setdefault(id(model.get_parameter_or_buffer(name)), name)
+    out = {}
+    for name in dropped:
+        with contextlib.suppress(AttributeError):
+            partner = by_id.get(id(model.get_parameter_or_buffer(name)))
+            if partner is not None:
+                out[name] = partner
+    return out
 
 
 def _drop_tied(state: dict[str, torch.Tensor], model: Any) -> dict[str, torch.Tensor]:

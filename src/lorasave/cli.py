@@ -92,6 +92,15 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give numbers separated by commas, e.g. 0.7,0.3", param_hint="--weights") from None
+
+
 @main.command("merge")
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
@@ -123,6 +132,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="Quantize the block scales too.")
 @click.option("--quant-input-dtype", type=_DTYPE, default="bfloat16", show_default=True, help="dtype the base was in when it was quantized (--merge-into).")
 @click.option("--quantization-from", type=click.Path(), default=None, help="Read the 4-bit settings from this 4-bit checkpoint's config.json.")
+@click.option("--weights", default=None, help="Comma-separated weight per adapter: W0 + Σ wᵢ·ΔWᵢ (default 1 each).")
 @_common
 @click.pass_context
 def merge_cmd(
@@ -140,6 +150,7 @@ def merge_cmd(
     double_quant: bool,
     quant_input_dtype: str,
     quantization_from: str | None,
+    weights: str | None,
     overwrite: bool,
     quiet: bool,
     as_json: bool,
@@ -172,6 +183,7 @@ def merge_cmd(
             double_quant=double_quant,
             quant_input_dtype=quant_input_dtype,
             quantization_from=quantization_from,
+            weights=_parse_weights(weights),
         ),
         quiet=quiet,
         as_json=as_json,

@@ -26,6 +26,7 @@ from .checkpoint import TensorReader
 from .errors import NonFiniteResultError
 from .plan import OutputTensor
 from .quant.bnb import Bnb4bitWeight, Int8Weight, dequantize
+from .recipes import AdapterTensor, Axis, DoraNorm, LoraDelta, Lycoris, LycorisDelta, Operation, Scale, SetRows, VectorDelta
 from .safetensors_format import TensorEntry
 
 #: Target bytes of one float32 row block of merge arithmetic.
@@ -72,25 +73,24 @@ class _Rows:
 
     A plain base tensor is read slice by slice from disk, in its stored dtype. A bitsandbytes
     weight, or a weight round-tripped through 4-bit (``merge_into="dequantized"``), is
-    dequantized whole to float32 once (one tensor in memory) and sliced.
+    dequantized whole to float32 once (one tensor in memory) and sliced; a tensor saved in an
+    adapter is loaded whole.
     """
 
-    def __init__(self, t: OutputTensor, reader: TensorReader, timings: Timings) -> None:
+    def __init__(self, t: OutputTensor, reader: TensorReader, adapters: list[Adapter], timings: Timings) -> None:
         self._reader = reader
         self._src = t.source
         self._full: torch.Tensor | None = None
         self._buf: torch.Tensor | None = None
+        self.float32 = False  # whether slices come out as float32 rather than the stored dtype
         t0 = time.perf_counter()
         if isinstance(t.source, (Bnb4bitWeight, Int8Weight)):
-            self._full = dequantize(t.source, reader.read)  # float32, t.shape
+            self._full, self.float32 = dequantize(t.source, reader.read), True  # float32, t.shape
+        elif isinstance(t.source, AdapterTensor):
+            self._full = adapters[t.source.adapter].tensor(t.source.key, reader)
         elif t.roundtrip is not None:
-            self._full = t.roundtrip.roundtrip(reader.read(t.source))  # float32, t.shape
+            self._full, self.float32 = t.roundtrip.roundtrip(reader.read(t.source)), True  # float32, t.shape
         timings.read += time.perf_counter() - t0
-
-    @property
-    def float32(self) -> bool:
-        """Whether slices come out as float32 (dequantized) rather than the stored dtype."""
-        return self._full is not None
 
     def get(self, start: int, stop: int, reuse: bool) -> torch.Tensor:
         """Rows ``[start, stop)``; with ``reuse`` the result may share a buffer with the previous slice."""
@@ -103,39 +103,121 @@ class _Rows:
         return w
 
 
+def _lycoris_delta(op: LycorisDelta, ad: Adapter, reader: TensorReader, shape: tuple[int, ...]) -> torch.Tensor:
+    """The whole ΔW of a LoHa / LoKr module in float32, reshaped to ``shape`` (weight applied)."""
+    f = {role: ad.tensor(key, reader).float() for role, key in op.keys}
+    scale = torch.tensor(op.scaling, dtype=torch.float32)
+    if op.kind is Lycoris.LOHA:
+        # (w1a (out, r) @ w1b (r, in)) * (w2a @ w2b) * scale
+        delta = ((f["hada_w1_a"] @ f["hada_w1_b"]) * (f["hada_w2_a"] @ f["hada_w2_b"])) * scale
+    else:
+        w1 = f["lokr_w1"] if "lokr_w1" in f else f["lokr_w1_a"] @ f["lokr_w1_b"]
+        w2 = f["lokr_w2"] if "lokr_w2" in f else f["lokr_w2_a"] @ f["lokr_w2_b"]
+        if w2.dim() == 4:
+            w1 = w1[:, :, None, None]  # (a, b) -> (a, b, 1, 1) to kron with a conv kernel
+        delta = torch.kron(w1, w2) * scale
+    delta = delta.reshape(shape)  # (out, in[, k, k]) as the base weight
+    return delta * op.weight if op.weight != 1.0 else delta
+
+
+class _Ops:
+    """The operations of one output tensor, with their factors loaded once (float32)."""
+
+    def __init__(self, t: OutputTensor, reader: TensorReader, adapters: list[Adapter]) -> None:
+        self.items: list[tuple[Operation, tuple[torch.Tensor, ...]]] = []
+        self.whole = any(isinstance(o, DoraNorm) and o.axis is Axis.COLS for o in t.ops)
+        for op in t.ops:
+            ad = adapters[op.adapter]
+            if isinstance(op, LoraDelta):
+                a = ad.tensor(op.lora_A, reader).float()
+                b = ad.tensor(op.lora_B, reader).float()
+                a = a.reshape(a.shape[0], -1)  # (r, in) ; conv (r, in, kh, kw) -> (r, in*kh*kw)
+                b = b.reshape(b.shape[0], -1)  # (out, r); conv (out, r, 1, 1) -> (out, r)
+                if op.transpose:
+                    # W0 rows are input features (Conv1D) or vocabulary rows (embedding): block = A[:, rows].T @ B.T
+                    self.items.append((op, (a.T.contiguous(), b.T.contiguous())))  # (in, r), (r, out)
+                else:
+                    self.items.append((op, (b, a)))  # (out, r), (r, in)
+            elif isinstance(op, LycorisDelta):
+                self.items.append((op, (_lycoris_delta(op, ad, reader, t.shape),)))
+            elif isinstance(op, (VectorDelta, Scale, DoraNorm)):
+                self.items.append((op, (ad.tensor(op.key, reader).float().reshape(-1),)))
+            elif isinstance(op, SetRows):
+                self.items.append((op, (ad.tensor(op.key, reader).float(),)))
+
+    def apply(self, acc: torch.Tensor, i: int, j: int, *, skip_cols_norm: bool) -> torch.Tensor:
+        """Apply every operation to rows ``[i, j)``: ``acc`` is ``(j - i, *shape[1:])`` float32."""
+        for op, f in self.items:
+            if isinstance(op, LoraDelta):
+                left, right = f
+                flat = acc.reshape(acc.shape[0], -1)  # (rows_blk, cols)
+                # acc + scaling * (left_blk @ right), as three roundings in the formula's order: a fused
+                # addmm(alpha=scaling) rounds differently unless scaling is a power of two
+                d = torch.mm(left[i:j], right).mul_(op.scaling)  # (rows_blk, r) @ (r, cols)
+                if op.weight != 1.0:
+                    d.mul_(op.weight)
+                acc = (flat + d).reshape(acc.shape)
+            elif isinstance(op, LycorisDelta):
+                acc = acc + f[0][i:j]
+            elif isinstance(op, VectorDelta):
+                v = f[0][i:j] * op.scaling
+                acc = acc + (v * op.weight if op.weight != 1.0 else v)
+            elif isinstance(op, Scale):
+                if op.axis is Axis.ROWS:
+                    acc = acc * f[0][i:j].reshape(-1, *([1] * (acc.dim() - 1)))
+                else:
+                    acc = acc * f[0].reshape(1, -1)
+            elif isinstance(op, SetRows):
+                for k, row in enumerate(op.indices):
+                    if i <= row < j:
+                        acc[row - i] = f[0][k]
+            elif isinstance(op, DoraNorm):
+                if op.axis is Axis.ROWS:
+                    norm = torch.linalg.norm(acc.reshape(acc.shape[0], -1), dim=1)  # (rows_blk,)
+                    acc = (f[0][i:j] / norm).reshape(-1, *([1] * (acc.dim() - 1))) * acc
+                elif not skip_cols_norm:
+                    raise AssertionError("column DoRA norms need the whole tensor")
+        return acc
+
+    def finish_whole(self, full: torch.Tensor) -> torch.Tensor:
+        """Column DoRA norms over the whole ``(rows, cols)`` tensor (GPT-2 Conv1D, embeddings)."""
+        for op, f in self.items:
+            if isinstance(op, DoraNorm) and op.axis is Axis.COLS:
+                norm = torch.linalg.norm(full, dim=0)  # (cols,): over in-features / the vocabulary
+                full = (f[0] / norm).reshape(1, -1) * full
+        return full
+
+
 def _merged_blocks(t: OutputTensor, reader: TensorReader, adapters: list[Adapter], timings: Timings) -> Iterator[tuple[int, int, torch.Tensor]]:
-    """Yield ``(start, stop, block)``: rows of W0 + sum of the LoRA terms, in float32.
+    """Yield ``(start, stop, block)``: rows of W0 with every operation applied, in float32.
 
     Each block is ``(stop - start, *shape[1:])``; it is only valid until the next one is requested.
     """
     t0 = time.perf_counter()
-    factors = []
-    for d in t.deltas:
-        ad = adapters[d.adapter]
-        a = ad.tensor(d.weights.lora_A, reader).float()  # (r, in)
-        b = ad.tensor(d.weights.lora_B, reader).float()  # (out, r)
-        if d.transpose:
-            # W0 rows are input features: block = A[:, rows].T @ B.T -> (rows, out)
-            factors.append((a.T.contiguous(), b.T.contiguous(), d.weights.scaling))  # (in, r), (r, out)
-        else:
-            factors.append((b, a, d.weights.scaling))  # (out, r), (r, in)
+    ops = _Ops(t, reader, adapters)
     timings.read += time.perf_counter() - t0
-    rows_src = _Rows(t, reader, timings)
+    rows_src = _Rows(t, reader, adapters, timings)
     rows = t.shape[0] if t.shape else 1
     step = _rows_per_block(t, MERGE_BLOCK_BYTES, 4)
+    full = torch.empty(t.shape, dtype=torch.float32) if ops.whole else None  # whole tensor only for column norms
     for i in range(0, rows, step):
         j = min(rows, i + step)
         t0 = time.perf_counter()
         w = rows_src.get(i, j, reuse=True)  # consumed below before the next read
         t1 = time.perf_counter()
-        acc = w.float()  # (rows_blk, cols) float32
-        for left, right, scaling in factors:
-            # acc + scaling * (left_blk @ right), as three roundings in the formula's order: a fused
-            # addmm(alpha=scaling) rounds differently unless scaling is a power of two
-            acc = acc + torch.mm(left[i:j], right).mul_(scaling)  # (rows_blk, r) @ (r, cols)
+        acc = ops.apply(w.float().reshape((j - i, *t.shape[1:])), i, j, skip_cols_norm=ops.whole)
         timings.read += t1 - t0
         timings.merge += time.perf_counter() - t1
-        yield i, j, acc
+        if full is None:
+            yield i, j, acc
+        else:
+            full[i:j] = acc
+    if full is not None:
+        t1 = time.perf_counter()
+        full = ops.finish_whole(full)
+        timings.merge += time.perf_counter() - t1
+        for i in range(0, rows, step):
+            yield i, min(rows, i + step), full[i : i + step]
 
 
 def _check_finite(t: OutputTensor, res: torch.Tensor, i: int, j: int) -> None:
@@ -162,16 +244,7 @@ def stream_tensor(t: OutputTensor, reader: TensorReader, adapters: list[Adapter]
     """
     out_dt = t.dtype.torch_dtype
     assert out_dt is not None
-    if t.replacement is not None:
-        t0 = time.perf_counter()
-        full = adapters[t.replacement.adapter].tensor(t.replacement.key, reader)
-        t1 = time.perf_counter()
-        res = full.to(out_dt).contiguous()
-        timings.read += t1 - t0
-        timings.merge += time.perf_counter() - t1
-        yield _as_bytes(res)
-        return
-    if t.deltas:
+    if t.ops:
         for i, j, acc in _merged_blocks(t, reader, adapters, timings):
             t0 = time.perf_counter()
             res = acc.to(out_dt)
@@ -179,7 +252,7 @@ def stream_tensor(t: OutputTensor, reader: TensorReader, adapters: list[Adapter]
             timings.merge += time.perf_counter() - t0
             yield _as_bytes(res)
         return
-    rows_src = _Rows(t, reader, timings)
+    rows_src = _Rows(t, reader, adapters, timings)
     rows = t.shape[0] if t.shape else 1
     itemsize = 4 if rows_src.float32 else max(1, t.source.dtype.bits // 8)
     step = _rows_per_block(t, COPY_BLOCK_BYTES, itemsize)
@@ -210,12 +283,12 @@ def quantized_tensors(t: OutputTensor, reader: TensorReader, adapters: list[Adap
     """
     assert t.quantize is not None and t.dtype.torch_dtype is not None
     full = torch.empty(t.shape, dtype=torch.float32)  # (out, in): the whole merged weight
-    if t.deltas:
+    if t.ops:
         for i, j, acc in _merged_blocks(t, reader, adapters, timings):
             _check_finite(t, acc, i, j)
             full[i:j] = acc
     else:
-        rows_src = _Rows(t, reader, timings)
+        rows_src = _Rows(t, reader, adapters, timings)
         full.copy_(rows_src.get(0, t.shape[0], reuse=False))
     t0 = time.perf_counter()
     out = t.quantize.serialized(t.name, full, t.dtype.torch_dtype)

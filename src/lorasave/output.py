@@ -128,11 +128,12 @@ class StagedOutput:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def write_config(src: Path, dst: Path, *, dtype: torch.dtype, quantization: dict[str, Any] | None = None) -> None:
+def write_config(src: Path, dst: Path, *, dtype: torch.dtype, quantization: dict[str, Any] | None = None, updates: dict[str, object] | None = None) -> None:
     """Copy ``config.json`` for a merged output, written as transformers writes it (indent 2, sorted keys).
 
     Sets ``dtype`` (transformers 5's key; ``torch_dtype`` is dropped), removes any
-    ``quantization_config`` (top level or nested, as in ``text_config``), and sets the given one.
+    ``quantization_config`` (top level or nested, as in ``text_config``), sets the given one,
+    and applies ``updates`` given as ``{"dotted.path": value}`` (``tie_word_embeddings``, ``vocab_size``).
     """
     cfg = json.loads(src.read_text(encoding="utf-8"))
     cfg.pop("torch_dtype", None)
@@ -143,6 +144,12 @@ def write_config(src: Path, dst: Path, *, dtype: torch.dtype, quantization: dict
     cfg["dtype"] = str(dtype).removeprefix("torch.")
     if quantization is not None:
         cfg["quantization_config"] = quantization
+    for path, value in (updates or {}).items():
+        node = cfg
+        *parents, leaf = path.split(".")
+        for key in parents:
+            node = node.setdefault(key, {})
+        node[leaf] = value
     dst.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
@@ -171,3 +178,33 @@ def carry_files(base: Path, tokenizer_dir: Path, dst: Path) -> list[str]:
         shutil.copyfile(folder / n, dst / n)
         copied.append(n)
     return copied
+
+
+def align_generation_eos(out: Path, tokenizer_dir: Path) -> str | None:
+    """Make ``generation_config.json`` stop on the fine-tune tokenizer's EOS token.
+
+    A fine-tune often changes ``eos_token`` (a chat model's end-of-turn token); generation must
+    then stop on it. The id is read with transformers' tokenizer loader (no remote code).
+
+    Returns:
+        A note when the file was changed, else None.
+    """
+    gen_path = out / "generation_config.json"
+    if not gen_path.is_file() or not has_tokenizer(tokenizer_dir):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        eos = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False).eos_token_id
+    except Exception as e:  # a tokenizer transformers cannot load: leave the generation config alone
+        logger.info("could not read the tokenizer in %s (%s); generation_config.json left as is", tokenizer_dir, e)
+        return None
+    if eos is None:
+        return None
+    gen = json.loads(gen_path.read_text(encoding="utf-8"))
+    current = gen.get("eos_token_id")
+    if current == eos or (isinstance(current, list) and eos in current):
+        return None
+    gen["eos_token_id"] = eos
+    gen_path.write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    return f"generation_config.json: eos_token_id {current} -> {eos}, the fine-tune tokenizer's EOS"

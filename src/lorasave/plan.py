@@ -12,44 +12,26 @@ from __future__ import annotations
 import json
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .adapter import Adapter, LoraWeights
+from .adapter import Adapter
 from .architecture import ArchitectureInfo, ModuleKind
 from .checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, Checkpoint
 from .dtypes import FLOAT_DTYPES, ST_DTYPES, StDtype, nbytes, st_dtype
-from .errors import AdapterMismatchError, UnsupportedAdapterError
+from .errors import AdapterMismatchError, InvalidOptionError, UnsupportedAdapterError
 from .quant.bnb import Bnb4bitSpec, QuantizedWeight
+from .recipes import AdapterTensor, LoraDelta, Operation, SetRows
 from .safetensors_format import TensorEntry, TensorLayout, layout, serialize_header
+from .targets import adapter_operations
 
 logger = logging.getLogger(__name__)
 
 SHARD_METADATA = {"format": "pt"}
 
 
-@dataclass(frozen=True)
-class LoraDelta:
-    """One LoRA term ``scaling * (B @ A)`` added to a weight.
-
-    Attributes:
-        adapter: index of the adapter in the plan's adapter list.
-        weights: the module's LoRA pair and scaling.
-        transpose: True for GPT-2 ``Conv1D`` weights stored ``(in, out)``: the delta is
-            ``(B @ A).T`` (peft ``lora.Linear`` with ``fan_in_fan_out``).
-    """
-
-    adapter: int
-    weights: LoraWeights
-    transpose: bool
-
-
-@dataclass(frozen=True)
-class Replacement:
-    """A full tensor saved in the adapter (``modules_to_save``, trained bias) that replaces the base's."""
-
-    adapter: int
-    key: str
+Source = TensorEntry | QuantizedWeight | AdapterTensor
 
 
 @dataclass
@@ -60,9 +42,9 @@ class OutputTensor:
         name: tensor name in the output.
         shape: its shape.
         dtype: its safetensors dtype.
-        source: the base tensor it starts from.
-        deltas: LoRA terms to add (empty: copied, with a dtype cast if needed).
-        replacement: adapter tensor that replaces the base tensor instead.
+        source: where W0 comes from: the base, a quantized base weight, or a full tensor saved
+            in an adapter (``modules_to_save``, a resized embedding).
+        ops: operations applied to W0, in order (``recipes.py``); empty: copied, cast if needed.
         roundtrip: round-trip W0 through this 4-bit quantization first (``merge_into="dequantized"``).
         quantize: write the result as bitsandbytes 4-bit (``save_method="merged_4bit"``).
     """
@@ -70,11 +52,15 @@ class OutputTensor:
     name: str
     shape: tuple[int, ...]
     dtype: StDtype
-    source: TensorEntry | QuantizedWeight
-    deltas: tuple[LoraDelta, ...] = ()
-    replacement: Replacement | None = None
+    source: Source
+    ops: tuple[Operation, ...] = ()
     roundtrip: Bnb4bitSpec | None = None
     quantize: Bnb4bitSpec | None = None
+
+    @property
+    def changed(self) -> bool:
+        """Whether an adapter changes this tensor (operations, or a W0 taken from an adapter)."""
+        return bool(self.ops) or isinstance(self.source, AdapterTensor)
 
     @property
     def nbytes(self) -> int:
@@ -124,6 +110,8 @@ class MergePlan:
         index: the ``model.safetensors.index.json`` content, or None for a single file.
         out_dtype: the floating dtype of the output.
         notes: things the user should know (fallbacks taken).
+        config_updates: ``config.json`` keys to change (``tie_word_embeddings``, ``vocab_size``),
+            as ``{dotted.path: value}``.
     """
 
     tensors: dict[str, OutputTensor]
@@ -131,6 +119,7 @@ class MergePlan:
     index: dict[str, object] | None
     out_dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
+    config_updates: dict[str, object] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -144,8 +133,8 @@ class MergePlan:
 
     @property
     def merged(self) -> list[str]:
-        """Names of tensors that receive LoRA deltas."""
-        return [n for n, t in self.tensors.items() if t.deltas]
+        """Names of tensors an adapter changes."""
+        return [n for n, t in self.tensors.items() if t.changed]
 
     def index_bytes(self) -> bytes | None:
         """The index file's bytes, as transformers writes them (``indent=2, sort_keys=True`` + newline)."""
@@ -172,50 +161,27 @@ def base_dtype(ckpt: Checkpoint) -> torch.dtype:
     return max(counts, key=lambda d: counts[d]) if counts else torch.float32
 
 
-def _tied_embeddings(ckpt: Checkpoint) -> bool:
-    cfg = ckpt.config
-    tie = cfg.get("tie_word_embeddings")
-    if tie is None and isinstance(cfg.get("text_config"), dict):
-        tie = cfg["text_config"].get("tie_word_embeddings")
-    return bool(tie) if tie is not None else True  # transformers' default is True
+def _config_key(config: dict[str, Any], key: str) -> tuple[str, Any] | None:
+    """``(dotted path, value)`` of ``key`` at the top of config.json or in ``text_config``."""
+    if key in config:
+        return key, config[key]
+    sub = config.get("text_config")
+    if isinstance(sub, dict) and key in sub:
+        return f"text_config.{key}", sub[key]
+    return None
 
 
-def _lora_delta(i: int, lw: LoraWeights, ckpt: Checkpoint, adapter: Adapter, arch: ArchitectureInfo, notes: list[str]) -> tuple[str, LoraDelta]:
-    name = f"{lw.module}.weight"
-    if name not in ckpt.tensors:
-        if name in arch.tied_names:
-            raise UnsupportedAdapterError(
-                f"{adapter.root}: the adapter targets {lw.module}, which the base ties to its input embeddings; untying tied embeddings is not supported yet",
-                path=adapter.root,
-            )
-        raise AdapterMismatchError(
-            f"{adapter.root}: the adapter targets {lw.module}, but the base {ckpt.root} has no tensor {name}; "
-            f"was it trained on another model (adapter base_model_name_or_path: {adapter.config.get('base_model_name_or_path')})?",
-            path=adapter.root,
-            module=lw.module,
-        )
-    kind = arch.kind_of(lw.module)
-    if kind is None:
-        transpose = bool(adapter.config.get("fan_in_fan_out", False))
-        if arch.save_order is None and transpose:
-            notes.append(f"{lw.module}: layer type unknown, using fan_in_fan_out={transpose} from adapter_config.json")
-    elif kind is ModuleKind.CONV1D_GPT2:
-        transpose = True
-    elif kind is ModuleKind.LINEAR:
-        transpose = False
-    else:
-        raise UnsupportedAdapterError(f"{adapter.root}: LoRA on {lw.module} ({kind.value} layer) is not supported yet", path=adapter.root)
-    w_shape = ckpt.tensors[name].shape
-    out_f, in_f = adapter.shape(lw.lora_B)[0], adapter.shape(lw.lora_A)[1]
-    want = (in_f, out_f) if transpose else (out_f, in_f)
-    if tuple(w_shape) != want:
-        raise AdapterMismatchError(
-            f"{adapter.root}: {lw.module} has lora_B {list(adapter.shape(lw.lora_B))} and lora_A {list(adapter.shape(lw.lora_A))}, "
-            f"which make a {list(want)} delta, but the base weight {name} is {list(w_shape)}; the adapter belongs to another model",
-            path=adapter.root,
-            module=lw.module,
-        )
-    return name, LoraDelta(i, lw, transpose)
+def _ties_kept(name: str, partner: str, ops: dict[str, list[Operation]], sources: dict[str, Source], adapters: list[Adapter]) -> bool:
+    """Whether a tied pair stays tied: nothing changes either, or only what PEFT applies to both."""
+    changed = [n for n in (name, partner) if n in ops or n in sources]
+    if not changed:
+        return True
+    if name in sources or name in ops:
+        return False  # the dropped side (lm_head) itself is changed: the PeftModel computes it apart
+    only_rows = all(isinstance(o, SetRows) for o in ops.get(partner, []))
+    if partner not in sources and only_rows:
+        return True  # trainable tokens are tied to lm_head by PEFT
+    return any(a.config.get("ensure_weight_tying") for a in adapters)
 
 
 def build_plan(
@@ -225,6 +191,7 @@ def build_plan(
     *,
     out_dtype: torch.dtype | None,
     max_shard_size: int,
+    weights: list[float] | None = None,
     merge_into: Bnb4bitSpec | None = None,
     quantize: Bnb4bitSpec | None = None,
 ) -> MergePlan:
@@ -233,9 +200,10 @@ def build_plan(
     Args:
         ckpt: the base.
         adapters: the adapters, applied in order.
-        arch: architecture facts (save order, layer types, fp32 modules).
+        arch: architecture facts (save order, layer types, fp32 modules, ties).
         out_dtype: floating output dtype, or None for the base's dtype.
         max_shard_size: shard limit in bytes.
+        weights: combination weight of each adapter (default 1.0 each): W0 + Σ wᵢ·ΔWᵢ.
         merge_into: round-trip each LoRA-targeted W0 through this 4-bit quantization first
             (the base the adapter saw when it was trained with QLoRA on a 16-bit original).
         quantize: write the Linear weights transformers would quantize as bitsandbytes 4-bit.
@@ -243,64 +211,86 @@ def build_plan(
     Raises:
         AdapterMismatchError: an adapter targets a tensor the base lacks, shapes disagree, or
             no adapter changes anything.
-        UnsupportedAdapterError: a recipe lorasave cannot produce yet.
+        UnsupportedAdapterError: a recipe lorasave cannot produce, or a combination it refuses.
     """
     notes: list[str] = []
     if arch.note:
         notes.append(arch.note)
+    weights = list(weights) if weights is not None else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise InvalidOptionError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")
+    if len(adapters) > 1 and any(a.uses_dora for a in adapters):
+        raise UnsupportedAdapterError(
+            "DoRA adapters cannot be combined: each one's magnitude normalizes its own W0 + ΔW, so the sum of several is not defined",
+            path=next(a.root for a in adapters if a.uses_dora),
+        )
     dtype = out_dtype or base_dtype(ckpt)
     fp32 = arch.fp32_pattern(dtype)
-    deltas: dict[str, list[LoraDelta]] = {}
-    replacements: dict[str, Replacement] = {}
-    for i, ad in enumerate(adapters):
-        for lw in ad.lora.values():
-            name, d = _lora_delta(i, lw, ckpt, ad, arch, notes)
-            deltas.setdefault(name, []).append(d)
-        for name, key in ad.extra.items():
-            if name not in ckpt.tensors or tuple(ckpt.tensors[name].shape) != tuple(ad.shape(key)):
-                raise UnsupportedAdapterError(
-                    f"{ad.root}: the adapter saves a full tensor {key} that does not fit the base "
-                    f"({'missing' if name not in ckpt.tensors else list(ckpt.tensors[name].shape)}); resized or new modules are not supported yet",
-                    path=ad.root,
-                )
-            kind = arch.kind_of(name.rsplit(".", 1)[0])
-            if _tied_embeddings(ckpt) and (kind is ModuleKind.EMBEDDING or name.startswith("lm_head")):
-                raise UnsupportedAdapterError(
-                    f"{ad.root}: the adapter replaces {name} of a base with tied embeddings; untying is not supported yet",
-                    path=ad.root,
-                )
-            if name in replacements:
-                raise UnsupportedAdapterError(f"two adapters both replace {name}", path=ad.root)
-            replacements[name] = Replacement(i, key)
-    if not deltas and not replacements:
-        raise AdapterMismatchError(f"the adapter{'s' if len(adapters) > 1 else ''} change nothing in the base {ckpt.root}", path=ckpt.root)
-    both = set(deltas) & set(replacements)
-    if both:
-        raise UnsupportedAdapterError(f"{sorted(both)[0]} is both replaced and LoRA-targeted by the adapters", path=ckpt.root)
 
+    # W0 of every tensor: the base's, or a full tensor an adapter saved
+    sources: dict[str, Source] = {}
+    for i, ad in enumerate(adapters):
+        for name, key in ad.extra.items():
+            if name in sources:
+                raise UnsupportedAdapterError(
+                    f"two adapters both save a full {name} (modules_to_save); their fine-tunes conflict and cannot be combined",
+                    path=ad.root,
+                )
+            if name not in ckpt.tensors and name not in arch.tied_to:
+                raise AdapterMismatchError(f"{ad.root}: the adapter saves {key}, but the base has no tensor {name}", path=ad.root)
+            sources[name] = AdapterTensor(i, key, ad.shape(key), st_dtype(ad.dtype(key)))
+    shapes = {n: tuple(e.shape) for n, e in ckpt.tensors.items()}
+    for dropped, kept in arch.tied_to.items():
+        if kept in shapes:
+            shapes.setdefault(dropped, shapes[kept])
+    shapes.update({n: src.shape for n, src in sources.items()})
+
+    ops: dict[str, list[Operation]] = {}
+    for i, ad in enumerate(adapters):
+        for name, add in adapter_operations(i, ad, weights[i], arch, shapes, notes).items():
+            ops.setdefault(name, []).extend(add)
+    if not ops and not sources:
+        raise AdapterMismatchError(f"the adapter{'s' if len(adapters) > 1 else ''} change nothing in the base {ckpt.root}", path=ckpt.root)
+
+    # tied weights: write the dropped side only when the fine-tune makes the two differ
+    config_updates: dict[str, object] = {}
+    untied: dict[str, Source] = {}
+    for dropped, kept in arch.tied_to.items():
+        if kept not in ckpt.tensors and kept not in sources:
+            continue
+        if _ties_kept(dropped, kept, ops, sources, adapters):
+            continue
+        untied[dropped] = sources.get(dropped) or ckpt.tensors[kept]
+        tie = _config_key(ckpt.config, "tie_word_embeddings")
+        config_updates[tie[0] if tie else "tie_word_embeddings"] = False
+        notes.append(f"{dropped} now differs from {kept}: written separately, tie_word_embeddings set to false")
+    dropped_in_base = [n for n in ckpt.tensors if n in arch.tied_to and n not in untied]
+    if dropped_in_base and arch.save_order is not None:
+        notes.append(f"dropped {', '.join(dropped_in_base)}: tied to another tensor in {arch.model_class}, as save_pretrained does")
+
+    names = [n for n in ckpt.tensors if n not in dropped_in_base] + [n for n in untied if n not in ckpt.tensors]
     if arch.save_order is not None:
-        order = [n for n in arch.save_order if n in ckpt.tensors]
-        dropped = [n for n in ckpt.tensors if n in arch.tied_names]
-        if dropped:
-            notes.append(f"dropped {', '.join(dropped)}: tied to another tensor in {arch.model_class}, as save_pretrained does")
-        known = set(order) | set(dropped)
-        rest = [n for n in ckpt.tensors if n not in known]
-        if rest:
-            notes.append(f"{len(rest)} tensors unknown to {arch.model_class} kept after the others (first: {rest[0]})")
-        order += rest
-    else:
-        order = list(ckpt.tensors)
+        # transformers sorts a loaded model's state dict by dot_natural_key before sharding
+        names.sort(key=dot_natural_key)
+        unknown = [n for n in names if n not in set(arch.save_order) and n not in untied]
+        if unknown:
+            notes.append(f"{len(unknown)} tensors unknown to {arch.model_class} kept (first: {unknown[0]})")
 
     tensors: dict[str, OutputTensor] = {}
-    for name in order:
-        src = ckpt.tensors[name]
+    for name in names:
+        src: Source = sources.get(name) or untied.get(name) or ckpt.tensors[name]
         tdt = src.dtype
         if tdt.torch_dtype in FLOAT_DTYPES:
             tdt = ST_DTYPES["F32"] if fp32 is not None and fp32.search(name) else st_dtype(dtype)
-        ds = tuple(deltas.get(name, ()))
-        rt = merge_into if ds and isinstance(src, TensorEntry) else None
-        q = quantize if quantize is not None and name.removesuffix(".weight") in arch.bnb_quantizable and name.endswith(".weight") else None
-        tensors[name] = OutputTensor(name, src.shape, tdt, src, ds, replacements.get(name), rt, q)
+        t_ops = tuple(ops.get(name, ()))
+        rt = merge_into if isinstance(src, TensorEntry) and any(isinstance(o, LoraDelta) for o in t_ops) else None
+        q = quantize if quantize is not None and name.endswith(".weight") and name.removesuffix(".weight") in arch.bnb_quantizable else None
+        tensors[name] = OutputTensor(name, tuple(src.shape), tdt, src, t_ops, rt, q)
+    missing = sorted(set(ops) - set(tensors))
+    if missing:
+        raise AdapterMismatchError(f"the adapters change {missing[0]}, which the output would not contain", path=ckpt.root)
+    _check_vocab(ckpt, tensors, arch, config_updates)
+
     if merge_into is not None and ckpt.quant_method is not None:
         raise UnsupportedAdapterError(f"{ckpt.root} is already quantized; merge_into='dequantized' applies to a 16-bit base", path=ckpt.root)
     if quantize is not None:
@@ -309,7 +299,42 @@ def build_plan(
         if not any(t.quantize for t in tensors.values()):
             raise UnsupportedAdapterError(f"no Linear layer of {arch.model_class or ckpt.root} would be quantized; use merged_16bit", path=ckpt.root)
     shards, index = _shard(tensors, max_shard_size, arch, natural_order=arch.save_order is not None)
-    return MergePlan(tensors, shards, index, dtype, notes)
+    return MergePlan(tensors, shards, index, dtype, notes, config_updates)
+
+
+def _check_vocab(ckpt: Checkpoint, tensors: dict[str, OutputTensor], arch: ArchitectureInfo, config_updates: dict[str, object]) -> None:
+    """A resized vocabulary: every vocabulary-sized tensor must have the new size, and config.json follows.
+
+    Raises:
+        UnsupportedAdapterError: the adapter resized some vocabulary tensors but not others (their
+            new rows were trained, or initialised, in a way the adapter does not record).
+    """
+    vocab = _config_key(ckpt.config, "vocab_size")
+    if vocab is None or not isinstance(vocab[1], int):
+        return
+    old = vocab[1]
+    sizes: dict[str, int] = {}
+    for n, t in tensors.items():
+        base = ckpt.tensors.get(n) or ckpt.tensors.get(arch.tied_to.get(n, ""))
+        if _is_vocab(n, arch) and base is not None and base.shape and base.shape[0] == old and t.shape:
+            sizes[n] = t.shape[0]
+    if all(v == old for v in sizes.values()):
+        return
+    new = max(sizes.values())
+    stale = [n for n, v in sizes.items() if v != new]
+    if stale:
+        raise UnsupportedAdapterError(
+            f"the fine-tune resized the vocabulary from {old} to {new} rows, but the adapter does not hold the new rows of {stale[0]}; "
+            "they were initialised or trained in memory and never saved, so lorasave cannot know them. Save the adapter with "
+            "modules_to_save (or save_embedding_layers=True) covering every embedding and output layer",
+            path=ckpt.root,
+        )
+    config_updates[vocab[0]] = new
+
+
+def _is_vocab(name: str, arch: ArchitectureInfo) -> bool:
+    module = name.removesuffix(".weight")
+    return name.endswith(".weight") and (arch.kind_of(module) is ModuleKind.EMBEDDING or name in arch.tied_to or module.endswith("lm_head"))
 
 
 def _shard(
