@@ -329,10 +329,24 @@ def _split_key(name: str, tuner: TunerType) -> tuple[str, str] | None:
     return None
 
 
+def _full_tensor_target(name: str) -> tuple[str, int]:
+    """The base tensor a full adapter tensor stands for, and its priority (lower wins).
+
+    With ``save_embedding_layers`` PEFT also saves a wrapper's internals: ``x.modules_to_save.weight``
+    (a copy of the trained ``x.weight``) and ``x.original_module.weight`` (the untrained original);
+    ``x.base_layer.weight`` is the W0 under a LoRA-wrapped layer.
+    """
+    for infix, rank in ((".modules_to_save.", 1), (".original_module.", 2), (".base_layer.", 0)):
+        if infix in name:
+            return name.replace(infix, "."), rank
+    return name, 0
+
+
 def _resolve_modules(adapter: Adapter) -> None:
     cfg = adapter.config
     path = adapter.weights_file
     found: dict[str, dict[str, str]] = {}
+    full: dict[str, tuple[int, str]] = {}
     for key in adapter.keys():
         if not key.startswith(KEY_PREFIX):
             raise CheckpointFormatError(f"{path}: key {key!r} does not start with {KEY_PREFIX!r}; not a PEFT adapter file", path=path)
@@ -344,7 +358,10 @@ def _resolve_modules(adapter: Adapter) -> None:
         if split is not None:
             found.setdefault(split[0], {})[split[1]] = key
         else:  # a full tensor: modules_to_save copy, base_layer weight, trained bias
-            adapter.extra[name.replace(".base_layer.", ".").replace(".original_module.", ".")] = key
+            target, rank = _full_tensor_target(name)
+            if target not in full or rank < full[target][0]:
+                full[target] = (rank, key)
+    adapter.extra = {name: key for name, (_, key) in full.items()}
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
     alpha_default = cfg.get("lora_alpha", cfg.get("alpha", 8))
