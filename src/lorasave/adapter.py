@@ -388,6 +388,8 @@ def _resolve_modules(adapter: Adapter) -> None:
             if r == 0:
                 raise AdapterMismatchError(f"{path}: module {module} has rank 0", path=path, module=module)
             r_cfg = pattern_value(rank_pattern, module, cfg.get("r"))
+            if cfg.get("target_parameters") and isinstance(r_cfg, int) and r_cfg > 0 and r != r_cfg and r % r_cfg == 0:
+                r = r_cfg  # LoRA on a 3-D expert parameter: A stacks r rows per expert
             if adapter.tuner is TunerType.LORA and r_cfg != r:
                 raise AdapterMismatchError(
                     f"{path}: module {module} has rank {r} in the file but {r_cfg} in adapter_config.json (r/rank_pattern); "

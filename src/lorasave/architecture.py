@@ -53,6 +53,8 @@ class ArchitectureInfo:
         tied_to: each tensor ``save_pretrained`` drops as tied -> the tensor it shares storage with
             (``lm_head.weight`` -> ``model.embed_tokens.weight``).
         conv_groups: ``groups`` of convolutions that have more than one.
+        params3d: 3-D runtime parameters (fused MoE experts) -> (shape, ``is_transposed``): stored
+            ``(experts, out, in)`` unless the module says ``is_transposed`` (then ``(experts, in, out)``).
     """
 
     model_class: str | None = None
@@ -66,6 +68,7 @@ class ArchitectureInfo:
     bnb_quantizable: set[str] = field(default_factory=set)
     tied_to: dict[str, str] = field(default_factory=dict)
     conv_groups: dict[str, int] = field(default_factory=dict)
+    params3d: dict[str, tuple[list[int], bool]] = field(default_factory=dict)
 
     def kind_of(self, module: str) -> ModuleKind | None:
         """The layer type of ``module``, or None when the class is unknown or has no such module."""
@@ -96,6 +99,7 @@ class ArchitectureInfo:
         d["bnb_quantizable"] = sorted(self.bnb_quantizable)
         d["tied_to"] = dict(self.tied_to)
         d["conv_groups"] = dict(self.conv_groups)
+        d["params3d"] = dict(self.params3d)
         d["module_kinds"] = {k: v.value for k, v in self.module_kinds.items()}
         return d
 
@@ -114,6 +118,7 @@ class ArchitectureInfo:
             bnb_quantizable=set(d["bnb_quantizable"]),
             tied_to=dict(d["tied_to"]),
             conv_groups=dict(d["conv_groups"]),
+            params3d={k: (list(v[0]), bool(v[1])) for k, v in d["params3d"].items()},
         )
 
 
@@ -211,6 +216,7 @@ def build_architecture(config_json: dict[str, Any]) -> ArchitectureInfo:
         bnb_quantizable=_bnb_quantizable(model),
         tied_to=_tie_partners(model, set(state) - set(kept), kept),
         conv_groups={n: int(m.groups) for n, m in model.named_modules() if isinstance(m, torch.nn.modules.conv._ConvNd) and m.groups != 1},
+        params3d=_params3d(model),
     )
     logger.debug("architecture %s: %d tensors in save order", info.model_class, len(kept))
     return info
@@ -226,6 +232,55 @@ def _bnb_quantizable(model: Any) -> set[str]:
         return set()
     skip = list(get_keys_to_not_convert(model)) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
     return {name for name, mod in model.named_modules() if (type(mod) is torch.nn.Linear or isinstance(mod, Conv1D)) and should_convert_module(name, skip)}
+
+
+def _params3d(model: Any) -> dict[str, tuple[list[int], bool]]:
+    out = {}
+    for mname, mod in model.named_modules():
+        for pname, param in mod.named_parameters(recurse=False):
+            if param.dim() == 3:
+                out[f"{mname}.{pname}" if mname else pname] = (list(param.shape), bool(getattr(mod, "is_transposed", False)))
+    return out
+
+
+def meta_model(config_json: dict[str, Any]) -> Any:
+    """The base's transformers class on the meta device, with the weight conversions a loaded model carries.
+
+    Used to map runtime parameters (fused MoE experts) to checkpoint tensors with
+    ``transformers.core_model_loading.revert_weight_conversion``.
+
+    Raises:
+        UnsupportedModelError: transformers has no built-in class for this config.
+    """
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    from .errors import UnsupportedModelError
+
+    model_type = config_json.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise UnsupportedModelError(f"transformers has no built-in model_type {model_type!r}; cannot map its runtime parameters")
+    config = CONFIG_MAPPING[model_type].from_dict(dict(config_json))
+    cls = _model_class(config, list(config_json.get("architectures") or []))
+    if cls is None:
+        raise UnsupportedModelError(f"no built-in transformers class for {config_json.get('architectures')}")
+    tf_logger = transformers.utils.logging.get_logger("transformers")
+    old_level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)
+    try:
+        with torch.device("meta"), contextlib.redirect_stdout(None):
+            model = cls._from_config(config)
+    finally:
+        tf_logger.setLevel(old_level)
+    _revert_conversion({}, model)  # attaches the conversions
+    return model
+
+
+def revert_to_checkpoint(model: Any, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Runtime tensors -> checkpoint tensors, as ``save_pretrained`` does (transformers' own mapping)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    return revert_weight_conversion(model, dict(state))
 
 
 def _tie_partners(model: Any, dropped: set[str], kept: dict[str, Any]) -> dict[str, str]:

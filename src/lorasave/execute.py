@@ -18,7 +18,7 @@ import torch
 from .adapter import Adapter
 from .checkpoint import TensorReader
 from .dtypes import st_dtype
-from .merge_math import Timings, quantized_tensors, stream_tensor
+from .merge_math import ExecContext, Timings, quantized_tensors, stream_tensor
 from .plan import SHARD_METADATA, MergePlan, OutputTensor, Shard
 from .writers import DeferredShardWriter, SafetensorsShardWriter
 
@@ -73,22 +73,15 @@ class _WriteBehind:
         self._thread.join()
 
 
-def _produce_deferred(
-    t: OutputTensor,
-    writer: DeferredShardWriter,
-    behind: _WriteBehind,
-    reader: TensorReader,
-    adapters: list[Adapter],
-    timings: Timings,
-) -> None:
+def _produce_deferred(t: OutputTensor, writer: DeferredShardWriter, behind: _WriteBehind, ctx: ExecContext) -> None:
     """Queue the tensors of one output for a deferred-header shard (4-bit outputs)."""
     if t.quantize is not None:
-        for name, tensor in quantized_tensors(t, reader, adapters, timings).items():
+        for name, tensor in quantized_tensors(t, ctx).items():
             writer.declare(name, st_dtype(tensor.dtype), tuple(tensor.shape))
             behind.put(writer, name, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B"))
         return
     writer.declare(t.name, t.dtype, t.shape)
-    for chunk in stream_tensor(t, reader, adapters, timings):
+    for chunk in stream_tensor(t, ctx):
         behind.put(writer, t.name, chunk)
 
 
@@ -116,6 +109,7 @@ def execute(plan: MergePlan, adapters: list[Adapter], folder: Path, bar: Any) ->
     torch.set_num_threads(1)
     try:
         with TensorReader() as reader:
+            ctx = ExecContext(reader, adapters, timings, plan.converter)
             for shard in plan.shards:
                 writer: SafetensorsShardWriter | DeferredShardWriter
                 if shard.deferred:
@@ -123,13 +117,13 @@ def execute(plan: MergePlan, adapters: list[Adapter], folder: Path, bar: Any) ->
                     writers.append((shard, writer))
                     writer.begin()
                     for name in shard.outputs:
-                        _produce_deferred(plan.tensors[name], writer, behind, reader, adapters, timings)
+                        _produce_deferred(plan.tensors[name], writer, behind, ctx)
                 else:
                     writer = SafetensorsShardWriter(folder / shard.filename, shard.header, shard.layouts)
                     writers.append((shard, writer))
                     writer.begin()
                     for lay in shard.layouts:
-                        for chunk in stream_tensor(plan.tensors[lay.name], reader, adapters, timings):
+                        for chunk in stream_tensor(plan.tensors[lay.name], ctx):
                             behind.put(writer, lay.name, chunk)
                 behind.put(writer, shard.filename, _END)
         behind.finish()

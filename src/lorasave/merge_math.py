@@ -16,8 +16,8 @@ products over ``r`` of a row block are those of the full product (checked by the
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,7 +26,7 @@ from .checkpoint import TensorReader
 from .errors import NonFiniteResultError
 from .plan import OutputTensor
 from .quant.bnb import Bnb4bitWeight, Int8Weight, dequantize
-from .recipes import AdapterTensor, Axis, DoraNorm, LoraDelta, Lycoris, LycorisDelta, Operation, Scale, SetRows, VectorDelta
+from .recipes import AdapterTensor, Axis, DoraNorm, ExpertDelta, LoraDelta, Lycoris, LycorisDelta, Operation, Scale, SetRows, VectorDelta
 from .safetensors_format import TensorEntry
 
 #: Target bytes of one float32 row block of merge arithmetic.
@@ -56,6 +56,44 @@ class Timings:
         return {k: round(v, 3) for k, v in vars(self).items()}
 
 
+@dataclass
+class ExecContext:
+    """What the arithmetic needs besides the plan's recipe.
+
+    Attributes:
+        reader: reads base and adapter bytes.
+        adapters: the adapters recipes index into.
+        timings: accumulates seconds per phase.
+        converter: runtime -> checkpoint tensors, for ``ExpertDelta``.
+        expert_cache: the last runtime-parameter deltas, converted (siblings reuse them).
+    """
+
+    reader: TensorReader
+    adapters: list[Adapter]
+    timings: Timings
+    converter: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    expert_cache: dict[tuple[int, str], dict[str, torch.Tensor]] = field(default_factory=dict)
+
+    def expert_delta(self, op: ExpertDelta) -> torch.Tensor:
+        """The piece of ``ΔP`` (float32, weight applied) that checkpoint tensor ``op.target`` receives."""
+        key = (op.adapter, op.param)
+        if key not in self.expert_cache:
+            assert self.converter is not None
+            ad = self.adapters[op.adapter]
+            experts = op.shape[0]
+            a = ad.tensor(op.lora_A, self.reader).float()  # (E*r, in), experts slowest
+            b = ad.tensor(op.lora_B, self.reader).float()  # (out, r*E), experts fastest
+            a = a.reshape(experts, -1, a.shape[-1])  # (E, r, in)
+            b = b.reshape(b.shape[0], -1, experts)  # (out, r, E)
+            pattern = "o r e, e r i -> e i o" if op.transposed else "o r e, e r i -> e o i"
+            delta = torch.einsum(pattern, b, a) * op.scaling  # (E, out, in) or (E, in, out)
+            if op.weight != 1.0:
+                delta = delta * op.weight
+            self.expert_cache.clear()  # one parameter's pieces at a time: bounded memory
+            self.expert_cache[key] = self.converter({op.param: delta})
+        return self.expert_cache[key][op.target]
+
+
 def _rows_per_block(t: OutputTensor, block_bytes: int, itemsize: int) -> int:
     row_elems = 1
     for d in t.shape[1:]:
@@ -77,7 +115,8 @@ class _Rows:
     adapter is loaded whole.
     """
 
-    def __init__(self, t: OutputTensor, reader: TensorReader, adapters: list[Adapter], timings: Timings) -> None:
+    def __init__(self, t: OutputTensor, ctx: ExecContext) -> None:
+        reader, adapters, timings = ctx.reader, ctx.adapters, ctx.timings
         self._reader = reader
         self._src = t.source
         self._full: torch.Tensor | None = None
@@ -123,7 +162,8 @@ def _lycoris_delta(op: LycorisDelta, ad: Adapter, reader: TensorReader, shape: t
 class _Ops:
     """The operations of one output tensor, with their factors loaded once (float32)."""
 
-    def __init__(self, t: OutputTensor, reader: TensorReader, adapters: list[Adapter]) -> None:
+    def __init__(self, t: OutputTensor, ctx: ExecContext) -> None:
+        reader, adapters = ctx.reader, ctx.adapters
         self.items: list[tuple[Operation, tuple[torch.Tensor, ...]]] = []
         self.whole = any(isinstance(o, DoraNorm) and o.axis is Axis.COLS for o in t.ops)
         for op in t.ops:
@@ -144,6 +184,8 @@ class _Ops:
                 self.items.append((op, (ad.tensor(op.key, reader).float().reshape(-1),)))
             elif isinstance(op, SetRows):
                 self.items.append((op, (ad.tensor(op.key, reader).float(),)))
+            elif isinstance(op, ExpertDelta):
+                self.items.append((op, (ctx.expert_delta(op).reshape(t.shape),)))
 
     def apply(self, acc: torch.Tensor, i: int, j: int, *, skip_cols_norm: bool) -> torch.Tensor:
         """Apply every operation to rows ``[i, j)``: ``acc`` is ``(j - i, *shape[1:])`` float32."""
@@ -157,7 +199,7 @@ class _Ops:
                 if op.weight != 1.0:
                     d.mul_(op.weight)
                 acc = (flat + d).reshape(acc.shape)
-            elif isinstance(op, LycorisDelta):
+            elif isinstance(op, (LycorisDelta, ExpertDelta)):
                 acc = acc + f[0][i:j]
             elif isinstance(op, VectorDelta):
                 v = f[0][i:j] * op.scaling
@@ -188,15 +230,16 @@ class _Ops:
         return full
 
 
-def _merged_blocks(t: OutputTensor, reader: TensorReader, adapters: list[Adapter], timings: Timings) -> Iterator[tuple[int, int, torch.Tensor]]:
+def _merged_blocks(t: OutputTensor, ctx: ExecContext) -> Iterator[tuple[int, int, torch.Tensor]]:
     """Yield ``(start, stop, block)``: rows of W0 with every operation applied, in float32.
 
     Each block is ``(stop - start, *shape[1:])``; it is only valid until the next one is requested.
     """
+    timings = ctx.timings
     t0 = time.perf_counter()
-    ops = _Ops(t, reader, adapters)
+    ops = _Ops(t, ctx)
     timings.read += time.perf_counter() - t0
-    rows_src = _Rows(t, reader, adapters, timings)
+    rows_src = _Rows(t, ctx)
     rows = t.shape[0] if t.shape else 1
     step = _rows_per_block(t, MERGE_BLOCK_BYTES, 4)
     full = torch.empty(t.shape, dtype=torch.float32) if ops.whole else None  # whole tensor only for column norms
@@ -230,29 +273,28 @@ def _check_finite(t: OutputTensor, res: torch.Tensor, i: int, j: int) -> None:
         )
 
 
-def stream_tensor(t: OutputTensor, reader: TensorReader, adapters: list[Adapter], timings: Timings) -> Iterator[memoryview]:
+def stream_tensor(t: OutputTensor, ctx: ExecContext) -> Iterator[memoryview]:
     """Yield the bytes of output tensor ``t`` in row blocks, in the output dtype.
 
     Args:
         t: the planned output tensor (shape ``(rows, ...)``, dtype ``t.dtype``).
-        reader: reads base bytes.
-        adapters: the adapters the plan's deltas and replacements index into.
-        timings: accumulates read and merge seconds.
+        ctx: reader, adapters, timings and converter.
 
     Raises:
         NonFiniteResultError: a merged value is NaN or Inf (after rounding to the output dtype).
     """
     out_dt = t.dtype.torch_dtype
     assert out_dt is not None
+    timings = ctx.timings
     if t.ops:
-        for i, j, acc in _merged_blocks(t, reader, adapters, timings):
+        for i, j, acc in _merged_blocks(t, ctx):
             t0 = time.perf_counter()
             res = acc.to(out_dt)
             _check_finite(t, res, i, j)
             timings.merge += time.perf_counter() - t0
             yield _as_bytes(res)
         return
-    rows_src = _Rows(t, reader, adapters, timings)
+    rows_src = _Rows(t, ctx)
     rows = t.shape[0] if t.shape else 1
     itemsize = 4 if rows_src.float32 else max(1, t.source.dtype.bits // 8)
     step = _rows_per_block(t, COPY_BLOCK_BYTES, itemsize)
@@ -268,7 +310,7 @@ def stream_tensor(t: OutputTensor, reader: TensorReader, adapters: list[Adapter]
         yield _as_bytes(blk)
 
 
-def quantized_tensors(t: OutputTensor, reader: TensorReader, adapters: list[Adapter], timings: Timings) -> dict[str, torch.Tensor]:
+def quantized_tensors(t: OutputTensor, ctx: ExecContext) -> dict[str, torch.Tensor]:
     """The tensors a 4-bit output writes for ``t``: its merged float32 value quantized once.
 
     Args:
@@ -284,13 +326,12 @@ def quantized_tensors(t: OutputTensor, reader: TensorReader, adapters: list[Adap
     assert t.quantize is not None and t.dtype.torch_dtype is not None
     full = torch.empty(t.shape, dtype=torch.float32)  # (out, in): the whole merged weight
     if t.ops:
-        for i, j, acc in _merged_blocks(t, reader, adapters, timings):
+        for i, j, acc in _merged_blocks(t, ctx):
             _check_finite(t, acc, i, j)
             full[i:j] = acc
     else:
-        rows_src = _Rows(t, reader, adapters, timings)
-        full.copy_(rows_src.get(0, t.shape[0], reuse=False))
+        full.copy_(_Rows(t, ctx).get(0, t.shape[0], reuse=False))
     t0 = time.perf_counter()
     out = t.quantize.serialized(t.name, full, t.dtype.torch_dtype)
-    timings.merge += time.perf_counter() - t0
+    ctx.timings.merge += time.perf_counter() - t0
     return out

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .adapter import Adapter
-from .architecture import ArchitectureInfo, ModuleKind
+from .architecture import ArchitectureInfo, ModuleKind, meta_model, revert_to_checkpoint
 from .checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, Checkpoint
 from .dtypes import FLOAT_DTYPES, ST_DTYPES, StDtype, nbytes, st_dtype
 from .errors import AdapterMismatchError, InvalidOptionError, UnsupportedAdapterError
@@ -112,6 +113,8 @@ class MergePlan:
         notes: things the user should know (fallbacks taken).
         config_updates: ``config.json`` keys to change (``tie_word_embeddings``, ``vocab_size``),
             as ``{dotted.path: value}``.
+        converter: runtime tensors -> checkpoint tensors (transformers' reverse weight conversion),
+            set when an adapter targets runtime parameters (``ExpertDelta``).
     """
 
     tensors: dict[str, OutputTensor]
@@ -120,6 +123,7 @@ class MergePlan:
     out_dtype: torch.dtype
     notes: list[str] = field(default_factory=list)
     config_updates: dict[str, object] = field(default_factory=dict)
+    converter: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -245,9 +249,20 @@ def build_plan(
             shapes.setdefault(dropped, shapes[kept])
     shapes.update({n: src.shape for n, src in sources.items()})
 
+    converter = None
+    param_map = None
+    if any(a.config.get("target_parameters") for a in adapters):
+        model = meta_model(ckpt.config)
+
+        def converter(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return revert_to_checkpoint(model, state)
+
+        def param_map(name: str, shape: tuple[int, ...]) -> list[str]:
+            return list(converter({name: torch.empty(shape, device="meta")}))
+
     ops: dict[str, list[Operation]] = {}
     for i, ad in enumerate(adapters):
-        for name, add in adapter_operations(i, ad, weights[i], arch, shapes, notes).items():
+        for name, add in adapter_operations(i, ad, weights[i], arch, shapes, notes, param_map).items():
             ops.setdefault(name, []).extend(add)
     if not ops and not sources:
         raise AdapterMismatchError(f"the adapter{'s' if len(adapters) > 1 else ''} change nothing in the base {ckpt.root}", path=ckpt.root)
@@ -299,7 +314,7 @@ def build_plan(
         if not any(t.quantize for t in tensors.values()):
             raise UnsupportedAdapterError(f"no Linear layer of {arch.model_class or ckpt.root} would be quantized; use merged_16bit", path=ckpt.root)
     shards, index = _shard(tensors, max_shard_size, arch, natural_order=arch.save_order is not None)
-    return MergePlan(tensors, shards, index, dtype, notes, config_updates)
+    return MergePlan(tensors, shards, index, dtype, notes, config_updates, converter)
 
 
 def _check_vocab(ckpt: Checkpoint, tensors: dict[str, OutputTensor], arch: ArchitectureInfo, config_updates: dict[str, object]) -> None:

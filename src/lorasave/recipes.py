@@ -114,4 +114,26 @@ class DoraNorm:
     axis: Axis
 
 
-Operation = LoraDelta | LycorisDelta | VectorDelta | Scale | SetRows | DoraNorm
+@dataclass(frozen=True)
+class ExpertDelta:
+    """``+ weight * ΔP`` mapped onto one checkpoint tensor, for LoRA on a fused 3-D runtime parameter.
+
+    peft ``lora.ParamWrapper.get_delta_weight``: ``A`` is ``(E*r, in)``, ``B`` is ``(out, r*E)`` with
+    experts the fastest index; ``ΔP = einsum("o r e, e r i -> e o i", B, A) * scaling`` for a
+    parameter stored ``(E, out, in)`` (``"e i o"`` when stored ``(E, in, out)``). ``ΔP`` is then
+    split into the checkpoint's per-expert tensors with transformers' reverse weight conversion for
+    the architecture, and ``target`` names the piece this tensor receives.
+    """
+
+    adapter: int
+    lora_A: str
+    lora_B: str
+    scaling: float
+    param: str
+    shape: tuple[int, ...]
+    transposed: bool
+    target: str
+    weight: float = 1.0
+
+
+Operation = LoraDelta | LycorisDelta | VectorDelta | Scale | SetRows | DoraNorm | ExpertDelta

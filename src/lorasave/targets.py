@@ -7,14 +7,16 @@ PEFT rewrites ``fan_in_fan_out`` for GPT-2 ``Conv1D`` layers, so the flag cannot
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from .adapter import TOKENS_ROLE, Adapter, ModuleParts, TunerType
 from .architecture import ArchitectureInfo, ModuleKind
 from .errors import AdapterMismatchError, UnsupportedAdapterError
-from .recipes import Axis, DoraNorm, LoraDelta, Lycoris, LycorisDelta, Operation, Scale, SetRows, VectorDelta
+from .recipes import Axis, DoraNorm, ExpertDelta, LoraDelta, Lycoris, LycorisDelta, Operation, Scale, SetRows, VectorDelta
 
 Shapes = dict[str, tuple[int, ...]]  # tensor name -> shape of W0 (base or adapter-provided)
+ParamMap = Callable[[str, tuple[int, ...]], list[str]]  # runtime parameter -> checkpoint tensor names
 
 
 def _prod(shape: tuple[int, ...]) -> int:
@@ -127,7 +129,65 @@ def _token_ops(i: int, p: ModuleParts, ad: Adapter, arch: ArchitectureInfo, shap
     return {name: [SetRows(i, key, indices)]}
 
 
-def adapter_operations(i: int, ad: Adapter, weight: float, arch: ArchitectureInfo, shapes: Shapes, notes: list[str]) -> dict[str, list[Operation]]:
+def _fits(arch: ArchitectureInfo, name: str, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> bool:
+    shape, transposed = arch.params3d[name]
+    experts = shape[0]
+    in_f, out_f = (shape[1], shape[2]) if transposed else (shape[2], shape[1])
+    return len(a_shape) == 2 and a_shape[1] == in_f and a_shape[0] % experts == 0 and b_shape[0] == out_f and b_shape[1] == a_shape[0]
+
+
+def _param_target(ad: Adapter, p: ModuleParts, arch: ArchitectureInfo) -> tuple[str, str] | None:
+    """For LoRA on runtime parameters (``target_parameters``): ``(module, parameter)`` of a saved module path.
+
+    PEFT nests one ``ParamWrapper`` per targeted parameter of a module (saved under ``<module>``
+    plus one ``.base_layer`` per nesting level), in an order ``adapter_config.json`` does not keep,
+    so the parameter is recognised by its shape against the factors' shapes.
+    """
+    targets = ad.config.get("target_parameters") or []
+    if not targets or not p.is_lora:
+        return None
+    module = p.module
+    while module.endswith(".base_layer"):
+        module = module[: -len(".base_layer")]
+    params = [t.rsplit(".", 1)[1] for t in targets if "." in t and (module == t.rsplit(".", 1)[0] or module.endswith("." + t.rsplit(".", 1)[0]))]
+    params += [t for t in targets if "." not in t]
+    a_shape, b_shape = ad.shape(p.lora_A), ad.shape(p.lora_B)
+    fitting = [q for q in dict.fromkeys(params) if f"{module}.{q}" in arch.params3d and _fits(arch, f"{module}.{q}", a_shape, b_shape)]
+    if len(fitting) != 1:
+        if params:
+            raise AdapterMismatchError(
+                f"{ad.root}: LoRA factors {list(a_shape)} / {list(b_shape)} under {p.module} fit {len(fitting)} of the targeted "
+                f"parameters {params}; cannot tell which one they belong to",
+                path=ad.root,
+            )
+        return None
+    return module, fitting[0]
+
+
+def _param_ops(
+    i: int, p: ModuleParts, ad: Adapter, arch: ArchitectureInfo, weight: float, module: str, param: str, param_map: ParamMap | None
+) -> dict[str, list[Operation]]:
+    name = f"{module}.{param}"
+    if name not in arch.params3d or param_map is None:
+        raise _missing(ad, p.module, name, arch)
+    shape, transposed = arch.params3d[name]
+    experts = shape[0]
+    a_shape, b_shape = ad.shape(p.lora_A), ad.shape(p.lora_B)
+    in_f, out_f = (shape[1], shape[2]) if transposed else (shape[2], shape[1])
+    if a_shape != (experts * (a_shape[0] // experts), in_f) or b_shape[0] != out_f or a_shape[0] % experts:
+        raise AdapterMismatchError(
+            f"{ad.root}: LoRA on {name} has lora_A {list(a_shape)} and lora_B {list(b_shape)}, which do not fit the parameter {shape}",
+            path=ad.root,
+        )
+    out: dict[str, list[Operation]] = {}
+    for target in param_map(name, tuple(shape)):
+        out[target] = [ExpertDelta(i, p.lora_A, p.lora_B, p.scaling, name, tuple(shape), transposed, target, weight)]
+    return out
+
+
+def adapter_operations(
+    i: int, ad: Adapter, weight: float, arch: ArchitectureInfo, shapes: Shapes, notes: list[str], param_map: ParamMap | None = None
+) -> dict[str, list[Operation]]:
     """Every operation adapter ``i`` applies, by output tensor name.
 
     Args:
@@ -137,6 +197,8 @@ def adapter_operations(i: int, ad: Adapter, weight: float, arch: ArchitectureInf
         arch: layer types.
         shapes: shape of W0 per tensor name (the base's, or an adapter-provided one).
         notes: receives fallbacks taken.
+        param_map: runtime parameter name and shape -> the checkpoint tensors it is stored as
+            (transformers' reverse weight conversion), for ``target_parameters`` adapters.
 
     Raises:
         AdapterMismatchError: a targeted tensor is missing or its shape does not fit.
@@ -144,7 +206,12 @@ def adapter_operations(i: int, ad: Adapter, weight: float, arch: ArchitectureInf
     """
     out: dict[str, list[Operation]] = {}
     for p in ad.parts.values():
-        if TOKENS_ROLE in p.keys:
+        target = _param_target(ad, p, arch) if f"{p.module}.weight" not in shapes else None
+        if target is not None:
+            if "lora_magnitude_vector" in p.keys:
+                raise UnsupportedAdapterError(f"{ad.root}: DoRA on runtime parameters is not defined (PEFT refuses it too)", path=ad.root)
+            part = _param_ops(i, p, ad, arch, weight, *target, param_map)
+        elif TOKENS_ROLE in p.keys:
             part = _token_ops(i, p, ad, arch, shapes, weight)
         elif ad.tuner is TunerType.LORA:
             part = _lora_ops(i, p, ad, arch, shapes, weight, notes)
