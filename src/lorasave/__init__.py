@@ -4,6 +4,8 @@ Public API::
 
     lorasave.merge(base, adapters, output, dtype="auto", max_shard_size="5GB")
     lorasave.save_adapter(adapter, output, dtype=None)
+    lorasave.save_pretrained_merged(peft_model, "out", tokenizer, save_method="merged_16bit")
+    lorasave.attach(peft_model)   # then peft_model.save_pretrained_merged(...), Unsloth-style
 
 Errors raised on bad input are subclasses of ``lorasave.errors.LorasaveError``.
 """
@@ -14,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["AdapterResult", "LorasaveError", "MergeResult", "__version__", "merge", "save_adapter"]
+__all__ = ["AdapterResult", "LorasaveError", "MergeResult", "__version__", "attach", "merge", "save_adapter", "save_pretrained_merged"]
 
 if TYPE_CHECKING:
     from .api import AdapterResult, MergeResult, merge, save_adapter
     from .errors import LorasaveError
+    from .live import attach, save_pretrained_merged
 
 
 def __getattr__(name: str) -> Any:
@@ -27,6 +30,10 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name in ("save_pretrained_merged", "attach"):
+        from . import live
+
+        return getattr(live, name)
     if name == "LorasaveError":
         from .errors import LorasaveError
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,14 +16,14 @@ import torch
 
 from .adapter import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_NAME, Adapter, load_adapter
 from .architecture import inspect_architecture
-from .checkpoint import TensorReader, open_checkpoint
+from .checkpoint import Checkpoint, TensorReader, open_checkpoint
 from .dtypes import FLOAT_DTYPES, dtype_name, parse_output_dtype, st_dtype
 from .execute import execute
 from .manifest import MANIFEST_NAME, SourceHasher, sha256_file, write_manifest
 from .options import MergeInto, SaveMethod, bnb_spec, parse_enum
 from .output import StagedOutput, align_generation_eos, carry_files, check_free_space, check_output_path, has_tokenizer, write_config
-from .plan import INDEX_NAME, build_plan
-from .quant.bnb import import_bnb
+from .plan import INDEX_NAME, MergePlan, build_plan
+from .quant.bnb import Bnb4bitSpec, import_bnb
 from .safetensors_format import layout, serialize_header
 from .sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 from .writers import SafetensorsShardWriter
@@ -182,72 +183,119 @@ def merge(
             quantization_from=quantization_from,
         )
     hasher = SourceHasher()  # hashes the sources on another core while the plan is made
+    hasher.submit(ckpt.source_files())
+    for ad in ads:
+        hasher.submit(ad.source_files())
+
+    def side_files(folder: Path, plan: MergePlan, quant: dict[str, Any] | None) -> list[str]:
+        cfg = json.loads((ckpt.root / "config.json").read_text(encoding="utf-8"))
+        write_config(cfg, folder / "config.json", dtype=plan.out_dtype, quantization=quant, updates=plan.config_updates)
+        carried = carry_files(ckpt.root, tok_dir, folder)
+        if tok_dir.resolve() != ckpt.root.resolve():
+            note = align_generation_eos(folder, tok_dir)
+            if note:
+                plan.notes.append(note)
+        return ["config.json", *carried]
+
+    def describe_sources() -> dict[str, Any]:
+        return {
+            "base": {"path": str(ckpt.root.resolve()), "hub_id": ckpt.hub_id, "files": hasher.result(ckpt.source_files(), ckpt.root)},
+            "adapters": [_describe_adapter(a, hasher.result(a.source_files(), a.root)) for a in ads],
+            "tokenizer": str(tok_dir.resolve()),
+        }
+
     try:
-        hasher.submit(ckpt.source_files())
-        for ad in ads:
-            hasher.submit(ad.source_files())
-        arch = inspect_architecture(ckpt.config)
-        plan = build_plan(
+        return merge_sources(
             ckpt,
             ads,
-            arch,
+            final,
             out_dtype=out_dtype,
-            max_shard_size=shard_limit,
-            weights=list(weights) if weights is not None else None,
-            merge_into=spec if into is MergeInto.DEQUANTIZED else None,
-            quantize=spec if method is SaveMethod.MERGED_4BIT else None,
+            shard_limit=shard_limit,
+            weights=weights,
+            method=method,
+            into=into,
+            spec=spec,
+            progress=progress,
+            side_files=side_files,
+            describe_sources=describe_sources,
+            extra_settings={"allow_pickle": allow_pickle},
+            t_start=t_start,
         )
-        check_free_space(final, plan.total_bytes)
-        for note in plan.notes:
-            logger.info("%s", note)
-        with StagedOutput(final) as stage, _progress(progress, plan.data_bytes) as bar:
-            files, timings = execute(plan, ads, stage.path, bar)
-            index = plan.index_bytes()
-            if index is not None:
-                (stage.path / INDEX_NAME).write_bytes(index)
-            quant = spec.quantization_config(plan.out_dtype) if method is SaveMethod.MERGED_4BIT and spec else None
-            write_config(ckpt.root / "config.json", stage.path / "config.json", dtype=plan.out_dtype, quantization=quant, updates=plan.config_updates)
-            carried = carry_files(ckpt.root, tok_dir, stage.path)
-            if tok_dir.resolve() != ckpt.root.resolve():
-                note = align_generation_eos(stage.path, tok_dir)
-                if note:
-                    plan.notes.append(note)
-            for name in [INDEX_NAME if index is not None else None, "config.json", *carried]:
-                if name is not None:
-                    files[name] = sha256_file(stage.path / name)
-            sources = {
-                "base": {
-                    "path": str(ckpt.root.resolve()),
-                    "hub_id": ckpt.hub_id,
-                    "files": hasher.result(ckpt.source_files(), ckpt.root),
-                },
-                "adapters": [_describe_adapter(a, hasher.result(a.source_files(), a.root)) for a in ads],
-                "tokenizer": str(tok_dir.resolve()),
-            }
-            settings = {
-                "dtype": dtype_name(plan.out_dtype),
-                "max_shard_size": shard_limit,
-                "allow_pickle": allow_pickle,
-                "save_method": method.value,
-                "merge_into": into.value,
-                "bnb_4bit": spec.describe() if spec else None,
-            }
-            summary = {
-                "n_tensors": len(plan.tensors),
-                "n_merged": len(plan.merged),
-                "merged": plan.merged,
-                "architecture": arch.model_class,
-                "notes": plan.notes,
-            }
-            write_manifest(stage.path, command="merge", sources=sources, settings=settings, result=summary, files=files)
-            stage.commit()
     finally:
         hasher.close()
+
+
+def merge_sources(
+    ckpt: Checkpoint,
+    ads: list[Adapter],
+    final: Path,
+    *,
+    out_dtype: torch.dtype | None,
+    shard_limit: int,
+    weights: Sequence[float] | None,
+    method: SaveMethod,
+    into: MergeInto,
+    spec: Bnb4bitSpec | None,
+    progress: bool,
+    side_files: Callable[[Path, MergePlan, dict[str, Any] | None], list[str]],
+    describe_sources: Callable[[], dict[str, Any]],
+    extra_settings: dict[str, Any],
+    t_start: float,
+) -> MergeResult:
+    """Plan, execute and finalize a merge of opened sources into ``final`` (shared by ``merge`` and the live API).
+
+    Args:
+        side_files: writes config.json, tokenizer and other non-weight files into the staging
+            folder; returns their names.
+        describe_sources: the manifest's ``sources`` section.
+    """
+    arch = inspect_architecture(ckpt.config)
+    plan = build_plan(
+        ckpt,
+        ads,
+        arch,
+        out_dtype=out_dtype,
+        max_shard_size=shard_limit,
+        weights=list(weights) if weights is not None else None,
+        merge_into=spec if into is MergeInto.DEQUANTIZED else None,
+        quantize=spec if method is SaveMethod.MERGED_4BIT else None,
+    )
+    check_free_space(final, plan.total_bytes)
+    for note in plan.notes:
+        logger.info("%s", note)
+    with StagedOutput(final) as stage, _progress(progress, plan.data_bytes) as bar:
+        files, timings = execute(plan, ads, stage.path, bar)
+        index = plan.index_bytes()
+        if index is not None:
+            (stage.path / INDEX_NAME).write_bytes(index)
+        quant = spec.quantization_config(plan.out_dtype) if method is SaveMethod.MERGED_4BIT and spec else None
+        written = side_files(stage.path, plan, quant)
+        for name in [INDEX_NAME if index is not None else None, *written]:
+            if name is not None:
+                files[name] = sha256_file(stage.path / name)
+        settings = {
+            "dtype": dtype_name(plan.out_dtype),
+            "max_shard_size": shard_limit,
+            "save_method": method.value,
+            "merge_into": into.value,
+            "weights": list(weights) if weights is not None else None,
+            "bnb_4bit": spec.describe() if spec else None,
+            **extra_settings,
+        }
+        summary = {
+            "n_tensors": len(plan.tensors),
+            "n_merged": len(plan.merged),
+            "merged": plan.merged,
+            "architecture": arch.model_class,
+            "notes": plan.notes,
+        }
+        write_manifest(stage.path, command="merge", sources=describe_sources(), settings=settings, result=summary, files=files)
+        stage.commit()
     result = MergeResult(
         output=final,
         files=sorted([*files, MANIFEST_NAME]),
-        n_tensors=summary["n_tensors"],
-        n_merged=summary["n_merged"],
+        n_tensors=len(plan.tensors),
+        n_merged=len(plan.merged),
         total_bytes=plan.total_bytes,
         dtype=dtype_name(plan.out_dtype),
         seconds=round(time.perf_counter() - t_start, 3),

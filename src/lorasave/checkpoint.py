@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .dtypes import StDtype, nbytes, st_dtype
 from .errors import CheckpointFormatError, PickleRefusedError, SourceNotFoundError, UnsafePathError
 from .quant.bnb import QuantizedWeight, check_quant_method, group_quantized
 from .safetensors_format import TensorEntry, pread_exact, read_header
@@ -200,6 +201,29 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
     return ckpt
 
 
+@dataclass(frozen=True)
+class MemoryEntry:
+    """A tensor of a model in memory, standing where a file entry would (``save_pretrained_merged``).
+
+    Attributes:
+        name, dtype, shape, nbytes: as ``TensorEntry``.
+        tensor: the tensor itself (read, never modified).
+    """
+
+    name: str
+    dtype: StDtype
+    shape: tuple[int, ...]
+    nbytes: int
+    tensor: torch.Tensor = field(compare=False, repr=False)
+
+    @classmethod
+    def of(cls, name: str, tensor: torch.Tensor) -> MemoryEntry:
+        """Wrap a tensor."""
+        dt = st_dtype(tensor.dtype)
+        shape = tuple(tensor.shape)
+        return cls(name, dt, shape, nbytes(dt, shape), tensor)
+
+
 class TensorReader:
     """Reads tensors, or slices of their first dimension, from safetensors files by OS reads.
 
@@ -228,7 +252,7 @@ class TensorReader:
             fd = self._fds[path] = os.open(path, os.O_RDONLY)
         return fd
 
-    def read(self, entry: TensorEntry, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, entry: TensorEntry | MemoryEntry, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Read rows ``[start, stop)`` of the first dimension of ``entry`` (all of it by default).
 
         Args:
@@ -243,6 +267,10 @@ class TensorReader:
         Raises:
             CheckpointFormatError: the dtype has no torch equivalent, or the file was truncated.
         """
+        if isinstance(entry, MemoryEntry):
+            t = entry.tensor.detach()
+            rows_t = t[start:stop] if t.dim() else t
+            return rows_t.clone() if out is None else out.view(-1)[: rows_t.numel()].view(rows_t.shape).copy_(rows_t)
         dt = entry.dtype.torch_dtype
         if dt is None:
             raise CheckpointFormatError(f"{entry.file}: tensor {entry.name!r} has dtype {entry.dtype.name}, which torch cannot read", path=entry.file)

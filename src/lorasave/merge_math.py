@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .adapter import Adapter
-from .checkpoint import TensorReader
+from .checkpoint import MemoryEntry, TensorReader
 from .errors import NonFiniteResultError
 from .plan import OutputTensor
 from .quant.bnb import Bnb4bitWeight, Int8Weight, dequantize
@@ -135,7 +135,7 @@ class _Rows:
         """Rows ``[start, stop)``; with ``reuse`` the result may share a buffer with the previous slice."""
         if self._full is not None:
             return self._full[start:stop]
-        assert isinstance(self._src, TensorEntry)
+        assert isinstance(self._src, (TensorEntry, MemoryEntry))
         w = self._reader.read(self._src, start, stop, out=self._buf if reuse else None)
         if reuse and self._buf is None:
             self._buf = w

@@ -128,14 +128,21 @@ class StagedOutput:
             shutil.rmtree(self.path, ignore_errors=True)
 
 
-def write_config(src: Path, dst: Path, *, dtype: torch.dtype, quantization: dict[str, Any] | None = None, updates: dict[str, object] | None = None) -> None:
-    """Copy ``config.json`` for a merged output, written as transformers writes it (indent 2, sorted keys).
+def write_config(
+    cfg: dict[str, Any], dst: Path, *, dtype: torch.dtype, quantization: dict[str, Any] | None = None, updates: dict[str, object] | None = None
+) -> None:
+    """Write a merged output's ``config.json`` as transformers writes it (indent 2, sorted keys).
 
-    Sets ``dtype`` (transformers 5's key; ``torch_dtype`` is dropped), removes any
-    ``quantization_config`` (top level or nested, as in ``text_config``), sets the given one,
-    and applies ``updates`` given as ``{"dotted.path": value}`` (``tie_word_embeddings``, ``vocab_size``).
+    Args:
+        cfg: the base's config (parsed config.json, or ``config.to_diff_dict()`` of a live model);
+            not modified.
+        dst: file to write.
+        dtype: sets ``dtype`` (transformers 5's key; ``torch_dtype`` is dropped).
+        quantization: the ``quantization_config`` to set; any other (top level or nested, as in
+            ``text_config``) is removed.
+        updates: ``{"dotted.path": value}`` to set (``tie_word_embeddings``, ``vocab_size``).
     """
-    cfg = json.loads(src.read_text(encoding="utf-8"))
+    cfg = json.loads(json.dumps(cfg))  # deep copy
     cfg.pop("torch_dtype", None)
     cfg.pop("quantization_config", None)
     for v in cfg.values():

@@ -19,7 +19,7 @@ import torch
 
 from .adapter import Adapter
 from .architecture import ArchitectureInfo, ModuleKind, meta_model, revert_to_checkpoint
-from .checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, Checkpoint
+from .checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, Checkpoint, MemoryEntry
 from .dtypes import FLOAT_DTYPES, ST_DTYPES, StDtype, nbytes, st_dtype
 from .errors import AdapterMismatchError, InvalidOptionError, UnsupportedAdapterError
 from .quant.bnb import Bnb4bitSpec, QuantizedWeight
@@ -298,7 +298,7 @@ def build_plan(
         if tdt.torch_dtype in FLOAT_DTYPES:
             tdt = ST_DTYPES["F32"] if fp32 is not None and fp32.search(name) else st_dtype(dtype)
         t_ops = tuple(ops.get(name, ()))
-        rt = merge_into if isinstance(src, TensorEntry) and any(isinstance(o, LoraDelta) for o in t_ops) else None
+        rt = merge_into if isinstance(src, (TensorEntry, MemoryEntry)) and any(isinstance(o, LoraDelta) for o in t_ops) else None
         q = quantize if quantize is not None and name.endswith(".weight") and name.removesuffix(".weight") in arch.bnb_quantizable else None
         tensors[name] = OutputTensor(name, tuple(src.shape), tdt, src, t_ops, rt, q)
     missing = sorted(set(ops) - set(tensors))
