@@ -11,7 +11,7 @@ import torch
 
 import _models as M
 import lorasave
-from lorasave.errors import LorasaveError
+from lorasave.errors import LorasaveError, OutputExistsError
 
 
 def _parent_with_out(tmp_path: Path) -> tuple[Path, Path]:
@@ -21,10 +21,27 @@ def _parent_with_out(tmp_path: Path) -> tuple[Path, Path]:
 
 
 def _existing_out(tmp_path: Path) -> tuple[Path, Path]:
+    """An earlier lorasave output (it has a manifest) with an extra file in it."""
     parent, out = _parent_with_out(tmp_path)
     out.mkdir()
+    (out / "lorasave.json").write_text("{}")
     (out / "sentinel.txt").write_text("keep me")
     return parent, out
+
+
+def test_overwrite_refuses_folders_lorasave_did_not_write(llama_base: Path, llama_plain: Path, tmp_path: Path) -> None:
+    """--overwrite replaces a previous output, never an unrelated folder or a file."""
+    parent, out = _parent_with_out(tmp_path)
+    out.mkdir()
+    (out / "thesis.tex").write_text("important")
+    with pytest.raises(OutputExistsError, match="not a lorasave output"):
+        lorasave.merge(llama_base, llama_plain, out, overwrite=True)
+    assert (out / "thesis.tex").read_text() == "important"
+    out_file = parent / "file-out"
+    out_file.write_text("x")
+    with pytest.raises(OutputExistsError, match="not a folder"):
+        lorasave.merge(llama_base, llama_plain, out_file, overwrite=True)
+    assert out_file.read_text() == "x"
 
 
 def test_error_hierarchy() -> None:
@@ -37,7 +54,7 @@ def test_existing_output_refused(llama_base: Path, llama_plain: Path, tmp_path: 
         lorasave.merge(llama_base, llama_plain, out)
     assert isinstance(info.value, FileExistsError)
     assert (out / "sentinel.txt").read_text() == "keep me"
-    assert sorted(p.name for p in out.iterdir()) == ["sentinel.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["lorasave.json", "sentinel.txt"]
     assert [p.name for p in parent.iterdir()] == ["out"]
 
 

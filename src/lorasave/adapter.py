@@ -238,8 +238,11 @@ def locate_adapter(spec: str | os.PathLike[str]) -> Path:
             found=found,
         )
     if (root / "config.json").is_file():
-        raise NotAnAdapterError(f"{root} is a model folder, not a PEFT adapter (no adapter_config.json); the order is BASE then ADAPTER", path=root)
-    raise NotAnAdapterError(f"{root} is not a PEFT adapter: no adapter_config.json", path=root)
+        raise NotAnAdapterError(
+            f"{root} is a model folder, not a PEFT adapter (no adapter_config.json); give the adapter folder (lorasave merge takes BASE, then ADAPTER)",
+            path=root,
+        )
+    raise NotAnAdapterError(f"{root} is not a PEFT adapter: no adapter_config.json; give the folder PeftModel.save_pretrained wrote", path=root)
 
 
 def _check_config(root: Path, config: dict[str, Any]) -> TunerType:
@@ -311,7 +314,7 @@ def load_adapter(spec: str | os.PathLike[str], *, allow_pickle: bool = False) ->
             raise CheckpointFormatError(f"{root / ADAPTER_PICKLE_NAME}: not a dict of tensors", path=root)
         adapter = Adapter(root, config, root / ADAPTER_PICKLE_NAME, loaded={k: v.contiguous() for k, v in state.items()}, tuner=tuner)
     else:
-        raise CheckpointFormatError(f"{root}: no {ADAPTER_SAFE_NAME}; the adapter weights are missing", path=root)
+        raise CheckpointFormatError(f"{root}: no {ADAPTER_SAFE_NAME}; the adapter weights are missing, copy or save them again", path=root)
     _resolve_modules(adapter)
     return adapter
 
@@ -398,6 +401,13 @@ def _resolve_modules(adapter: Adapter) -> None:
                     module=module,
                 )
             alpha = pattern_value(alpha_pattern, module, alpha_default)
+            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
+                raise AdapterMismatchError(
+                    f"{adapter.root / ADAPTER_CONFIG_NAME}: lora_alpha (or alpha_pattern) for {module} is {alpha!r}; "
+                    "it must be a non-zero number (0 would make the adapter change nothing)",
+                    path=adapter.root,
+                    module=module,
+                )
             scaling = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
         adapter.parts[module] = ModuleParts(module, dict(keys), r, alpha, scaling)
     logger.debug("adapter %s: %d modules, %d full tensors", adapter.root, len(adapter.parts), len(adapter.extra))

@@ -18,13 +18,14 @@ from .adapter import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_NAME, Adapter, load_adapt
 from .architecture import inspect_architecture
 from .checkpoint import Checkpoint, TensorReader, open_checkpoint
 from .dtypes import FLOAT_DTYPES, dtype_name, parse_output_dtype, st_dtype
+from .errors import InvalidOptionError, SourceNotFoundError
 from .execute import execute
 from .manifest import MANIFEST_NAME, SourceHasher, sha256_file, write_manifest
 from .options import MergeInto, SaveMethod, bnb_spec, parse_enum
 from .output import StagedOutput, align_generation_eos, carry_files, check_free_space, check_output_path, has_tokenizer, write_config
 from .plan import INDEX_NAME, MergePlan, build_plan
 from .quant.bnb import Bnb4bitSpec, import_bnb
-from .safetensors_format import layout, serialize_header
+from .safetensors_format import layout, read_header, serialize_header
 from .sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 from .writers import SafetensorsShardWriter
 
@@ -49,6 +50,7 @@ class MergeResult:
             the main thread while writing and hashing run on a writer thread, so the phases overlap
             and their sum exceeds ``seconds``.
         notes: fallbacks and facts worth knowing.
+        quantization: the weight format when not plain floats (``"nf4 4-bit"``), else None.
     """
 
     output: Path
@@ -60,6 +62,7 @@ class MergeResult:
     seconds: float
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    quantization: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json``)."""
@@ -69,9 +72,10 @@ class MergeResult:
 
     def summary(self) -> str:
         """One line for humans."""
+        form = f"{self.quantization}, {self.dtype} compute" if self.quantization else self.dtype
         return (
             f"merged {self.n_merged} of {self.n_tensors} tensors into {self.output} "
-            f"({len([f for f in self.files if f.endswith('.safetensors')])} shard(s), {self.total_bytes / 1e6:.1f} MB, {self.dtype}) "
+            f"({len([f for f in self.files if f.endswith('.safetensors')])} shard(s), {self.total_bytes / 1e6:.1f} MB, {form}) "
             f"in {self.seconds:.1f} s"
         )
 
@@ -168,7 +172,17 @@ def merge(
     shard_limit = parse_size(max_shard_size)
     ckpt = open_checkpoint(base)
     ads = [load_adapter(a, allow_pickle=allow_pickle) for a in _adapter_list(adapters)]
-    tok_dir = Path(tokenizer) if tokenizer is not None else next((a.root for a in ads if has_tokenizer(a.root)), ckpt.root)
+    roots = [os.path.realpath(a.root) for a in ads]
+    if len(set(roots)) != len(roots):
+        raise InvalidOptionError("the same adapter is given twice; to apply it with more weight, use weights (--weights 2)")
+    if tokenizer is not None:
+        tok_dir = Path(tokenizer)
+        if not tok_dir.is_dir() or not has_tokenizer(tok_dir):
+            raise SourceNotFoundError(
+                f"--tokenizer {tokenizer}: no tokenizer there (tokenizer.json, tokenizer_config.json, tokenizer.model or vocab.json)", path=tok_dir
+            )
+    else:
+        tok_dir = next((a.root for a in ads if has_tokenizer(a.root)), ckpt.root)
     final = check_output_path(Path(output), [ckpt.root, *(a.root for a in ads), tok_dir], overwrite)
     method = parse_enum(SaveMethod, save_method, "save_method")
     into = parse_enum(MergeInto, merge_into, "merge_into")
@@ -265,6 +279,9 @@ def merge_sources(
         logger.info("%s", note)
     with StagedOutput(final) as stage, _progress(progress, plan.data_bytes) as bar:
         files, timings = execute(plan, ads, stage.path, bar)
+        if plan.index is not None and any(sh.deferred for sh in plan.shards):  # 4-bit: sizes known only now
+            written = [read_header(stage.path / sh.filename) for sh in plan.shards]
+            plan.index["metadata"]["total_size"] = sum(e.nbytes for h in written for e in h.tensors.values())  # type: ignore[index]
         index = plan.index_bytes()
         if index is not None:
             (stage.path / INDEX_NAME).write_bytes(index)
@@ -301,6 +318,7 @@ def merge_sources(
         seconds=round(time.perf_counter() - t_start, 3),
         timings=timings.as_dict(),
         notes=list(plan.notes),
+        quantization=f"{spec.quant_type} 4-bit" if spec and method is SaveMethod.MERGED_4BIT else None,
     )
     logger.debug("%s", result.summary())
     return result

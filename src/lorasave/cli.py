@@ -75,7 +75,7 @@ def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: boo
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
 @click.pass_context
 def main(ctx: click.Context, debug: bool) -> None:
-    """Save LoRA fine-tuned models for deployment: merge, convert, verify.
+    """Save LoRA fine-tuned models for deployment.
 
     Grammar: lorasave COMMAND BASE [ADAPTER ...] -o OUT [options]
     """
@@ -130,7 +130,13 @@ def _parse_weights(text: str | None) -> list[float] | None:
 @click.option("--quant-type", type=click.Choice(["nf4", "fp4"]), default="nf4", show_default=True, help="4-bit data type.")
 @click.option("--blocksize", type=int, default=64, show_default=True, help="4-bit block size in elements.")
 @click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="Quantize the block scales too.")
-@click.option("--quant-input-dtype", type=_DTYPE, default="bfloat16", show_default=True, help="dtype the base was in when it was quantized (--merge-into).")
+@click.option(
+    "--quant-input-dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default="bfloat16",
+    show_default=True,
+    help="dtype the base was in when it was quantized (--merge-into).",
+)
 @click.option("--quantization-from", type=click.Path(), default=None, help="Read the 4-bit settings from this 4-bit checkpoint's config.json.")
 @click.option("--weights", default=None, help="Comma-separated weight per adapter: W0 + Σ wᵢ·ΔWᵢ (default 1 each).")
 @_common
@@ -164,6 +170,19 @@ def merge_cmd(
     from .api import merge
 
     ctx.obj["debug"] = ctx.obj.get("debug") or debug
+    quant_flags = [
+        f
+        for f, given in (
+            ("--quant-type", ctx.get_parameter_source("quant_type")),
+            ("--blocksize", ctx.get_parameter_source("blocksize")),
+            ("--double-quant", ctx.get_parameter_source("double_quant")),
+            ("--quant-input-dtype", ctx.get_parameter_source("quant_input_dtype")),
+            ("--quantization-from", ctx.get_parameter_source("quantization_from")),
+        )
+        if given is click.core.ParameterSource.COMMANDLINE
+    ]
+    if quant_flags and save_method != "merged_4bit" and merge_into != "dequantized":
+        click.echo(f"note: {', '.join(quant_flags)} only apply with --save-method merged_4bit or --merge-into dequantized; ignored", err=True)
     _run(
         ctx,
         lambda: merge(
@@ -219,5 +238,21 @@ def adapter_cmd(
     )
 
 
+def run() -> None:
+    """Console entry point: click usage errors become one ``error:`` line too (exit 2)."""
+    try:
+        rc = main.main(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        hint = f" (see: lorasave {e.ctx.command_path.split(' ', 1)[1] if e.ctx and ' ' in e.ctx.command_path else ''} --help)".replace("  ", " ")
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.Abort:
+        click.echo("error: interrupted; no output was written", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    run()

@@ -33,7 +33,7 @@ from .dtypes import FLOAT_DTYPES, parse_output_dtype
 from .errors import InvalidOptionError, UnsupportedModelError
 from .manifest import MANIFEST_NAME, sha256_file, write_manifest
 from .options import MergeInto, SaveMethod, bnb_spec, parse_enum
-from .output import StagedOutput, check_free_space, write_config
+from .output import StagedOutput, check_free_space, check_replaceable, write_config
 from .quant.bnb import check_quant_method, group_quantized
 from .sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 
@@ -157,10 +157,7 @@ def save_pretrained_merged(
         return _save_lora(model, final, tokenizer, overwrite)
     method = parse_enum(SaveMethod, save_method, "save_method")
     assert isinstance(method, SaveMethod)
-    if final.exists() and not overwrite:
-        from .errors import OutputExistsError
-
-        raise OutputExistsError(f"{final} already exists; pass overwrite=True to replace it", path=final)
+    _check_existing(final, overwrite)
     t_start = time.perf_counter()
     was_training = model.training
     try:
@@ -214,6 +211,15 @@ def save_pretrained_merged(
         model.train(was_training)
 
 
+def _check_existing(final: Path, overwrite: bool) -> None:
+    from .errors import OutputExistsError
+
+    if final.exists() or final.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"{final} already exists; pass overwrite=True to replace it", path=final)
+        check_replaceable(final)
+
+
 def _set_eos(path: Path, eos: int, notes: list[str]) -> None:
     gen = json.loads(path.read_text(encoding="utf-8"))
     current = gen.get("eos_token_id")
@@ -225,16 +231,13 @@ def _set_eos(path: Path, eos: int, notes: list[str]) -> None:
 
 
 def _save_lora(model: Any, final: Path, tokenizer: Any, overwrite: bool) -> Path:
-    from .errors import OutputExistsError
-
-    if final.exists() and not overwrite:
-        raise OutputExistsError(f"{final} already exists; pass overwrite=True to replace it", path=final)
+    _check_existing(final, overwrite)
     with StagedOutput(final) as stage:
         model.save_pretrained(stage.path, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage.path)
         check_free_space(final, 0)
-        files = {p.name: sha256_file(p) for p in sorted(stage.path.iterdir()) if p.is_file() and p.name != MANIFEST_NAME}
+        files = {p.name: sha256_file(p) for p in sorted(stage.path.iterdir()) if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(".")}
         cfg = model.peft_config[_active_adapter(model)]
         write_manifest(
             stage.path,

@@ -64,11 +64,15 @@ def bnb_spec(
     if quantization_from is not None:
         cfg_path = Path(quantization_from) / "config.json"
         if not cfg_path.is_file():
-            raise SourceNotFoundError(f"--quantization-from {quantization_from}: no config.json there", path=cfg_path)
+            raise SourceNotFoundError(f"--quantization-from {quantization_from}: no config.json there; give the 4-bit checkpoint's folder", path=cfg_path)
         qc = quantization_config(read_json(cfg_path))
         if not qc or not qc.get("load_in_4bit"):
-            raise InvalidOptionError(f"{cfg_path} has no bitsandbytes 4-bit quantization_config to copy")
-        return Bnb4bitSpec.from_quantization_config(qc)
+            raise InvalidOptionError(f"{cfg_path} has no bitsandbytes 4-bit quantization_config to copy; give a 4-bit checkpoint folder")
+        from .checkpoint import open_checkpoint
+        from .quant.bnb import Bnb4bitWeight
+
+        states = [w.state for w in open_checkpoint(Path(quantization_from)).tensors.values() if isinstance(w, Bnb4bitWeight)]
+        return Bnb4bitSpec.from_quantization_config(qc, states[0] if states else None)
     if quant_type not in ("nf4", "fp4"):
         raise InvalidOptionError(f"invalid quant_type {quant_type!r}; use nf4 or fp4")
     if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):

@@ -8,6 +8,8 @@ KeyboardInterrupt included, removes the staging folder: OUT is either complete o
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import json
 import logging
 import os
@@ -65,9 +67,29 @@ def check_output_path(out: Path, sources: list[Path], overwrite: bool) -> Path:
         real_src = Path(os.path.realpath(src))
         if real_final == real_src or real_src in real_final.parents or real_final in real_src.parents:
             raise UnsafePathError(f"output {out} overlaps the source folder {src}; choose an output folder outside the sources", path=out)
-    if final.exists() and not overwrite:
-        raise OutputExistsError(f"output {out} already exists; pass --overwrite (overwrite=True) to replace it", path=out)
+    if final.exists() or final.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"output {out} already exists; pass --overwrite to replace it", path=out)
+        check_replaceable(final)
     return final
+
+
+def check_replaceable(final: Path) -> None:
+    """Overwrite only what lorasave wrote: a folder with ``lorasave.json``, or an empty folder.
+
+    Raises:
+        OutputExistsError: OUT is a file, a link, or a folder lorasave did not write.
+    """
+    from .manifest import MANIFEST_NAME
+
+    if final.is_symlink() or not final.is_dir():
+        raise OutputExistsError(f"output {final} exists and is not a folder; remove it yourself or choose another output", path=final)
+    if not (final / MANIFEST_NAME).is_file() and any(final.iterdir()):
+        raise OutputExistsError(
+            f"output {final} exists and is not a lorasave output (no {MANIFEST_NAME}); --overwrite only replaces lorasave outputs, "
+            "so remove it yourself or choose another folder",
+            path=final,
+        )
 
 
 def check_free_space(final: Path, needed_bytes: int) -> None:
@@ -92,6 +114,11 @@ def check_free_space(final: Path, needed_bytes: int) -> None:
 class StagedOutput:
     """Context manager for an atomic output folder.
 
+    The staging folder ``.OUT.lorasave-tmp-<tag>`` beside OUT holds a ``.lock`` file locked
+    (``flock``) by the run that owns it for as long as it runs. On entry, staging folders of
+    runs that died (killed, power loss) are removed: their lock is free. Two concurrent runs
+    never remove each other's folders.
+
     Usage::
 
         with StagedOutput(final) as stage:
@@ -99,22 +126,27 @@ class StagedOutput:
             stage.commit()
     """
 
+    LOCK = ".lock"
+
     def __init__(self, final: Path) -> None:
         self.final = final
         tag = uuid.uuid4().hex[:8]
         self.path = final.parent / f".{final.name}.lorasave-tmp-{tag}"
         self._old = final.parent / f".{final.name}.lorasave-old-{tag}"
         self.committed = False
+        self._lock_fd: int | None = None
 
     def __enter__(self) -> StagedOutput:
         self.final.parent.mkdir(parents=True, exist_ok=True)
+        sweep_dead_runs(self.final)
         self.path.mkdir()
+        self._lock_fd = os.open(self.path / self.LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
         return self
 
     def commit(self) -> None:
         """Move the complete staging folder to OUT, replacing an old OUT only now."""
-        if self.final.is_symlink() or self.final.is_file():
-            self.final.unlink()
+        os.unlink(self.path / self.LOCK)  # the lock file is not part of the output; the fd keeps the lock
         if self.final.exists():
             os.replace(self.final, self._old)
             os.replace(self.path, self.final)
@@ -126,6 +158,46 @@ class StagedOutput:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if not self.committed:
             shutil.rmtree(self.path, ignore_errors=True)
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+
+def sweep_dead_runs(final: Path) -> list[Path]:
+    """Remove staging (and half-replaced old) folders of OUT left by runs that died.
+
+    A folder is removed only when nobody holds its ``.lock``; a folder with no lock file is
+    left alone unless it is an ``-old-`` folder whose OUT exists (the replace completed).
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    for p in final.parent.glob(f".{glob.escape(final.name)}.lorasave-*-*"):
+        if not p.is_dir():
+            continue
+        lock = p / StagedOutput.LOCK
+        if lock.is_file():
+            try:
+                fd = os.open(lock, os.O_RDWR)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a live run owns it
+            finally:
+                os.close(fd)
+        elif ".lorasave-old-" not in p.name:
+            continue
+        elif not final.exists():
+            os.replace(p, final)  # killed between the two renames of a replace: put the old OUT back
+            logger.info("restored %s from %s, left by a run that did not finish", final, p)
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+        logger.info("removed %s, left by a run that did not finish", p)
+    return removed
 
 
 def write_config(

@@ -307,7 +307,9 @@ def build_plan(
     _check_vocab(ckpt, tensors, arch, config_updates)
 
     if merge_into is not None and ckpt.quant_method is not None:
-        raise UnsupportedAdapterError(f"{ckpt.root} is already quantized; merge_into='dequantized' applies to a 16-bit base", path=ckpt.root)
+        raise UnsupportedAdapterError(
+            f"{ckpt.root} is already quantized; --merge-into dequantized (merge_into) is for a 16-bit base: merge into this 4-bit base directly", path=ckpt.root
+        )
     if quantize is not None:
         if any(k is ModuleKind.CONV1D_GPT2 for k in arch.module_kinds.values()):
             raise UnsupportedAdapterError("merged_4bit output of GPT-2 style Conv1D models is not supported yet", path=ckpt.root)
@@ -355,6 +357,11 @@ def _is_vocab(name: str, arch: ArchitectureInfo) -> bool:
 def _shard(
     tensors: dict[str, OutputTensor], max_shard_size: int, arch: ArchitectureInfo, *, natural_order: bool
 ) -> tuple[list[Shard], dict[str, object] | None]:
+    """Split the output into shards as ``save_pretrained`` does (greedy, in order, by storage bytes).
+
+    A 4-bit weight's codes and statistics are produced together, so they are kept in one shard:
+    the split then works on whole weights.
+    """
     from huggingface_hub import split_state_dict_into_shards_factory
 
     files: dict[str, tuple[StDtype, tuple[int, ...]]] = {}
@@ -366,40 +373,33 @@ def _shard(
     deferred = any(t.quantize is not None for t in tensors.values())
     if deferred and natural_order:  # 4-bit statistics sort in among the weights, as transformers saves them
         files = dict(sorted(files.items(), key=lambda kv: dot_natural_key(kv[0])))
-    split = split_state_dict_into_shards_factory(
-        files,
-        get_storage_size=lambda spec: nbytes(*spec),
-        filename_pattern=SAFE_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors"),
-        max_shard_size=max_shard_size,
-    )
+    pattern = SAFE_WEIGHTS_NAME.replace(".safetensors", "{suffix}.safetensors")
+    if deferred:
+        units: dict[str, int] = {}
+        for fname, spec in files.items():
+            units[owner[fname]] = units.get(owner[fname], 0) + nbytes(*spec)
+        split = split_state_dict_into_shards_factory(units, get_storage_size=lambda n: n, filename_pattern=pattern, max_shard_size=max_shard_size)
+        filename_to_tensors = {f: [n for n in files if owner[n] in set(ts)] for f, ts in split.filename_to_tensors.items()}
+    else:
+        split = split_state_dict_into_shards_factory(
+            files, get_storage_size=lambda spec: nbytes(*spec), filename_pattern=pattern, max_shard_size=max_shard_size
+        )
+        filename_to_tensors = dict(split.filename_to_tensors)
     shards = []
-    for filename, names in split.filename_to_tensors.items():
+    for filename, names in filename_to_tensors.items():
         lay = layout((n, *files[n]) for n in names)
         outputs = list(dict.fromkeys(owner[n] for n in names))
         shards.append(Shard(filename, lay, serialize_header(lay, SHARD_METADATA), outputs, deferred))
-    if deferred:
-        _check_whole(shards, owner)
     if not split.is_sharded:
         return shards, None
     total_params = arch.num_parameters
     if total_params is None or deferred:
         total_params = sum(_numel(t.shape) for t in tensors.values() if t.dtype.torch_dtype in FLOAT_DTYPES)
     index = {
-        "metadata": {"total_parameters": total_params, **split.metadata},
-        "weight_map": dict(split.tensor_to_filename),
+        "metadata": {"total_parameters": total_params, "total_size": sum(nbytes(*spec) for spec in files.values())},
+        "weight_map": {n: f for f, names in filename_to_tensors.items() for n in names},
     }
     return shards, index
-
-
-def _check_whole(shards: list[Shard], owner: dict[str, str]) -> None:
-    """A quantized weight's codes and statistics must land in one shard (they are produced together)."""
-    seen: dict[str, str] = {}
-    for shard in shards:
-        for lay in shard.layouts:
-            o = owner[lay.name]
-            if seen.setdefault(o, shard.filename) != shard.filename:
-                # the greedy split cut a weight's statistics off: move them with their weight
-                raise UnsupportedAdapterError(f"max_shard_size splits the 4-bit statistics of {o} across shards; use a larger max_shard_size")
 
 
 def dot_natural_key(name: str) -> tuple[tuple[object, ...], ...]:

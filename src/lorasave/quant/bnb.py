@@ -234,14 +234,30 @@ class Bnb4bitSpec:
     input_dtype: torch.dtype = torch.bfloat16
 
     @classmethod
-    def from_quantization_config(cls, qc: dict[str, Any]) -> Bnb4bitSpec:
-        """Read a transformers ``BitsAndBytesConfig`` dict (as saved in config.json)."""
-        dt = qc.get("bnb_4bit_compute_dtype") or "bfloat16"
+    def from_quantization_config(cls, qc: dict[str, Any], state: dict[str, Any] | None = None) -> Bnb4bitSpec:
+        """Read a transformers ``BitsAndBytesConfig`` dict (as saved in config.json).
+
+        Args:
+            qc: the ``quantization_config``.
+            state: a quant-state JSON of one of the checkpoint's weights, when available: its
+                ``dtype`` (what the weights were quantized from) and ``blocksize`` are the truth;
+                ``bnb_4bit_compute_dtype`` is only the fallback for the input dtype.
+
+        Raises:
+            InvalidOptionError: an unknown dtype name.
+        """
+        from ..errors import InvalidOptionError
+
+        state = state or {}
+        name = str(state.get("dtype") or qc.get("bnb_4bit_compute_dtype") or "bfloat16").removeprefix("torch.")
+        dt = getattr(torch, name, None)
+        if dt not in (torch.float16, torch.bfloat16, torch.float32):
+            raise InvalidOptionError(f"quantization_config names dtype {name!r}; expected bfloat16, float16 or float32")
         return cls(
-            quant_type=str(qc.get("bnb_4bit_quant_type", "nf4")),
-            blocksize=int(qc.get("bnb_4bit_blocksize", 64) or 64),
+            quant_type=str(state.get("quant_type") or qc.get("bnb_4bit_quant_type", "nf4")),
+            blocksize=int(state.get("blocksize") or qc.get("bnb_4bit_blocksize", 64) or 64),
             double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
-            input_dtype=getattr(torch, str(dt).removeprefix("torch.")),
+            input_dtype=dt,
         )
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, Any]:
