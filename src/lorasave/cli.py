@@ -170,6 +170,7 @@ def merge_cmd(
     from .api import merge
 
     ctx.obj["debug"] = ctx.obj.get("debug") or debug
+    parsed_weights = _parse_weights(weights)
     quant_flags = [
         f
         for f, given in (
@@ -202,7 +203,7 @@ def merge_cmd(
             double_quant=double_quant,
             quant_input_dtype=quant_input_dtype,
             quantization_from=quantization_from,
-            weights=_parse_weights(weights),
+            weights=parsed_weights,
         ),
         quiet=quiet,
         as_json=as_json,
