@@ -61,6 +61,7 @@ def test_resaved_adapter_bf16(llama_base: Path, llama_plain: Path, tmp_path: Pat
 def test_save_adapter_refuses_existing_output(llama_plain: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
+    (out / "lorasave.json").write_text("{}")  # an earlier lorasave output: --overwrite may replace it
     (out / "sentinel.txt").write_text("x")
     with pytest.raises(LorasaveError) as info:
         lorasave.save_adapter(llama_plain, out)

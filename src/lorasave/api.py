@@ -16,6 +16,7 @@ import torch
 
 from .adapter import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_NAME, Adapter, load_adapter
 from .architecture import inspect_architecture
+from .cards import adapter_snippet, hub_id, merged_snippet, write_card
 from .checkpoint import Checkpoint, TensorReader, open_checkpoint
 from .dtypes import FLOAT_DTYPES, dtype_name, parse_output_dtype, st_dtype
 from .errors import InvalidOptionError, SourceNotFoundError
@@ -209,7 +210,19 @@ def merge(
             note = align_generation_eos(folder, tok_dir)
             if note:
                 plan.notes.append(note)
-        return ["config.json", *carried]
+        base_id = ckpt.hub_id or next((hub_id(a.config.get("base_model_name_or_path")) for a in ads if hub_id(a.config.get("base_model_name_or_path"))), None)
+        write_card(
+            folder,
+            kind="merged-4bit" if quant else "merged",
+            base_model=base_id,
+            architectures=ckpt.config.get("architectures"),
+            adapters=[_describe_adapter(a, {}) for a in ads],
+            settings=_card_settings(plan, method, into, spec, weights),
+            base_dir=ckpt.root,
+            load_snippet=merged_snippet(final.name, quant is not None),
+            title=final.name,
+        )
+        return ["config.json", *carried, "README.md"]
 
     def describe_sources() -> dict[str, Any]:
         return {
@@ -237,6 +250,18 @@ def merge(
         )
     finally:
         hasher.close()
+
+
+def _card_settings(plan: MergePlan, method: SaveMethod, into: MergeInto, spec: Bnb4bitSpec | None, weights: Sequence[float] | None) -> dict[str, Any]:
+    """The settings a model card shows."""
+    return {
+        "dtype": dtype_name(plan.out_dtype),
+        "save_method": method.value,
+        "merge_into": into.value if into is not MergeInto.BASE else None,
+        "4-bit quantization": f"{spec.quant_type}, blocksize {spec.blocksize}, double quant {spec.double_quant}" if spec else None,
+        "adapter weights": ", ".join(map(str, weights)) if weights else None,
+        "tensors changed by the adapters": len(plan.merged),
+    }
 
 
 def merge_sources(
@@ -404,6 +429,19 @@ def save_adapter(
         files[ADAPTER_SAFE_NAME] = writer.end()
         shutil.copyfile(ad.root / ADAPTER_CONFIG_NAME, stage.path / ADAPTER_CONFIG_NAME)
         files[ADAPTER_CONFIG_NAME] = sha256_file(stage.path / ADAPTER_CONFIG_NAME)
+        base_name = ad.config.get("base_model_name_or_path")
+        write_card(
+            stage.path,
+            kind="adapter",
+            base_model=base_name,
+            architectures=None,
+            adapters=[_describe_adapter(ad, {})],
+            settings={"dtype": dtype_name(out_dtype) if out_dtype else "as saved"},
+            base_dir=None,
+            load_snippet=adapter_snippet(str(base_name or "BASE"), final.name),
+            title=final.name,
+        )
+        files["README.md"] = sha256_file(stage.path / "README.md")
         hashes = {p.name: sha256_file(p) for p in ad.source_files()}
         write_manifest(
             stage.path,

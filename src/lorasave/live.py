@@ -28,6 +28,7 @@ import torch
 
 from .adapter import KEY_PREFIX, Adapter, TunerType, _check_config, _resolve_modules
 from .api import MergeResult, merge_sources
+from .cards import hub_id, merged_snippet, write_card
 from .checkpoint import Checkpoint, MemoryEntry
 from .dtypes import FLOAT_DTYPES, parse_output_dtype
 from .errors import InvalidOptionError, UnsupportedModelError
@@ -176,6 +177,26 @@ def save_pretrained_merged(
             if getattr(base, "generation_config", None) is not None and base.can_generate():
                 base.generation_config.save_pretrained(folder)
                 names.append("generation_config.json")
+            write_card(
+                folder,
+                kind="merged-4bit" if quant else "merged",
+                base_model=hub_id(getattr(base.config, "_name_or_path", None)),
+                architectures=ckpt.config.get("architectures"),
+                adapters=[
+                    {
+                        "peft_type": ad.config.get("peft_type"),
+                        "r": ad.config.get("r"),
+                        "lora_alpha": ad.config.get("lora_alpha"),
+                        "target_modules": ad.config.get("target_modules"),
+                        "path": "live PeftModel",
+                    }
+                ],
+                settings={"dtype": str(plan.out_dtype).removeprefix("torch."), "save_method": save_method},
+                base_dir=None,
+                load_snippet=merged_snippet(final.name, quant is not None),
+                title=final.name,
+            )
+            names.append("README.md")
             if tokenizer is not None:
                 before = set(os.listdir(folder))
                 tokenizer.save_pretrained(folder)
