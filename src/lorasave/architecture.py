@@ -24,6 +24,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+#: Bump when what ``build_architecture`` computes changes, so cached facts are recomputed.
+CACHE_SCHEMA = 4
+
+
 class ModuleKind(enum.Enum):
     """Layer types that decide how a LoRA delta is shaped."""
 
@@ -156,7 +160,7 @@ def inspect_architecture(config_json: dict[str, Any]) -> ArchitectureInfo:
 
     from . import __version__, cache
 
-    key = (json.dumps(config_json, sort_keys=True), version("transformers"), version("torch"), __version__)
+    key = (json.dumps(config_json, sort_keys=True), version("transformers"), version("torch"), __version__, str(CACHE_SCHEMA))
     hit = cache.get("architecture", *key)
     if isinstance(hit, dict):
         try:
@@ -179,32 +183,16 @@ def build_architecture(config_json: dict[str, Any]) -> ArchitectureInfo:
         transformers has no built-in class for this ``model_type``; lorasave then keeps the
         checkpoint's own tensor order.
     """
-    import transformers
-    from transformers import CONFIG_MAPPING
-
-    model_type = config_json.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        return ArchitectureInfo(note=f"transformers has no built-in model_type {model_type!r}; keeping the base's tensor order")
     try:
-        config = CONFIG_MAPPING[model_type].from_dict(dict(config_json))
-    except Exception as e:  # a config transformers cannot parse: fall back, say why
-        return ArchitectureInfo(note=f"transformers could not read config.json ({type(e).__name__}: {e}); keeping the base's tensor order")
-    cls = _model_class(config, list(config_json.get("architectures") or []))
-    if cls is None:
-        return ArchitectureInfo(note=f"no built-in transformers class for {config_json.get('architectures')}; keeping the base's tensor order")
-    tf_logger = transformers.utils.logging.get_logger("transformers")
-    old_level = tf_logger.level
-    tf_logger.setLevel(logging.ERROR)
-    try:
-        with torch.device("meta"), contextlib.redirect_stdout(None):
-            model = cls._from_config(config)
+        model = _instantiate(config_json)
         state = model.state_dict()
         kept = _drop_tied(state, model)
         kept = _revert_conversion(kept, model)
-    except Exception as e:
-        return ArchitectureInfo(note=f"could not build {cls.__name__} on the meta device ({type(e).__name__}: {e}); keeping the base's tensor order")
-    finally:
-        tf_logger.setLevel(old_level)
+    except _NoClass as e:
+        return ArchitectureInfo(note=f"{e}; keeping the base's tensor order")
+    except Exception as e:  # a config or class transformers cannot build on meta: fall back, say why
+        return ArchitectureInfo(note=f"could not build the model on the meta device ({type(e).__name__}: {e}); keeping the base's tensor order")
+    cls = type(model)
     info = ArchitectureInfo(
         model_class=cls.__name__,
         save_order=list(kept),
@@ -243,6 +231,37 @@ def _params3d(model: Any) -> dict[str, tuple[list[int], bool]]:
     return out
 
 
+class _NoClass(Exception):
+    """transformers has no built-in class for this config (message says why)."""
+
+
+def _instantiate(config_json: dict[str, Any]) -> Any:
+    """The config's built-in transformers class, built on the meta device (no weights, no remote code).
+
+    Raises:
+        _NoClass: unknown ``model_type`` or no built-in class for ``architectures``.
+        Exception: whatever transformers raises for a config it cannot build.
+    """
+    import transformers
+    from transformers import CONFIG_MAPPING
+
+    model_type = config_json.get("model_type")
+    if model_type not in CONFIG_MAPPING:
+        raise _NoClass(f"transformers has no built-in model_type {model_type!r}")
+    config = CONFIG_MAPPING[model_type].from_dict(dict(config_json))
+    cls = _model_class(config, list(config_json.get("architectures") or []))
+    if cls is None:
+        raise _NoClass(f"no built-in transformers class for {config_json.get('architectures')}")
+    tf_logger = transformers.utils.logging.get_logger("transformers")
+    old_level = tf_logger.level
+    tf_logger.setLevel(logging.ERROR)
+    try:
+        with torch.device("meta"), contextlib.redirect_stdout(None):
+            return cls._from_config(config)
+    finally:
+        tf_logger.setLevel(old_level)
+
+
 def meta_model(config_json: dict[str, Any]) -> Any:
     """The base's transformers class on the meta device, with the weight conversions a loaded model carries.
 
@@ -252,26 +271,12 @@ def meta_model(config_json: dict[str, Any]) -> Any:
     Raises:
         UnsupportedModelError: transformers has no built-in class for this config.
     """
-    import transformers
-    from transformers import CONFIG_MAPPING
-
     from .errors import UnsupportedModelError
 
-    model_type = config_json.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise UnsupportedModelError(f"transformers has no built-in model_type {model_type!r}; cannot map its runtime parameters")
-    config = CONFIG_MAPPING[model_type].from_dict(dict(config_json))
-    cls = _model_class(config, list(config_json.get("architectures") or []))
-    if cls is None:
-        raise UnsupportedModelError(f"no built-in transformers class for {config_json.get('architectures')}")
-    tf_logger = transformers.utils.logging.get_logger("transformers")
-    old_level = tf_logger.level
-    tf_logger.setLevel(logging.ERROR)
     try:
-        with torch.device("meta"), contextlib.redirect_stdout(None):
-            model = cls._from_config(config)
-    finally:
-        tf_logger.setLevel(old_level)
+        model = _instantiate(config_json)
+    except _NoClass as e:
+        raise UnsupportedModelError(f"{e}; cannot map its runtime parameters") from None
     _revert_conversion({}, model)  # attaches the conversions
     return model
 
