@@ -239,6 +239,30 @@ def adapter_cmd(
     )
 
 
+@main.command("verify")
+@click.argument("output")
+@click.option("--level", type=click.Choice(["files", "tensors"]), default="tensors", show_default=True, help="files: sha256; tensors: also probe each tensor.")
+@click.option("--base", default=None, help="Where the base is now, if it moved since the merge.")
+@click.option("--adapter", "adapters", multiple=True, help="Where the adapter(s) are now (repeat for several).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
+@click.option("--debug", is_flag=True, hidden=True)
+@click.pass_context
+def verify_cmd(ctx: click.Context, output: str, level: str, base: str | None, adapters: tuple[str, ...], as_json: bool, debug: bool) -> None:
+    """Check OUTPUT against its lorasave.json and (tensors level) an independent recomputation from its sources."""
+    from .verify import verify
+
+    ctx.obj["debug"] = ctx.obj.get("debug") or debug
+    reports: list[Any] = []
+
+    def go() -> Any:
+        reports.append(verify(output, level=level, base=base, adapters=list(adapters) or None))
+        return reports[0]
+
+    _run(ctx, go, quiet=False, as_json=as_json)
+    if reports and not reports[0].ok:
+        ctx.exit(1)
+
+
 def run() -> None:
     """Console entry point: click usage errors become one ``error:`` line too (exit 2)."""
     try:
