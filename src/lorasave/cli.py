@@ -263,6 +263,19 @@ def verify_cmd(ctx: click.Context, output: str, level: str, base: str | None, ad
         ctx.exit(1)
 
 
+@main.command("inspect")
+@click.argument("path")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as one JSON object on stdout.")
+@click.option("--debug", is_flag=True, hidden=True)
+@click.pass_context
+def inspect_cmd(ctx: click.Context, path: str, as_json: bool, debug: bool) -> None:
+    """Describe a checkpoint folder, safetensors file, PEFT adapter or GGUF file."""
+    from .inspect import inspect_path
+
+    ctx.obj["debug"] = ctx.obj.get("debug") or debug
+    _run(ctx, lambda: inspect_path(path), quiet=False, as_json=as_json)
+
+
 def run() -> None:
     """Console entry point: click usage errors become one ``error:`` line too (exit 2)."""
     try:
