@@ -69,3 +69,13 @@ def test_cli_exit_codes(merged: Path) -> None:
     (merged / "config.json").write_text("{}")
     bad = subprocess.run([sys.executable, "-m", "lorasave", "verify", str(merged), "--level", "files"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "config.json" in bad.stdout
+
+
+def test_merge_with_verify_records_it(tmp_path: Path) -> None:
+    res = lorasave.merge(BASE, LORA, tmp_path / "v", verify=True)
+    assert res.verification and res.verification["ok"]
+    assert res.summary().endswith("verified")
+    manifest = json.loads((res.output / "lorasave.json").read_text())
+    assert manifest["result"]["verification"]["ok"] is True
+    assert "passed before the output was written" in (res.output / "README.md").read_text()
+    assert verify(res.output).ok  # the card rewrite kept the manifest's sha256 right

@@ -52,6 +52,7 @@ class MergeResult:
             and their sum exceeds ``seconds``.
         notes: fallbacks and facts worth knowing.
         quantization: the weight format when not plain floats (``"nf4 4-bit"``), else None.
+        verification: the ``verify`` result when ``verify=True`` was asked.
     """
 
     output: Path
@@ -64,6 +65,7 @@ class MergeResult:
     timings: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     quantization: str | None = None
+    verification: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json``)."""
@@ -77,7 +79,7 @@ class MergeResult:
         return (
             f"merged {self.n_merged} of {self.n_tensors} tensors into {self.output} "
             f"({len([f for f in self.files if f.endswith('.safetensors')])} shard(s), {self.total_bytes / 1e6:.1f} MB, {form}) "
-            f"in {self.seconds:.1f} s"
+            f"in {self.seconds:.1f} s" + ("; verified" if self.verification and self.verification.get("ok") else "")
         )
 
 
@@ -123,6 +125,7 @@ def merge(
     quant_input_dtype: str | torch.dtype = "bfloat16",
     quantization_from: PathLike | None = None,
     weights: Sequence[float] | None = None,
+    verify: bool = False,
 ) -> MergeResult:
     """Merge LoRA adapter(s) into a base checkpoint and write a sharded safetensors checkpoint.
 
@@ -158,6 +161,8 @@ def merge(
             gives the 4-bit settings.
         weights: one combination weight per adapter (default 1.0 each): W0 + Σ wᵢ·ΔWᵢ, each ΔWᵢ
             with its own scaling; PEFT's ``add_weighted_adapter(combination_type="cat")``.
+        verify: run ``lorasave verify`` (tensors level) on the output before the final rename;
+            the result goes into the manifest and the model card.
 
     Returns:
         MergeResult.
@@ -247,6 +252,7 @@ def merge(
             describe_sources=describe_sources,
             extra_settings={"allow_pickle": allow_pickle},
             t_start=t_start,
+            verify_output=verify,
         )
     finally:
         hasher.close()
@@ -262,6 +268,32 @@ def _card_settings(plan: MergePlan, method: SaveMethod, into: MergeInto, spec: B
         "adapter weights": ", ".join(map(str, weights)) if weights else None,
         "tensors changed by the adapters": len(plan.merged),
     }
+
+
+def _verify_staged(folder: Path, files: dict[str, str]) -> dict[str, Any]:
+    """Tensors-level ``verify`` of a staged output; records the result in its model card.
+
+    Raises:
+        VerificationError: the output does not match its sources.
+    """
+    from .verify import VerificationError, verify
+
+    report = verify(folder)
+    if not report.ok:
+        raise VerificationError(f"the output failed verification, nothing was written: {report.summary()}", path=folder, failures=report.failures)
+    line = (
+        f"`lorasave verify` (tensors level) passed before the output was written: {report.tensors_exact} tensors equal the base, "
+        f"{report.tensors_probed} merged tensors pass the random-probe check (worst {report.max_probe_error:.3f} of the rounding bound)"
+        + (f", {len(report.not_probed)} not probed" if report.not_probed else "")
+        + "."
+    )
+    card = folder / "README.md"
+    if card.is_file():
+        text = card.read_text(encoding="utf-8")
+        head, sep, _ = text.partition("## Verification\n")
+        card.write_text(head + sep + "\n" + line + "\n", encoding="utf-8")
+        files["README.md"] = sha256_file(card)
+    return {"level": "tensors", "ok": True, "summary": line, "max_probe_error": report.max_probe_error, "not_probed": len(report.not_probed)}
 
 
 def merge_sources(
@@ -280,6 +312,7 @@ def merge_sources(
     describe_sources: Callable[[], dict[str, Any]],
     extra_settings: dict[str, Any],
     t_start: float,
+    verify_output: bool = False,
 ) -> MergeResult:
     """Plan, execute and finalize a merge of opened sources into ``final`` (shared by ``merge`` and the live API).
 
@@ -287,6 +320,8 @@ def merge_sources(
         side_files: writes config.json, tokenizer and other non-weight files into the staging
             folder; returns their names.
         describe_sources: the manifest's ``sources`` section.
+        verify_output: run ``verify`` (tensors level) on the staged output before the final
+            rename; a failure raises and nothing is written.
     """
     arch = inspect_architecture(ckpt.config)
     plan = build_plan(
@@ -331,7 +366,11 @@ def merge_sources(
             "architecture": arch.model_class,
             "notes": plan.notes,
         }
-        write_manifest(stage.path, command="merge", sources=describe_sources(), settings=settings, result=summary, files=files)
+        sources = describe_sources()
+        write_manifest(stage.path, command="merge", sources=sources, settings=settings, result=summary, files=files)
+        if verify_output:
+            summary["verification"] = _verify_staged(stage.path, files)
+            write_manifest(stage.path, command="merge", sources=sources, settings=settings, result=summary, files=files)
         stage.commit()
     result = MergeResult(
         output=final,
@@ -344,6 +383,7 @@ def merge_sources(
         timings=timings.as_dict(),
         notes=list(plan.notes),
         quantization=f"{spec.quant_type} 4-bit" if spec and method is SaveMethod.MERGED_4BIT else None,
+        verification=summary.get("verification"),
     )
     logger.debug("%s", result.summary())
     return result

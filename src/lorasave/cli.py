@@ -139,6 +139,7 @@ def _parse_weights(text: str | None) -> list[float] | None:
 )
 @click.option("--quantization-from", type=click.Path(), default=None, help="Read the 4-bit settings from this 4-bit checkpoint's config.json.")
 @click.option("--weights", default=None, help="Comma-separated weight per adapter: W0 + Σ wᵢ·ΔWᵢ (default 1 each).")
+@click.option("--verify", "verify_output", is_flag=True, help="Verify the output (tensors level) before it is renamed into place.")
 @_common
 @click.pass_context
 def merge_cmd(
@@ -157,6 +158,7 @@ def merge_cmd(
     quant_input_dtype: str,
     quantization_from: str | None,
     weights: str | None,
+    verify_output: bool,
     overwrite: bool,
     quiet: bool,
     as_json: bool,
@@ -204,6 +206,7 @@ def merge_cmd(
             quant_input_dtype=quant_input_dtype,
             quantization_from=quantization_from,
             weights=parsed_weights,
+            verify=verify_output,
         ),
         quiet=quiet,
         as_json=as_json,
