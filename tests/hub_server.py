@@ -57,7 +57,8 @@ USER = "tester"
 ORG = "lorasave-org"
 _MAX_BODY = 256 << 20  # the stand-in refuses bodies above 256 MiB
 _YAML_BLOCK = re.compile(r"\A\ufeff?\s*---[\r\n]+([\s\S]*?)[\r\n]+---(\r\n|\n|$)")
-_REPO_ROUTE = re.compile(r"^/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/(?P<action>preupload|commit|branch|revision|tree|paths-info|refs|discussions)(?:/(?P<rest>.*))?$")
+_ACTIONS = "preupload|commit|branch|revision|tree|paths-info|refs|discussions"
+_REPO_ROUTE = re.compile(rf"^/api/models/(?P<repo>[^/]+(?:/[^/]+)?)/(?P<action>{_ACTIONS})(?:/(?P<rest>.*))?$")
 _INFO_ROUTE = re.compile(r"^/api/models/(?P<repo>[^/]+(?:/[^/]+)?)$")
 _RESOLVE_ROUTE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
 
@@ -114,11 +115,12 @@ class _Failure:
 
 
 class _HubError(Exception):
-    def __init__(self, status: int, message: str, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, code: str | None = None, **extra: Any) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.code = code
+        self.extra = extra
 
 
 class HubStandIn:
@@ -175,6 +177,11 @@ class HubStandIn:
         with self._lock:
             self._failures.append(_Failure(method.upper(), re.compile(path_regex), status, times, message))
 
+    def clear_failures(self) -> None:
+        """Forget the failures ``fail()`` planned and not yet served."""
+        with self._lock:
+            self._failures.clear()
+
     def repo_exists(self, repo_id: str) -> bool:
         with self._lock:
             return repo_id in self._repos
@@ -217,7 +224,7 @@ class HubStandIn:
             headers = {"X-Error-Message": e.message}
             if e.code:
                 headers["X-Error-Code"] = e.code
-            return _json_response(e.status, {"error": e.message}, headers)
+            return _json_response(e.status, {"error": e.message, **e.extra}, headers)
 
     def _route(self, req: Request) -> tuple[int, dict[str, str], bytes]:
         m, p = req.method, req.path
@@ -278,7 +285,7 @@ class HubStandIn:
         if role != "write":
             raise _HubError(403, "This token does not have write access")
         if namespace != user and namespace not in self.orgs.get(user, []):
-            raise _HubError(403, f"You don't have the rights to create a model under the namespace \"{namespace}\"")
+            raise _HubError(403, f'You don\'t have the rights to create a model under the namespace "{namespace}"')
         return user
 
     def _repo(self, req: Request, repo_id: str, *, write: bool) -> _Repo:
@@ -311,7 +318,13 @@ class HubStandIn:
     def _whoami(self, req: Request) -> tuple[int, dict[str, str], bytes]:
         user, role = self._user(req, required=True) or ("", "")
         orgs = [{"type": "org", "name": o, "fullname": o} for o in self.orgs.get(user, [])]
-        doc = {"type": "user", "name": user, "fullname": user, "orgs": orgs, "auth": {"type": "access_token", "accessToken": {"displayName": "stand-in", "role": role}}}
+        doc = {
+            "type": "user",
+            "name": user,
+            "fullname": user,
+            "orgs": orgs,
+            "auth": {"type": "access_token", "accessToken": {"displayName": "stand-in", "role": role}},
+        }
         return _json_response(200, doc)
 
     def _create_repo(self, req: Request) -> tuple[int, dict[str, str], bytes]:
@@ -328,7 +341,8 @@ class HubStandIn:
         url = f"{self._base(req)}/{repo_id}"
         with self._lock:
             if repo_id in self._repos:
-                raise _HubError(409, "You already created this model repo")
+                # the Hub's 409 carries the repo URL: create_repo(exist_ok=True) builds its RepoUrl from it
+                raise _HubError(409, "You already created this model repo", url=url)
             private = body.get("visibility") == "private" or body.get("private") is True
             repo = _Repo(repo_id, private)
             self._repos[repo_id] = repo

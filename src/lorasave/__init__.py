@@ -16,11 +16,23 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["AdapterResult", "LorasaveError", "MergeResult", "__version__", "attach", "merge", "save_adapter", "save_pretrained_merged"]
+__all__ = [
+    "AdapterResult",
+    "LorasaveError",
+    "MergeResult",
+    "PushResult",
+    "__version__",
+    "attach",
+    "merge",
+    "push",
+    "save_adapter",
+    "save_pretrained_merged",
+]
 
 if TYPE_CHECKING:
     from .api import AdapterResult, MergeResult, merge, save_adapter
     from .errors import LorasaveError
+    from .hub import PushResult, push
     from .live import attach, save_pretrained_merged
 
 
@@ -30,6 +42,10 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name in ("push", "PushResult"):
+        from . import hub
+
+        return getattr(hub, name)
     if name in ("save_pretrained_merged", "attach"):
         from . import live
 

@@ -101,6 +101,56 @@ def _parse_weights(text: str | None) -> list[float] | None:
         raise click.BadParameter(f"{text!r}: give numbers separated by commas, e.g. 0.7,0.3", param_hint="--weights") from None
 
 
+class _SavedAndPushed:
+    """A save's result followed by its push: one summary line each, one JSON object."""
+
+    def __init__(self, saved: Any, pushed: Any) -> None:
+        self.saved = saved
+        self.pushed = pushed
+
+    def summary(self) -> str:
+        return f"{self.saved.summary()}\n{self.pushed.summary()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.saved.to_dict(), "push": self.pushed.to_dict()}
+
+
+def _push_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--push-to-hub REPO_ID`` and ``--private`` for a command that saves an output."""
+    f = click.option("--private", is_flag=True, help="With --push-to-hub: create the Hub repo private.")(f)
+    f = click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID", help="Push OUT to this Hub model repo once it is complete.")(f)
+    return f
+
+
+def _hub_quiet(debug: bool) -> None:
+    # huggingface_hub has its own stderr handler (e.g. "No files have been modified since last commit"):
+    # lorasave's summary says it in one line already
+    if not debug:
+        from huggingface_hub.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+
+
+def _save_then_push(save: Callable[[], Any], repo_id: str | None, *, private: bool, progress: bool) -> Callable[[], Any]:
+    """``save``, then push its output to ``repo_id`` (when given); the push checks run before the save."""
+    if repo_id is None:
+        return save
+
+    def go() -> Any:
+        from .hub import check_push_options, push
+
+        check_push_options(repo_id)  # bad id, no token, offline: fail before a long save
+        saved = save()
+        try:
+            pushed = push(saved.output, repo_id, private=private, progress=progress)
+        except LorasaveError as e:
+            e.message = f"{e.message} (the output is complete in {saved.output}; to retry: lorasave push {saved.output} {repo_id})"
+            raise
+        return _SavedAndPushed(saved, pushed)
+
+    return go
+
+
 @main.command("merge")
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
@@ -140,6 +190,7 @@ def _parse_weights(text: str | None) -> list[float] | None:
 @click.option("--quantization-from", type=click.Path(), default=None, help="Read the 4-bit settings from this 4-bit checkpoint's config.json.")
 @click.option("--weights", default=None, help="Comma-separated weight per adapter: W0 + Σ wᵢ·ΔWᵢ (default 1 each).")
 @click.option("--verify", "verify_output", is_flag=True, help="Verify the output (tensors level) before it is renamed into place.")
+@_push_options
 @_common
 @click.pass_context
 def merge_cmd(
@@ -159,6 +210,8 @@ def merge_cmd(
     quantization_from: str | None,
     weights: str | None,
     verify_output: bool,
+    push_to_hub: str | None,
+    private: bool,
     overwrite: bool,
     quiet: bool,
     as_json: bool,
@@ -186,27 +239,34 @@ def merge_cmd(
     ]
     if quant_flags and save_method != "merged_4bit" and merge_into != "dequantized":
         click.echo(f"note: {', '.join(quant_flags)} only apply with --save-method merged_4bit or --merge-into dequantized; ignored", err=True)
+    if push_to_hub:
+        _hub_quiet(ctx.obj["debug"])
     _run(
         ctx,
-        lambda: merge(
-            base,
-            list(adapters),
-            output,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            tokenizer=tokenizer,
-            allow_pickle=allow_pickle,
+        _save_then_push(
+            lambda: merge(
+                base,
+                list(adapters),
+                output,
+                dtype=dtype,
+                max_shard_size=max_shard_size,
+                overwrite=overwrite,
+                tokenizer=tokenizer,
+                allow_pickle=allow_pickle,
+                progress=not (quiet or as_json) and sys.stderr.isatty(),
+                save_method=save_method,
+                merge_into=merge_into,
+                quant_type=quant_type,
+                blocksize=blocksize,
+                double_quant=double_quant,
+                quant_input_dtype=quant_input_dtype,
+                quantization_from=quantization_from,
+                weights=parsed_weights,
+                verify=verify_output,
+            ),
+            push_to_hub,
+            private=private,
             progress=not (quiet or as_json) and sys.stderr.isatty(),
-            save_method=save_method,
-            merge_into=merge_into,
-            quant_type=quant_type,
-            blocksize=blocksize,
-            double_quant=double_quant,
-            quant_input_dtype=quant_input_dtype,
-            quantization_from=quantization_from,
-            weights=parsed_weights,
-            verify=verify_output,
         ),
         quiet=quiet,
         as_json=as_json,
@@ -217,6 +277,7 @@ def merge_cmd(
 @click.argument("adapter")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
 @click.option("--dtype", type=_DTYPE, default="auto", show_default=True, help="Cast floating tensors; auto keeps them.")
+@_push_options
 @_common
 @click.pass_context
 def adapter_cmd(
@@ -224,6 +285,8 @@ def adapter_cmd(
     adapter: str,
     output: str,
     dtype: str,
+    push_to_hub: str | None,
+    private: bool,
     overwrite: bool,
     quiet: bool,
     as_json: bool,
@@ -234,9 +297,16 @@ def adapter_cmd(
     from .api import save_adapter
 
     ctx.obj["debug"] = ctx.obj.get("debug") or debug
+    if push_to_hub:
+        _hub_quiet(ctx.obj["debug"])
     _run(
         ctx,
-        lambda: save_adapter(adapter, output, dtype=dtype, overwrite=overwrite, allow_pickle=allow_pickle),
+        _save_then_push(
+            lambda: save_adapter(adapter, output, dtype=dtype, overwrite=overwrite, allow_pickle=allow_pickle),
+            push_to_hub,
+            private=private,
+            progress=not (quiet or as_json) and sys.stderr.isatty(),
+        ),
         quiet=quiet,
         as_json=as_json,
     )
@@ -277,6 +347,55 @@ def inspect_cmd(ctx: click.Context, path: str, as_json: bool, debug: bool) -> No
 
     ctx.obj["debug"] = ctx.obj.get("debug") or debug
     _run(ctx, lambda: inspect_path(path), quiet=False, as_json=as_json)
+
+
+@main.command("push")
+@click.argument("folder")
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (an existing public repo is refused, not made private).")
+@click.option("--revision", default=None, metavar="BRANCH", help="Branch to push to (created from main when missing); default main.")
+@click.option("--commit-message", default=None, help="Commit summary; default: what was pushed, from lorasave.json.")
+@click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display, notes or summary.")
+@click.option("--debug", is_flag=True, hidden=True)
+@click.pass_context
+def push_cmd(
+    ctx: click.Context,
+    folder: str,
+    repo_id: str,
+    private: bool,
+    revision: str | None,
+    commit_message: str | None,
+    create_pr: bool,
+    as_json: bool,
+    quiet: bool,
+    debug: bool,
+) -> None:
+    """Push FOLDER (a lorasave output, a PEFT adapter, any model folder) to the Hub model repo REPO_ID.
+
+    The token comes from HF_TOKEN or `hf auth login`. Files listed in FOLDER/lorasave.json must
+    match their sha256; README.md must pass the Hub's metadata validation. Re-running a push that
+    failed resumes it.
+    """
+    from .hub import push
+
+    ctx.obj["debug"] = ctx.obj.get("debug") or debug
+    _hub_quiet(ctx.obj["debug"])
+    _run(
+        ctx,
+        lambda: push(
+            folder,
+            repo_id,
+            private=private,
+            revision=revision,
+            commit_message=commit_message,
+            create_pr=create_pr,
+            progress=not (quiet or as_json) and sys.stderr.isatty(),
+        ),
+        quiet=quiet,
+        as_json=as_json,
+    )
 
 
 def run() -> None:
