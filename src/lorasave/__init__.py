@@ -23,6 +23,7 @@ __all__ = [
     "PushResult",
     "__version__",
     "attach",
+    "export_onnx",
     "merge",
     "push",
     "save_adapter",
@@ -34,6 +35,7 @@ if TYPE_CHECKING:
     from .errors import LorasaveError
     from .hub import PushResult, push
     from .live import attach, save_pretrained_merged
+    from .onnx_export import export_onnx
 
 
 def __getattr__(name: str) -> Any:
@@ -42,6 +44,10 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name == "export_onnx":
+        from .onnx_export import export_onnx
+
+        return export_onnx
     if name in ("push", "PushResult"):
         from . import hub
 

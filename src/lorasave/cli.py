@@ -312,6 +312,70 @@ def adapter_cmd(
     )
 
 
+@main.command("onnx")
+@click.argument("base")
+@click.argument("adapters", nargs=-1)
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
+@click.option(
+    "--dtype", type=click.Choice(["float32", "float16"], case_sensitive=False), default="float32", show_default=True, help="Weights, KV cache and logits."
+)
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="onnxruntime dynamic int8 quantization of MatMul weights (--dtype float32).")
+@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the default domain (18 or newer).")
+@click.option(
+    "--verify/--no-verify",
+    default=True,
+    show_default=True,
+    help="Compare onnxruntime with transformers; refuse the output beyond tolerance.",
+)
+@click.option("--weights", default=None, help="Comma-separated weight per adapter: W0 + Σ wᵢ·ΔWᵢ (default 1 each).")
+@click.option("--tokenizer", type=click.Path(), default=None, help="Copy the tokenizer from this folder (default: the adapter's, else the base's).")
+@_common
+@click.pass_context
+def onnx_cmd(
+    ctx: click.Context,
+    base: str,
+    adapters: tuple[str, ...],
+    output: str,
+    dtype: str,
+    quantize: str | None,
+    opset: int,
+    verify: bool,
+    weights: str | None,
+    tokenizer: str | None,
+    overwrite: bool,
+    quiet: bool,
+    as_json: bool,
+    allow_pickle: bool,
+    debug: bool,
+) -> None:
+    """Merge ADAPTER(s) into BASE in float32 and export an ONNX decoder with KV cache to OUT.
+
+    optimum's layout, run by onnxruntime. With no ADAPTER, BASE itself is exported. Needs pip install 'lorasave[onnx]'.
+    """
+    from .onnx_export import export_onnx
+
+    ctx.obj["debug"] = ctx.obj.get("debug") or debug
+    parsed_weights = _parse_weights(weights)
+    _run(
+        ctx,
+        lambda: export_onnx(
+            base,
+            list(adapters),
+            output,
+            dtype=dtype,
+            quantize=quantize,
+            opset=opset,
+            overwrite=overwrite,
+            verify=verify,
+            weights=parsed_weights,
+            tokenizer=tokenizer,
+            allow_pickle=allow_pickle,
+        ),
+        quiet=quiet,
+        as_json=as_json,
+    )
+
+
 @main.command("verify")
 @click.argument("output")
 @click.option("--level", type=click.Choice(["files", "tensors"]), default="tensors", show_default=True, help="files: sha256; tensors: also probe each tensor.")

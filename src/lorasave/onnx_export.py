@@ -33,25 +33,34 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .errors import InvalidOptionError, LorasaveError, UnsupportedModelError
 from .manifest import MANIFEST_NAME, sha256_file, sha256_source, write_manifest
-from .output import StagedOutput, carry_files, check_output_path, write_config
+from .onnx_run import ONNX_NAME, OnnxDecoder, import_onnx, onnx_generate, verify_onnx
+from .output import StagedOutput, align_generation_eos, carry_files, check_output_path, write_config
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
-ONNX_NAME = "model.onnx"
+__all__ = [
+    "KVCacheDecoder",
+    "OnnxDecoder",
+    "OnnxResult",
+    "OnnxVerificationError",
+    "export_onnx",
+    "input_names",
+    "onnx_generate",
+    "output_names",
+    "verify_onnx",
+]
 #: Weights above this many bytes (decimal, as lorasave's sizes) go to external data: protobuf caps a file at 2 GiB.
 EXTERNAL_DATA_BYTES = 2 * 10**9
 #: Largest |ONNX logit − transformers logit| accepted by the verification, relative to max |logit|.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16", "half": "float16"}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-_INSTALL = "pip install 'lorasave[onnx]' (onnx, onnxruntime, onnxscript)"
 
 
 class OnnxVerificationError(LorasaveError, ArithmeticError):
@@ -121,21 +130,6 @@ class OnnxResult:
         return line
 
 
-def import_onnx() -> tuple[Any, Any]:
-    """Import ``onnx`` and ``onnxruntime`` (and check ``onnxscript``, which torch's exporter needs).
-
-    Raises:
-        UnsupportedModelError: one of them is not installed; the message names ``pip install 'lorasave[onnx]'``.
-    """
-    try:
-        import onnx
-        import onnxruntime
-        import onnxscript  # noqa: F401  # torch.onnx.export(dynamo=True) builds the graph with it
-    except ImportError as e:
-        raise UnsupportedModelError(f"ONNX export needs onnx, onnxruntime and onnxscript ({e.name} is missing): {_INSTALL}") from None
-    return onnx, onnxruntime
-
-
 def parse_onnx_options(dtype: str | torch.dtype, quantize: str | None, opset: int) -> tuple[str, str | None]:
     """Validate ``export_onnx``'s options.
 
@@ -157,6 +151,27 @@ def parse_onnx_options(dtype: str | torch.dtype, quantize: str | None, opset: in
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < 18:
         raise InvalidOptionError(f"opset {opset!r}: torch's ONNX exporter needs opset 18 or newer")
     return name, q
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """Silence stdout, Python warnings, transformers' progress bars and the named loggers (below ERROR) for a block."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in saved:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 # ------------------------------------------------------------------------------------ the graph
@@ -299,18 +314,17 @@ def export_decoder(model: torch.nn.Module, path: Path, geometry: CacheGeometry, 
     mask = torch.ones(batch, past_len + seq, dtype=torch.long)
     mask[1, :2] = 0
     positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -seq:]
+    gen = torch.Generator().manual_seed(0)  # example values only; the caller's RNG is left alone
     past = []
     for _ in range(geometry.n_layers):
-        past.append(torch.randn(batch, geometry.num_kv_heads, past_len, geometry.head_dim, dtype=dtype))
-        past.append(torch.randn(batch, geometry.num_kv_heads, past_len, geometry.value_dim, dtype=dtype))
-    ids = torch.randint(0, 8, (batch, seq))
+        past.append(torch.randn(batch, geometry.num_kv_heads, past_len, geometry.head_dim, generator=gen).to(dtype))
+        past.append(torch.randn(batch, geometry.num_kv_heads, past_len, geometry.value_dim, generator=gen).to(dtype))
+    ids = torch.randint(0, 8, (batch, seq), generator=gen)
     b, s, p, t = Dim("batch_size"), Dim("sequence_length"), Dim("past_sequence_length"), Dim("total_sequence_length")
     shapes = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
     wrapper = KVCacheDecoder(model, geometry.n_layers).eval()
-    logs = io.StringIO()
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(logs), torch.no_grad():
-            warnings.simplefilter("ignore")
+        with _quiet("torch.onnx", "onnx_ir", "onnxscript"), torch.no_grad():
             program = torch.onnx.export(
                 wrapper,
                 (ids, mask, positions, *past),
@@ -322,10 +336,11 @@ def export_decoder(model: torch.nn.Module, path: Path, geometry: CacheGeometry, 
                 verbose=False,
             )
             program.save(str(path), external_data=_weight_bytes(model) > EXTERNAL_DATA_BYTES)
+    except (MemoryError, OSError):  # out of memory or disk: not the architecture's fault
+        raise
     except Exception as e:  # torch.export / onnxscript errors have no common base class
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UnsupportedModelError(f"{type(model).__name__} could not be exported to ONNX with torch.onnx.export(dynamo=True): {first}") from e
-    logger.debug("torch.onnx: %s", logs.getvalue())
 
 
 def quantize_int8(src: Path, dst: Path) -> None:
@@ -336,187 +351,250 @@ def quantize_int8(src: Path, dst: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     external = any(p.name != src.name for p in src.parent.iterdir() if p.name.startswith(src.name))
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
+    with _quiet("", "onnxruntime"):  # it advises shape-inference pre-processing on the root logger
         quantize_dynamic(src, dst, weight_type=QuantType.QInt8, use_external_data_format=external)
 
 
-# ----------------------------------------------------------------------------------- the runner
+# ------------------------------------------------------------------------------------ the export
 
 
-class OnnxDecoder:
-    """An onnxruntime session over a graph in optimum's layout, with the cache bookkeeping.
+def _adapter_list(adapters: PathLike | Sequence[PathLike] | None) -> list[PathLike]:
+    if adapters is None:
+        return []
+    if isinstance(adapters, (str, os.PathLike)):
+        return [adapters]
+    return list(adapters)
+
+
+@contextlib.contextmanager
+def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = round(timings.get(phase, 0.0) + time.perf_counter() - start, 3)
+
+
+def _side_files(source: Path, dst: Path, dtype: str) -> list[str]:
+    """Copy a merged output's non-weight files (config, generation config, tokenizer, licenses), config.json's dtype set."""
+    skip = (".safetensors", ".safetensors.index.json")
+    names = []
+    for p in sorted(source.iterdir()):
+        if p.is_file() and not p.name.endswith(skip) and p.name not in (MANIFEST_NAME, "README.md"):  # the merge's card describes safetensors
+            shutil.copyfile(p, dst / p.name)
+            names.append(p.name)
+    cfg = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    write_config(cfg, dst / "config.json", dtype=_TORCH_DTYPES[dtype])
+    return names
+
+
+def _write_card(
+    folder: Path,
+    title: str,
+    ckpt: Any,
+    described: dict[str, Any],
+    dtype: str,
+    quant: str | None,
+    opset: int,
+    geometry: CacheGeometry,
+    verification: dict[str, Any] | None,
+) -> None:
+    """The output's ``README.md`` (``lorasave.cards.write_card``), with an onnxruntime snippet."""
+    from .cards import hub_id, write_card
+
+    adapters = described.get("adapters") or []
+    base_id = ckpt.hub_id or next((hub_id(a.get("base_model_name_or_path")) for a in adapters if hub_id(a.get("base_model_name_or_path"))), None)
+    snippet = (
+        "from lorasave.onnx_export import onnx_generate  # greedy, onnxruntime only\n\n"
+        f'print(onnx_generate("{title}", "Once upon a time", max_new_tokens=20))\n\n'
+        "# or any runner of optimum's layout: inputs input_ids, attention_mask, position_ids,\n"
+        "# past_key_values.N.key/value; outputs logits, present.N.key/value"
+    )
+    checked = None
+    if verification:
+        checked = (
+            f"onnxruntime against transformers (float32) on a prefill, a decode step with the cache and a left-padded batch of two: "
+            f"max |logit difference| {verification['max_abs_diff']:.3g} (max |logit| {verification['max_abs_logit']:.3g}), "
+            f"top-1 agreement {verification['top1_agreement']:.1%}. Every file's sha256 is recorded in `lorasave.json`."
+        )
+    write_card(
+        folder,
+        kind="onnx",
+        base_model=base_id,
+        architectures=ckpt.config.get("architectures"),
+        adapters=adapters,
+        settings={
+            "format": f"ONNX (opset {opset}), decoder with KV cache in optimum's layout",
+            "dtype": dtype,
+            "quantization": "int8 dynamic (onnxruntime)" if quant else None,
+            "cache": f"{geometry.n_layers} layers x (batch, {geometry.num_kv_heads} KV heads, seq, {geometry.head_dim})",
+        },
+        base_dir=ckpt.root,
+        load_snippet=snippet,
+        verification=checked,
+        title=title,
+    )
+
+
+def export_onnx(
+    base: PathLike,
+    adapters: PathLike | Sequence[PathLike] | None,
+    output: PathLike,
+    *,
+    dtype: str | torch.dtype = "float32",
+    quantize: str | None = None,
+    opset: int = 18,
+    overwrite: bool = False,
+    verify: bool = True,
+    weights: Sequence[float] | None = None,
+    tokenizer: PathLike | None = None,
+    allow_pickle: bool = False,
+) -> OnnxResult:
+    """Merge LoRA adapter(s) into a base and export an ONNX decoder with KV cache that onnxruntime runs.
+
+    The merge is ``lorasave.merge`` in float32 (streaming) into a scratch folder inside the staging
+    folder; with no adapter, the base itself is exported. The graph's names and shapes are the
+    module docstring's (optimum's layout). OUT gets ``model.onnx`` (plus ``model.onnx.data`` when the
+    weights exceed 2 GB), ``config.json`` (``dtype`` set), ``generation_config.json``, the tokenizer,
+    license files and ``lorasave.json``; it appears atomically, complete or not at all.
 
     Args:
-        path: ``model.onnx`` or the folder holding it.
-        providers: onnxruntime execution providers (default: CPU).
-
-    Attributes:
-        n_layers, num_kv_heads, head_dim: read from the graph's past inputs.
-        dtype: numpy dtype of the cache tensors (float32 or float16).
-    """
-
-    def __init__(self, path: PathLike, providers: Sequence[str] | None = None) -> None:
-        _, ort = import_onnx()
-        path = Path(path)
-        self.path = path / ONNX_NAME if path.is_dir() else path
-        self.session = ort.InferenceSession(str(self.path), providers=list(providers or ["CPUExecutionProvider"]))
-        self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
-        self.output_names = [o.name for o in self.session.get_outputs()]
-        self.n_layers = len(self.past_inputs) // 2
-        first = self.past_inputs[0]
-        self.num_kv_heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
-        self.dtype = np.float16 if first.type == "tensor(float16)" else np.float32
-
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        """Past tensors of length 0 for the first step: (batch, num_kv_heads, 0, dim) each."""
-        return [np.zeros((batch, int(i.shape[1]), 0, int(i.shape[3])), dtype=self.dtype) for i in self.past_inputs]
-
-    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One step.
-
-        Args:
-            input_ids: (batch, seq) int64, the new tokens.
-            attention_mask: (batch, past_seq + seq) int64, 1 for tokens and 0 for (left) padding.
-            past: the cache, as ``empty_past`` or a previous call's ``present``.
-
-        Returns:
-            ``(logits, present)``: logits (batch, seq, vocab) as float32, and the new cache.
-        """
-        positions = np.cumsum(attention_mask, axis=-1) - 1
-        positions = np.where(attention_mask == 0, 1, positions)[:, -input_ids.shape[1] :]
-        feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64), "position_ids": positions.astype(np.int64)}
-        feed.update({i.name: t for i, t in zip(self.past_inputs, past, strict=True)})
-        logits, *present = self.session.run(self.output_names, feed)
-        return logits.astype(np.float32), present
-
-
-def _eos_ids(folder: Path, tokenizer: Any) -> set[int]:
-    gen = folder / "generation_config.json"
-    eos = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id") if gen.is_file() else None
-    if eos is None:
-        eos = tokenizer.eos_token_id
-    if eos is None:
-        return set()
-    return {int(e) for e in eos} if isinstance(eos, list) else {int(eos)}
-
-
-def onnx_generate(onnx_dir: PathLike, prompt: str, max_new_tokens: int = 20, *, providers: Sequence[str] | None = None) -> str:
-    """Greedy continuation of ``prompt`` with onnxruntime alone (no torch model).
-
-    The prompt is tokenized with the folder's tokenizer (transformers' loader, special tokens
-    added as ``tokenizer(prompt)`` adds them); each step feeds the new token and the cache back.
-    Generation stops after ``max_new_tokens`` tokens or at an EOS id of ``generation_config.json``
-    (else the tokenizer's), as transformers' greedy ``generate`` does.
-
-    Args:
-        onnx_dir: an ``export_onnx`` output folder.
-        prompt: the text to continue.
-        max_new_tokens: most tokens to generate.
-        providers: onnxruntime execution providers (default: CPU).
+        base: base folder or a Hub id in the local HF cache.
+        adapters: PEFT adapter folder(s), or None / [] to export the base.
+        output: the folder to create.
+        dtype: ``"float32"`` or ``"float16"``: weights, cache tensors and logits.
+        quantize: ``"int8"``: onnxruntime dynamic quantization of the float32 graph's MatMul
+            weights (the cache and logits stay float32); None for none.
+        opset: ONNX opset of the default domain (18 or newer).
+        overwrite: replace an existing lorasave output at ``output``.
+        verify: run ``verify_onnx`` (onnxruntime against transformers on the merged model) and store
+            its numbers in the result and manifest; float32 must agree within 1e-4 of max |logit|,
+            float16 within 2e-2, int8 is reported without a threshold.
+        weights, tokenizer, allow_pickle: passed to ``lorasave.merge``.
 
     Returns:
-        The generated text only (not the prompt), decoded with ``skip_special_tokens=True``.
+        OnnxResult.
+
+    Raises:
+        LorasaveError subclasses: InvalidOptionError (dtype, quantize, opset), UnsupportedModelError
+        (onnx or onnxruntime missing, an architecture transformers or torch.onnx cannot export, a
+        sliding-window or hybrid cache), OnnxVerificationError, OutputExistsError, UnsafePathError,
+        and those of ``lorasave.merge``.
     """
-    from transformers import AutoTokenizer
+    from .checkpoint import open_checkpoint
 
-    folder = Path(onnx_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    eos = _eos_ids(folder, tokenizer)
-    decoder = OnnxDecoder(folder, providers)
-    ids = np.asarray([tokenizer(prompt)["input_ids"]], dtype=np.int64)
-    mask = np.ones_like(ids)
-    past = decoder.empty_past(1)
-    new: list[int] = []
-    for _ in range(max_new_tokens):
-        logits, past = decoder(ids, mask, past)
-        token = int(logits[0, -1].argmax())
-        new.append(token)
-        if token in eos:
-            break
-        ids = np.asarray([[token]], dtype=np.int64)
-        mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
-    return tokenizer.decode(new, skip_special_tokens=True)
+    t_start = time.perf_counter()
+    dtype_name, quant = parse_onnx_options(dtype, quantize, opset)
+    onnx, ort = import_onnx()
+    if opset > onnx.defs.onnx_opset_version():
+        raise InvalidOptionError(f"opset {opset}: the installed onnx {onnx.__version__} knows opsets up to {onnx.defs.onnx_opset_version()}")
+    ads = _adapter_list(adapters)
+    ckpt = open_checkpoint(base)
+    if not ads and ckpt.quant_method is not None:
+        raise UnsupportedModelError(
+            f"{ckpt.root} is a {ckpt.quant_method} quantized checkpoint; give its adapter (the merge dequantizes it) "
+            "or write a float32 copy first with lorasave merge",
+            path=ckpt.root,
+        )
+    sources = [ckpt.root, *(Path(a) for a in ads), *([Path(tokenizer)] if tokenizer is not None else [])]
+    final = check_output_path(Path(output), sources, overwrite)
+    timings: dict[str, float] = {}
+    with StagedOutput(final) as stage:
+        work = stage.path / ".work"
+        work.mkdir()
+        if ads:
+            from .api import merge
 
-
-# ----------------------------------------------------------------------------- the verification
-
-
-@torch.no_grad()
-def verify_onnx(onnx_path: PathLike, model: torch.nn.Module, *, tolerance: float | None, seed: int = 0) -> dict[str, Any]:
-    """Compare onnxruntime's logits with ``model``'s (transformers, float32) on four steps.
-
-    1. prefill: one prompt of 7 tokens, empty past; 2. decode: one more token with the prefill's
-    past; 3. batch prefill: that prompt and one of 4 tokens, left-padded to 7; 4. batch decode:
-    one more token per row with the batch's past. Each ONNX row is compared, on its real
-    positions, with transformers on that row's unpadded tokens (no cache). Token ids are drawn
-    from the vocabulary with ``seed``; each decode token is the reference's greedy choice.
-
-    Args:
-        onnx_path: ``model.onnx`` or its folder.
-        model: the float32 transformers model the graph was exported from.
-        tolerance: largest accepted max |difference| / max |logit|; None reports without judging.
-
-    Returns:
-        ``max_abs_diff``, ``max_abs_logit`` (reference), ``relative_diff``, ``top1_agreement``
-        (fraction of compared positions with the same argmax), ``checks`` (max |difference| per
-        step), ``positions``, ``tolerance``, ``passed`` (None when ``tolerance`` is None; False on NaN).
-    """
-    decoder = OnnxDecoder(onnx_path)
-    vocab = model.get_input_embeddings().num_embeddings
-    rng = np.random.default_rng(seed)
-    low = min(3, vocab - 1)
-    rows = [rng.integers(low, vocab, 7).tolist(), rng.integers(low, vocab, 4).tolist()]
-
-    def ref(tokens: list[int]) -> np.ndarray:
-        return model(input_ids=torch.tensor([tokens])).logits[0].float().numpy()
-
-    diffs: dict[str, float] = {}
-    pairs: list[tuple[np.ndarray, np.ndarray]] = []
-
-    def check(name: str, got: np.ndarray, want: np.ndarray) -> None:
-        diffs[name] = max(diffs.get(name, 0.0), float(np.abs(got - want).max()))
-        pairs.append((got, want))
-
-    # 1-2: one prompt, then one step with the past
-    r0 = ref(rows[0])
-    logits, past = decoder(np.asarray([rows[0]]), np.ones((1, 7), dtype=np.int64), decoder.empty_past(1))
-    check("prefill", logits[0], r0)
-    nxt = int(r0[-1].argmax())
-    logits, _ = decoder(np.asarray([[nxt]]), np.ones((1, 8), dtype=np.int64), past)
-    check("decode", logits[0], ref([*rows[0], nxt])[-1:])
-    # 3-4: left-padded batch of two, each row against its unpadded reference
-    width = max(len(r) for r in rows)
-    ids = np.zeros((2, width), dtype=np.int64)
-    mask = np.zeros((2, width), dtype=np.int64)
-    for i, r in enumerate(rows):
-        ids[i, width - len(r) :] = r
-        mask[i, width - len(r) :] = 1
-    logits, past = decoder(ids, mask, decoder.empty_past(2))
-    nexts = []
-    for i, r in enumerate(rows):
-        want = ref(r)
-        check("batch_prefill", logits[i, width - len(r) :], want)
-        nexts.append(int(want[-1].argmax()))
-    mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
-    logits, _ = decoder(np.asarray([[n] for n in nexts]), mask, past)
-    for i, r in enumerate(rows):
-        check("batch_decode", logits[i], ref([*r, nexts[i]])[-1:])
-
-    got = np.concatenate([g for g, _ in pairs])
-    want = np.concatenate([w for _, w in pairs])
-    max_diff = float(np.abs(got - want).max())
-    max_logit = float(np.abs(want).max())
-    relative = max_diff / max_logit if max_logit > 0 else max_diff
-    finite = bool(np.isfinite(got).all())
-    return {
-        "reference": "transformers, float32, no cache, each row unpadded",
-        "max_abs_diff": max_diff if finite else float("nan"),
-        "max_abs_logit": max_logit,
-        "relative_diff": relative if finite else float("nan"),
-        "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
-        "checks": diffs,
-        "positions": int(got.shape[0]),
-        "tolerance": tolerance,
-        "passed": None if tolerance is None else bool(finite and relative <= tolerance),
-    }
+            with _timed(timings, "merge"):
+                merge(base, ads, work / "merged", dtype="float32", weights=weights, tokenizer=tokenizer, allow_pickle=allow_pickle)
+            model_dir = work / "merged"
+            merge_manifest = json.loads((model_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
+            described = merge_manifest["sources"]
+            merge_summary = {k: merge_manifest["result"].get(k) for k in ("n_tensors", "n_merged", "architecture", "notes")}
+        else:
+            model_dir = ckpt.root
+            described = {
+                "base": {
+                    "path": str(ckpt.root.resolve()),
+                    "hub_id": ckpt.hub_id,
+                    "files": {str(p.relative_to(ckpt.root)): sha256_source(p) for p in ckpt.source_files()},
+                }
+            }
+            merge_summary = None
+        with _timed(timings, "load"), _quiet():
+            model = load_causal_lm(model_dir)
+            geometry = cache_geometry(model)
+        graph = stage.path / ONNX_NAME
+        with _timed(timings, "export"):
+            exported = model if dtype_name == "float32" else copy.deepcopy(model).to(_TORCH_DTYPES[dtype_name])
+            if quant:
+                (work / "float32").mkdir()
+                export_decoder(exported, work / "float32" / ONNX_NAME, geometry, opset=opset)
+            else:
+                export_decoder(exported, graph, geometry, opset=opset)
+            del exported
+        if quant:
+            with _timed(timings, "quantize"):
+                quantize_int8(work / "float32" / ONNX_NAME, graph)
+        verification = None
+        if verify:
+            with _timed(timings, "verify"):
+                verification = verify_onnx(graph, model, tolerance=None if quant else TOLERANCE[dtype_name])
+            logger.debug("verification: %s", verification)
+            if verification["passed"] is False:
+                raise OnnxVerificationError(
+                    f"onnxruntime's logits differ from transformers' by {verification['max_abs_diff']:.3g} "
+                    f"({verification['relative_diff']:.3g} of max |logit|, tolerance {verification['tolerance']:.0e}; per step: "
+                    f"{', '.join(f'{k} {v:.3g}' for k, v in verification['checks'].items())}); nothing was written. "
+                    "This is an export bug worth reporting; --no-verify (verify=False) keeps the graph anyway",
+                    verification=verification,
+                )
+        del model
+        if ads:
+            _side_files(model_dir, stage.path, dtype_name)
+        else:
+            tok_dir = Path(tokenizer) if tokenizer is not None else ckpt.root
+            carry_files(ckpt.root, tok_dir, stage.path)
+            write_config(ckpt.config, stage.path / "config.json", dtype=_TORCH_DTYPES[dtype_name])
+            if tok_dir.resolve() != ckpt.root.resolve():
+                align_generation_eos(stage.path, tok_dir)
+        _write_card(stage.path, final.name, ckpt, described, dtype_name, quant, opset, geometry, verification)
+        shutil.rmtree(work)
+        names = sorted(p.name for p in stage.path.iterdir() if p.is_file() and p.name != StagedOutput.LOCK)
+        files = {n: sha256_file(stage.path / n) for n in names}
+        onnx_bytes = sum((stage.path / n).stat().st_size for n in names if n.startswith(ONNX_NAME))
+        settings = {
+            "dtype": dtype_name,
+            "quantize": quant,
+            "opset": opset,
+            "verify": verify,
+            "weights": list(weights) if weights is not None else None,
+            "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+        }
+        summary = {
+            "inputs": input_names(geometry.n_layers),
+            "outputs": output_names(geometry.n_layers),
+            "cache": asdict(geometry),
+            "verification": verification,
+            "merge": merge_summary,
+        }
+        write_manifest(stage.path, command="onnx", sources=described, settings=settings, result=summary, files=files)
+        stage.commit()
+    result = OnnxResult(
+        output=final,
+        files=sorted([*files, MANIFEST_NAME]),
+        verification=verification,
+        seconds=round(time.perf_counter() - t_start, 3),
+        dtype=dtype_name,
+        quantize=quant,
+        opset=opset,
+        n_layers=geometry.n_layers,
+        num_kv_heads=geometry.num_kv_heads,
+        head_dim=geometry.head_dim,
+        total_bytes=onnx_bytes,
+        timings=timings,
+    )
+    logger.debug("%s", result.summary())
+    return result

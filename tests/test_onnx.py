@@ -1,0 +1,358 @@
+"""ONNX export: a tiny Llama with grouped-query attention and a tiny Qwen2 (q/k/v bias), each with a
+LoRA trained a few steps with PEFT, merged and exported with ``lorasave.onnx_export.export_onnx``.
+
+References come from transformers (the merged checkpoint written by ``lorasave.merge`` in float32,
+loaded with its default attention, and the unmerged PeftModel) and from raw onnxruntime sessions
+fed by hand here, never from lorasave's own runner, except where a test is about that runner
+(``onnx_generate``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+import _models as M
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from lorasave import manifest  # noqa: E402
+from lorasave.errors import InvalidOptionError, OutputExistsError, UnsupportedModelError  # noqa: E402
+from lorasave.onnx_export import OnnxResult, OnnxVerificationError, export_onnx, onnx_generate  # noqa: E402
+
+N_LAYERS, N_HEADS, N_KV_HEADS, HIDDEN = 2, 4, 2, 64
+HEAD_DIM = HIDDEN // N_HEADS
+FP32_TOLERANCE = 1e-4  # max |onnxruntime - transformers| / max |logit|
+PROMPT = "w3 w17 w5 w22 w9 w31"
+# fill the word-level vocabulary up to the model's, so every generated id decodes to a word
+FILLER_WORDS = tuple(f"x{i}" for i in range(M.VOCAB - 44))
+
+CONFIG: dict[str, Any] = {
+    "vocab_size": M.VOCAB,
+    "hidden_size": HIDDEN,
+    "intermediate_size": 2 * HIDDEN,
+    "num_hidden_layers": N_LAYERS,
+    "num_attention_heads": N_HEADS,
+    "num_key_value_heads": N_KV_HEADS,
+    "max_position_embeddings": 64,
+    "initializer_range": 0.1,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 0,
+}
+
+
+@dataclass
+class Exported:
+    """A base, its LoRA, the float32 merge (the reference checkpoint) and the ONNX export of the same pair."""
+
+    name: str
+    base: Path
+    adapter: Path
+    merged: Path
+    out: Path
+    result: OnnxResult
+
+
+def _llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**CONFIG)).eval()
+
+
+def _qwen2() -> Qwen2ForCausalLM:
+    torch.manual_seed(1)
+    model = Qwen2ForCausalLM(Qwen2Config(**CONFIG)).eval()
+    with torch.no_grad():  # non-trivial q/k/v biases, so an export that dropped them shows
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0.0, 0.1)
+    return model
+
+
+BUILDERS = {"llama": (_llama, 20), "qwen2": (_qwen2, 21)}
+
+
+@pytest.fixture(scope="session")
+def onnx_zoo(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("onnx_zoo")
+
+
+@pytest.fixture(scope="session")
+def sources(onnx_zoo: Path) -> dict[str, Any]:
+    """Session memo: ``{name: (base, adapter, float32 merge)}`` and ``{"export:name": Exported}``, each built on first use."""
+    return {}
+
+
+def _sources(cache: dict[str, Any], zoo: Path, name: str) -> tuple[Path, Path, Path]:
+    if name not in cache:
+        import lorasave
+
+        build, seed = BUILDERS[name]
+        base = M.save_model(build(), zoo / f"{name}_base")
+        M.build_tokenizer(FILLER_WORDS).save_pretrained(base)
+        lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+        adapter = M.make_adapter(base, zoo / f"{name}_lora", lora, seed=seed)
+        merged = zoo / f"{name}_merged"
+        lorasave.merge(base, adapter, merged, dtype="float32")
+        cache[name] = (base, adapter, merged)
+    return cache[name]
+
+
+def _exported(cache: dict[str, Any], zoo: Path, name: str) -> Exported:
+    key = f"export:{name}"
+    if key not in cache:
+        base, adapter, merged = _sources(cache, zoo, name)
+        out = zoo / f"{name}_onnx"
+        cache[key] = Exported(name, base, adapter, merged, out, export_onnx(base, adapter, out))
+    return cache[key]
+
+
+@pytest.fixture(scope="session", params=["llama", "qwen2"])
+def exported(request: pytest.FixtureRequest, sources: dict[str, Any], onnx_zoo: Path) -> Exported:
+    return _exported(sources, onnx_zoo, request.param)
+
+
+@pytest.fixture(scope="session")
+def llama(sources: dict[str, Any], onnx_zoo: Path) -> tuple[Path, Path, Path]:
+    return _sources(sources, onnx_zoo, "llama")
+
+
+# ------------------------------------------------------------------------------- raw onnxruntime
+
+
+def _session(folder: Path) -> Any:
+    return ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+
+
+def _run(sess: Any, ids: np.ndarray, mask: np.ndarray, past: dict[str, np.ndarray] | None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """One step fed by hand, position ids as optimum computes them; returns logits and ``{past name: present}``."""
+    batch = ids.shape[0]
+    pos = np.cumsum(mask, -1) - 1
+    pos = np.where(mask == 0, 1, pos)[:, -ids.shape[1] :]
+    feed = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64), "position_ids": pos.astype(np.int64)}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values."):
+            dtype = np.float16 if "float16" in i.type else np.float32
+            feed[i.name] = past[i.name] if past is not None else np.zeros((batch, N_KV_HEADS, 0, HEAD_DIM), dtype)
+    names = [o.name for o in sess.get_outputs()]
+    outs = dict(zip(names, sess.run(names, feed), strict=True))
+    present = {n.replace("present.", "past_key_values."): v for n, v in outs.items() if n.startswith("present.")}
+    return outs["logits"].astype(np.float32), present
+
+
+def _rows() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(5)
+    return [torch.randint(3, M.VOCAB, (n,), generator=gen).tolist() for n in (9, 5)]
+
+
+@torch.no_grad()
+def _logits(model: torch.nn.Module, tokens: list[int]) -> np.ndarray:
+    return model(input_ids=torch.tensor([tokens])).logits[0].float().numpy()
+
+
+def _compare_steps(sess: Any, model: torch.nn.Module) -> list[tuple[str, np.ndarray, np.ndarray]]:
+    """(step, onnx logits, transformers logits) for prefill, decode with past, and a left-padded batch (prefill + decode)."""
+    rows = _rows()
+    pairs = []
+    # prefill, then one token with the prefill's cache
+    ref = _logits(model, rows[0])
+    got, past = _run(sess, np.array([rows[0]]), np.ones((1, len(rows[0]))), None)
+    pairs.append(("prefill", got[0], ref))
+    nxt = int(ref[-1].argmax())
+    got, present = _run(sess, np.array([[nxt]]), np.ones((1, len(rows[0]) + 1)), past)
+    assert all(v.shape == (1, N_KV_HEADS, len(rows[0]) + 1, HEAD_DIM) for v in present.values())
+    pairs.append(("decode", got[0], _logits(model, [*rows[0], nxt])[-1:]))
+    # left-padded batch: each row equals its own unpadded transformers run
+    width = max(map(len, rows))
+    ids = np.zeros((2, width), np.int64)
+    mask = np.zeros((2, width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    got, past = _run(sess, ids, mask, None)
+    nexts = []
+    for i, r in enumerate(rows):
+        ref = _logits(model, r)
+        pairs.append((f"batch row {i}", got[i, width - len(r) :], ref))
+        nexts.append(int(ref[-1].argmax()))
+    got, _ = _run(sess, np.array([[n] for n in nexts]), np.concatenate([mask, np.ones((2, 1), np.int64)], 1), past)
+    for i, r in enumerate(rows):
+        pairs.append((f"batch decode row {i}", got[i], _logits(model, [*r, nexts[i]])[-1:]))
+    return pairs
+
+
+def _load(path: Path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+# ------------------------------------------------------------------------------------- the tests
+
+
+def test_graph_names_and_kv_head_cache(exported: Exported) -> None:
+    sess = _session(exported.out)
+    kv = [f"{p}.{i}.{k}" for i in range(N_LAYERS) for k in ("key", "value") for p in ("past_key_values",)]
+    assert [i.name for i in sess.get_inputs()] == ["input_ids", "attention_mask", "position_ids", *kv]
+    assert [o.name for o in sess.get_outputs()] == ["logits", *(n.replace("past_key_values", "present") for n in kv)]
+    for i in sess.get_inputs()[3:]:
+        batch, heads, seq, dim = i.shape
+        assert isinstance(batch, str) and isinstance(seq, str), i.shape
+        assert (heads, dim) == (N_KV_HEADS, HEAD_DIM), f"{i.name}: cache shaped by {heads} heads, the model has {N_KV_HEADS} KV heads"
+        assert i.type == "tensor(float)"
+    for o in sess.get_outputs()[1:]:
+        assert (o.shape[1], o.shape[3]) == (N_KV_HEADS, HEAD_DIM)
+    assert (exported.result.num_kv_heads, exported.result.head_dim, exported.result.n_layers) == (N_KV_HEADS, HEAD_DIM, N_LAYERS)
+
+
+def test_onnxruntime_matches_transformers(exported: Exported) -> None:
+    sess = _session(exported.out)
+    merged = _load(exported.merged)
+    peft_model = PeftModel.from_pretrained(_load(exported.base), exported.adapter).eval()
+    for label, model in (("transformers on the merge", merged), ("PeftModel", peft_model)):
+        pairs = _compare_steps(sess, model)
+        max_logit = max(float(np.abs(want).max()) for _, _, want in pairs)
+        for step, got, want in pairs:
+            diff = float(np.abs(got - want).max())
+            print(f"{exported.name} {step} vs {label}: max |dlogit| {diff:.3g} (max |logit| {max_logit:.3g})")
+            assert diff <= FP32_TOLERANCE * max_logit, f"{step}: onnxruntime differs from {label} by {diff} (max |logit| {max_logit})"
+    v = exported.result.verification
+    assert v is not None and v["passed"] is True and v["relative_diff"] <= FP32_TOLERANCE
+    assert set(v["checks"]) == {"prefill", "decode", "batch_prefill", "batch_decode"}
+
+
+def test_onnx_generate_equals_transformers_greedy(sources: dict[str, Any], onnx_zoo: Path) -> None:
+    """Llama only: for a qwen2 config transformers' AutoTokenizer picks Qwen2Tokenizer, which ignores the test's word-level tokenizer."""
+    ex = _exported(sources, onnx_zoo, "llama")
+    merged_dir, out = ex.merged, ex.out
+    merged = _load(merged_dir)
+    tok = AutoTokenizer.from_pretrained(merged_dir)
+    inputs = tok(PROMPT, return_tensors="pt")
+    with torch.no_grad():
+        generated = merged.generate(**inputs, max_new_tokens=10, do_sample=False, pad_token_id=0)
+    new = generated[0, inputs["input_ids"].shape[1] :]
+    want = tok.decode(new, skip_special_tokens=True)
+    assert len(want.split()) >= 5, f"the reference {want!r} has few words; the comparison would say little"
+    got = onnx_generate(out, PROMPT, max_new_tokens=10)
+    print(f"llama: transformers {want!r} / onnxruntime {got!r}")
+    assert got == want
+
+
+def test_manifest_and_files(exported: Exported) -> None:
+    out = exported.out
+    doc = json.loads((out / manifest.MANIFEST_NAME).read_text())
+    assert doc["command"] == "onnx"
+    on_disk = {p.name for p in out.iterdir()}
+    assert on_disk == {*doc["files"], manifest.MANIFEST_NAME} == set(exported.result.files)
+    assert {"model.onnx", "config.json", "tokenizer.json"} <= on_disk
+    assert not any(n.endswith(".safetensors") for n in on_disk), "the scratch merge must not be left in OUT"
+    for name, entry in doc["files"].items():
+        assert entry["sha256"] == manifest.sha256_file(out / name), name
+    assert doc["settings"]["dtype"] == "float32" and doc["settings"]["quantize"] is None
+    assert doc["result"]["verification"]["passed"] is True
+    assert doc["result"]["cache"]["num_kv_heads"] == N_KV_HEADS
+    assert Path(doc["sources"]["adapters"][0]["path"]) == exported.adapter.resolve()
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+    assert not list(out.parent.glob(f".{out.name}.lorasave-*")), "staging folder left behind"
+    assert exported.result.summary().startswith("exported an ONNX decoder")
+
+
+def test_int8_quantized_runs(llama: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """int8 runs and roughly agrees; the threshold for external data is set to 0 here, so this also covers
+    weights written as ONNX external data (as models over 2 GB are) and their quantization."""
+    import lorasave.onnx_export as ox
+
+    monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 0)
+    base, adapter, merged = llama
+    res = export_onnx(base, adapter, tmp_path / "int8", quantize="int8")
+    assert "model.onnx.data" in res.files and (tmp_path / "int8" / "model.onnx.data").stat().st_size > 0
+    graph = onnx.load(str(tmp_path / "int8" / "model.onnx"))
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= ops, ops
+    pairs = _compare_steps(_session(tmp_path / "int8"), _load(merged))
+    got = np.concatenate([g for _, g, _ in pairs])
+    want = np.concatenate([w for _, _, w in pairs])
+    agree = float((got.argmax(-1) == want.argmax(-1)).mean())
+    diff = float(np.abs(got - want).max())
+    print(f"int8: top-1 agreement {agree:.1%}, max |dlogit| {diff:.3g} (max |logit| {np.abs(want).max():.3g})")
+    assert np.isfinite(got).all() and agree >= 0.6
+    v = res.verification
+    assert v is not None and v["passed"] is None and v["tolerance"] is None and 0.0 <= v["top1_agreement"] <= 1.0
+    assert res.quantize == "int8" and json.loads((tmp_path / "int8" / "lorasave.json").read_text())["settings"]["quantize"] == "int8"
+
+
+def test_float16(llama: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, adapter, merged = llama
+    res = export_onnx(base, adapter, tmp_path / "fp16", dtype="float16")
+    sess = _session(tmp_path / "fp16")
+    assert all(i.type == "tensor(float16)" for i in sess.get_inputs()[3:])
+    pairs = _compare_steps(sess, _load(merged))
+    max_logit = max(float(np.abs(w).max()) for _, _, w in pairs)
+    diff = max(float(np.abs(g - w).max()) for _, g, w in pairs)
+    print(f"float16: max |dlogit| {diff:.3g} (max |logit| {max_logit:.3g})")
+    assert diff <= 2e-2 * max_logit
+    assert res.verification is not None and res.verification["passed"] is True
+    assert json.loads((tmp_path / "fp16" / "config.json").read_text())["dtype"] == "float16"
+
+
+def test_failed_verification_writes_nothing(llama: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A graph whose logits are off (one weight perturbed before export) is refused and OUT never appears."""
+    import lorasave.onnx_export as ox
+
+    real = ox.export_decoder
+
+    def perturbed(model: torch.nn.Module, *args: Any, **kwargs: Any) -> None:
+        import copy
+
+        broken = copy.deepcopy(model)
+        with torch.no_grad():
+            broken.model.layers[0].self_attn.v_proj.weight.mul_(1.01)
+        real(broken, *args, **kwargs)
+
+    monkeypatch.setattr(ox, "export_decoder", perturbed)
+    base, adapter, _ = llama
+    with pytest.raises(OnnxVerificationError) as info:
+        export_onnx(base, adapter, tmp_path / "bad")
+    assert info.value.verification["passed"] is False
+    assert not (tmp_path / "bad").exists() and not list(tmp_path.glob(".bad.*"))
+
+
+def test_bad_options_and_existing_output(llama: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    base, adapter, _ = llama
+    for kwargs in ({"dtype": "bfloat16"}, {"quantize": "int4"}, {"quantize": "int8", "dtype": "float16"}, {"opset": 12}):
+        with pytest.raises(InvalidOptionError):
+            export_onnx(base, adapter, tmp_path / "x", **kwargs)
+    assert not (tmp_path / "x").exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(OutputExistsError):
+        export_onnx(base, adapter, tmp_path / "taken")
+    with pytest.raises(OutputExistsError):
+        export_onnx(base, adapter, tmp_path / "taken", overwrite=True)  # not a lorasave output
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+
+
+def test_sliding_window_cache_refused(tmp_path: Path) -> None:
+    """Gemma 2 alternates sliding-window and global layers: optimum's flat cache cannot express it."""
+    torch.manual_seed(3)
+    cfg = Gemma2Config(**{**CONFIG, "head_dim": HEAD_DIM, "sliding_window": 4})
+    base = M.save_model(Gemma2ForCausalLM(cfg).eval(), tmp_path / "gemma2")
+    with pytest.raises(UnsupportedModelError, match="cache"):
+        export_onnx(base, None, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_onnxruntime_names_the_extra(llama: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import onnxruntime now raises ImportError
+    base, adapter, _ = llama
+    with pytest.raises(UnsupportedModelError, match=r"pip install 'lorasave\[onnx\]'"):
+        export_onnx(base, adapter, tmp_path / "out")
