@@ -86,7 +86,7 @@ def write_card(
 
     Args:
         folder: the staging folder of the output.
-        kind: what the output is, e.g. ``"merged"``, ``"adapter"``, ``"merged-4bit"``.
+        kind: what the output is: ``"merged"``, ``"merged-4bit"``, ``"adapter"`` or ``"onnx"``.
         base_model: the base's Hub id when known (else omitted from the metadata).
         architectures: ``config.json`` architectures (for ``pipeline_tag``).
         adapters: descriptions of the adapters (``peft_type``, ``r``, ``lora_alpha``, targets, path).
@@ -104,10 +104,17 @@ def write_card(
     from . import __version__
 
     merged = kind != "adapter"
+    library = {"adapter": "peft", "onnx": "onnx"}.get(kind, "transformers")
     data: dict[str, Any] = {
         "base_model": hub_id(base_model),
-        "library_name": "transformers" if merged else "peft",
-        "tags": ["lorasave", "lora", "merged" if merged else "adapter", *(["4-bit", "bitsandbytes"] if "4bit" in kind else [])],
+        "library_name": library,
+        "tags": [
+            "lorasave",
+            "lora",
+            "merged" if merged else "adapter",
+            *(["4-bit", "bitsandbytes"] if "4bit" in kind else []),
+            *(["onnx", "onnxruntime"] if kind == "onnx" else []),
+        ],
         "pipeline_tag": pipeline_tag(architectures),
         "license": base_license(base_dir),
     }
