@@ -21,6 +21,9 @@ For each model this:
 4. compares each merged checkpoint, loaded with transformers in float32, against the unmerged
    PeftModel (fp32 base + adapter): max |logit difference|, top-1 agreement, and a greedy
    20-token continuation of two prompts (one from the training text).
+
+The ONNX step for SmolLM2 (``lorasave onnx`` on the same checkpoint and adapter, onnxruntime's
+greedy continuation against transformers') is ``examples/real_model_onnx.py``, run after this.
 """
 
 from __future__ import annotations
