@@ -329,6 +329,7 @@ def adapter_cmd(
 )
 @click.option("--weights", default=None, help="Comma-separated weight per adapter: W0 + Σ wᵢ·ΔWᵢ (default 1 each).")
 @click.option("--tokenizer", type=click.Path(), default=None, help="Copy the tokenizer from this folder (default: the adapter's, else the base's).")
+@_push_options
 @_common
 @click.pass_context
 def onnx_cmd(
@@ -342,6 +343,8 @@ def onnx_cmd(
     verify: bool,
     weights: str | None,
     tokenizer: str | None,
+    push_to_hub: str | None,
+    private: bool,
     overwrite: bool,
     quiet: bool,
     as_json: bool,
@@ -356,20 +359,27 @@ def onnx_cmd(
 
     ctx.obj["debug"] = ctx.obj.get("debug") or debug
     parsed_weights = _parse_weights(weights)
+    if push_to_hub:
+        _hub_quiet(ctx.obj["debug"])
     _run(
         ctx,
-        lambda: export_onnx(
-            base,
-            list(adapters),
-            output,
-            dtype=dtype,
-            quantize=quantize,
-            opset=opset,
-            overwrite=overwrite,
-            verify=verify,
-            weights=parsed_weights,
-            tokenizer=tokenizer,
-            allow_pickle=allow_pickle,
+        _save_then_push(
+            lambda: export_onnx(
+                base,
+                list(adapters),
+                output,
+                dtype=dtype,
+                quantize=quantize,
+                opset=opset,
+                overwrite=overwrite,
+                verify=verify,
+                weights=parsed_weights,
+                tokenizer=tokenizer,
+                allow_pickle=allow_pickle,
+            ),
+            push_to_hub,
+            private=private,
+            progress=not (quiet or as_json) and sys.stderr.isatty(),
         ),
         quiet=quiet,
         as_json=as_json,
