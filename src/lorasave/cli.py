@@ -319,7 +319,7 @@ def adapter_cmd(
 @click.option(
     "--dtype", type=click.Choice(["float32", "float16"], case_sensitive=False), default="float32", show_default=True, help="Weights, KV cache and logits."
 )
-@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="onnxruntime dynamic int8 quantization of MatMul weights (--dtype float32).")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Experimental: onnxruntime dynamic int8 (--dtype float32); check the verification.")
 @click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the default domain (18 or newer).")
 @click.option(
     "--verify/--no-verify",
