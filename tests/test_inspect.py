@@ -21,7 +21,7 @@ LORA = REPO / "examples" / "tiny-llama-lora"
 def test_checkpoint() -> None:
     ins = inspect_path(BASE)
     assert ins.kind == "checkpoint" and ins.architecture == "LlamaForCausalLM"
-    assert ins.parameters == 106_816 and set(ins.dtypes) == {"BF16"}
+    assert ins.parameters == 106_816 and set(ins.dtype_bytes) == {"BF16"}
     assert "model.safetensors" in ins.files and ins.can
 
 

@@ -151,7 +151,7 @@ def _save_then_push(save: Callable[[], Any], repo_id: str | None, *, private: bo
     return go
 
 
-@main.command("merge")
+@main.command("merge", short_help="Merge adapter(s) into a base; write a sharded checkpoint.")
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
@@ -273,7 +273,7 @@ def merge_cmd(
     )
 
 
-@main.command("adapter")
+@main.command("adapter", short_help="Re-save a PEFT adapter as safetensors.")
 @click.argument("adapter")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
 @click.option("--dtype", type=_DTYPE, default="auto", show_default=True, help="Cast floating tensors; auto keeps them.")
@@ -312,7 +312,7 @@ def adapter_cmd(
     )
 
 
-@main.command("onnx")
+@main.command("onnx", short_help="Merge and export an ONNX decoder with KV cache.")
 @click.argument("base")
 @click.argument("adapters", nargs=-1)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
@@ -386,7 +386,7 @@ def onnx_cmd(
     )
 
 
-@main.command("verify")
+@main.command("verify", short_help="Check an output against its manifest and sources.")
 @click.argument("output")
 @click.option("--level", type=click.Choice(["files", "tensors"]), default="tensors", show_default=True, help="files: sha256; tensors: also probe each tensor.")
 @click.option("--base", default=None, help="Where the base is now, if it moved since the merge.")
@@ -410,7 +410,7 @@ def verify_cmd(ctx: click.Context, output: str, level: str, base: str | None, ad
         ctx.exit(1)
 
 
-@main.command("inspect")
+@main.command("inspect", short_help="Describe a checkpoint, adapter, safetensors or GGUF file.")
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as one JSON object on stdout.")
 @click.option("--debug", is_flag=True, hidden=True)
@@ -423,7 +423,7 @@ def inspect_cmd(ctx: click.Context, path: str, as_json: bool, debug: bool) -> No
     _run(ctx, lambda: inspect_path(path), quiet=False, as_json=as_json)
 
 
-@main.command("push")
+@main.command("push", short_help="Upload a folder to the Hugging Face Hub.")
 @click.argument("folder")
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo private (an existing public repo is refused, not made private).")

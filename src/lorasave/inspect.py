@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .dtypes import nbytes, st_dtype
 from .errors import CheckpointFormatError, SourceNotFoundError
 
 
@@ -23,7 +24,7 @@ class Inspection:
         kind: ``"checkpoint"``, ``"adapter"``, ``"safetensors"`` or ``"gguf"``.
         architecture: model class or GGUF ``general.architecture``.
         parameters: number of parameters (elements of floating tensors; quantized weights counted unpacked).
-        dtypes: bytes per dtype name.
+        dtype_bytes: bytes of tensor data per dtype (safetensors / GGML type names).
         quantization: the quantization method, if any.
         files: file name -> size in bytes.
         lora: LoRA settings of an adapter (peft_type, r, lora_alpha, targets, variants).
@@ -35,7 +36,7 @@ class Inspection:
     kind: str
     architecture: str | None = None
     parameters: int = 0
-    dtypes: dict[str, int] = field(default_factory=dict)
+    dtype_bytes: dict[str, int] = field(default_factory=dict)
     quantization: str | None = None
     files: dict[str, int] = field(default_factory=dict)
     lora: dict[str, Any] = field(default_factory=dict)
@@ -51,8 +52,8 @@ class Inspection:
         lines = [f"{self.path}: {self.kind}" + (f", {self.architecture}" if self.architecture else "")]
         if self.parameters:
             lines.append(f"  parameters: {self.parameters:,}")
-        if self.dtypes:
-            lines.append("  dtypes: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(self.dtypes.items())))
+        if self.dtype_bytes:
+            lines.append("  dtypes: " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in sorted(self.dtype_bytes.items())))
         if self.quantization:
             lines.append(f"  quantization: {self.quantization}")
         if self.files:
@@ -90,14 +91,16 @@ def inspect_path(path: str | os.PathLike[str]) -> Inspection:
         h = read_header(p)
         ins = Inspection(str(p), "safetensors", files={p.name: p.stat().st_size})
         for e in h.tensors.values():
-            ins.dtypes[e.dtype.name] = ins.dtypes.get(e.dtype.name, 0) + e.nbytes
+            ins.dtype_bytes[e.dtype.name] = ins.dtype_bytes.get(e.dtype.name, 0) + e.nbytes
             ins.parameters += _numel(e.shape)
         ins.notes.append(f"{len(h.tensors)} tensors, metadata {h.metadata}")
         return ins
     if p.is_dir() and (p / "adapter_config.json").is_file():
-        return _adapter(p)
+        return _with_manifest(p, _adapter(p))
+    if p.is_dir() and (p / "model.onnx").is_file():
+        return _with_manifest(p, _onnx(p))
     if p.is_dir():
-        return _checkpoint(p)
+        return _with_manifest(p, _checkpoint(p))
     raise CheckpointFormatError(f"{p}: not a model folder, adapter folder, .safetensors or .gguf file", path=p)
 
 
@@ -111,7 +114,7 @@ def _checkpoint(p: Path) -> Inspection:
         ins.files[f.name] = f.stat().st_size
     for t in ck.tensors.values():
         name = t.dtype.name if not isinstance(t, (Bnb4bitWeight, Int8Weight)) else ("NF4/FP4" if isinstance(t, Bnb4bitWeight) else "INT8")
-        ins.dtypes[name] = ins.dtypes.get(name, 0) + t.nbytes
+        ins.dtype_bytes[name] = ins.dtype_bytes.get(name, 0) + t.nbytes
         ins.parameters += _numel(tuple(t.shape))
     ins.quantization = ck.quant_method
     if ck.index_path is not None:
@@ -130,10 +133,9 @@ def _adapter(p: Path) -> Inspection:
     cfg = ad.config
     ins = Inspection(str(p), "adapter", files={f.name: f.stat().st_size for f in ad.source_files()})
     for k in ad.keys():
-        dt = ad.dtype(k)
-        name = str(dt).removeprefix("torch.")
+        dt = st_dtype(ad.dtype(k))
         n = _numel(ad.shape(k))
-        ins.dtypes[name] = ins.dtypes.get(name, 0) + n * dt.itemsize
+        ins.dtype_bytes[dt.name] = ins.dtype_bytes.get(dt.name, 0) + nbytes(dt, ad.shape(k))
         ins.parameters += n
     variants = [v for v, on in (("rsLoRA", cfg.get("use_rslora")), ("DoRA", ad.uses_dora), ("lora_bias", cfg.get("lora_bias"))) if on]
     ins.lora = {
@@ -169,7 +171,44 @@ def _gguf(p: Path) -> Inspection:
         ins.architecture = bytes(field_.parts[field_.data[0]]).decode("utf-8", "replace")
     for t in r.tensors:
         name = t.tensor_type.name
-        ins.dtypes[name] = ins.dtypes.get(name, 0) + int(t.n_bytes)
+        ins.dtype_bytes[name] = ins.dtype_bytes.get(name, 0) + int(t.n_bytes)
         ins.parameters += int(t.n_elements)
     ins.notes.append(f"{len(r.tensors)} tensors, {len(r.fields)} metadata keys")
+    return ins
+
+
+def _with_manifest(p: Path, ins: Inspection) -> Inspection:
+    """List every file of a folder and, for a lorasave output, what its manifest says."""
+    import json
+
+    ins.files = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith(".")}
+    manifest = p / "lorasave.json"
+    if manifest.is_file():
+        try:
+            doc = json.loads(manifest.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            doc = {}
+        ins.notes.append(f"a lorasave output ({doc.get('command', '?')}, lorasave {doc.get('lorasave_version', '?')}, {doc.get('created', '?')})")
+        ins.can = [f"lorasave verify {p}", f"lorasave push {p} REPO_ID", *ins.can]
+    return ins
+
+
+def _onnx(p: Path) -> Inspection:
+    import json
+
+    try:
+        import onnx
+    except ImportError:
+        raise CheckpointFormatError(f"{p}: reading ONNX needs the onnx package: pip install 'lorasave[onnx]'", path=p) from None
+    try:
+        model = onnx.load(str(p / "model.onnx"), load_external_data=False)
+    except Exception as e:
+        raise CheckpointFormatError(f"{p / 'model.onnx'}: not a readable ONNX model ({type(e).__name__}: {e})", path=p) from None
+    arch = None
+    if (p / "config.json").is_file():
+        arch = ", ".join(json.loads((p / "config.json").read_text(encoding="utf-8")).get("architectures") or []) or None
+    ins = Inspection(str(p), "onnx", architecture=arch)
+    names = [i.name for i in model.graph.input]
+    ins.notes.append(f"inputs: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} ({len(names)}), outputs: {len(model.graph.output)}")
+    ins.can = ["lorasave.onnx_export.onnx_generate(folder, prompt)"]
     return ins
