@@ -151,6 +151,14 @@ def _save_then_push(save: Callable[[], Any], repo_id: str | None, *, private: bo
     return go
 
 
+def _save(ctx: click.Context, save: Callable[[], Any], push_to_hub: str | None, *, private: bool, quiet: bool, as_json: bool) -> None:
+    """Run a saving command: the save, then the push when ``--push-to-hub`` was given."""
+    if push_to_hub:
+        _hub_quiet(ctx.obj["debug"])
+    progress = not (quiet or as_json) and sys.stderr.isatty()
+    _run(ctx, _save_then_push(save, push_to_hub, private=private, progress=progress), quiet=quiet, as_json=as_json)
+
+
 @main.command("merge", short_help="Merge adapter(s) into a base; write a sharded checkpoint.")
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
@@ -239,35 +247,30 @@ def merge_cmd(
     ]
     if quant_flags and save_method != "merged_4bit" and merge_into != "dequantized":
         click.echo(f"note: {', '.join(quant_flags)} only apply with --save-method merged_4bit or --merge-into dequantized; ignored", err=True)
-    if push_to_hub:
-        _hub_quiet(ctx.obj["debug"])
-    _run(
+    _save(
         ctx,
-        _save_then_push(
-            lambda: merge(
-                base,
-                list(adapters),
-                output,
-                dtype=dtype,
-                max_shard_size=max_shard_size,
-                overwrite=overwrite,
-                tokenizer=tokenizer,
-                allow_pickle=allow_pickle,
-                progress=not (quiet or as_json) and sys.stderr.isatty(),
-                save_method=save_method,
-                merge_into=merge_into,
-                quant_type=quant_type,
-                blocksize=blocksize,
-                double_quant=double_quant,
-                quant_input_dtype=quant_input_dtype,
-                quantization_from=quantization_from,
-                weights=parsed_weights,
-                verify=verify_output,
-            ),
-            push_to_hub,
-            private=private,
+        lambda: merge(
+            base,
+            list(adapters),
+            output,
+            dtype=dtype,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            tokenizer=tokenizer,
+            allow_pickle=allow_pickle,
             progress=not (quiet or as_json) and sys.stderr.isatty(),
+            save_method=save_method,
+            merge_into=merge_into,
+            quant_type=quant_type,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            quant_input_dtype=quant_input_dtype,
+            quantization_from=quantization_from,
+            weights=parsed_weights,
+            verify=verify_output,
         ),
+        push_to_hub,
+        private=private,
         quiet=quiet,
         as_json=as_json,
     )
@@ -297,16 +300,11 @@ def adapter_cmd(
     from .api import save_adapter
 
     ctx.obj["debug"] = ctx.obj.get("debug") or debug
-    if push_to_hub:
-        _hub_quiet(ctx.obj["debug"])
-    _run(
+    _save(
         ctx,
-        _save_then_push(
-            lambda: save_adapter(adapter, output, dtype=dtype, overwrite=overwrite, allow_pickle=allow_pickle),
-            push_to_hub,
-            private=private,
-            progress=not (quiet or as_json) and sys.stderr.isatty(),
-        ),
+        lambda: save_adapter(adapter, output, dtype=dtype, overwrite=overwrite, allow_pickle=allow_pickle),
+        push_to_hub,
+        private=private,
         quiet=quiet,
         as_json=as_json,
     )
@@ -359,28 +357,23 @@ def onnx_cmd(
 
     ctx.obj["debug"] = ctx.obj.get("debug") or debug
     parsed_weights = _parse_weights(weights)
-    if push_to_hub:
-        _hub_quiet(ctx.obj["debug"])
-    _run(
+    _save(
         ctx,
-        _save_then_push(
-            lambda: export_onnx(
-                base,
-                list(adapters),
-                output,
-                dtype=dtype,
-                quantize=quantize,
-                opset=opset,
-                overwrite=overwrite,
-                verify=verify,
-                weights=parsed_weights,
-                tokenizer=tokenizer,
-                allow_pickle=allow_pickle,
-            ),
-            push_to_hub,
-            private=private,
-            progress=not (quiet or as_json) and sys.stderr.isatty(),
+        lambda: export_onnx(
+            base,
+            list(adapters),
+            output,
+            dtype=dtype,
+            quantize=quantize,
+            opset=opset,
+            overwrite=overwrite,
+            verify=verify,
+            weights=parsed_weights,
+            tokenizer=tokenizer,
+            allow_pickle=allow_pickle,
         ),
+        push_to_hub,
+        private=private,
         quiet=quiet,
         as_json=as_json,
     )
