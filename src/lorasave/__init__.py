@@ -23,6 +23,7 @@ __all__ = [
     "PushResult",
     "__version__",
     "attach",
+    "export_gguf",
     "export_onnx",
     "merge",
     "push",
@@ -33,6 +34,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .api import AdapterResult, MergeResult, merge, save_adapter
     from .errors import LorasaveError
+    from .gguf_export import export_gguf
     from .hub import PushResult, push
     from .live import attach, save_pretrained_merged
     from .onnx_export import export_onnx
@@ -44,6 +46,10 @@ def __getattr__(name: str) -> Any:
         from . import api
 
         return getattr(api, name)
+    if name == "export_gguf":
+        from .gguf_export import export_gguf
+
+        return export_gguf
     if name == "export_onnx":
         from .onnx_export import export_onnx
 
