@@ -273,8 +273,19 @@ def _check_config(root: Path, config: dict[str, Any]) -> TunerType:
         )
     if tuner in (TunerType.LORA, TunerType.LOHA, TunerType.LOKR):
         r = config.get("r")
-        if not isinstance(r, int) or r <= 0:
+        if isinstance(r, bool) or not isinstance(r, int) or r <= 0:
             raise AdapterMismatchError(f"{cfg_path}: r must be a positive integer, got {r!r}", path=cfg_path)
+    for name in ("rank_pattern", "alpha_pattern"):
+        patterns = config.get(name) or {}
+        if not isinstance(patterns, dict):
+            raise AdapterMismatchError(f"{cfg_path}: {name} must be a JSON object mapping module patterns to numbers, got {patterns!r}", path=cfg_path)
+        for key, value in patterns.items():
+            if name == "rank_pattern" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise AdapterMismatchError(f"{cfg_path}: rank_pattern gives {key!r} the rank {value!r}; ranks must be positive integers", path=cfg_path)
+            try:
+                re.compile(rf"(.*\.)?({key})$")
+            except re.error as e:
+                raise AdapterMismatchError(f"{cfg_path}: {name} key {key!r} is not a valid regular expression ({e}); fix the pattern", path=cfg_path) from None
     return tuner
 
 
@@ -309,7 +320,11 @@ def load_adapter(spec: str | os.PathLike[str], *, allow_pickle: bool = False) ->
         try:
             state = torch.load(root / ADAPTER_PICKLE_NAME, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise CheckpointFormatError(f"{root / ADAPTER_PICKLE_NAME}: cannot be loaded safely ({type(e).__name__}: {e})", path=root) from None
+            first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+            raise CheckpointFormatError(
+                f"{root / ADAPTER_PICKLE_NAME}: cannot be loaded safely ({type(e).__name__}: {first}); re-save the adapter as safetensors",
+                path=root / ADAPTER_PICKLE_NAME,
+            ) from None
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise CheckpointFormatError(f"{root / ADAPTER_PICKLE_NAME}: not a dict of tensors", path=root)
         adapter = Adapter(root, config, root / ADAPTER_PICKLE_NAME, loaded={k: v.contiguous() for k, v in state.items()}, tuner=tuner)
@@ -343,6 +358,16 @@ def _full_tensor_target(name: str) -> tuple[str, int]:
         if infix in name:
             return name.replace(infix, "."), rank
     return name, 0
+
+
+def _finite_number(x: object) -> bool:
+    """A JSON number (not a bool) that is finite as a float (``10**400`` is not)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(x))
+    except OverflowError:
+        return False
 
 
 def _resolve_modules(adapter: Adapter) -> None:
@@ -401,7 +426,7 @@ def _resolve_modules(adapter: Adapter) -> None:
                     module=module,
                 )
             alpha = pattern_value(alpha_pattern, module, alpha_default)
-            if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha == 0:
+            if not _finite_number(alpha) or alpha == 0:
                 raise AdapterMismatchError(
                     f"{adapter.root / ADAPTER_CONFIG_NAME}: lora_alpha (or alpha_pattern) for {module} is {alpha!r}; "
                     "it must be a non-zero number (0 would make the adapter change nothing)",

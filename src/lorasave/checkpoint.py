@@ -43,7 +43,7 @@ def read_json(path: Path) -> dict[str, Any]:
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointFormatError(f"{path}: invalid JSON ({e}); fix or re-download the file", path=path) from None
     if not isinstance(obj, dict):
-        raise CheckpointFormatError(f"{path}: expected a JSON object", path=path)
+        raise CheckpointFormatError(f"{path}: expected a JSON object, got {type(obj).__name__}; fix or re-download the file", path=path)
     return obj
 
 
@@ -144,6 +144,9 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
             raise CheckpointFormatError(f"{root} is a PEFT adapter, not a base model; put the base first: lorasave merge BASE ADAPTER", path=root)
         raise CheckpointFormatError(f"{root}: no config.json; BASE must be a Hugging Face model folder", path=root)
     config = read_json(cfg_path)
+    archs = config.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise CheckpointFormatError(f"{cfg_path}: architectures must be a list of class names, got {archs!r}; fix or re-download the file", path=cfg_path)
     index_path = root / SAFE_WEIGHTS_INDEX_NAME
     tensors: dict[str, TensorEntry] = {}
     if index_path.is_file():
@@ -159,7 +162,11 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
         headers = {}
         for fname in files:
             p = root / fname
-            if not p.is_file():
+            try:
+                present = p.is_file()
+            except OSError:  # a name the file system refuses (too long...)
+                present = False
+            if not present:
                 raise CheckpointFormatError(f"{index_path} names shard {fname}, which is missing; download it again", path=p)
             headers[fname] = read_header(p)
         for fname in files:
@@ -168,7 +175,9 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
                     tensors[name] = entry
         for name, fname in weight_map.items():
             if name not in tensors:
-                raise CheckpointFormatError(f"{index_path} puts tensor {name!r} in {fname}, which does not contain it", path=index_path)
+                raise CheckpointFormatError(
+                    f"{index_path} puts tensor {name!r} in {fname}, which does not contain it; re-download the index and its shards", path=index_path
+                )
         weight_files = [root / f for f in files]
     elif (root / SAFE_WEIGHTS_NAME).is_file():
         header = read_header(root / SAFE_WEIGHTS_NAME)

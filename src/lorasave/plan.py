@@ -220,6 +220,8 @@ def build_plan(
     notes: list[str] = []
     if arch.note:
         notes.append(arch.note)
+    if ckpt.config.get("auto_map") and arch.model_class:
+        notes.append(f"config.json has an auto_map (remote code); ignored: the built-in {arch.model_class} is used and no code from {ckpt.root} is run")
     weights = list(weights) if weights is not None else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise InvalidOptionError(f"{len(weights)} weights for {len(adapters)} adapters; give one weight per adapter")

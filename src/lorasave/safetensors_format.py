@@ -106,7 +106,7 @@ def read_header(path: str | Path) -> SafetensorsHeader:
     for name, info in obj.items():
         if not isinstance(info, dict):
             raise _bad(path, f"entry {name!r} is not an object")
-        dt = ST_DTYPES.get(info.get("dtype"))  # type: ignore[arg-type]
+        dt = ST_DTYPES.get(info["dtype"]) if isinstance(info.get("dtype"), str) else None
         if dt is None:
             raise _bad(path, f"tensor {name!r} has unknown dtype {info.get('dtype')!r}")
         shape = info.get("shape")

@@ -103,9 +103,14 @@ def _manifest(out: Path) -> dict[str, Any]:
     if not path.is_file():
         raise SourceNotFoundError(f"{out} has no lorasave.json; verify checks outputs lorasave wrote", path=out)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise CheckpointFormatError(f"{path}: invalid JSON ({e})", path=path) from None
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointFormatError(f"{path}: invalid JSON ({e}); the output is damaged, run the merge again", path=path) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
+        raise CheckpointFormatError(
+            f"{path}: not a lorasave manifest (expected an object with a files map); the output is damaged, run the merge again", path=path
+        )
+    return manifest
 
 
 def _check_files(out: Path, manifest: dict[str, Any], report: VerifyReport) -> None:
