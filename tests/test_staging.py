@@ -13,7 +13,7 @@ import pytest
 
 import lorasave
 from lorasave.errors import InvalidOptionError, SourceNotFoundError
-from lorasave.output import StagedOutput, sweep_dead_runs
+from lorasave.output import lock_path_for, sweep_dead_runs
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_BASE = REPO / "examples" / "tiny-llama"
@@ -24,7 +24,7 @@ def _leftover(parent: Path, name: str, tag: str, locked: bool) -> tuple[Path, in
     d = parent / f".{name}.lorasave-tmp-{tag}"
     d.mkdir(parents=True)
     (d / "model.safetensors").write_bytes(b"half written")
-    fd = os.open(d / StagedOutput.LOCK, os.O_CREAT | os.O_RDWR)
+    fd = os.open(lock_path_for(d), os.O_CREAT | os.O_RDWR)
     if locked:
         fcntl.flock(fd, fcntl.LOCK_EX)
         return d, fd
@@ -44,6 +44,14 @@ def test_sweep_removes_dead_keeps_live(tmp_path: Path) -> None:
         assert fd is not None
         os.close(fd)
     assert sweep_dead_runs(tmp_path / "out") == [live]
+
+
+def test_staging_folder_without_lock_file_is_dead(tmp_path: Path) -> None:
+    """A run killed right after creating its folder: the lock file, made first, is gone or free."""
+    d = tmp_path / ".out.lorasave-tmp-abcd1234"
+    d.mkdir()
+    assert sweep_dead_runs(tmp_path / "out") == [d]
+    assert not d.exists()
 
 
 def test_killed_run_leaves_nothing_under_final_name_and_next_run_cleans(tmp_path: Path) -> None:

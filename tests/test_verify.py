@@ -79,3 +79,108 @@ def test_merge_with_verify_records_it(tmp_path: Path) -> None:
     assert manifest["result"]["verification"]["ok"] is True
     assert "passed before the output was written" in (res.output / "README.md").read_text()
     assert verify(res.output).ok  # the card rewrite kept the manifest's sha256 right
+
+
+# ------------------------------------------------------------ more recipes, GGUF, logits
+
+
+@pytest.fixture(scope="session")
+def vz(zoo: Path) -> object:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import _parity as P
+
+    return P.Zoo(zoo / "verify")
+
+
+def _wrong_alpha(adapter: Path, tmp_path: Path) -> Path:
+    wrong = tmp_path / "wrong"
+    shutil.copytree(adapter, wrong)
+    cfg = json.loads((wrong / "adapter_config.json").read_text())
+    cfg["lora_alpha"] = cfg["lora_alpha"] * 1.5
+    (wrong / "adapter_config.json").write_text(json.dumps(cfg))
+    return wrong
+
+
+@pytest.mark.parametrize("variant", ["dora_llama", "dora_gpt2", "dora_embedding"])
+def test_dora_probed(vz: object, variant: str, tmp_path: Path) -> None:
+    out = vz.merge(variant)  # type: ignore[attr-defined]
+    report = verify(out)
+    assert report.ok and report.tensors_probed > 0 and not report.not_probed, (report.failures, report.not_probed)
+    bad = verify(out, adapters=[_wrong_alpha(vz.adapter(variant), tmp_path)])  # type: ignore[attr-defined]
+    assert len(bad.failures) == report.tensors_probed and all(why.startswith("dora") for _, why in bad.failures)
+
+
+def test_ia3_and_modules_to_save_probed(vz: object, tmp_path: Path) -> None:
+    ia3 = Path(shutil.copytree(vz.merge("ia3"), tmp_path / "ia3"))  # type: ignore[attr-defined]
+    report = verify(ia3)
+    assert report.ok and report.tensors_probed == 6 and not report.not_probed, (report.failures, report.not_probed)
+    name = "model.layers.0.mlp.down_proj.weight"
+    shard = _shard_of(ia3, name) if (ia3 / "model.safetensors.index.json").exists() else ia3 / "model.safetensors"
+    entry = read_header(shard).tensors[name]
+    data = bytearray(shard.read_bytes())
+    data[entry.offset + 4 * 3 + 2] ^= 0x01  # one low mantissa bit of a float32 element
+    shard.write_bytes(bytes(data))
+    assert [n for n, _ in verify(ia3).failures if not n.endswith(".safetensors")] == [name]
+    mts = Path(shutil.copytree(vz.merge("modules_to_save_lm_head"), tmp_path / "mts"))  # type: ignore[attr-defined]
+    report = verify(mts)
+    assert report.ok and "lm_head.weight" not in report.not_probed and report.tensors_exact > 0
+    shard = mts / "model.safetensors"
+    entry = read_header(shard).tensors["lm_head.weight"]
+    data = bytearray(shard.read_bytes())
+    data[entry.offset] ^= 0x01
+    shard.write_bytes(bytes(data))
+    assert [n for n, _ in verify(mts).failures if not n.endswith(".safetensors")] == ["lm_head.weight"]
+
+
+def test_bnb_base_probed(zoo: Path, tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from peft import LoraConfig
+
+    import _models as M
+    import _qlora as Q
+
+    src = tmp_path / "fp32"
+    Q.build_llama(0).save_pretrained(src)
+    model = Q.load_quantized(src, Q.bnb_4bit("nf4", True))
+    model.save_pretrained(tmp_path / "q")
+    peft_model = M.train_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM"), seed=3, steps=3)
+    peft_model.save_pretrained(tmp_path / "lora")
+    out = lorasave.merge(tmp_path / "q", tmp_path / "lora", tmp_path / "out", dtype="float32").output
+    report = verify(out)
+    assert report.ok and report.tensors_probed == 4 and not report.not_probed, (report.failures, report.not_probed)
+    assert not verify(out, adapters=[_wrong_alpha(tmp_path / "lora", tmp_path)]).ok
+
+
+@pytest.mark.parametrize("type", ["f16", "q8_0"])
+def test_gguf_verified(type: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import gguf
+
+    from lorasave import gguf_export
+
+    res = gguf_export.export_gguf(BASE, LORA, tmp_path / "g", type=type)
+    report = verify(res.output)
+    assert report.ok and report.tensors_probed == 14 and report.tensors_exact > 0, (report.failures, report.not_probed)
+    reader = gguf.GGUFReader(res.gguf_file)
+    t = next(t for t in reader.tensors if t.name == "blk.1.attn_v.weight")
+    data = bytearray(res.gguf_file.read_bytes())
+    data[t.data_offset + 1] ^= 0x7F  # high byte of an F16 value / of a Q8_0 block's scale
+    res.gguf_file.write_bytes(bytes(data))
+    bad = verify(res.output)
+    assert [n for n, _ in bad.failures][-1] == TARGET and "blk.1.attn_v.weight" in bad.failures[-1][1]
+    monkeypatch.setattr(gguf_export, "permute_qk", lambda w, *a: w)
+    raw = gguf_export.export_gguf(BASE, LORA, tmp_path / "raw", type=type)
+    failed = {n for n, _ in verify(raw.output).failures}
+    assert failed and all(n.endswith(("q_proj.weight", "k_proj.weight")) for n in failed), failed
+
+
+def test_logits_level(merged: Path, tmp_path: Path) -> None:
+    report = verify(merged, level="logits")
+    assert report.ok and report.top1_agreement is not None and report.top1_agreement >= 0.99, report
+    assert report.logits_max_diff is not None and report.logits_max_diff > 0
+    bad = verify(merged, level="logits", adapters=[_wrong_alpha(LORA, tmp_path)])
+    assert bad.failures and bad.failures[0][0] == "logits"
+    from lorasave.gguf_export import export_gguf
+
+    g = verify(export_gguf(BASE, LORA, tmp_path / "g", type="q8_0").output, level="logits")
+    assert g.ok and g.top1_agreement is not None, g

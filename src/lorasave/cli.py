@@ -424,7 +424,13 @@ def gguf_cmd(
 
 @main.command("verify", short_help="Check an output against its manifest and sources.")
 @click.argument("output")
-@click.option("--level", type=click.Choice(["files", "tensors"]), default="tensors", show_default=True, help="files: sha256; tensors: also probe each tensor.")
+@click.option(
+    "--level",
+    type=click.Choice(["files", "tensors", "logits"]),
+    default="tensors",
+    show_default=True,
+    help="files: sha256; tensors: probe each tensor; logits: compare with base + adapter under PEFT.",
+)
 @click.option("--base", default=None, help="Where the base is now, if it moved since the merge.")
 @click.option("--adapter", "adapters", multiple=True, help="Where the adapter(s) are now (repeat for several).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")

@@ -8,6 +8,7 @@ KeyboardInterrupt included, removes the staging folder: OUT is either complete o
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import glob
 import json
@@ -114,10 +115,12 @@ def check_free_space(final: Path, needed_bytes: int) -> None:
 class StagedOutput:
     """Context manager for an atomic output folder.
 
-    The staging folder ``.OUT.lorasave-tmp-<tag>`` beside OUT holds a ``.lock`` file locked
-    (``flock``) by the run that owns it for as long as it runs. On entry, staging folders of
-    runs that died (killed, power loss) are removed: their lock is free. Two concurrent runs
-    never remove each other's folders.
+    The run first creates and locks (``flock``) a lock file ``.OUT.lorasave-lock-<tag>`` beside
+    OUT, then the staging folder ``.OUT.lorasave-tmp-<tag>``; the lock file is removed only after
+    the staging folder has been renamed into place or deleted. So a staging (or replaced
+    ``-old-``) folder whose lock is free, or missing, belongs to a run that died, and entering a
+    new run removes it; a locked one belongs to a live run and is left alone: concurrent runs
+    never remove each other's work.
 
     Usage::
 
@@ -126,6 +129,7 @@ class StagedOutput:
             stage.commit()
     """
 
+    #: Kept for callers that skip lock files when listing a folder (the lock now lives beside it).
     LOCK = ".lock"
 
     def __init__(self, final: Path) -> None:
@@ -133,20 +137,20 @@ class StagedOutput:
         tag = uuid.uuid4().hex[:8]
         self.path = final.parent / f".{final.name}.lorasave-tmp-{tag}"
         self._old = final.parent / f".{final.name}.lorasave-old-{tag}"
+        self.lock_path = lock_path_for(self.path)
         self.committed = False
         self._lock_fd: int | None = None
 
     def __enter__(self) -> StagedOutput:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         sweep_dead_runs(self.final)
-        self.path.mkdir()
-        self._lock_fd = os.open(self.path / self.LOCK, os.O_CREAT | os.O_RDWR, 0o600)
+        self._lock_fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o600)
         fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
+        self.path.mkdir()
         return self
 
     def commit(self) -> None:
         """Move the complete staging folder to OUT, replacing an old OUT only now."""
-        os.unlink(self.path / self.LOCK)  # the lock file is not part of the output; the fd keeps the lock
         if self.final.exists():
             os.replace(self.final, self._old)
             os.replace(self.path, self.final)
@@ -158,46 +162,66 @@ class StagedOutput:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if not self.committed:
             shutil.rmtree(self.path, ignore_errors=True)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.lock_path)
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
 
 
-def sweep_dead_runs(final: Path) -> list[Path]:
-    """Remove staging (and half-replaced old) folders of OUT left by runs that died.
+def lock_path_for(folder: Path) -> Path:
+    """The lock file of a staging or ``-old-`` folder: ``.OUT.lorasave-lock-<tag>`` beside it."""
+    head, _, tag = folder.name.rpartition("-")
+    prefix = head.rsplit(".lorasave-", 1)[0]
+    return folder.parent / f"{prefix}.lorasave-lock-{tag}"
 
-    A folder is removed only when nobody holds its ``.lock``; a folder with no lock file is
-    left alone unless it is an ``-old-`` folder whose OUT exists (the replace completed).
+
+def _lock_free(lock: Path) -> bool:
+    """True when nobody holds ``lock`` (or it does not exist)."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
+
+
+def sweep_dead_runs(final: Path) -> list[Path]:
+    """Remove staging folders, half-replaced old outputs and lock files of OUT left by runs that died.
+
+    A run's folders are touched only when its lock is free or gone (see ``StagedOutput``). An
+    ``-old-`` folder left by a run killed between the two renames of a replace is put back as
+    OUT when OUT is missing, removed when OUT is there.
 
     Returns:
-        The folders removed.
+        The paths removed or restored.
     """
-    removed = []
-    for p in final.parent.glob(f".{glob.escape(final.name)}.lorasave-*-*"):
-        if not p.is_dir():
+    done = []
+    prefix = f".{glob.escape(final.name)}.lorasave-"
+    for p in sorted(final.parent.glob(prefix + "tmp-*")) + sorted(final.parent.glob(prefix + "old-*")):
+        if not p.is_dir() or not _lock_free(lock_path_for(p)):
             continue
-        lock = p / StagedOutput.LOCK
-        if lock.is_file():
-            try:
-                fd = os.open(lock, os.O_RDWR)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                continue  # a live run owns it
-            finally:
-                os.close(fd)
-        elif ".lorasave-old-" not in p.name:
-            continue
-        elif not final.exists():
+        if ".lorasave-old-" in p.name and not final.exists():
             os.replace(p, final)  # killed between the two renames of a replace: put the old OUT back
             logger.info("restored %s from %s, left by a run that did not finish", final, p)
-            continue
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
-        logger.info("removed %s, left by a run that did not finish", p)
-    return removed
+        else:
+            shutil.rmtree(p, ignore_errors=True)
+            logger.info("removed %s, left by a run that did not finish", p)
+        done.append(p)
+    for lock in final.parent.glob(prefix + "lock-*"):
+        tag = lock.name.rsplit("-", 1)[1]
+        owned = (final.parent / f".{final.name}.lorasave-tmp-{tag}").exists() or (final.parent / f".{final.name}.lorasave-old-{tag}").exists()
+        if not owned and _lock_free(lock):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(lock)
+    return done
 
 
 def write_config(

@@ -9,9 +9,11 @@
   (one rounding of each output element, plus float32 accumulation). Tensors no adapter changed
   must equal the base tensor cast to the output dtype, bit for bit.
 
-Probed recipes: LoRA (rsLoRA, rank/alpha patterns, GPT-2 Conv1D, embeddings, conv, weighted
-combinations) on plain bases. Others (DoRA, IA3, LoHa/LoKr, trainable tokens, modules_to_save,
-MoE experts, quantized bases) are reported as not probed, never as passed.
+Probed recipes (see ``verify_probes``): LoRA (rsLoRA, patterns, GPT-2 Conv1D, embeddings, conv,
+weighted sums), DoRA, IA3, modules_to_save replacements, bitsandbytes bases (dequantized W0), and
+GGUF outputs (read back, dequantized, renamed, Q/K un-permuted). LoHa/LoKr, trainable tokens,
+lora_bias, MoE experts and re-quantized outputs are reported as not probed, never as passed.
+``logits``: OUT's logits against base + adapter(s) under PEFT (fp32) on a fixed text.
 """
 
 from __future__ import annotations
@@ -30,14 +32,13 @@ from .errors import CheckpointFormatError, LorasaveError, SourceNotFoundError
 
 logger = logging.getLogger(__name__)
 
-PROBES = 4  # random vectors per tensor
-
 
 class Level(enum.Enum):
     """How deep ``verify`` checks."""
 
     FILES = "files"
     TENSORS = "tensors"
+    LOGITS = "logits"
 
 
 class VerificationError(LorasaveError, ValueError):
@@ -75,6 +76,10 @@ class VerifyReport:
     not_probed: dict[str, str] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
     max_probe_error: float = 0.0
+    logits_max_diff: float | None = None
+    logits_scale: float | None = None
+    top1_agreement: float | None = None
+    skipped: str | None = None
 
     @property
     def ok(self) -> bool:
@@ -95,6 +100,10 @@ class VerifyReport:
             parts.append(f"{self.tensors_exact} tensors equal the base, {self.tensors_probed} merged tensors pass the probe")
             if self.not_probed:
                 parts.append(f"{len(self.not_probed)} not probed")
+        if self.top1_agreement is not None:
+            parts.append(f"logits within {self.logits_max_diff:.3g} of PEFT's, top-1 agreement {self.top1_agreement:.3f}")
+        if self.skipped:
+            parts.append(self.skipped)
         return f"verified {self.output}: " + "; ".join(parts)
 
 
@@ -158,89 +167,227 @@ def verify(
     manifest = _manifest(out)
     report = VerifyReport(str(out), lvl.value)
     _check_files(out, manifest, report)
-    if lvl is Level.TENSORS and manifest.get("command") == "merge":
+    command = manifest.get("command")
+    if lvl is Level.TENSORS and command == "merge":
         _check_tensors(out, manifest, report, base, adapters, seed)
+    elif lvl is Level.TENSORS and command == "gguf":
+        _check_gguf(out, manifest, report, base, adapters, seed)
+    elif lvl is Level.LOGITS and not report.failures:
+        _check_logits(out, manifest, report, base, adapters)
     return report
 
 
-def _check_tensors(out: Path, manifest: dict[str, Any], report: VerifyReport, base: Any, adapters: Any, seed: int) -> None:
+def _sources(out: Path, manifest: dict[str, Any], base: Any, adapters: Any) -> tuple[Any, list[Any], list[float]]:
+    """The base checkpoint, the adapters and their weights named in the manifest (or given)."""
     from .adapter import load_adapter
-    from .checkpoint import TensorReader, open_checkpoint
-    from .safetensors_format import read_header
+    from .checkpoint import open_checkpoint
 
     src = manifest.get("sources", {})
     settings = manifest.get("settings", {})
-    base_path = base or src.get("base", {}).get("path")
-    ad_paths = adapters or [a.get("path") for a in src.get("adapters", [])]
+    base_path = base or (src.get("base") or {}).get("path")
+    ad_paths = adapters or [a.get("path") for a in src.get("adapters") or []]
     if not base_path or not ad_paths:
         raise SourceNotFoundError(f"{out}/lorasave.json names no base or adapter path; pass --base and --adapter", path=out)
     ckpt = open_checkpoint(base_path)
     ads = [load_adapter(p, allow_pickle=bool(settings.get("allow_pickle"))) for p in ad_paths]
-    weights = settings.get("weights") or [1.0] * len(ads)
-    if ckpt.quant_method is not None or settings.get("save_method") == "merged_4bit" or settings.get("merge_into") == "dequantized":
-        report.not_probed["*"] = "quantized base or output: files level only"
-        return
-    lora: dict[str, list[tuple[Any, Any, float]]] = {}
-    other: dict[str, str] = {}
-    for i, ad in enumerate(ads):
-        for name in ad.extra:
-            other[name] = "replaced by a full tensor from the adapter (modules_to_save)"
-        for module, part in ad.parts.items():
-            if part.is_lora and set(part.keys) <= {"lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"}:
-                lora.setdefault(f"{module}.weight", []).append((ad, part, part.scaling * weights[i]))
+    weights = [float(w) for w in settings.get("weights") or [1.0] * len(ads)]
+    return ckpt, ads, weights
+
+
+class _Checker:
+    """Checks written tensors (float32 views plus their error model) against :mod:`verify_probes` expectations."""
+
+    def __init__(self, ckpt: Any, ads: list[Any], weights: list[float], reader: Any, report: VerifyReport, seed: int) -> None:
+        from .architecture import ModuleKind, inspect_architecture
+        from .verify_probes import expectations
+
+        self.ckpt, self.reader, self.report = ckpt, reader, report
+        self.exp = expectations(ads, weights)
+        self.gen = torch.Generator().manual_seed(seed)
+        arch = inspect_architecture(ckpt.config)
+        self.transposed = lambda part: "lora_embedding_A" in part.keys or arch.kind_of(part.module) is ModuleKind.CONV1D_GPT2
+        self.conv1d = lambda name: arch.kind_of(name.rsplit(".", 1)[0]) is ModuleKind.CONV1D_GPT2
+
+    def check(self, name: str, w1: torch.Tensor, exact_dtype: torch.dtype | None, err: torch.Tensor | float, what: str = "") -> None:
+        """One tensor. ``exact_dtype``: the dtype copies must equal bit for bit after a cast (None: within ``err``)."""
+        from .verify_probes import base_tensor, ia3_error, probe
+
+        rep = self.report
+        e = self.exp.get(name)
+        if e is not None and e.kind == "skip":
+            rep.not_probed[name] = e.reason
+            return
+        if e is None or e.kind == "replace":
+            if e is not None:
+                assert e.replace is not None
+                ad, key = e.replace
+                w0, why = ad.tensor(key, self.reader), "differs from the adapter's full tensor (modules_to_save)"
+            elif name in self.ckpt.tensors:
+                w0, why = base_tensor(self.ckpt, name, self.reader), "differs from the base tensor, though no adapter changes it"
             else:
-                other[f"{module}.weight"] = f"{ad.tuner.value} recipe not probed ({', '.join(sorted(part.keys))})"
-                if "lora_B.bias" in part.keys:
-                    other[f"{module}.bias"] = "lora_bias not probed"
-    gen = torch.Generator().manual_seed(seed)
+                rep.not_probed[name] = "not in the base (a tied tensor written separately)"
+                return
+            if exact_dtype is not None:
+                good = w0.shape == w1.shape and torch.equal(w0.to(exact_dtype), w1)
+            else:
+                good = w0.shape == w1.shape and bool(((w1.float() - w0.float()).abs() <= _elem(err, w0) + 1e-30).all())
+            if good:
+                rep.tensors_exact += 1
+            else:
+                rep.failures.append((name, why + what))
+            return
+        if name not in self.ckpt.tensors:
+            rep.not_probed[name] = "adapted tensor not in the base"
+            return
+        w0 = e.replace[0].tensor(e.replace[1], self.reader) if e.replace else base_tensor(self.ckpt, name, self.reader)
+        if w0.shape != w1.shape:
+            rep.failures.append((name, f"shape {tuple(w1.shape)}, expected {tuple(w0.shape)}{what}"))
+            return
+        if e.kind == "ia3":
+            eps = err if isinstance(err, float) else float(err.max()) or 1e-30
+            worst = ia3_error(w1, w0, e, self.conv1d(name), self.reader, eps)
+            recipe = "W0 ⊙ l"
+        else:
+            shape = w0.shape
+            flat = (lambda t: t.float().reshape(shape[0], -1)) if len(shape) != 1 else (lambda t: t.float().reshape(1, -1))
+            rel = 1e-5 if e.kind == "dora" else 1e-6
+            errm = flat(err) if isinstance(err, torch.Tensor) else 2 * err
+            worst = probe(flat(w1), flat(w0), e, self.transposed, self.reader, self.gen, errm, rel)
+            recipe = "W0·x + s·B(A·x)" if e.kind == "lora" else "m/||W0+s·BA|| ⊙ (W0·x + s·B(A·x))"
+        rep.max_probe_error = max(rep.max_probe_error, worst)
+        if not worst <= 1.0:
+            rep.failures.append(
+                (name, f"{e.kind}: W' differs from {recipe} by {worst:.1f}× the rounding bound (wrong scaling, rank, layout or corrupted bytes){what}")
+            )
+        else:
+            rep.tensors_probed += 1
+
+
+def _elem(err: torch.Tensor | float, w0: torch.Tensor) -> torch.Tensor | float:
+    from .verify_probes import TINY
+
+    return err if isinstance(err, torch.Tensor) else 2 * err * w0.float().abs() + TINY
+
+
+def _check_tensors(out: Path, manifest: dict[str, Any], report: VerifyReport, base: Any, adapters: Any, seed: int) -> None:
+    from .checkpoint import TensorReader
+    from .safetensors_format import read_header
+
+    settings = manifest.get("settings", {})
+    ckpt, ads, weights = _sources(out, manifest, base, adapters)
+    if settings.get("save_method") == "merged_4bit" or settings.get("merge_into") == "dequantized":
+        report.not_probed["*"] = "re-quantized output or merge into a quantization round trip: files level only"
+        return
     with TensorReader() as reader:
+        checker = _Checker(ckpt, ads, weights, reader, report, seed)
         for shard in sorted(out.glob("*.safetensors")):
             for name, entry in read_header(shard).tensors.items():
                 w1 = reader.read(entry)
-                if name in other:
-                    report.not_probed[name] = other[name]
-                elif name in lora:
-                    _probe(name, w1, ckpt, lora[name], reader, gen, report)
-                elif name in ckpt.tensors:
-                    w0 = reader.read(ckpt.tensors[name])  # type: ignore[arg-type]
-                    if not torch.equal(w0.to(w1.dtype), w1):
-                        report.failures.append((name, "differs from the base tensor, though no adapter changes it"))
-                    else:
-                        report.tensors_exact += 1
+                eps = torch.finfo(w1.dtype).eps if w1.dtype.is_floating_point else 0.0
+                checker.check(name, w1, w1.dtype, float(eps))
+
+
+def _check_gguf(out: Path, manifest: dict[str, Any], report: VerifyReport, base: Any, adapters: Any, seed: int) -> None:
+    """GGUF outputs: read back, dequantize, rename, un-permute, then probe (bound per GGML type)."""
+    from .checkpoint import TensorReader
+    from .verify_probes import ggml_eps, q8_0_error, read_gguf
+
+    ckpt, ads, weights = _sources(out, manifest, base, adapters)
+    files = [out / n for n in manifest.get("files", {}) if n.endswith(".gguf")]
+    with TensorReader() as reader:
+        checker = _Checker(ckpt, ads, weights, reader, report, seed)
+        for path in files:
+            if not path.is_file():
+                continue
+            tensors, unknown = read_gguf(path, ckpt)
+            for g in unknown:
+                report.not_probed[g] = "GGUF tensor with no base tensor name"
+            for name, (w, qtype, gname) in tensors.items():
+                eps = ggml_eps(qtype)
+                if eps is None and qtype.name == "Q8_0":
+                    err: torch.Tensor | float = q8_0_error(w)
+                elif eps is None:
+                    report.not_probed[name] = f"GGML type {qtype.name} not probed"
+                    continue
                 else:
-                    report.not_probed[name] = "not in the base (a tied tensor written separately)"
+                    err = eps
+                checker.check(name, w, None, err, f" (GGUF {gname}, {qtype.name})")
 
 
-def _probe(name: str, w1: torch.Tensor, ckpt: Any, terms: list[tuple[Any, Any, float]], reader: Any, gen: torch.Generator, report: VerifyReport) -> None:
-    from .architecture import ModuleKind, inspect_architecture
+FIXED_IDS = [1, 17, 42, 7, 99, 3, 64, 28, 5, 11, 80, 33, 2, 56, 19, 70]
+TEXT = "The quick brown fox jumps over the lazy dog. Verify: 1, 2, 3."
 
-    w0 = reader.read(ckpt.tensors[name]).float()
-    shape = w0.shape
-    w0 = w0.reshape(shape[0], -1)  # (rows, cols); conv kernels flattened
-    w1f = w1.float().reshape(shape[0], -1)
-    x = torch.randn(w0.shape[1], PROBES, generator=gen)  # (cols, k)
-    y = w0 @ x  # (rows, k)
-    extra = torch.zeros_like(y)
-    arch = inspect_architecture(ckpt.config)
-    for ad, part, s in terms:
-        a = ad.tensor(part.lora_A, reader).float()
-        b = ad.tensor(part.lora_B, reader).float()
-        a = a.reshape(a.shape[0], -1)  # (r, in)
-        b = b.reshape(b.shape[0], -1)  # (out, r)
-        transposed = "lora_embedding_A" in part.keys or arch.kind_of(part.module) is ModuleKind.CONV1D_GPT2
-        if transposed:  # W stored (in, out) / (vocab, dim): W'x gets s * A.T (B.T x)
-            term = a.T @ (b.T @ x)  # (rows, k)
-            extra += (a.abs().T @ (b.abs().T @ x.abs())) * abs(s)
+
+def _fits(out: Path, ckpt: Any) -> bool:
+    """Base + PEFT model + output in float32, twice over, against the free memory."""
+    need = 4 * 2 * sum(int(torch.Size(e.shape).numel()) for e in ckpt.tensors.values()) + sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return True
+    return need * 2 <= free
+
+
+def _ids(out: Path, vocab: int) -> torch.Tensor:
+    try:
+        from transformers import AutoTokenizer
+
+        ids = AutoTokenizer.from_pretrained(out)(TEXT, return_tensors="pt")["input_ids"]
+    except Exception:  # no tokenizer in the output: fixed ids
+        ids = torch.tensor([FIXED_IDS])
+    return ids % vocab
+
+
+def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, base: Any, adapters: Any) -> None:
+    """Logits of OUT (transformers, gguf loader, or onnxruntime) against base + adapter(s) under PEFT, fp32."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    command = manifest.get("command")
+    settings = manifest.get("settings", {})
+    ckpt, ads, weights = _sources(out, manifest, base, adapters)
+    if command not in ("merge", "gguf", "onnx"):
+        report.skipped = f"logits: nothing to compare for a {command!r} output"
+        return
+    if any(w != 1.0 for w in weights):
+        report.skipped = "logits: weighted adapter combinations are not compared"
+        return
+    if not _fits(out, ckpt):
+        report.skipped = "logits: base, PEFT model and output do not fit the free memory"
+        return
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(ckpt.root, dtype=torch.float32)
+        names = [f"a{i}" for i in range(len(ads))]
+        peft = PeftModel.from_pretrained(model, ads[0].root, adapter_name=names[0])
+        for n, ad in zip(names[1:], ads[1:], strict=True):
+            peft.load_adapter(ad.root, adapter_name=n)
+        if len(names) > 1:
+            peft.base_model.set_adapter(names)
+        peft.eval()
+        vocab = int(model.get_output_embeddings().weight.shape[0])
+        ids = _ids(out, vocab)
+        ref = peft(input_ids=ids).logits.float()
+        del peft, model
+        sixteen = True
+        if command == "onnx":
+            from .onnx_run import OnnxDecoder
+
+            dec = OnnxDecoder(out)
+            got_np, _ = dec(ids.numpy(), torch.ones_like(ids).numpy(), dec.empty_past(ids.shape[0]))
+            got = torch.from_numpy(got_np)
+            sixteen = settings.get("dtype") != "float32" or bool(settings.get("quantize"))
+        elif command == "gguf":
+            gguf_file = next(n for n in manifest.get("files", {}) if n.endswith(".gguf"))
+            got = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_file, dtype=torch.float32).eval()(input_ids=ids).logits.float()
+            sixteen = settings.get("type") != "f32"
         else:
-            term = b @ (a @ x)  # (rows, k)
-            extra += (b.abs() @ (a.abs() @ x.abs())) * abs(s)
-        y = y + s * term
-    eps = torch.finfo(w1.dtype).eps if w1.dtype.is_floating_point else 0.0
-    bound = 2 * eps * (w1f.abs() @ x.abs()) + 1e-6 * ((w0.abs() @ x.abs()) + extra) + 1e-30
-    err = ((w1f @ x) - y).abs() / bound
-    worst = float(err.max())
-    report.max_probe_error = max(report.max_probe_error, worst)
-    if not worst <= 1.0:
-        report.failures.append((name, f"W'·x differs from W0·x + s·B(A·x) by {worst:.1f}× the rounding bound (wrong scaling, rank or corrupted bytes)"))
-    else:
-        report.tensors_probed += 1
+            got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(input_ids=ids).logits.float()
+            sixteen = str(settings.get("dtype")) not in ("float32", "torch.float32")
+    got = got[..., :vocab]
+    diff = float((got - ref).abs().max())
+    scale = float(ref.abs().max())
+    top1 = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
+    report.logits_max_diff, report.logits_scale, report.top1_agreement = diff, scale, top1
+    rel = 2e-2 if sixteen else 1e-4
+    if top1 < 0.99 or diff > rel * scale:
+        report.failures.append(("logits", f"max |logit diff| {diff:.3g} (limit {rel:g}·{scale:.3g}), top-1 agreement {top1:.3f} (limit 0.99)"))
