@@ -184,3 +184,14 @@ def test_logits_level(merged: Path, tmp_path: Path) -> None:
 
     g = verify(export_gguf(BASE, LORA, tmp_path / "g", type="q8_0").output, level="logits")
     assert g.ok and g.top1_agreement is not None, g
+
+
+def test_gguf_export_with_verify(tmp_path: Path) -> None:
+    """--verify on the GGUF save: probed before the rename, recorded in the result and the manifest."""
+    from lorasave.gguf_export import export_gguf
+
+    res = export_gguf(BASE, [LORA], tmp_path / "g", type="q8_0", verify=True)
+    assert res.verification and res.verification["ok"] and res.summary().endswith("verified")
+    manifest = json.loads((res.output / "lorasave.json").read_text())
+    assert manifest["result"]["verification"]["ok"] is True
+    assert verify(res.output).ok

@@ -385,6 +385,7 @@ def onnx_cmd(
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
 @click.option("--type", "gguf_type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True, help="GGML type of the weights.")
 @click.option("--name", default=None, help="general.name and file stem (default: the output folder's name).")
+@click.option("--verify", "verify_output", is_flag=True, help="Probe the GGUF tensors against the sources before it is renamed into place.")
 @click.option("--tokenizer", type=click.Path(), default=None, help="Take the tokenizer from this folder (default: the adapter's, else the base's).")
 @_push_options
 @_common
@@ -396,6 +397,7 @@ def gguf_cmd(
     output: str,
     gguf_type: str,
     name: str | None,
+    verify_output: bool,
     tokenizer: str | None,
     push_to_hub: str | None,
     private: bool,
@@ -414,7 +416,9 @@ def gguf_cmd(
     ctx.obj["debug"] = ctx.obj.get("debug") or debug
     _save(
         ctx,
-        lambda: export_gguf(base, list(adapters), output, type=gguf_type, name=name, tokenizer=tokenizer, overwrite=overwrite, allow_pickle=allow_pickle),
+        lambda: export_gguf(
+            base, list(adapters), output, type=gguf_type, name=name, tokenizer=tokenizer, overwrite=overwrite, allow_pickle=allow_pickle, verify=verify_output
+        ),
         push_to_hub,
         private=private,
         quiet=quiet,

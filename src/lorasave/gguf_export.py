@@ -71,6 +71,7 @@ class GgufResult:
         total_bytes: size of the GGUF file in bytes.
         seconds: wall time of the call.
         notes: fallbacks taken and facts worth knowing.
+        verification: the ``verify`` result, when ``verify=True`` was asked.
     """
 
     output: Path
@@ -83,6 +84,7 @@ class GgufResult:
     total_bytes: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    verification: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json``)."""
@@ -93,7 +95,9 @@ class GgufResult:
     def summary(self) -> str:
         """One line for humans."""
         types = ", ".join(f"{n} {k}" for k, n in sorted(self.tensor_types.items()))
-        return f"wrote {self.gguf_file} ({self.n_tensors} tensors: {types}; {self.total_bytes / 1e6:.1f} MB, {self.n_merged} merged) in {self.seconds:.1f} s"
+        verified = "; verified" if self.verification and self.verification.get("ok") else ""
+        size = f"{self.total_bytes / 1e6:.1f} MB"
+        return f"wrote {self.gguf_file} ({self.n_tensors} tensors: {types}; {size}, {self.n_merged} merged) in {self.seconds:.1f} s{verified}"
 
 
 @dataclass(frozen=True)
@@ -309,6 +313,7 @@ def export_gguf(
     name: str | None = None,
     tokenizer: PathLike | None = None,
     allow_pickle: bool = False,
+    verify: bool = False,
 ) -> GgufResult:
     """Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<name>-<type>.gguf`` plus ``lorasave.json``.
 
@@ -405,9 +410,17 @@ def export_gguf(
             "timings": timings.as_dict(),
             "notes": notes,
         }
-        write_manifest(
-            stage.path, command="gguf", sources=sources, settings={"type": type, "name": stem, "allow_pickle": allow_pickle}, result=result, files=files
-        )
+        settings = {"type": type, "name": stem, "allow_pickle": allow_pickle}
+        write_manifest(stage.path, command="gguf", sources=sources, settings=settings, result=result, files=files)
+        if verify:
+            from .verify import VerificationError
+            from .verify import verify as verify_output
+
+            report = verify_output(stage.path)
+            if not report.ok:
+                raise VerificationError(f"the GGUF failed verification, nothing was written: {report.summary()}", path=final, failures=report.failures)
+            result["verification"] = {"level": "tensors", "ok": True, "summary": report.summary(), "max_probe_error": report.max_probe_error}
+            write_manifest(stage.path, command="gguf", sources=sources, settings=settings, result=result, files=files)
         total = (stage.path / filename).stat().st_size
         stage.commit()
     res = GgufResult(
@@ -421,6 +434,7 @@ def export_gguf(
         total_bytes=total,
         seconds=round(time.perf_counter() - t_start, 3),
         notes=notes,
+        verification=result.get("verification"),
     )
     logger.debug("%s", res.summary())
     return res

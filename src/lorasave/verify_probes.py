@@ -238,7 +238,7 @@ def read_gguf(path: Any, ckpt: Any) -> tuple[dict[str, tuple[torch.Tensor, Any, 
             continue
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))
         data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-        w = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32)).reshape(shape)
+        w = torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)  # a writable copy
         if rules.permute_qk and hf.endswith(("q_proj.weight", "q_proj.bias")):
             w = unpermute_qk(w, n_head)
         elif rules.permute_qk and hf.endswith(("k_proj.weight", "k_proj.bias")):
