@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from typing import Any
 import torch
 
 from .checkpoint import TensorReader, read_json, resolve_source
-from .errors import AdapterMismatchError, CheckpointFormatError, NotAnAdapterError, PickleRefusedError, UnsupportedAdapterError
+from .errors import AdapterMismatchError, CheckpointFormatError, InvalidOptionError, NotAnAdapterError, PickleRefusedError, UnsupportedAdapterError
 from .safetensors_format import TensorEntry, read_header
 
 logger = logging.getLogger(__name__)
@@ -332,6 +333,29 @@ def load_adapter(spec: str | os.PathLike[str], *, allow_pickle: bool = False) ->
         raise CheckpointFormatError(f"{root}: no {ADAPTER_SAFE_NAME}; the adapter weights are missing, copy or save them again", path=root)
     _resolve_modules(adapter)
     return adapter
+
+
+def adapter_list(adapters: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None) -> list[str | os.PathLike[str]]:
+    """One adapter path, several, or None -> a list of paths."""
+    if adapters is None:
+        return []
+    if isinstance(adapters, (str, os.PathLike)):
+        return [adapters]
+    return list(adapters)
+
+
+def load_adapters(specs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None, *, allow_pickle: bool = False) -> list[Adapter]:
+    """``load_adapter`` for each of several adapters, refusing the same folder twice.
+
+    Raises:
+        InvalidOptionError: an adapter folder is given twice (use a weight instead).
+        Everything ``load_adapter`` raises.
+    """
+    ads = [load_adapter(a, allow_pickle=allow_pickle) for a in adapter_list(specs)]
+    roots = [os.path.realpath(a.root) for a in ads]
+    if len(set(roots)) != len(roots):
+        raise InvalidOptionError("the same adapter is given twice; to apply it with more weight, use weights (--weights 2)")
+    return ads
 
 
 def _split_key(name: str, tuner: TunerType) -> tuple[str, str] | None:

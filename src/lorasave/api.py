@@ -14,16 +14,15 @@ from typing import Any
 
 import torch
 
-from .adapter import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_NAME, Adapter, load_adapter
+from .adapter import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_NAME, Adapter, load_adapter, load_adapters
 from .architecture import inspect_architecture
 from .cards import adapter_snippet, hub_id, merged_snippet, write_card
 from .checkpoint import Checkpoint, TensorReader, open_checkpoint
 from .dtypes import FLOAT_DTYPES, dtype_name, parse_output_dtype, st_dtype
-from .errors import InvalidOptionError, SourceNotFoundError
 from .execute import execute
 from .manifest import MANIFEST_NAME, SourceHasher, sha256_file, write_manifest
 from .options import MergeInto, SaveMethod, bnb_spec, parse_enum
-from .output import StagedOutput, align_generation_eos, carry_files, check_free_space, check_output_path, has_tokenizer, write_config
+from .output import StagedOutput, align_generation_eos, carry_files, check_free_space, check_output_path, tokenizer_source, write_config
 from .plan import INDEX_NAME, MergePlan, build_plan
 from .quant.bnb import Bnb4bitSpec, import_bnb
 from .safetensors_format import layout, read_header, serialize_header
@@ -81,12 +80,6 @@ class MergeResult:
             f"({len([f for f in self.files if f.endswith('.safetensors')])} shard(s), {self.total_bytes / 1e6:.1f} MB, {form}) "
             f"in {self.seconds:.1f} s" + ("; verified" if self.verification and self.verification.get("ok") else "")
         )
-
-
-def _adapter_list(adapters: PathLike | Sequence[PathLike]) -> list[PathLike]:
-    if isinstance(adapters, (str, os.PathLike)):
-        return [adapters]
-    return list(adapters)
 
 
 def _describe_adapter(ad: Adapter, hashes: dict[str, str]) -> dict[str, Any]:
@@ -177,18 +170,8 @@ def merge(
     out_dtype = parse_output_dtype(dtype)
     shard_limit = parse_size(max_shard_size)
     ckpt = open_checkpoint(base)
-    ads = [load_adapter(a, allow_pickle=allow_pickle) for a in _adapter_list(adapters)]
-    roots = [os.path.realpath(a.root) for a in ads]
-    if len(set(roots)) != len(roots):
-        raise InvalidOptionError("the same adapter is given twice; to apply it with more weight, use weights (--weights 2)")
-    if tokenizer is not None:
-        tok_dir = Path(tokenizer)
-        if not tok_dir.is_dir() or not has_tokenizer(tok_dir):
-            raise SourceNotFoundError(
-                f"--tokenizer {tokenizer}: no tokenizer there (tokenizer.json, tokenizer_config.json, tokenizer.model or vocab.json)", path=tok_dir
-            )
-    else:
-        tok_dir = next((a.root for a in ads if has_tokenizer(a.root)), ckpt.root)
+    ads = load_adapters(adapters, allow_pickle=allow_pickle)
+    tok_dir = tokenizer_source(tokenizer, [a.root for a in ads], ckpt.root)
     final = check_output_path(Path(output), [ckpt.root, *(a.root for a in ads), tok_dir], overwrite)
     method = parse_enum(SaveMethod, save_method, "save_method")
     into = parse_enum(MergeInto, merge_into, "merge_into")

@@ -32,14 +32,14 @@ import gguf
 import numpy as np
 import torch
 
-from .adapter import Adapter, load_adapter
+from .adapter import Adapter, load_adapters
 from .architecture import inspect_architecture
 from .checkpoint import Checkpoint, TensorReader, open_checkpoint
 from .errors import InvalidOptionError, UnsupportedModelError
 from .gguf_arch import GgufArch, gguf_arch_for, head_counts
 from .manifest import MANIFEST_NAME, sha256_file, sha256_source, write_manifest
 from .merge_math import ExecContext, Timings, stream_tensor
-from .output import StagedOutput, check_free_space, check_output_path, has_tokenizer
+from .output import StagedOutput, check_free_space, check_output_path, tokenizer_source
 from .plan import MergePlan, OutputTensor, build_plan
 
 logger = logging.getLogger(__name__)
@@ -347,8 +347,8 @@ def export_gguf(
         raise InvalidOptionError(f"GGUF type {type!r} is not supported; choose one of {', '.join(GGUF_TYPES)}")
     ckpt = open_checkpoint(base)
     rules = gguf_arch_for(ckpt.config)
-    ads: list[Adapter] = [load_adapter(a, allow_pickle=allow_pickle) for a in ([adapters] if isinstance(adapters, (str, os.PathLike)) else adapters)]
-    tok_dir = Path(tokenizer) if tokenizer is not None else next((a.root for a in ads if has_tokenizer(a.root)), ckpt.root)
+    ads: list[Adapter] = load_adapters(adapters, allow_pickle=allow_pickle)
+    tok_dir = tokenizer_source(tokenizer, [a.root for a in ads], ckpt.root)
     final = check_output_path(Path(output_dir), [ckpt.root, *(a.root for a in ads), tok_dir], overwrite)
     stem = name or final.name
     arch = inspect_architecture(ckpt.config)

@@ -34,7 +34,7 @@ from .dtypes import FLOAT_DTYPES, parse_output_dtype
 from .errors import InvalidOptionError, UnsupportedModelError
 from .manifest import MANIFEST_NAME, sha256_file, write_manifest
 from .options import MergeInto, SaveMethod, bnb_spec, parse_enum
-from .output import StagedOutput, check_free_space, check_replaceable, write_config
+from .output import StagedOutput, check_free_space, check_output_path, set_generation_eos, write_config
 from .quant.bnb import check_quant_method, group_quantized
 from .sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 
@@ -158,7 +158,7 @@ def save_pretrained_merged(
         return _save_lora(model, final, tokenizer, overwrite)
     method = parse_enum(SaveMethod, save_method, "save_method")
     assert isinstance(method, SaveMethod)
-    _check_existing(final, overwrite)
+    check_output_path(final, [], overwrite)
     t_start = time.perf_counter()
     was_training = model.training
     try:
@@ -203,7 +203,9 @@ def save_pretrained_merged(
                 names += sorted(set(os.listdir(folder)) - before)
                 eos = getattr(tokenizer, "eos_token_id", None)
                 if eos is not None and "generation_config.json" in names:
-                    _set_eos(folder / "generation_config.json", eos, plan.notes)
+                    note = set_generation_eos(folder / "generation_config.json", eos)
+                    if note:
+                        plan.notes.append(note)
             return names
 
         def describe_sources() -> dict[str, Any]:
@@ -232,27 +234,8 @@ def save_pretrained_merged(
         model.train(was_training)
 
 
-def _check_existing(final: Path, overwrite: bool) -> None:
-    from .errors import OutputExistsError
-
-    if final.exists() or final.is_symlink():
-        if not overwrite:
-            raise OutputExistsError(f"{final} already exists; pass overwrite=True to replace it", path=final)
-        check_replaceable(final)
-
-
-def _set_eos(path: Path, eos: int, notes: list[str]) -> None:
-    gen = json.loads(path.read_text(encoding="utf-8"))
-    current = gen.get("eos_token_id")
-    if current == eos or (isinstance(current, list) and eos in current):
-        return
-    gen["eos_token_id"] = eos
-    path.write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-    notes.append(f"generation_config.json: eos_token_id {current} -> {eos}, the tokenizer's EOS")
-
-
 def _save_lora(model: Any, final: Path, tokenizer: Any, overwrite: bool) -> Path:
-    _check_existing(final, overwrite)
+    check_output_path(final, [], overwrite)
     with StagedOutput(final) as stage:
         model.save_pretrained(stage.path, safe_serialization=True)
         if tokenizer is not None:

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from .adapter import adapter_list
 from .errors import InvalidOptionError, LorasaveError, UnsupportedModelError
 from .manifest import MANIFEST_NAME, sha256_file, sha256_source, write_manifest
 from .onnx_run import ONNX_NAME, OnnxDecoder, import_onnx, onnx_generate, verify_onnx
@@ -358,14 +359,6 @@ def quantize_int8(src: Path, dst: Path) -> None:
 # ------------------------------------------------------------------------------------ the export
 
 
-def _adapter_list(adapters: PathLike | Sequence[PathLike] | None) -> list[PathLike]:
-    if adapters is None:
-        return []
-    if isinstance(adapters, (str, os.PathLike)):
-        return [adapters]
-    return list(adapters)
-
-
 @contextlib.contextmanager
 def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
     start = time.perf_counter()
@@ -488,7 +481,7 @@ def export_onnx(
     onnx, ort = import_onnx()
     if opset > onnx.defs.onnx_opset_version():
         raise InvalidOptionError(f"opset {opset}: the installed onnx {onnx.__version__} knows opsets up to {onnx.defs.onnx_opset_version()}")
-    ads = _adapter_list(adapters)
+    ads = adapter_list(adapters)
     ckpt = open_checkpoint(base)
     if not ads and ckpt.quant_method is not None:
         raise UnsupportedModelError(

@@ -302,8 +302,15 @@ def align_generation_eos(out: Path, tokenizer_dir: Path) -> str | None:
     except Exception as e:  # a tokenizer transformers cannot load: leave the generation config alone
         logger.info("could not read the tokenizer in %s (%s); generation_config.json left as is", tokenizer_dir, e)
         return None
-    if eos is None:
-        return None
+    return set_generation_eos(gen_path, eos) if eos is not None else None
+
+
+def set_generation_eos(gen_path: Path, eos: int) -> str | None:
+    """Make ``generation_config.json`` stop on token ``eos`` (unless it already does).
+
+    Returns:
+        A note when the file was changed, else None.
+    """
     gen = json.loads(gen_path.read_text(encoding="utf-8"))
     current = gen.get("eos_token_id")
     if current == eos or (isinstance(current, list) and eos in current):
@@ -311,3 +318,21 @@ def align_generation_eos(out: Path, tokenizer_dir: Path) -> str | None:
     gen["eos_token_id"] = eos
     gen_path.write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return f"generation_config.json: eos_token_id {current} -> {eos}, the fine-tune tokenizer's EOS"
+
+
+def tokenizer_source(tokenizer: str | os.PathLike[str] | None, adapter_roots: list[Path], base_root: Path) -> Path:
+    """Where the output's tokenizer comes from: ``tokenizer``, else the first adapter holding one, else the base.
+
+    Raises:
+        SourceNotFoundError: ``tokenizer`` holds no tokenizer.
+    """
+    if tokenizer is None:
+        return next((r for r in adapter_roots if has_tokenizer(r)), base_root)
+    tok_dir = Path(tokenizer)
+    if not tok_dir.is_dir() or not has_tokenizer(tok_dir):
+        from .errors import SourceNotFoundError
+
+        raise SourceNotFoundError(
+            f"--tokenizer {tokenizer}: no tokenizer there (tokenizer.json, tokenizer_config.json, tokenizer.model or vocab.json)", path=tok_dir
+        )
+    return tok_dir
