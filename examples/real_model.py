@@ -20,7 +20,16 @@ For each model this:
    with ``--dtype float32`` into ``<name>-merged-fp32``);
 4. compares each merged checkpoint, loaded with transformers in float32, against the unmerged
    PeftModel (fp32 base + adapter): max |logit difference|, top-1 agreement, and a greedy
-   20-token continuation of two prompts (one from the training text).
+   20-token continuation of two prompts (one from the training text);
+5. GGUF step (skip with ``--no-gguf``): ``lorasave gguf <name>-hf <name>-lora -o <name>-gguf-q8_0
+   --type q8_0`` (straight from base + adapter), loaded in llama.cpp
+   (``lorasave.llama_cpp.LlamaCppModel``; install it with ``python -m lorasave.llama_cpp_install``)
+   and compared with transformers on ``<name>-merged-fp32``: the GGUF tokenizer's ids against
+   transformers', top-1 agreement of the logits over the evaluation text (same token ids fed to
+   both), and the greedy continuation of "The capital of France is" (a greedy loop over
+   ``LlamaCppModel.logits`` against transformers ``generate``). ``--gguf-types`` (default
+   ``q8_0,f32``) adds an f32 export as the control: what differs there is the export or llama.cpp,
+   what differs only in q8_0 is quantization.
 
 The ONNX step for SmolLM2 (``lorasave onnx`` on the same checkpoint and adapter, onnxruntime's
 greedy continuation against transformers') is ``examples/real_model_onnx.py``, run after this.
@@ -67,6 +76,24 @@ TRAIN_TEXT = (
 EVAL_TEXT = "Rivers carry water from the mountains to the sea. Along the way they shape valleys, feed farmland, and give towns a reason to grow on their banks."
 PROMPTS = ["The capital of France is", "The lighthouse keeper"]
 NEW_TOKENS = 20
+
+
+@dataclass
+class GgufComparison:
+    """How the q8_0 GGUF, run in llama.cpp, reproduces transformers on the merged checkpoint."""
+
+    label: str
+    gguf_seconds: float
+    gguf_bytes: int
+    tokenizer_ids_equal: bool
+    n_tokens: int
+    top1_agreement: float
+    max_abs_logit_diff: float
+    max_abs_logit: float
+    prompt: str
+    llama_cpp_continuation: str
+    transformers_continuation: str
+    continuations_identical: bool
 
 
 @dataclass
@@ -264,6 +291,83 @@ def compare(
     )
 
 
+# --------------------------------------------------------------------------- GGUF
+
+
+def llama_cpp_greedy(model: object, ids: list[int], eos: set[int]) -> list[int]:
+    """Greedy ``NEW_TOKENS`` continuation in llama.cpp: argmax of the last row, re-decoded each step."""
+    out: list[int] = []
+    for _ in range(NEW_TOKENS):
+        nxt = int(model.logits(ids + out)[-1].argmax())  # type: ignore[attr-defined]
+        if nxt in eos:
+            break
+        out.append(nxt)
+    return out
+
+
+@torch.no_grad()
+def gguf_step(name: str, hf_dir: Path, lora_dir: Path, merged_fp32: Path, workdir: Path, gguf_type: str = "q8_0") -> GgufComparison:
+    """Export a GGUF with lorasave, run it in llama.cpp, compare with transformers on the merge."""
+    from lorasave.llama_cpp import LlamaCppModel, require
+
+    require()
+    out = workdir / f"{name}-gguf-{gguf_type}"
+    cmd = [*lorasave_command(), "gguf", str(hf_dir), str(lora_dir), "-o", str(out), "--type", gguf_type, "--name", f"{name}-lora", "--overwrite"]
+    print("$ " + " ".join(cmd))
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    seconds = time.perf_counter() - start
+    for line in (proc.stdout + proc.stderr).strip().splitlines():
+        print(f"    {line}")
+    if proc.returncode != 0:
+        raise RuntimeError(f"lorasave gguf exited with status {proc.returncode}")
+    gguf_file = next(out.glob("*.gguf"))
+
+    tokenizer = AutoTokenizer.from_pretrained(merged_fp32)
+    merged = load_fp32(merged_fp32)
+    ids = tokenizer(EVAL_TEXT)["input_ids"]
+    ref_logits = merged(input_ids=torch.tensor([ids])).logits[0].float().numpy()
+    prompt = PROMPTS[0]
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generated = merged.generate(torch.tensor([prompt_ids]), max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=pad)
+    ref_text = tokenizer.decode(generated[0, len(prompt_ids) :], skip_special_tokens=True)
+    eos = merged.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    del merged
+
+    with LlamaCppModel(gguf_file, n_ctx=256) as model:
+        own_ids = model.tokenize(EVAL_TEXT, add_special=True)
+        logits = model.logits(ids)[:, : ref_logits.shape[-1]]
+        new_ids = llama_cpp_greedy(model, list(prompt_ids), eos_ids)
+    text = tokenizer.decode(new_ids, skip_special_tokens=True)
+    return GgufComparison(
+        label=f"{name} {gguf_type} GGUF in llama.cpp",
+        gguf_seconds=seconds,
+        gguf_bytes=gguf_file.stat().st_size,
+        tokenizer_ids_equal=own_ids == ids,
+        n_tokens=len(ids),
+        top1_agreement=float((logits.argmax(-1) == ref_logits.argmax(-1)).mean()),
+        max_abs_logit_diff=float(abs(logits - ref_logits).max()),
+        max_abs_logit=float(abs(ref_logits).max()),
+        prompt=prompt,
+        llama_cpp_continuation=text,
+        transformers_continuation=ref_text,
+        continuations_identical=text == ref_text,
+    )
+
+
+def print_gguf(r: GgufComparison) -> None:
+    print(f"\n[{r.label}] vs transformers on the fp32 merged checkpoint")
+    print(f"  lorasave gguf wall time : {r.gguf_seconds:.2f} s ({r.gguf_bytes / 1e6:.1f} MB)")
+    print(f"  tokenizer ids equal     : {r.tokenizer_ids_equal}  ({r.n_tokens} tokens)")
+    print(f"  top-1 agreement         : {r.top1_agreement:.2%}")
+    print(f"  max |logit diff|        : {r.max_abs_logit_diff:.4g}  (max |logit| {r.max_abs_logit:.4g})")
+    print(f"  llama.cpp     {r.prompt!r} -> {r.llama_cpp_continuation!r}")
+    print(f"  transformers  {r.prompt!r} -> {r.transformers_continuation!r}")
+    print(f"  continuations identical : {r.continuations_identical}")
+
+
 def run_model(name: str, workdir: Path, steps: int) -> list[Comparison]:
     print(f"\n===== {name} =====")
     hf_dir = convert(name, workdir)
@@ -313,6 +417,9 @@ def main() -> None:
     parser.add_argument("--model", choices=[*MODELS, "all"], default="all")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lorasave-real"))
     parser.add_argument("--steps", type=int, default=15, help="LoRA training steps")
+    parser.add_argument("--no-gguf", action="store_true", help="skip the GGUF / llama.cpp step")
+    parser.add_argument("--gguf-only", action="store_true", help="only the GGUF step (merges reused when cached)")
+    parser.add_argument("--gguf-types", default="q8_0,f32", help="GGUF types to export and run (f32: the control without quantization)")
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -320,12 +427,31 @@ def main() -> None:
     names = list(MODELS) if args.model == "all" else [args.model]
     summary: dict[str, list[Comparison]] = {}
     failures: dict[str, str] = {}
+    gguf_summary: dict[str, GgufComparison] = {}
+    gguf_types = [t for t in args.gguf_types.split(",") if t]
     for name in names:
+        if not args.gguf_only:
+            try:
+                summary[name] = run_model(name, args.workdir, args.steps)
+            except Exception as exc:  # report it, go on with the other model
+                failures[name] = f"{type(exc).__name__}: {exc}"
+                print(f"[{name}] FAILED: {failures[name]}")
+        if args.no_gguf:
+            continue
         try:
-            summary[name] = run_model(name, args.workdir, args.steps)
+            print(f"\n===== {name}: GGUF {', '.join(gguf_types)} in llama.cpp =====")
+            hf_dir = convert(name, args.workdir)
+            lora_dir = train_lora(name, hf_dir, args.workdir, args.steps)
+            merged_fp32 = args.workdir / f"{name}-merged-fp32"
+            if not (merged_fp32 / "config.json").is_file():
+                run_lorasave(hf_dir, lora_dir, merged_fp32, ["--dtype", "float32"])
+            for gguf_type in gguf_types:
+                key = f"{name}-{gguf_type}"
+                gguf_summary[key] = gguf_step(name, hf_dir, lora_dir, merged_fp32, args.workdir, gguf_type)
+                print_gguf(gguf_summary[key])
         except Exception as exc:  # report it, go on with the other model
-            failures[name] = f"{type(exc).__name__}: {exc}"
-            print(f"[{name}] FAILED: {failures[name]}")
+            failures[f"{name} gguf"] = f"{type(exc).__name__}: {exc}"
+            print(f"[{name} gguf] FAILED: {failures[f'{name} gguf']}")
 
     print("\n===== summary =====")
     for results in summary.values():
@@ -335,13 +461,20 @@ def main() -> None:
                 f"top1 {r.top1_agreement:>7.2%}  greedy identical: {r.continuations_identical}  "
                 f"merge {r.merge_seconds:.2f} s"
             )
+    for g in gguf_summary.values():
+        print(
+            f"{g.label:<38} top1 {g.top1_agreement:>7.2%}  max|dlogit| {g.max_abs_logit_diff:.4g} of {g.max_abs_logit:.4g}  "
+            f"tokenizer ids equal: {g.tokenizer_ids_equal}  greedy identical: {g.continuations_identical}  gguf {g.gguf_seconds:.2f} s"
+        )
+        print(f"{'':<38} llama.cpp {g.prompt!r} -> {g.llama_cpp_continuation!r}")
     for name, err in failures.items():
         print(f"{name:<38} FAILED: {err}")
-    results_path = args.workdir / "results.json"
+    results_path = args.workdir / ("results-gguf.json" if args.gguf_only else "results.json")
     results_path.write_text(
         json.dumps(
             {
                 "results": {n: [asdict(r) for r in rs] for n, rs in summary.items()},
+                "gguf": {n: asdict(g) for n, g in gguf_summary.items()},
                 "failures": failures,
             },
             indent=2,

@@ -361,3 +361,119 @@ class Merged:
     adapters: list[Path]
     out: Path
     result: Any  # lorasave.MergeResult
+
+
+# ------------------------------------------------------------- GGUF architectures
+
+#: Training text for the tokenizers of the GGUF architecture tests (spaces, digits, unicode).
+GGUF_CORPUS = (
+    "LoRA adapts a frozen model by adding a low-rank update to some of its weight matrices. "
+    "Merging folds that update into the weights, 12345 times in 2024: naïve café, 日本語のテキスト, ünïcödé!\n"
+) * 20
+#: Llama 3 and Qwen2 pre-tokenizer regexes (their ``tokenizer.json`` ``Split`` patterns).
+BPE_SPLIT = {
+    "llama3": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def build_bpe_tokenizer(style: str, vocab: int = 320) -> PreTrainedTokenizerFast:
+    """A byte-level BPE trained on :data:`GGUF_CORPUS` with the ``style`` regex split (``"llama3"``/``"qwen2"``).
+
+    Specials: ``<|endoftext|>`` (BOS/EOS/PAD), ``<|im_start|>``, ``<|im_end|>``; a chat template.
+    """
+    from tokenizers import Regex, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(BPE_SPLIT[style]), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+    )
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([GGUF_CORPUS], trainer=trainer)
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    out.add_special_tokens({"additional_special_tokens": specials[1:]})
+    out.chat_template = CHAT_TEMPLATE
+    return out
+
+
+def build_spm_tokenizer(folder: Path, tokenizer_class: str, vocab: int = 320, keep_model: bool = True) -> PreTrainedTokenizerFast:
+    """A SentencePiece BPE (byte fallback) trained on :data:`GGUF_CORPUS`, saved in ``folder``.
+
+    ``tokenizer.model`` + the transformers tokenizer of ``tokenizer_class`` (``"LlamaTokenizer"``,
+    ``"GemmaTokenizer"``) converted from it, plus an added special ``<|im_end|>`` and a chat template.
+    ``keep_model=False`` leaves only ``tokenizer.json`` (what a transformers 5 ``save_pretrained`` writes).
+    """
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    folder.mkdir(parents=True, exist_ok=True)
+    corpus = folder / "corpus.txt"
+    corpus.write_text(GGUF_CORPUS, encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(folder / "sp"),
+        vocab_size=vocab - 1,
+        model_type="bpe",
+        byte_fallback=True,
+        character_coverage=1.0,
+        pad_id=0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=3,
+        minloglevel=2,
+    )
+    corpus.unlink()
+    (folder / "sp.model").rename(folder / "tokenizer.model")
+    (folder / "sp.vocab").unlink()
+    cfg = {"tokenizer_class": tokenizer_class, "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "<pad>"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_end|>"]})
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(folder)
+    if not keep_model:
+        (folder / "tokenizer.model").unlink()
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def build_arch_model(kind: str, vocab: int, seed: int = 0) -> PreTrainedModel:
+    """A tiny float32 model of ``kind``: ``"llama"`` (Llama 3.1 rope scaling), ``"qwen3"``, ``"gemma3"``
+    (6 layers: 5 sliding-window + 1 global, head_dim == query_pre_attn_scalar as in Gemma 3 270M) or ``"phi3"``."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, Phi3Config, Phi3ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    common: dict[str, Any] = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.1,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if kind == "llama":
+        rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+        model: PreTrainedModel = LlamaForCausalLM(
+            LlamaConfig(**common, tie_word_embeddings=False, rope_parameters={**rope, "original_max_position_embeddings": 64})
+        )
+    elif kind == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16, tie_word_embeddings=True))
+    elif kind == "gemma3":
+        common.update(num_hidden_layers=6, head_dim=16)
+        model = Gemma3ForCausalLM(Gemma3TextConfig(**common, query_pre_attn_scalar=16, sliding_window=8))
+    elif kind == "phi3":
+        model = Phi3ForCausalLM(Phi3Config(**common, tie_word_embeddings=False))
+    else:
+        raise ValueError(kind)
+    with torch.no_grad():  # non-trivial norm weights (Gemma's +1 and q/k norms must show)
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0 if kind == "gemma3" else 1.0, 0.1)
+    return model.eval()

@@ -182,8 +182,25 @@ def test_logits_level(merged: Path, tmp_path: Path) -> None:
     assert bad.failures and bad.failures[0][0] == "logits"
     from lorasave.gguf_export import export_gguf
 
-    g = verify(export_gguf(BASE, LORA, tmp_path / "g", type="q8_0").output, level="logits")
+    g = verify(export_gguf(BASE, LORA, tmp_path / "g", type="f16").output, level="logits")
     assert g.ok and g.top1_agreement is not None, g
+
+
+def test_gguf_logits_level_runs_in_llama_cpp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GGUF outputs are run by llama.cpp when its runtime is installed, else by transformers' loader."""
+    from _llama import need_llama_cpp
+    from lorasave.gguf_export import export_gguf
+
+    need_llama_cpp()
+    out = export_gguf(BASE, LORA, tmp_path / "g", type="f32").output
+    report = verify(out, level="logits")
+    assert report.ok and report.logits_runtime == "llama.cpp" and "in llama.cpp" in report.summary(), report
+    assert report.top1_agreement == 1.0 and report.logits_max_diff is not None and report.logits_max_diff <= 1e-3 * (report.logits_scale or 0)
+    bad = verify(out, level="logits", adapters=[_wrong_alpha(LORA, tmp_path)])
+    assert bad.failures and bad.failures[0][0] == "logits" and bad.logits_runtime == "llama.cpp"
+    monkeypatch.setenv("LORASAVE_LLAMA_CPP_DIR", str(tmp_path / "no-runtime"))
+    fallback = verify(out, level="logits")
+    assert fallback.ok and fallback.logits_runtime == "transformers", fallback
 
 
 def test_gguf_export_with_verify(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ __all__ = [
     "__version__",
     "attach",
     "export_gguf",
+    "export_gguf_adapter",
     "export_onnx",
     "merge",
     "push",
@@ -34,6 +35,7 @@ __all__ = [
 if TYPE_CHECKING:
     from .api import AdapterResult, MergeResult, merge, save_adapter
     from .errors import LorasaveError
+    from .gguf_adapter import export_gguf_adapter
     from .gguf_export import export_gguf
     from .hub import PushResult, push
     from .live import attach, save_pretrained_merged
@@ -50,6 +52,10 @@ def __getattr__(name: str) -> Any:
         from .gguf_export import export_gguf
 
         return export_gguf
+    if name == "export_gguf_adapter":
+        from .gguf_adapter import export_gguf_adapter
+
+        return export_gguf_adapter
     if name == "export_onnx":
         from .onnx_export import export_onnx
 

@@ -165,3 +165,89 @@ def adapter_snippet(base: str, repo_or_path: str) -> str:
         f'base = AutoModelForCausalLM.from_pretrained("{base}")\n'
         f'model = PeftModel.from_pretrained(base, "{repo_or_path}")'
     )
+
+
+def write_gguf_card(
+    folder: Path,
+    *,
+    title: str,
+    gguf_file: str,
+    type: str,
+    tensor_types: dict[str, int],
+    base_model: str | None,
+    architectures: list[str] | None,
+    adapters: list[dict[str, Any]],
+    base_dir: Path | None,
+    modelfile: bool,
+    notes: list[str] | None = None,
+) -> Path:
+    """Write ``folder/README.md`` for a GGUF output (``lorasave gguf``).
+
+    Same front matter rules as :func:`write_card` (``library_name: gguf``, tags ``gguf`` and
+    ``llama.cpp``); the body names the base, the adapters, the type and the count of tensors of
+    each GGML type, and how to run the file with llama.cpp (``llama-cli -m``) and, when a
+    ``Modelfile`` was written, with Ollama (``ollama create -f Modelfile``).
+
+    Args:
+        folder: the staging folder of the output.
+        title: the card's heading (the output folder's final name).
+        gguf_file: the ``.gguf`` file name inside ``folder``.
+        type: the output type (``"q4_k_m"``...).
+        tensor_types: GGML type name -> number of tensors.
+        base_model: the base's Hub id when known.
+        architectures: ``config.json`` architectures (for ``pipeline_tag``).
+        adapters: descriptions of the merged adapters (``peft_type``, ``r``, ``lora_alpha``, targets, path).
+        base_dir: the base's folder, to copy its license from.
+        modelfile: whether ``folder/Modelfile`` exists.
+        notes: facts worth knowing (fallbacks, the k-quant route), listed in the body.
+
+    Returns:
+        The card's path.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from . import __version__
+
+    data: dict[str, Any] = {
+        "base_model": hub_id(base_model),
+        "library_name": "gguf",
+        "tags": ["lorasave", "lora", "merged", "gguf", "llama.cpp", *(["ollama"] if modelfile else [])],
+        "pipeline_tag": pipeline_tag(architectures),
+        "license": base_license(base_dir),
+    }
+    card_data = ModelCardData(**{k: v for k, v in data.items() if v not in (None, [], "")})
+    type_rows = ["| GGML type | tensors |", "|---|---|", *(f"| {k} | {n} |" for k, n in sorted(tensor_types.items()))]
+    run = ["```sh", f"llama-cli -m {gguf_file} -cnv", "```"]
+    if modelfile:
+        run += ["", "With [Ollama](https://ollama.com), from this folder:", "", "```sh", f"ollama create {title} -f Modelfile", f"ollama run {title}", "```"]
+    lines = [
+        f"# {title}",
+        "",
+        f"A merged model in GGUF format (`{gguf_file}`, type `{type}`) written by [lorasave](https://pypi.org/project/lorasave/) {__version__}.",
+        "",
+        "## How it was made",
+        "",
+        f"- Base model: {hub_id(base_model) or 'a local checkpoint'}",
+        f"- Type: {type}",
+        "",
+        _settings_table(adapters),
+        "",
+        *type_rows,
+        "",
+        *(f"- {n}" for n in notes or []),
+        *([""] if notes else []),
+        "## How to run it",
+        "",
+        "With [llama.cpp](https://github.com/ggml-org/llama.cpp):",
+        "",
+        *run,
+        "",
+        "## Verification",
+        "",
+        "Every file's sha256 is recorded in `lorasave.json`; `lorasave verify` checks them.",
+        "",
+    ]
+    card = ModelCard(f"---\n{card_data.to_yaml()}\n---\n\n" + "\n".join(lines))
+    path = folder / "README.md"
+    card.save(path)
+    return path

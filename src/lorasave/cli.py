@@ -379,53 +379,6 @@ def onnx_cmd(
     )
 
 
-@main.command("gguf", short_help="Merge adapter(s) into a base; write one GGUF file (f32/f16/bf16/q8_0).")
-@click.argument("base")
-@click.argument("adapters", nargs=-1, required=True)
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
-@click.option("--type", "gguf_type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True, help="GGML type of the weights.")
-@click.option("--name", default=None, help="general.name and file stem (default: the output folder's name).")
-@click.option("--verify", "verify_output", is_flag=True, help="Probe the GGUF tensors against the sources before it is renamed into place.")
-@click.option("--tokenizer", type=click.Path(), default=None, help="Take the tokenizer from this folder (default: the adapter's, else the base's).")
-@_push_options
-@_common
-@click.pass_context
-def gguf_cmd(
-    ctx: click.Context,
-    base: str,
-    adapters: tuple[str, ...],
-    output: str,
-    gguf_type: str,
-    name: str | None,
-    verify_output: bool,
-    tokenizer: str | None,
-    push_to_hub: str | None,
-    private: bool,
-    overwrite: bool,
-    quiet: bool,
-    as_json: bool,
-    allow_pickle: bool,
-    debug: bool,
-) -> None:
-    """Merge ADAPTER(s) into BASE and write OUT/<name>-<type>.gguf for llama.cpp, streaming.
-
-    Llama, Mistral and Qwen2 architectures with byte-level BPE tokenizers, for now.
-    """
-    from .gguf_export import export_gguf
-
-    ctx.obj["debug"] = ctx.obj.get("debug") or debug
-    _save(
-        ctx,
-        lambda: export_gguf(
-            base, list(adapters), output, type=gguf_type, name=name, tokenizer=tokenizer, overwrite=overwrite, allow_pickle=allow_pickle, verify=verify_output
-        ),
-        push_to_hub,
-        private=private,
-        quiet=quiet,
-        as_json=as_json,
-    )
-
-
 @main.command("verify", short_help="Check an output against its manifest and sources.")
 @click.argument("output")
 @click.option(
@@ -516,6 +469,11 @@ def push_cmd(
         quiet=quiet,
         as_json=as_json,
     )
+
+
+from . import cli_gguf  # noqa: E402  (registers gguf, gguf-adapter, install-llama-cpp on main)
+
+GGUF_TYPE_CHOICES = cli_gguf.GGUF_TYPE_CHOICES
 
 
 def run() -> None:

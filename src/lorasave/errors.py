@@ -164,3 +164,20 @@ class FolderMismatchError(LorasaveError, ValueError):
     def __init__(self, message: str, *, path: str | Path | None = None, file: str) -> None:
         super().__init__(message, path=path)
         self.file = file
+
+
+# --- llama.cpp runtime (optional; lorasave.llama_cpp) ---
+
+
+class LlamaCppNotInstalledError(LorasaveError, FileNotFoundError):
+    """The optional llama.cpp runtime is not installed where lorasave looks for it."""
+
+    exit_code = 2
+
+
+class LlamaCppError(LorasaveError, OSError):
+    """llama.cpp failed: a library, model or adapter did not load, or a decode or quantize call failed."""
+
+
+class LlamaCppInstallError(LlamaCppError):
+    """The llama.cpp runtime could not be installed: unsupported platform, download or integrity failure."""

@@ -9,9 +9,10 @@ float32 values directly (no 16-bit intermediate checkpoint):
 * per-tensor GGML types as ``ModelBase.prepare_tensors`` (``conversion/base.py``) picks them:
   1-D tensors, ``*_norm.weight`` and anything not ending in ``.weight`` (biases) are F32, the rest
   follow the requested type, and Q8_0 falls back to F16 when a row is not a multiple of 32;
-* the ``general.*`` / ``{arch}.*`` keys of ``TextModel.set_gguf_parameters`` (``gguf_arch.py``);
-* a byte-level BPE tokenizer as ``TextModel._set_vocab_gpt2`` writes it (``tokenizer.ggml.model
-  = "gpt2"``, tokens, token types, merges and special ids through ``gguf.SpecialVocab``).
+* Gemma's RMSNorm weights ``+1`` and generated tensors such as Llama 3.1's ``rope_freqs``
+  (``gguf_arch.ARCHITECTURES``);
+* the ``general.*`` (``gguf.Metadata``) / ``{arch}.*`` keys of ``set_gguf_parameters`` (``gguf_arch.py``);
+* the tokenizer: SentencePiece, SentencePiece-style or byte-level BPE (``gguf_vocab.py``).
 
 The header, metadata and tensor infos are written first (every type and size is known from the
 plan), then each tensor's data: peak memory is about one merged float32 tensor plus its encoding.
@@ -24,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +33,14 @@ import gguf
 import numpy as np
 import torch
 
+from . import gguf_quant
 from .adapter import Adapter, load_adapters
 from .architecture import inspect_architecture
 from .checkpoint import Checkpoint, TensorReader, open_checkpoint
 from .errors import InvalidOptionError, UnsupportedModelError
-from .gguf_arch import GgufArch, gguf_arch_for, head_counts
+from .gguf_arch import GgufArch, Hparams, gguf_arch_for
+from .gguf_quant import GgufType
+from .gguf_vocab import add_tokenizer
 from .manifest import MANIFEST_NAME, sha256_file, sha256_source, write_manifest
 from .merge_math import ExecContext, Timings, stream_tensor
 from .output import StagedOutput, check_free_space, check_output_path, tokenizer_source
@@ -47,13 +51,9 @@ logger = logging.getLogger(__name__)
 PathLike = str | os.PathLike[str]
 Q = gguf.GGMLQuantizationType
 
-#: ``type`` -> (GGML type of quantizable tensors, ``general.file_type``) as in convert_hf_to_gguf ``--outtype``.
-GGUF_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
-    "f32": (Q.F32, gguf.LlamaFileType.ALL_F32),
-    "f16": (Q.F16, gguf.LlamaFileType.MOSTLY_F16),
-    "bf16": (Q.BF16, gguf.LlamaFileType.MOSTLY_BF16),
-    "q8_0": (Q.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
-}
+#: convert_hf_to_gguf ``--outtype`` types: ``type`` -> (GGML type of quantizable tensors,
+#: ``general.file_type``). Every ``lorasave gguf --type`` is a :class:`gguf_quant.GgufType`.
+GGUF_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {t.value: (t.default_qtype, t.file_type) for t in GgufType if t.converter}
 
 
 @dataclass
@@ -72,6 +72,9 @@ class GgufResult:
         seconds: wall time of the call.
         notes: fallbacks taken and facts worth knowing.
         verification: the ``verify`` result, when ``verify=True`` was asked.
+        modelfile: the Ollama ``Modelfile``, when one was written.
+        chat_template_family: the chat template family its ``TEMPLATE`` was taken from, if known.
+        llama_cpp_quantized: the file was written by llama.cpp's ``llama_model_quantize`` (k-quants).
     """
 
     output: Path
@@ -85,11 +88,15 @@ class GgufResult:
     seconds: float
     notes: list[str] = field(default_factory=list)
     verification: dict[str, Any] | None = None
+    modelfile: Path | None = None
+    chat_template_family: str | None = None
+    llama_cpp_quantized: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json``)."""
         d = asdict(self)
         d["output"], d["gguf_file"] = str(self.output), str(self.gguf_file)
+        d["modelfile"] = str(self.modelfile) if self.modelfile else None
         return d
 
     def summary(self) -> str:
@@ -97,7 +104,9 @@ class GgufResult:
         types = ", ".join(f"{n} {k}" for k, n in sorted(self.tensor_types.items()))
         verified = "; verified" if self.verification and self.verification.get("ok") else ""
         size = f"{self.total_bytes / 1e6:.1f} MB"
-        return f"wrote {self.gguf_file} ({self.n_tensors} tensors: {types}; {size}, {self.n_merged} merged) in {self.seconds:.1f} s{verified}"
+        how = "; quantized by llama.cpp from a 16-bit intermediate GGUF (removed)" if self.llama_cpp_quantized else ""
+        ollama = "; Modelfile for Ollama" if self.modelfile else ""
+        return f"wrote {self.gguf_file} ({self.n_tensors} tensors: {types}; {size}, {self.n_merged} merged) in {self.seconds:.1f} s{how}{ollama}{verified}"
 
 
 @dataclass(frozen=True)
@@ -110,6 +119,7 @@ class GgufTensor:
         qtype: GGML type written.
         nbytes: bytes of its data (without alignment padding).
         permute_heads: ``(n_head, n_head_kv)`` for a Q/K permute, or None.
+        shift: added to every element after the merge (Gemma's RMSNorm ``+1``), or 0.
     """
 
     src: OutputTensor
@@ -117,6 +127,24 @@ class GgufTensor:
     qtype: gguf.GGMLQuantizationType
     nbytes: int
     permute_heads: tuple[int, int] | None
+    shift: float = 0.0
+
+
+@dataclass(frozen=True)
+class ExtraTensor:
+    """A tensor the architecture generates rather than the checkpoint holds (``rope_freqs.weight``).
+
+    Attributes:
+        name: GGUF name.
+        data: float32 values, numpy shape (rows first).
+        qtype: GGML type written.
+        nbytes: bytes of its data.
+    """
+
+    name: str
+    data: np.ndarray
+    qtype: gguf.GGMLQuantizationType
+    nbytes: int
 
 
 def permute_qk(w: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.Tensor:
@@ -141,36 +169,43 @@ def ggml_type(gguf_name: str, shape: tuple[int, ...], type: str) -> gguf.GGMLQua
     Args:
         gguf_name: the tensor's GGUF name.
         shape: its numpy/torch shape (rows first); ``shape[-1]`` is the ggml row length ``ne0``.
-        type: requested output type, a key of :data:`GGUF_TYPES`.
+        type: requested output type, a streamed :class:`GgufType` value (``"q8_0"``...).
 
     Returns:
-        F32 for 1-D tensors, ``*_norm.weight`` and non-``.weight`` tensors (biases); otherwise the
-        requested type, with Q8_0 falling back to F16 when ``ne0`` is not a multiple of 32 (the
-        converter catches ``gguf.QuantError`` and does the same).
+        For the converter's types (:data:`GGUF_TYPES`): F32 for 1-D tensors, ``*_norm.weight`` and
+        non-``.weight`` tensors (biases); otherwise the requested type, with Q8_0 falling back to
+        F16 when ``ne0`` is not a multiple of 32 (the converter catches ``gguf.QuantError`` and does
+        the same). For q4_0..q5_1, ``llama-quantize``'s choice for a model with ``output.weight``
+        (:func:`assign_types` applies the tied-embedding rule). See ``gguf_quant``.
     """
-    if len(shape) <= 1 or gguf_name.endswith("_norm.weight") or not gguf_name.endswith(".weight"):
-        return Q.F32
-    qtype = GGUF_TYPES[type][0]
-    block = gguf.GGML_QUANT_SIZES[qtype][0]
-    if shape[-1] % block != 0:
-        return Q.F16
-    return qtype
+    t = GgufType.parse(type)
+    if t.converter:
+        return gguf_quant.converter_type(gguf_name, shape, t.default_qtype)
+    want = gguf_quant.llama_cpp_type(gguf_name, shape, t, tied=False)
+    return gguf_quant.K_SUBSTITUTE.get(want, want)
 
 
 def tensor_nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
     """Bytes of a tensor of ``shape`` (rows first) encoded as ``qtype``."""
-    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
-    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-    return n // block * type_size
+    return gguf_quant.tensor_nbytes(shape, qtype)
 
 
 def encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """Encode a float32 array as ``qtype`` (F32/F16 as floats, BF16/Q8_0 as bytes via ``gguf.quants``)."""
-    if qtype is Q.F32:
-        return np.ascontiguousarray(w, dtype=np.float32)
-    if qtype is Q.F16:
-        return np.ascontiguousarray(w.astype(np.float16))
-    return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
+    """Encode a float32 array as ``qtype`` (``gguf_quant.encode``: floats, or bytes via ``gguf.quants``)."""
+    return gguf_quant.encode(w, qtype)
+
+
+def assign_types(tensors: list[GgufTensor], type: GgufType) -> tuple[list[GgufTensor], list[str]]:
+    """Give every tensor of a streamed file the type llama.cpp would (``gguf_quant.tensor_types``).
+
+    Returns:
+        The tensors with ``qtype`` / ``nbytes`` set, and notes on the F16 fallbacks and the K-type
+        substitutions.
+    """
+    pairs = [(g.name, g.src.shape) for g in tensors]
+    types = gguf_quant.tensor_types(pairs, type)
+    out = [replace(g, qtype=t.qtype, nbytes=tensor_nbytes(g.src.shape, t.qtype)) for g, t in zip(tensors, types, strict=True)]
+    return out, gguf_quant.type_notes(pairs, types, type)
 
 
 def merged_float32(t: OutputTensor, ctx: ExecContext) -> torch.Tensor:
@@ -194,17 +229,22 @@ def merged_float32(t: OutputTensor, ctx: ExecContext) -> torch.Tensor:
 
 
 def gguf_tensors(plan: MergePlan, config: dict[str, Any], rules: GgufArch, type: str) -> list[GgufTensor]:
-    """Name, type and size of every GGUF tensor, in plan order.
+    """Name, type, size and transform of every GGUF tensor from the checkpoint, in plan order.
+
+    Tensors in ``rules.drop`` are left out (Gemma's ``lm_head.weight``, as the converter's
+    ``filter_tensors``); ``*norm.weight`` get ``rules.norm_shift`` (``Gemma3Model.norm_shift``).
 
     Raises:
         UnsupportedModelError: a tensor has no GGUF name (``ValueError("Can not map tensor")`` in
             llama.cpp), e.g. a vision tower or an unknown extra module.
     """
-    n_blocks = int(config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers"))
-    names = gguf.get_tensor_name_map(rules.arch, n_blocks)
-    n_head, n_kv = head_counts(config)
+    hp = Hparams.of(config)
+    names = gguf.get_tensor_name_map(rules.arch, hp.n_layer)
+    n_head, n_kv = hp.heads
     out = []
     for t in plan.tensors.values():
+        if t.name in rules.drop:
+            continue
         name = names.get_name(t.name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UnsupportedModelError(f"cannot map tensor {t.name!r} to a GGUF {rules.name} tensor name")
@@ -214,83 +254,37 @@ def gguf_tensors(plan: MergePlan, config: dict[str, Any], rules: GgufArch, type:
         elif rules.permute_qk and t.name.endswith(("k_proj.weight", "k_proj.bias")):
             heads = (n_head, n_kv)
         qtype = ggml_type(name, t.shape, type)
-        out.append(GgufTensor(t, name, qtype, tensor_nbytes(t.shape, qtype), heads))
+        shift = rules.norm_shift if t.name.endswith("norm.weight") else 0.0
+        out.append(GgufTensor(t, name, qtype, tensor_nbytes(t.shape, qtype), heads, shift))
     return out
 
 
-def _looks_special(token: str) -> bool:
-    """``TextModel.does_token_look_special`` (``conversion/base.py``)."""
-    seems = token in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
-    seems = seems or (token.startswith("<|") and token.endswith("|>"))
-    seems = seems or (token.startswith("<｜") and token.endswith("｜>"))
-    return seems or (token.startswith("<unused") and token.endswith(">"))
+def extra_tensors(config: dict[str, Any], rules: GgufArch, type: str) -> list[ExtraTensor]:
+    """The architecture's generated tensors (``generate_extra_tensors`` in the converter), typed as the rest."""
+    out = []
+    for name, data in rules.extra_tensors(Hparams.of(config)):
+        qtype = ggml_type(name, data.shape, type)
+        out.append(ExtraTensor(name, data, qtype, tensor_nbytes(data.shape, qtype)))
+    return out
 
 
-def add_bpe_tokenizer(writer: gguf.GGUFWriter, tok_dir: Path, vocab_size: int, rules: GgufArch, notes: list[str]) -> None:
-    """Write a byte-level BPE tokenizer as ``TextModel._set_vocab_gpt2`` does.
+def add_model_params(
+    writer: gguf.GGUFWriter, config: dict[str, Any], rules: GgufArch, name: str, type: str, model_dir: Path | None = None, n_params: int = 0
+) -> None:
+    """``general.*`` and ``{arch}.*`` keys (``ModelBase.prepare_metadata`` + ``set_gguf_parameters``).
 
-    Tokens ``0..vocab_size``: ids the tokenizer lacks become ``[PAD{i}]`` (UNUSED); added tokens are
-    CONTROL when special or special-looking, else USER_DEFINED; the rest NORMAL. Merges, special
-    token ids, ``add_*_token`` flags and the chat template come from ``gguf.SpecialVocab``.
-    ``tokenizer.ggml.pre`` is ``"gpt-2"`` for a plain ByteLevel pre-tokenizer, else the
-    architecture's usual name (llama.cpp instead hashes the token ids of a fixed text).
-
-    Raises:
-        UnsupportedModelError: no ``tokenizer.json``, or not a byte-level BPE tokenizer
-            (SentencePiece export is not implemented).
+    Args:
+        model_dir: folder whose README.md / config.json ``gguf.Metadata.load`` reads (the base).
+        n_params: total parameter count of the file's tensors (``general.size_label``).
     """
-    from transformers import AutoTokenizer
-
-    path = tok_dir / "tokenizer.json"
-    if not path.is_file():
-        raise UnsupportedModelError(f"GGUF export needs a byte-level BPE tokenizer.json; {tok_dir} has none (SentencePiece is not supported yet)")
-    spec = json.loads(path.read_text(encoding="utf-8"))
-    pre = spec.get("pre_tokenizer") or {}
-    if (spec.get("model") or {}).get("type") != "BPE" or "ByteLevel" not in json.dumps(pre):
-        raise UnsupportedModelError(f"{path} is not a byte-level BPE tokenizer; GGUF export of other tokenizers is not supported yet")
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        pre_name = "gpt-2"
-    else:
-        pre_name = rules.bpe_pre
-        notes.append(f"tokenizer.ggml.pre set to {pre_name!r} (the {rules.name} default), not derived from the tokenizer")
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    vocab = tok.get_vocab()
-    if max(vocab.values()) >= vocab_size:
-        raise UnsupportedModelError(f"the tokenizer has ids up to {max(vocab.values())} but the model's vocabulary has {vocab_size} rows")
-    reverse = {i: t for t, i in vocab.items()}
-    added = tok.get_added_vocab()
-    decoder = tok.added_tokens_decoder
-    tokens: list[str] = []
-    types: list[int] = []
-    for i in range(vocab_size):
-        if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            types.append(gguf.TokenType.UNUSED)
-        elif reverse[i] in added:
-            special = i in decoder and decoder[i].special
-            tokens.append(reverse[i] if special or _looks_special(reverse[i]) else reverse[i].replace("▁", " "))
-            types.append(gguf.TokenType.CONTROL if special or _looks_special(reverse[i]) else gguf.TokenType.USER_DEFINED)
-        else:
-            tokens.append(reverse[i])
-            types.append(gguf.TokenType.NORMAL)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(pre_name)
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    gguf.SpecialVocab(tok_dir, load_merges=True, n_vocab=len(tokens)).add_to_gguf(writer)
-
-
-def add_model_params(writer: gguf.GGUFWriter, config: dict[str, Any], rules: GgufArch, name: str, type: str) -> None:
-    """``general.*`` and ``{arch}.*`` keys (``ModelBase.prepare_metadata`` + ``set_gguf_parameters``)."""
     writer.add_type(gguf.GGUFType.MODEL)
-    writer.add_name(name)
-    for key, value, kind in rules.params(config):
-        full = f"{rules.name}.{key}"
-        if kind == "f32":
-            writer.add_float32(full, float(value))
-        else:
-            writer.add_uint32(full, int(value))
-    writer.add_file_type(GGUF_TYPES[type][1])
+    meta = gguf.Metadata.load(None, model_dir, name, n_params)
+    if meta.size_label is None and n_params > 0:
+        meta.size_label = gguf.size_label(n_params, n_params, 0, 0)
+    meta.set_gguf_meta_model(writer)
+    for key, value, vtype in rules.params(Hparams.of(config)):
+        writer.add_key_value(key.format(arch=rules.name), value, vtype)
+    writer.add_file_type(GgufType.parse(type).file_type)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -301,6 +295,64 @@ def _vocab_size(ckpt: Checkpoint, plan: MergePlan, tensors: list[GgufTensor]) ->
             return int(g.src.shape[0])
     v = plan.config_updates.get("vocab_size", ckpt.config.get("vocab_size"))
     return int(v)  # type: ignore[arg-type]
+
+
+def _intermediate_type(ckpt: Checkpoint) -> GgufType:
+    """``gguf_quant.intermediate_type`` of the base's bytes per safetensors dtype."""
+    by_dtype: dict[str, int] = {}
+    for e in ckpt.tensors.values():
+        if (dt := getattr(e, "dtype", None)) is not None:
+            by_dtype[dt.name] = by_dtype.get(dt.name, 0) + e.nbytes
+    return gguf_quant.intermediate_type(by_dtype)
+
+
+@dataclass(frozen=True)
+class _SideFiles:
+    files: list[str]
+    modelfile: str | None
+    family: str | None
+
+
+def _side_files(
+    folder: Path,
+    title: str,
+    filename: str,
+    type: GgufType,
+    counts: dict[str, int],
+    notes: list[str],
+    ckpt: Checkpoint,
+    ads: list[Adapter],
+    tok_dir: Path,
+    modelfile: bool,
+) -> _SideFiles:
+    """The Ollama ``Modelfile`` (when asked and there is a chat template) and the ``README.md`` card."""
+    from .cards import hub_id, write_gguf_card
+    from .ollama import MODELFILE_NAME, write_modelfile
+
+    files: list[str] = []
+    family = None
+    if modelfile:
+        mf = write_modelfile(folder, filename, tok_dir, config_dirs=[ckpt.root])
+        notes.extend(mf.notes)
+        family = mf.family.value if mf.family else None
+        if mf.path is not None:
+            files.append(MODELFILE_NAME)
+    base_id = ckpt.hub_id or next((hub_id(a.config.get("base_model_name_or_path")) for a in ads if hub_id(a.config.get("base_model_name_or_path"))), None)
+    keys = ("peft_type", "r", "lora_alpha", "target_modules", "base_model_name_or_path")
+    write_gguf_card(
+        folder,
+        title=title,
+        gguf_file=filename,
+        type=type.value,
+        tensor_types=counts,
+        base_model=base_id,
+        architectures=ckpt.config.get("architectures"),
+        adapters=[{"path": str(a.root.resolve()), **{k: a.config.get(k) for k in keys}} for a in ads],
+        base_dir=ckpt.root,
+        modelfile=bool(files),
+        notes=notes,
+    )
+    return _SideFiles([*files, "README.md"], MODELFILE_NAME if files else None, family)
 
 
 def export_gguf(
@@ -314,6 +366,7 @@ def export_gguf(
     tokenizer: PathLike | None = None,
     allow_pickle: bool = False,
     verify: bool = False,
+    modelfile: bool = True,
 ) -> GgufResult:
     """Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<name>-<type>.gguf`` plus ``lorasave.json``.
 
@@ -324,18 +377,26 @@ def export_gguf(
         base: base folder (``config.json`` + safetensors) or a Hub id in the local HF cache.
         adapters: one PEFT adapter folder or several (their deltas add up).
         output_dir: the folder to create.
-        type: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"q8_0"`` (llama.cpp ``--outtype``); norms,
-            biases and 1-D tensors are always F32.
+        type: a :class:`gguf_quant.GgufType` value. ``"f32"``, ``"f16"``, ``"bf16"``, ``"q8_0"``,
+            ``"q4_0"``, ``"q4_1"``, ``"q5_0"``, ``"q5_1"`` are streamed with per-tensor types as
+            llama.cpp picks them (``gguf_quant``); the k-quants (``"q4_k_m"``...) are written by
+            llama.cpp's ``llama_model_quantize`` from a 16-bit GGUF streamed first into the staging
+            folder (F16, BF16 for a bfloat16 base) and removed after; they need the llama.cpp
+            runtime (``python -m lorasave.llama_cpp_install``).
         overwrite: replace an existing ``output_dir`` written by lorasave.
         name: ``general.name`` and file stem; default: the output folder's name.
         tokenizer: folder with ``tokenizer.json``; default: the first adapter's, else the base's.
         allow_pickle: accept ``adapter_model.bin``.
+        modelfile: write an Ollama ``Modelfile`` when the tokenizer has a chat template
+            (``ollama.write_modelfile``).
 
     Returns:
         GgufResult.
 
     Raises:
         InvalidOptionError: unknown ``type``.
+        LlamaCppNotInstalledError: a k-quant ``type`` without the llama.cpp runtime (nothing is written).
+        LlamaCppError: llama.cpp failed to quantize.
         UnsupportedModelError: a ``model_type``, tensor, RoPE scaling or tokenizer the export does
             not handle (see ``gguf_arch.ARCHITECTURES``).
         LorasaveError subclasses from loading the sources, planning and the output path checks
@@ -343,8 +404,15 @@ def export_gguf(
         NonFiniteResultError, ...).
     """
     t_start = time.perf_counter()
-    if type not in GGUF_TYPES:
-        raise InvalidOptionError(f"GGUF type {type!r} is not supported; choose one of {', '.join(GGUF_TYPES)}")
+    try:
+        gtype = GgufType.parse(type)
+    except ValueError:
+        raise InvalidOptionError(f"GGUF type {type!r} is not supported; choose one of {', '.join(t.value for t in GgufType)}") from None
+    if not gtype.streamed:
+        from . import llama_cpp
+
+        llama_cpp.require()
+    type = gtype.value
     ckpt = open_checkpoint(base)
     rules = gguf_arch_for(ckpt.config)
     ads: list[Adapter] = load_adapters(adapters, allow_pickle=allow_pickle)
@@ -357,22 +425,30 @@ def export_gguf(
     for key, value in plan.config_updates.items():
         if "." not in key:
             config[key] = value
-    tensors = gguf_tensors(plan, config, rules, type)
-    check_free_space(final, sum(g.nbytes for g in tensors) + (16 << 20))
-    notes = list(plan.notes)
-    fallback = [g.name for g in tensors if g.qtype is Q.F16 and type == "q8_0"]
-    if fallback:
-        notes.append(f"{len(fallback)} tensors kept as F16: rows not a multiple of 32 for Q8_0 (first: {fallback[0]})")
+    # what is streamed: the type itself, or the 16-bit file llama_model_quantize reads
+    stream = gtype if gtype.streamed else _intermediate_type(ckpt)
+    tensors, type_notes = assign_types(gguf_tensors(plan, config, rules, stream.value), stream)
+    extras = extra_tensors(config, rules, stream.value)
+    streamed_bytes = sum(g.nbytes for g in tensors) + sum(e.nbytes for e in extras)
+    kquant_bytes = 0 if gtype.streamed else gguf_quant.kquant_size_bound([(g.name, g.src.shape) for g in tensors], stream)
+    check_free_space(final, streamed_bytes + kquant_bytes + (16 << 20))
+    notes = list(plan.notes) + (type_notes if gtype.streamed else [])
+    if not gtype.streamed:
+        notes.append(gguf_quant.kquant_note(gtype, stream))
 
     filename = f"{stem}-{type}.gguf"
+    stream_name = filename if gtype.streamed else f".{stem}-{stream.value}.intermediate.gguf"
     timings = Timings()
     with StagedOutput(final) as stage:
         writer = gguf.GGUFWriter(None, rules.name)
-        add_model_params(writer, config, rules, stem, type)
-        add_bpe_tokenizer(writer, tok_dir, _vocab_size(ckpt, plan, tensors), rules, notes)
+        n_params = sum(int(np.prod(g.src.shape)) for g in tensors) + sum(int(e.data.size) for e in extras)
+        add_model_params(writer, config, rules, stem, stream.value, ckpt.root, n_params)
+        add_tokenizer(writer, tok_dir, _vocab_size(ckpt, plan, tensors), rules, config, notes)
         for g in tensors:
             writer.add_tensor_info(g.name, g.src.shape, np.dtype(np.float32), g.nbytes, raw_dtype=g.qtype)
-        writer.write_header_to_file(stage.path / filename)
+        for e in extras:
+            writer.add_tensor_info(e.name, e.data.shape, np.dtype(np.float32), e.nbytes, raw_dtype=e.qtype)
+        writer.write_header_to_file(stage.path / stream_name)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         with TensorReader() as reader:
@@ -381,17 +457,26 @@ def export_gguf(
                 w = merged_float32(g.src, ctx)
                 if g.permute_heads is not None:
                     w = permute_qk(w, *g.permute_heads)
+                if g.shift:
+                    w = w + g.shift  # Gemma RMSNorm: HF computes x * (1 + w), llama.cpp x * w
                 t0 = time.perf_counter()
                 data = encode(w.numpy(), g.qtype)
                 timings.merge += time.perf_counter() - t0
                 t0 = time.perf_counter()
                 writer.write_tensor_data(data)
                 timings.write += time.perf_counter() - t0
+            for e in extras:
+                writer.write_tensor_data(encode(e.data, e.qtype))
         writer.close()
-        files = {filename: sha256_file(stage.path / filename)}
         counts: dict[str, int] = {}
-        for g in tensors:
+        for g in [*tensors, *extras]:
             counts[g.qtype.name] = counts.get(g.qtype.name, 0) + 1
+        if not gtype.streamed:
+            t0 = time.perf_counter()
+            counts = gguf_quant.llama_quantize(stage.path / stream_name, stage.path / filename, gtype)
+            timings.write += time.perf_counter() - t0
+        side = _side_files(stage.path, final.name, filename, gtype, counts, notes, ckpt, ads, tok_dir, modelfile)
+        files = {n: sha256_file(stage.path / n) for n in [filename, *side.files]}
         sources = {
             "base": {
                 "path": str(ckpt.root.resolve()),
@@ -402,7 +487,7 @@ def export_gguf(
             "tokenizer": str(tok_dir.resolve()),
         }
         result = {
-            "n_tensors": len(tensors),
+            "n_tensors": len(tensors) + len(extras),
             "n_merged": len(plan.merged),
             "merged": plan.merged,
             "architecture": rules.name,
@@ -410,7 +495,11 @@ def export_gguf(
             "timings": timings.as_dict(),
             "notes": notes,
         }
-        settings = {"type": type, "name": stem, "allow_pickle": allow_pickle}
+        if side.family is not None:
+            result["chat_template_family"] = side.family
+        if not gtype.streamed:
+            result["intermediate"] = stream.value
+        settings = {"type": type, "name": stem, "allow_pickle": allow_pickle, "modelfile": modelfile}
         write_manifest(stage.path, command="gguf", sources=sources, settings=settings, result=result, files=files)
         if verify:
             from .verify import VerificationError
@@ -426,8 +515,8 @@ def export_gguf(
     res = GgufResult(
         output=final,
         gguf_file=final / filename,
-        files=sorted([filename, MANIFEST_NAME]),
-        n_tensors=len(tensors),
+        files=sorted([*files, MANIFEST_NAME]),
+        n_tensors=len(tensors) + len(extras),
         n_merged=len(plan.merged),
         type=type,
         tensor_types=counts,
@@ -435,6 +524,9 @@ def export_gguf(
         seconds=round(time.perf_counter() - t_start, 3),
         notes=notes,
         verification=result.get("verification"),
+        modelfile=final / side.modelfile if side.modelfile else None,
+        chat_template_family=side.family,
+        llama_cpp_quantized=not gtype.streamed,
     )
     logger.debug("%s", res.summary())
     return res

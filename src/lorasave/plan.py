@@ -266,7 +266,7 @@ def build_plan(
     for i, ad in enumerate(adapters):
         for name, add in adapter_operations(i, ad, weights[i], arch, shapes, notes, param_map).items():
             ops.setdefault(name, []).extend(add)
-    if not ops and not sources:
+    if adapters and not ops and not sources:  # no adapter at all: the base alone (lorasave gguf BASE)
         raise AdapterMismatchError(f"the adapter{'s' if len(adapters) > 1 else ''} change nothing in the base {ckpt.root}", path=ckpt.root)
 
     # tied weights: write the dropped side only when the fine-tune makes the two differ

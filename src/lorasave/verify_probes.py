@@ -206,28 +206,36 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def norm_shift(config: dict[str, Any], hf_name: str) -> float:
+    """What GGUF export added to tensor ``hf_name`` (Gemma's RMSNorm ``+1``; ``gguf_arch.GgufArch.norm_shift``), else 0."""
+    from .gguf_arch import gguf_arch_for
+
+    return gguf_arch_for(config).norm_shift if hf_name.endswith("norm.weight") else 0.0
+
+
 def read_gguf(path: Any, ckpt: Any) -> tuple[dict[str, tuple[torch.Tensor, Any, str]], list[str]]:
     """Tensors of a GGUF file by checkpoint name: ``{hf_name: (float32 tensor, ggml type, gguf name)}``.
 
     Names are mapped back by inverting ``gguf.get_tensor_name_map`` for the file's architecture
-    over the base's tensor names; Llama Q/K rows are un-permuted. Returns the GGUF names that map
-    to no base tensor as the second item.
+    over the base's tensor names (tensors the export drops, such as Gemma's ``lm_head``, excluded);
+    Llama Q/K rows are un-permuted and Gemma's norm ``+1`` is subtracted (exactly, in float64;
+    the rounding of the forward ``+1`` is bounded by :func:`norm_shift`'s caller). Returns the
+    GGUF names that map to no base tensor (generated ones such as ``rope_freqs``) as the second item.
     """
     import gguf
     import numpy as np
 
-    from .gguf_arch import gguf_arch_for, head_counts
+    from .gguf_arch import Hparams, gguf_arch_for
 
     rules = gguf_arch_for(ckpt.config)
-    cfg = ckpt.config
-    n_blocks = int(cfg.get("num_hidden_layers") or (cfg.get("text_config") or {}).get("num_hidden_layers"))
-    names = gguf.get_tensor_name_map(rules.arch, n_blocks)
+    hp = Hparams.of(ckpt.config)
+    names = gguf.get_tensor_name_map(rules.arch, hp.n_layer)
     inverse: dict[str, str] = {}
     for hf in ckpt.tensors:
         g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
-        if g is not None:
+        if g is not None and hf not in rules.drop:
             inverse[g] = hf
-    n_head, n_kv = head_counts(cfg)
+    n_head, n_kv = hp.heads
     reader = gguf.GGUFReader(path)
     out: dict[str, tuple[torch.Tensor, Any, str]] = {}
     unknown = []
@@ -243,5 +251,7 @@ def read_gguf(path: Any, ckpt: Any) -> tuple[dict[str, tuple[torch.Tensor, Any, 
             w = unpermute_qk(w, n_head)
         elif rules.permute_qk and hf.endswith(("k_proj.weight", "k_proj.bias")):
             w = unpermute_qk(w, n_kv)
+        if rules.norm_shift and hf.endswith("norm.weight"):
+            w = (w.double() - rules.norm_shift).float()  # exact: both are float32 values near each other
         out[hf] = (w, t.tensor_type, t.name)
     return out, unknown

@@ -1,0 +1,509 @@
+"""Check that ``lorasave gguf`` writes what llama.cpp's own converter writes (issue 5, point 7).
+
+Run::
+
+    python scripts/gguf_equivalence.py [--workdir DIR] [--cases llama,qwen2,...] [--types f16,bf16,q8_0]
+                                       [--smollm2 DIR] [--no-bf16-path]
+
+Not part of CI: the converter needs its own virtual environment (~1 GB with torch).
+
+Setup (once, cached in ``--converter-dir``, default ``~/.cache/lorasave/converter``): the PyPI
+sdist of ``llama-cpp-python==0.3.36`` (``pip download --no-deps --no-binary=llama-cpp-python``,
+77 MB; the sdist vendors llama.cpp ``0c1e57098``), from which ``vendor/llama.cpp/convert_hf_to_gguf.py``,
+``conversion/`` and ``gguf-py/`` are extracted, and a venv with that vendored ``gguf-py`` (it is
+not PyPI ``gguf`` 0.19: the converter fails on the PyPI one) plus ``torch==2.13.0``, and the
+converter's ``requirements-convert_*.txt`` pins (``transformers==4.57.6``, ``numpy~=2.2.6``,
+sentencepiece, protobuf) and safetensors, jinja2.
+
+For each case (a tiny model of the architecture with a LoRA trained a few steps, the tokenizer of
+SmolLM2 when ``--smollm2`` points at examples/real_model.py's ``smollm2-hf``, else a tiny byte-level
+BPE) it runs:
+
+  M    = ``lorasave merge BASE ADAPTER -o M --dtype float32``
+  ref  = converter venv: ``convert_hf_to_gguf.py M --outtype T`` for T in f16, bf16, q8_0
+  ours = ``lorasave gguf BASE ADAPTER --type T`` (straight from base + adapter, no M)
+
+and compares the two files: metadata keys, value types and values (except :data:`STAMP_KEYS` and
+the ``add_bos``/``add_eos`` flags of :data:`LORASAVE_ONLY_KEYS` when only lorasave writes them,
+both printed anyway), tensor names, GGML types and shapes, and the tensor data bytes, counted per type.
+
+When the converter does not know the tokenizer's pre-tokenizer hash (any tiny trained BPE) it
+raises ``NotImplementedError``; the script runs the converter through a shim that then answers
+``tokenizer.ggml.pre`` with the value lorasave wrote (reported in the ``pre shim`` column), so everything
+else can still be compared.
+
+With the bf16 merge path (default on) it also builds the tiny Llama with a bf16 base, converts
+``lorasave merge --dtype bfloat16`` output (what users do) and compares it with lorasave's direct
+GGUF: the converter upcasts the bf16 checkpoint to f32 before encoding, so its file encodes the
+bf16-rounded merge, while lorasave encodes the f32 merge W0 + scale * B @ A directly. For bf16
+output both are one round-to-nearest-even of the same f32 sum: identical. For f16 and q8_0 the
+converter's values went through bf16 first (two roundings), lorasave's did not: the tensors an
+adapter changed differ, the rest (embeddings, norms: bf16 values exact in f32) stay identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SDIST_VERSION = "0.3.36"
+SDIST = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
+VENDOR = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp"
+# The converter venv: torch pinned to the local CPU wheel, the rest from the converter's
+# requirements/requirements-convert_hf_to_gguf.txt + requirements-convert_legacy_llama.txt.
+VENV_PINS = [
+    "torch==2.13.0",
+    "transformers==4.57.6",
+    "numpy~=2.2.6",
+    "sentencepiece>=0.1.98,<0.3.0",
+    "protobuf>=4.21.0,<5.0.0",
+    "safetensors",
+    "jinja2",
+]
+TYPES = ("f16", "bf16", "q8_0")
+#: Keys allowed to differ: names and provenance stamps, not model facts. Both tools derive
+#: ``general.name`` from a folder name (the converter title-cases M's folder name, "Merged Float32";
+#: lorasave uses ``--name``/OUT's name); the converter copies ``general.tags`` (and other
+#: ``general.*`` provenance) from the model card of the checkpoint it reads, here the card that
+#: ``lorasave merge`` wrote into M, which a direct export from base + adapter does not have.
+STAMP_KEYS = frozenset({"general.name", "general.tags", "general.quantized_by", "general.url", "general.source.url"})
+#: Keys lorasave may write where the converter writes nothing (never a different value): the
+#: ``add_bos`` / ``add_eos`` flags, which lorasave derives from what the transformers tokenizer does
+#: when its files do not say (``gguf_vocab._add_flags``); without them llama.cpp adds BOS for
+#: SentencePiece and GPT-2 vocabularies, which may disagree with the tokenizer.
+LORASAVE_ONLY_KEYS = frozenset({"tokenizer.ggml.add_bos_token", "tokenizer.ggml.add_eos_token"})
+#: Keys that are GGUF file structure, not metadata, as gguf-py's reader exposes them.
+STRUCTURE_KEYS = frozenset({"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"})
+
+# Runs the converter; if its pre-tokenizer hash table has no entry for the tokenizer, answer with
+# $LORASAVE_FALLBACK_PRE instead of raising (and say so on stderr).
+SHIM = """
+import os, runpy, sys
+here = sys.argv.pop(1)
+sys.path.insert(0, here)
+sys.path.insert(1, os.path.join(here, "gguf-py"))
+from conversion import base
+original = base.TextModel.get_vocab_base_pre
+def patched(self, tokenizer):
+    try:
+        return original(self, tokenizer)
+    except NotImplementedError:
+        print("LORASAVE-SHIM: pre-tokenizer hash unknown, using", os.environ["LORASAVE_FALLBACK_PRE"], file=sys.stderr)
+        return os.environ["LORASAVE_FALLBACK_PRE"]
+base.TextModel.get_vocab_base_pre = patched
+sys.argv[0] = os.path.join(here, "convert_hf_to_gguf.py")
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+# --------------------------------------------------------------------------- the converter
+
+
+@dataclass(frozen=True)
+class Converter:
+    """The converter's venv python and the folder holding ``convert_hf_to_gguf.py``."""
+
+    python: Path
+    source: Path
+
+    def convert(self, model: Path, out: Path, outtype: str, fallback_pre: str) -> tuple[float, bool]:
+        """Run the converter; return (wall seconds, whether the pre-tokenizer was patched)."""
+        env = {**os.environ, "LORASAVE_FALLBACK_PRE": fallback_pre}
+        env.pop("NO_LOCAL_GGUF", None)
+        cmd = [str(self.python), "-c", SHIM, str(self.source), str(model), "--outtype", outtype, "--outfile", str(out)]
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise ConverterError(f"convert_hf_to_gguf.py failed: {proc.stderr.strip().splitlines()[-1]}")
+        return seconds, "LORASAVE-SHIM" in proc.stderr
+
+
+class ConverterError(Exception):
+    """The converter exited with an error (its last line)."""
+
+
+def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False, **kwargs)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-15:])
+        raise SystemExit(f"command failed ({proc.returncode}): {' '.join(cmd)}\n{tail}")
+    return proc
+
+
+def ensure_converter(cache: Path) -> Converter:
+    """Download the sdist, extract the converter and build its venv, once (``READY.json``)."""
+    source = cache / "src" / VENDOR
+    venv = cache / "venv"
+    python = venv / "bin" / "python"
+    marker = cache / "READY.json"
+    signature = {"sdist": SDIST, "pins": VENV_PINS}
+    if marker.is_file() and json.loads(marker.read_text()) == signature and python.is_file():
+        return Converter(python, source)
+    cache.mkdir(parents=True, exist_ok=True)
+    sdist = cache / "dl" / SDIST
+    if not sdist.is_file():
+        print(f"downloading the llama-cpp-python {SDIST_VERSION} sdist (77 MB) ...", flush=True)
+        # --no-binary for this package only: its build dependencies (scikit-build-core, cmake)
+        # may come as wheels; pip prepares the sdist's metadata but builds nothing.
+        run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary=llama-cpp-python",
+                f"llama-cpp-python=={SDIST_VERSION}",
+                "-d",
+                str(sdist.parent),
+            ]
+        )
+    print(f"extracting convert_hf_to_gguf.py, conversion/ and gguf-py/ from {sdist.name} ...", flush=True)
+    shutil.rmtree(cache / "src", ignore_errors=True)
+    wanted = (f"{VENDOR}/convert_hf_to_gguf.py", f"{VENDOR}/conversion/", f"{VENDOR}/gguf-py/", f"{VENDOR}/requirements/")
+    with tarfile.open(sdist) as tar:
+        members = [m for m in tar.getmembers() if m.name.startswith(wanted) or m.name == wanted[0]]
+        tar.extractall(cache / "src", members=members, filter="data")
+    print(f"creating the converter venv {venv} (torch, transformers, vendored gguf-py) ...", flush=True)
+    shutil.rmtree(venv, ignore_errors=True)
+    run([sys.executable, "-m", "venv", str(venv)])
+    run([str(python), "-m", "pip", "install", "--quiet", *VENV_PINS, str(source / "gguf-py")])
+    marker.write_text(json.dumps(signature))
+    return Converter(python, source)
+
+
+# --------------------------------------------------------------------------- reading + comparing
+
+
+def field_value(f: Any) -> Any:
+    """A GGUF metadata field as plain Python (strings decoded, arrays as lists)."""
+    if not f.types:
+        return None
+    if f.types[0] == gguf.GGUFValueType.ARRAY:
+        return [field_part(f, i) for i in f.data]
+    return field_part(f, f.data[0])
+
+
+def field_part(f: Any, index: int) -> Any:
+    part = f.parts[index]
+    if f.types[-1] == gguf.GGUFValueType.STRING:
+        return bytes(part).decode("utf-8", errors="replace")
+    return part.tolist()[0] if len(part) == 1 else part.tolist()
+
+
+def short(value: Any) -> str:
+    text = repr(value)
+    if isinstance(value, list) and len(value) > 4:
+        text = f"[{len(value)} items: {repr(value[:3])[1:-1]}, ...]"
+    return text if len(text) <= 90 else text[:87] + "..."
+
+
+@dataclass
+class Comparison:
+    """How one lorasave GGUF compares with the converter's."""
+
+    meta_diffs: list[str] = field(default_factory=list)  # unexpected metadata differences
+    stamp_diffs: list[str] = field(default_factory=list)  # differences in STAMP_KEYS
+    extra_keys: list[str] = field(default_factory=list)  # LORASAVE_ONLY_KEYS present only in lorasave
+    layout_diffs: list[str] = field(default_factory=list)  # tensor names / types / shapes
+    identical: dict[str, list[int]] = field(default_factory=dict)  # GGML type -> [identical, total]
+    data_diffs: list[str] = field(default_factory=list)
+
+    @property
+    def equal(self) -> bool:
+        return not self.meta_diffs and not self.layout_diffs and not self.data_diffs
+
+
+def compare_files(ours: Path, ref: Path) -> Comparison:
+    """Compare metadata, tensor layout and data bytes of two GGUF files."""
+    a, b = gguf.GGUFReader(ours), gguf.GGUFReader(ref)
+    out = Comparison()
+    fa = {k: f for k, f in a.fields.items() if k not in STRUCTURE_KEYS}
+    fb = {k: f for k, f in b.fields.items() if k not in STRUCTURE_KEYS}
+    for key in sorted(fa.keys() | fb.keys()):
+        target = out.stamp_diffs if key in STAMP_KEYS else out.meta_diffs
+        if key not in fa:
+            target.append(f"{key}: only in converter = {short(field_value(fb[key]))}")
+        elif key not in fb:
+            target = out.extra_keys if key in LORASAVE_ONLY_KEYS else target
+            target.append(f"{key}: only in lorasave = {short(field_value(fa[key]))}")
+        else:
+            ta, tb = [t.name for t in fa[key].types], [t.name for t in fb[key].types]
+            va, vb = field_value(fa[key]), field_value(fb[key])
+            if ta != tb:
+                target.append(f"{key}: type lorasave {ta} vs converter {tb}")
+            elif va != vb:
+                target.append(f"{key}: lorasave {short(va)} vs converter {short(vb)}")
+    ta = {t.name: t for t in a.tensors}
+    tb = {t.name: t for t in b.tensors}
+    if [t.name for t in a.tensors] != [t.name for t in b.tensors]:
+        only_a, only_b = sorted(ta.keys() - tb.keys()), sorted(tb.keys() - ta.keys())
+        if only_a or only_b:
+            out.layout_diffs.append(f"tensor names: only lorasave {only_a[:5]}, only converter {only_b[:5]}")
+        else:
+            out.layout_diffs.append("tensor order differs")
+    for name in [n for n in ta if n in tb]:
+        x, y = ta[name], tb[name]
+        if x.tensor_type != y.tensor_type or list(x.shape) != list(y.shape):
+            out.layout_diffs.append(f"{name}: lorasave {x.tensor_type.name} {list(x.shape)} vs converter {y.tensor_type.name} {list(y.shape)}")
+            continue
+        same = np.asarray(x.data).tobytes() == np.asarray(y.data).tobytes()
+        counts = out.identical.setdefault(x.tensor_type.name, [0, 0])
+        counts[0] += same
+        counts[1] += 1
+        if not same:
+            out.data_diffs.append(name)
+    return out
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def lorasave_cmd() -> list[str]:
+    script = Path(sys.executable).parent / "lorasave"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "lorasave"]
+
+
+def tiny_bpe(vocab_size: int) -> Any:
+    """A byte-level BPE tokenizer trained on a sentence (its hash is unknown to the converter)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = "LoRA adapts a frozen model by adding a low-rank update to some of its weight matrices. " * 4
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
+    tok.train_from_iterator([text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def tiny_spm(out: Path, vocab_size: int) -> None:
+    """A SentencePiece BPE ``tokenizer.model`` (+ config naming ``LlamaTokenizer``) trained on a sentence."""
+    import io
+
+    import sentencepiece as spm
+
+    text = "LoRA adapts a frozen model by adding a low-rank update to some of its weight matrices."
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([text, text.upper(), text.lower()] * 4),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    config = {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False}
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+
+
+def _config_builders() -> dict[str, Callable[[int], Any]]:
+    """Case name -> function(vocab) -> a tiny transformers model (fixed seeds)."""
+    import torch
+    import transformers as tf
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import _models
+
+    def resized(model: Any, vocab: int) -> Any:
+        if vocab != model.config.vocab_size:
+            model.resize_token_embeddings(vocab, mean_resizing=False)
+        return model
+
+    def other(config_name: str, model_name: str, **extra: Any) -> Callable[[int], Any]:
+        def build(vocab: int) -> Any:
+            torch.manual_seed(3)
+            common = {**_models._COMMON, "vocab_size": vocab, "intermediate_size": 96, **extra}
+            return getattr(tf, model_name)(getattr(tf, config_name)(**common)).eval()
+
+        return build
+
+    return {
+        "llama": lambda v: resized(_models.build_llama(), v),
+        "qwen2": lambda v: resized(_models.build_qwen2(), v),
+        "qwen3": other("Qwen3Config", "Qwen3ForCausalLM", head_dim=16),
+        "gemma3": other("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16, query_pre_attn_scalar=16, sliding_window=16),
+        "phi3": other("Phi3Config", "Phi3ForCausalLM", pad_token_id=None),
+        "mistral": other("MistralConfig", "MistralForCausalLM", sliding_window=None),
+    }
+
+
+#: Cases whose converter class reads only a SentencePiece ``tokenizer.model`` (``conversion/phi.py``).
+SPM_CASES = frozenset({"phi3", "llama-spm", "gemma3-spm"})
+
+
+def build_case(name: str, root: Path, tokenizer_dir: Path | None, base_dtype: str = "float32") -> tuple[Path, Path]:
+    """Tiny base (``base_dtype``, with tokenizer) and a LoRA trained a few steps (in float32); cached in ``root``."""
+    base, lora = root / "base", root / "lora"
+    if (lora / "adapter_config.json").is_file():
+        return base, lora
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoTokenizer
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    import _models
+
+    shutil.rmtree(root, ignore_errors=True)
+    arch = name.removesuffix("-spm")
+    if name in SPM_CASES:
+        tiny_spm(base, _models.VOCAB)
+        model = _config_builders()[arch](_models.VOCAB)
+        model.config.bos_token_id, model.config.eos_token_id = 1, 2  # sentencepiece: <unk> 0, <s> 1, </s> 2
+        model.save_pretrained(base)
+    else:
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else tiny_bpe(_models.VOCAB)
+        model = _config_builders()[arch](len(tok) if tokenizer_dir else _models.VOCAB)
+        model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
+        model.to(getattr(torch, base_dtype)).save_pretrained(base)
+        model.float()
+        tok.save_pretrained(base)
+    # transformers 5 saves tokenizer_class "TokenizersBackend", unknown to the converter's
+    # pinned transformers 4.57: name the class both versions load a tokenizer.json with.
+    tok_config = base / "tokenizer_config.json"
+    data = json.loads(tok_config.read_text()) if tok_config.is_file() else {}
+    if data.get("tokenizer_class") == "TokenizersBackend":
+        data["tokenizer_class"] = "PreTrainedTokenizerFast"
+        tok_config.write_text(json.dumps(data, indent=2))
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    if arch == "phi3":
+        targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    _models.train_lora(model, config, seed=5).save_pretrained(lora)
+    return base, lora
+
+
+@dataclass
+class CaseResult:
+    name: str
+    rows: list[tuple[str, Comparison, bool, float, float]] = field(default_factory=list)  # type, cmp, patched, t_ours, t_ref
+    error: str | None = None
+
+
+def gguf_pre(path: Path) -> str:
+    f = gguf.GGUFReader(path).fields.get("tokenizer.ggml.pre")
+    return str(field_value(f)) if f is not None else "default"
+
+
+def run_case(name: str, workdir: Path, conv: Converter, types: list[str], tokenizer_dir: Path | None, merge_dtype: str = "float32") -> CaseResult:
+    """Merge, convert and export one case for every type; compare each pair."""
+    case_root = workdir / f"{name}{'-smol' if tokenizer_dir else ''}{'' if merge_dtype == 'float32' else '-bf16base'}"
+    result = CaseResult(f"{name}{'' if merge_dtype == 'float32' else ' bf16 base+merge'}")
+    base, lora = build_case(name, case_root / "model", tokenizer_dir, merge_dtype)
+    merged = case_root / f"merged-{merge_dtype}"
+    run([*lorasave_cmd(), "merge", str(base), str(lora), "-o", str(merged), "--dtype", merge_dtype, "--overwrite", "--quiet"])
+    for t in types:
+        ours_dir = case_root / f"lorasave-{t}"
+        start = time.perf_counter()
+        proc = subprocess.run(
+            [*lorasave_cmd(), "gguf", str(base), str(lora), "-o", str(ours_dir), "--type", t, "--name", "merged", "--overwrite", "--quiet"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        t_ours = time.perf_counter() - start
+        if proc.returncode != 0:
+            result.error = (proc.stdout + proc.stderr).strip().splitlines()[-1]
+            return result
+        ours = next(ours_dir.glob("*.gguf"))
+        ref = case_root / f"converter-{merge_dtype}-{t}.gguf"
+        try:
+            t_ref, patched = conv.convert(merged, ref, t, gguf_pre(ours))
+        except ConverterError as exc:
+            result.error = str(exc)
+            return result
+        result.rows.append((t, compare_files(ours, ref), patched, t_ours, t_ref))
+    return result
+
+
+# --------------------------------------------------------------------------- report
+
+
+def report(results: list[CaseResult]) -> bool:
+    print()
+    print(f"{'case':<26}{'type':<6}{'metadata':<12}{'layout':<9}{'tensor data identical':<34}{'pre shim':<10}{'s ours/conv'}")
+    all_equal = True
+    for r in results:
+        if r.error:
+            print(f"{r.name:<26}{'-':<6}skipped: {r.error}")
+            continue
+        for t, cmp, patched, t_ours, t_ref in r.rows:
+            meta = "equal" if not cmp.meta_diffs else f"{len(cmp.meta_diffs)} diff"
+            layout = "equal" if not cmp.layout_diffs else f"{len(cmp.layout_diffs)} diff"
+            data = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in sorted(cmp.identical.items()))
+            print(f"{r.name:<26}{t:<6}{meta:<12}{layout:<9}{data:<34}{'used' if patched else '-':<10}{t_ours:.1f}/{t_ref:.1f}")
+            if "bf16 base" not in r.name:
+                all_equal &= cmp.equal
+    print()
+    for r in results:
+        for t, cmp, _, _, _ in r.rows:
+            for line in cmp.meta_diffs + cmp.layout_diffs:
+                print(f"  {r.name} {t}: {line}")
+            if cmp.data_diffs:
+                print(
+                    f"  {r.name} {t}: data differs in {len(cmp.data_diffs)} tensors: {', '.join(cmp.data_diffs[:6])}{' ...' if len(cmp.data_diffs) > 6 else ''}"
+                )
+    extra = sorted({line for r in results for _, c, _, _, _ in r.rows for line in c.extra_keys})
+    print(f"keys only lorasave writes, allowed ({', '.join(sorted(LORASAVE_ONLY_KEYS))}):")
+    for line in extra:
+        print(f"  {line}")
+    stamps = sorted({line for r in results for _, c, _, _, _ in r.rows for line in c.stamp_diffs})
+    print(f"stamp keys allowed to differ ({', '.join(sorted(STAMP_KEYS))}):")
+    for line in stamps:
+        print(f"  {line}")
+    return all_equal
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/lorasave-gguf-equivalence"))
+    parser.add_argument("--converter-dir", type=Path, default=Path.home() / ".cache" / "lorasave" / "converter")
+    parser.add_argument("--cases", default="llama,llama-spm,mistral,qwen2,qwen3,gemma3,gemma3-spm,phi3")
+    parser.add_argument("--types", default=",".join(TYPES))
+    parser.add_argument(
+        "--smollm2", type=Path, default=Path("/tmp/lorasave-real/smollm2-hf"), help="tokenizer for a second run of llama/qwen2 (skipped when missing)"
+    )
+    parser.add_argument("--no-bf16-path", action="store_true", help="skip the bf16-merge comparison")
+    args = parser.parse_args()
+    types = [t for t in args.types.split(",") if t]
+    conv = ensure_converter(args.converter_dir.expanduser())
+    print(f"converter: {conv.source / 'convert_hf_to_gguf.py'} (llama-cpp-python {SDIST_VERSION} sdist), python {conv.python}")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    results: list[CaseResult] = []
+    for name in [c for c in args.cases.split(",") if c]:
+        print(f"case {name} ...", flush=True)
+        results.append(run_case(name, args.workdir, conv, types, None))
+    if (args.smollm2 / "tokenizer.json").is_file():
+        for name in ("llama", "qwen2"):
+            print(f"case {name} with the SmolLM2 tokenizer ...", flush=True)
+            r = run_case(name, args.workdir, conv, types, args.smollm2)
+            r.name += " +smollm2 tok"
+            results.append(r)
+    if not args.no_bf16_path:
+        print("case llama with a bf16 base, bf16 merge path ...", flush=True)
+        results.append(run_case("llama", args.workdir, conv, types, None, merge_dtype="bfloat16"))
+    ok = report(results)
+    print(f"\nall float32-merge cases equivalent (metadata except stamps, layout, data bytes): {ok}")
+    sys.exit(0 if ok else 1)
+
+
+if __name__ == "__main__":
+    main()

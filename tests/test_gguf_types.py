@@ -1,0 +1,258 @@
+"""GGUF output types: per-tensor GGML types against llama.cpp's own quantizer, tensor bytes against
+gguf-py's quantizers on the f32 merge, logits in llama.cpp against transformers, the k-quant route
+through ``llama_model_quantize``, the model card and the ``--no-modelfile`` switch.
+
+Models: a tiny Llama (untied ``output.weight``) and a tiny Qwen2 (tied embeddings, q/k/v biases),
+hidden size 256 so that llama.cpp's Q6_K for the output fits its 256-block, and intermediate size
+272 so ``ffn_down`` rows (272) are not a multiple of 32 and must fall back to F16. Each has a
+byte-level BPE tokenizer with a ChatML chat template and a LoRA trained a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from huggingface_hub import ModelCard
+from peft import LoraConfig, get_peft_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from lorasave import gguf_export, llama_cpp
+from lorasave.cli import GGUF_TYPE_CHOICES, main
+from lorasave.errors import LlamaCppNotInstalledError
+from lorasave.gguf_export import GgufResult, export_gguf
+from lorasave.gguf_quant import K_SUBSTITUTE, GgufType
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _llama import need_llama_cpp
+
+Q = gguf.GGMLQuantizationType
+TEXT = "Merging folds a low-rank update into the weights, and a GGUF file carries them to llama.cpp. " * 8
+VOCAB = 256
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+STREAMED = ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+
+
+def _tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.train_from_iterator([TEXT], trainer=trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False))
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>")
+    out.chat_template = CHATML
+    return out
+
+
+def _make(root: Path, kind: str) -> dict[str, Any]:
+    """A tiny float32 base, a trained LoRA, the PeftModel's logits and the merged state dict."""
+    torch.manual_seed(0)
+    tok = _tokenizer()
+    common: dict[str, Any] = dict(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=272,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    if kind == "llama":
+        model: torch.nn.Module = LlamaForCausalLM(LlamaConfig(tie_word_embeddings=False, **common))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common))
+    base, lora = root / f"{kind}-base", root / f"{kind}-lora"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, task_type="CAUSAL_LM"))
+    ids = tok(TEXT, return_tensors="pt").input_ids[:, :128]
+    opt = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=3e-3)
+    for _ in range(12):
+        peft_model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    peft_model.save_pretrained(lora)
+    peft_model.eval()
+    with torch.no_grad():
+        ref = peft_model(input_ids=ids).logits[0]
+    return {"kind": kind, "base": base, "lora": lora, "ids": ids[0].tolist(), "ref": ref, "root": root}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Base, adapter, reference logits, the f32 export and llama.cpp's quantizations of it (cached per type)."""
+    need_llama_cpp()
+    m = _make(tmp_path_factory.mktemp(request.param), request.param)
+    m["f32"] = export_gguf(m["base"], m["lora"], m["root"] / "out-f32", type="f32")
+    m["ours"] = {}
+    m["llama"] = {}
+    return m
+
+
+def _ours(tiny: dict[str, Any], type: str) -> GgufResult:
+    if type not in tiny["ours"]:
+        tiny["ours"][type] = export_gguf(tiny["base"], tiny["lora"], tiny["root"] / f"out-{type}", type=type)
+    return tiny["ours"][type]
+
+
+def _llama_quantized(tiny: dict[str, Any], type: str) -> Path:
+    """llama.cpp's ``llama_model_quantize`` of our f32 GGUF (the f32 merge) to ``type``."""
+    if type not in tiny["llama"]:
+        dst = tiny["root"] / f"llama-{type}.gguf"
+        llama_cpp.quantize(tiny["f32"].gguf_file, dst, type)
+        tiny["llama"][type] = dst
+    return tiny["llama"][type]
+
+
+def _tensors(path: Path) -> dict[str, Any]:
+    return {t.name: t for t in gguf.GGUFReader(path).tensors}
+
+
+def _file_type(path: Path) -> int:
+    return int(gguf.GGUFReader(path).fields["general.file_type"].contents())
+
+
+def test_cli_choices_are_the_enum() -> None:
+    assert tuple(t.value for t in GgufType) == GGUF_TYPE_CHOICES
+    assert [t.value for t in GgufType if t.streamed] == ["f32", *STREAMED]
+
+
+@pytest.mark.parametrize("type", STREAMED)
+def test_streamed_types_follow_llama_cpp(tiny: dict[str, Any], type: str) -> None:
+    """Each tensor's type is llama-quantize's for the same file type, K types replaced by llama.cpp's
+    own fallback; general.file_type is llama.cpp's; the bytes are gguf-py's quantization of the f32 merge."""
+    if tiny["kind"] == "qwen2" and type in ("f16", "bf16", "q4_1", "q5_0"):
+        pytest.skip("the tied model is checked on q8_0, q4_0 and q5_1 (time)")
+    res = _ours(tiny, type)
+    ours = _tensors(res.gguf_file)
+    theirs = _tensors(_llama_quantized(tiny, type))
+    f32 = _tensors(tiny["f32"].gguf_file)
+    assert set(ours) == set(theirs) == set(f32)
+    substituted = []
+    for name, t in ours.items():
+        want = Q(theirs[name].tensor_type)
+        assert t.tensor_type == K_SUBSTITUTE.get(want, want), (name, t.tensor_type.name, want.name)
+        if want in K_SUBSTITUTE:
+            substituted.append(name)
+        got = np.asarray(t.data).tobytes()
+        assert got == gguf.quants.quantize(np.asarray(f32[name].data), Q(t.tensor_type)).tobytes(), name
+    assert _file_type(res.gguf_file) == _file_type(_llama_quantized(tiny, type)) == int(GgufType(type).file_type)
+    # the rules the tiny models are built to exercise
+    if type in ("q4_0", "q4_1", "q5_0", "q5_1"):
+        promoted = "output.weight" if tiny["kind"] == "llama" else "token_embd.weight"
+        assert substituted == [promoted] and Q(theirs[promoted].tensor_type) is Q.Q6_K
+        assert any(promoted in n and "Q6_K" in n for n in res.notes)
+    else:
+        assert substituted == []
+    if type != "f16" and type != "bf16":
+        assert ours["blk.0.ffn_down.weight"].tensor_type == Q.F16  # 272 columns: not a multiple of 32
+        assert ours["blk.0.ffn_up.weight"].tensor_type == GgufType(type).default_qtype
+    assert ours["blk.0.attn_norm.weight"].tensor_type == Q.F32
+    assert res.tensor_types == {k: sum(1 for t in ours.values() if t.tensor_type.name == k) for k in res.tensor_types}
+
+
+@pytest.mark.parametrize("type", ["q8_0", "q4_0"])
+def test_logits_in_llama_cpp(tiny: dict[str, Any], type: str) -> None:
+    """The file run by llama.cpp against the unmerged PeftModel in transformers: top-1 agreement >= 95%."""
+    if tiny["kind"] == "qwen2" and type == "q8_0":
+        pytest.skip("one type for the tied model (time)")
+    with llama_cpp.LlamaCppModel(_ours(tiny, type).gguf_file, n_ctx=256) as m:
+        got = torch.from_numpy(m.logits(tiny["ids"]))
+    ref = tiny["ref"]
+    agree = (got.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    diff = (got - ref).abs().max().item()
+    print(f"{tiny['kind']} {type}: top-1 agreement {agree:.1%}, max |diff| {diff:.3g} (max |logit| {ref.abs().max().item():.3g})")
+    assert agree >= 0.95
+
+
+def test_q4_k_m_through_llama_cpp(tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """q4_k_m: llama.cpp's mix (Q4_K and Q6_K), the same types as llama-quantize of the f32 merge,
+    the intermediate gone, the free-space check covering it, the manifest and card right."""
+    if tiny["kind"] == "qwen2":
+        pytest.skip("checked on the untied model")
+    needed: list[int] = []
+    real = gguf_export.check_free_space
+
+    def spy(path: Path, nbytes: int) -> None:
+        needed.append(nbytes)
+        real(path, nbytes)
+
+    monkeypatch.setattr(gguf_export, "check_free_space", spy)
+    res = _ours(tiny, "q4_k_m")
+    assert res.llama_cpp_quantized and {"Q4_K", "Q6_K"} <= set(res.tensor_types)
+    ours = _tensors(res.gguf_file)
+    theirs = _tensors(_llama_quantized(tiny, "q4_k_m"))
+    assert {n: t.tensor_type for n, t in ours.items()} == {n: t.tensor_type for n, t in theirs.items()}
+    assert _file_type(res.gguf_file) == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    assert sorted(p.name for p in res.output.iterdir()) == sorted(["Modelfile", "README.md", "lorasave.json", "out-q4_k_m-q4_k_m.gguf"])
+    assert not [p for p in res.output.parent.iterdir() if "lorasave-tmp" in p.name]
+    manifest = json.loads((res.output / "lorasave.json").read_text())
+    assert set(manifest["files"]) == {"Modelfile", "README.md", res.gguf_file.name}
+    assert manifest["files"][res.gguf_file.name]["bytes"] == res.gguf_file.stat().st_size
+    assert manifest["result"]["intermediate"] == "f16" and manifest["result"]["tensor_types"] == res.tensor_types
+    assert any("llama_model_quantize" in n for n in manifest["result"]["notes"]) and "llama.cpp" in res.summary()
+    f16_bytes = _ours(tiny, "f16").gguf_file.stat().st_size
+    assert needed and needed[0] >= f16_bytes + res.gguf_file.stat().st_size
+
+
+def test_bf16_base_quantizes_from_bf16(tiny: dict[str, Any], tmp_path: Path) -> None:
+    if tiny["kind"] == "qwen2":
+        pytest.skip("checked on the untied model")
+    base = tmp_path / "bf16-base"
+    AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.bfloat16).save_pretrained(base)
+    PreTrainedTokenizerFast.from_pretrained(tiny["base"]).save_pretrained(base)
+    res = export_gguf(base, tiny["lora"], tmp_path / "out", type="q6_k", modelfile=False)
+    manifest = json.loads((res.output / "lorasave.json").read_text())
+    assert manifest["result"]["intermediate"] == "bf16" and set(res.tensor_types) <= {"F32", "Q6_K", "Q8_0", "F16"}
+    assert sorted(p.name for p in res.output.iterdir()) == ["README.md", "lorasave.json", "out-q6_k.gguf"]
+
+
+def test_missing_runtime_writes_nothing(tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(llama_cpp, "available", lambda: False)
+    out = tmp_path / "out"
+    with pytest.raises(LlamaCppNotInstalledError, match="llama_cpp_install"):
+        export_gguf(tiny["base"], tiny["lora"], out, type="q4_k_m")
+    assert list(tmp_path.iterdir()) == []
+    runner = CliRunner()
+    r = runner.invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(out), "--type", "q5_k_m"])
+    assert r.exit_code != 0 and "llama_cpp_install" in r.output and list(tmp_path.iterdir()) == []
+
+
+def test_card_and_modelfile(tiny: dict[str, Any]) -> None:
+    res = _ours(tiny, "q8_0")
+    card = (res.output / "README.md").read_text()
+    data = ModelCard.load(res.output / "README.md").data.to_dict()
+    assert data["library_name"] == "gguf" and "gguf" in data["tags"] and "base_model" not in data  # a local base: no Hub id
+    assert f"llama-cli -m {res.gguf_file.name}" in card and f"ollama create {res.output.name} -f Modelfile" in card
+    assert f"| {tiny['lora'].name} | LORA | 8 | 16 |" in card and "Type: q8_0" in card
+    for k, n in res.tensor_types.items():
+        assert f"| {k} | {n} |" in card
+    modelfile = (res.output / "Modelfile").read_text()
+    assert modelfile.startswith(f"FROM ./{res.gguf_file.name}\n") and "<|im_start|>" in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and res.chat_template_family == "chatml"
+    manifest = json.loads((res.output / "lorasave.json").read_text())
+    assert {"README.md", "Modelfile"} <= set(manifest["files"]) and res.modelfile == res.output / "Modelfile"
+
+
+def test_no_modelfile_flag(tiny: dict[str, Any], tmp_path: Path) -> None:
+    if tiny["kind"] == "qwen2":
+        pytest.skip("checked on one model")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(out), "--type", "q4_0", "--no-modelfile", "--json"])
+    assert r.exit_code == 0, r.output
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "lorasave.json", "out-q4_0.gguf"]
+    assert "ollama create" not in (out / "README.md").read_text()
