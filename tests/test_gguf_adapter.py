@@ -184,6 +184,8 @@ def test_metadata_names_shapes(zoo: dict[str, Any], exported: dict[str, GgufAdap
     manifest = json.loads((res.output / "lorasave.json").read_text())
     assert manifest["command"] == "gguf-adapter" and manifest["files"][res.gguf_file.name]["bytes"] == res.total_bytes
     assert res.n_modules == len(ab) == 14 and res.folded == {}
+    card = (res.output / "README.md").read_text()
+    assert set(manifest["files"]) == {res.gguf_file.name, "README.md"} and f"--lora {res.gguf_file.name}" in card and "LoRA adapter" in card
 
 
 def test_tensor_values_permute_and_fold(zoo: dict[str, Any], exported: dict[str, GgufAdapterResult]) -> None:

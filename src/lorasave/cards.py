@@ -180,8 +180,9 @@ def write_gguf_card(
     base_dir: Path | None,
     modelfile: bool,
     notes: list[str] | None = None,
+    lora_adapter: bool = False,
 ) -> Path:
-    """Write ``folder/README.md`` for a GGUF output (``lorasave gguf``).
+    """Write ``folder/README.md`` for a GGUF output (``lorasave gguf``, or ``gguf-adapter`` with ``lora_adapter``).
 
     Same front matter rules as :func:`write_card` (``library_name: gguf``, tags ``gguf`` and
     ``llama.cpp``); the body names the base, the adapters, the type and the count of tensors of
@@ -200,6 +201,7 @@ def write_gguf_card(
         base_dir: the base's folder, to copy its license from.
         modelfile: whether ``folder/Modelfile`` exists.
         notes: facts worth knowing (fallbacks, the k-quant route), listed in the body.
+        lora_adapter: the file is a GGUF LoRA adapter (run with ``--lora`` on the base's GGUF).
 
     Returns:
         The card's path.
@@ -211,19 +213,22 @@ def write_gguf_card(
     data: dict[str, Any] = {
         "base_model": hub_id(base_model),
         "library_name": "gguf",
-        "tags": ["lorasave", "lora", "merged", "gguf", "llama.cpp", *(["ollama"] if modelfile else [])],
+        "tags": ["lorasave", "lora", "adapter" if lora_adapter else "merged", "gguf", "llama.cpp", *(["ollama"] if modelfile else [])],
         "pipeline_tag": pipeline_tag(architectures),
         "license": base_license(base_dir),
     }
     card_data = ModelCardData(**{k: v for k, v in data.items() if v not in (None, [], "")})
+    what = "LoRA adapter" if lora_adapter else "merged model"
     type_rows = ["| GGML type | tensors |", "|---|---|", *(f"| {k} | {n} |" for k, n in sorted(tensor_types.items()))]
-    run = ["```sh", f"llama-cli -m {gguf_file} -cnv", "```"]
+    run = ["```sh", f"llama-cli -m BASE.gguf --lora {gguf_file} -cnv" if lora_adapter else f"llama-cli -m {gguf_file} -cnv", "```"]
+    if lora_adapter:
+        run += ["", "`BASE.gguf` is the base model as GGUF, e.g. `lorasave gguf BASE -o base-gguf --type f16`."]
     if modelfile:
         run += ["", "With [Ollama](https://ollama.com), from this folder:", "", "```sh", f"ollama create {title} -f Modelfile", f"ollama run {title}", "```"]
     lines = [
         f"# {title}",
         "",
-        f"A merged model in GGUF format (`{gguf_file}`, type `{type}`) written by [lorasave](https://pypi.org/project/lorasave/) {__version__}.",
+        f"A {what} in GGUF format (`{gguf_file}`, type `{type}`) written by [lorasave](https://pypi.org/project/lorasave/) {__version__}.",
         "",
         "## How it was made",
         "",

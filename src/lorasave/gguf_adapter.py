@@ -298,6 +298,27 @@ def pair_tensors(pair: LoraPair, adapter: Adapter, reader: TensorReader) -> tupl
     return a.numpy(), b.contiguous().numpy()
 
 
+def _write_card(folder: Path, title: str, filename: str, type: str, counts: dict[str, int], notes: list[str], ckpt: Checkpoint, ad: Adapter) -> None:
+    """``README.md`` for the adapter file (``cards.write_gguf_card`` with ``lora_adapter=True``)."""
+    from .cards import hub_id, write_gguf_card
+
+    keys = ("peft_type", "r", "lora_alpha", "target_modules", "base_model_name_or_path")
+    write_gguf_card(
+        folder,
+        title=title,
+        gguf_file=filename,
+        type=type,
+        tensor_types=counts,
+        base_model=ckpt.hub_id or hub_id(ad.config.get("base_model_name_or_path")),
+        architectures=ckpt.config.get("architectures"),
+        adapters=[{"path": str(ad.root.resolve()), **{k: ad.config.get(k) for k in keys}}],
+        base_dir=ckpt.root,
+        modelfile=False,
+        notes=notes,
+        lora_adapter=True,
+    )
+
+
 def export_gguf_adapter(
     base: PathLike,
     adapter: PathLike | Sequence[PathLike],
@@ -385,7 +406,8 @@ def export_gguf_adapter(
                 writer.write_tensor_data(encode(a, p.a_type))
                 writer.write_tensor_data(encode(b, p.b_type))
         writer.close()
-        files = {filename: sha256_file(stage.path / filename)}
+        _write_card(stage.path, final.name, filename, type, counts, notes, ckpt, ad)
+        files = {filename: sha256_file(stage.path / filename), "README.md": sha256_file(stage.path / "README.md")}
         sources = {
             "base": {"path": str(ckpt.root.resolve()), "hub_id": ckpt.hub_id, "files": {"config.json": sha256_source(ckpt.root / "config.json")}},
             "adapters": [{"path": str(ad.root.resolve()), "files": {str(f.relative_to(ad.root)): sha256_source(f) for f in ad.source_files()}}],
@@ -406,7 +428,7 @@ def export_gguf_adapter(
     res = GgufAdapterResult(
         output=final,
         gguf_file=final / filename,
-        files=sorted([filename, MANIFEST_NAME]),
+        files=sorted([filename, "README.md", MANIFEST_NAME]),
         n_tensors=2 * len(pairs),
         n_modules=len(pairs),
         type=type,
