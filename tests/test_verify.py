@@ -212,3 +212,14 @@ def test_gguf_export_with_verify(tmp_path: Path) -> None:
     manifest = json.loads((res.output / "lorasave.json").read_text())
     assert manifest["result"]["verification"]["ok"] is True
     assert verify(res.output).ok
+
+
+def test_decisive_top1_counts_only_near_ties_as_agreeing() -> None:
+    import torch
+
+    from lorasave.verify import decisive_top1
+
+    ref = torch.tensor([[[1.0, 0.9, 0.0], [0.0, 2.0, 0.5]]])
+    got = torch.tensor([[[0.8, 0.95, 0.0], [0.0, 2.0, 0.5]]])  # position 0 flips; the reference leads by 0.1
+    assert decisive_top1(ref, got, 0.01) == 0.5  # 0.1 > 2·0.01: a real disagreement
+    assert decisive_top1(ref, got, 0.06) == 1.0  # 0.1 <= 2·0.06: within the allowed error

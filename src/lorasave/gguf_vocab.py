@@ -88,15 +88,35 @@ def vocab_kind(tok_dir: Path, rules: GgufArch) -> VocabKind:
     )
 
 
-def bpe_pre(tokenizer: Any, spec: dict[str, Any], rules: GgufArch, notes: list[str]) -> str:
+def pre_check_ids(tok_dir: Path, tokenizer: Any) -> list[int]:
+    """Token ids of the converter's check text, as ``get_vocab_base_pre`` computes them.
+
+    The converter calls ``tokenizer.encode(chktxt)`` (special tokens added, so a post-processor's
+    BOS counts) on transformers 4's ``AutoTokenizer``, which builds the fast tokenizer from
+    ``tokenizer.json`` for the ``tokenizer_class`` the config names. transformers 5 picks the class
+    from the model type instead (``Qwen2Tokenizer`` for any Qwen2 config), whose own pre-tokenizer
+    changes the ids, so the ids come from ``tokenizer.json`` itself through the ``tokenizers``
+    library (``encode(text, add_special_tokens=True)``: what the file defines, post-processor
+    included); only a folder without ``tokenizer.json`` uses ``tokenizer``.
+    """
+    text, _ = bpe_pre_table()
+    path = tok_dir / "tokenizer.json"
+    if path.is_file():
+        from tokenizers import Tokenizer
+
+        return list(Tokenizer.from_file(str(path)).encode(text, add_special_tokens=True).ids)
+    return list(tokenizer.encode(text))
+
+
+def bpe_pre(tok_dir: Path, tokenizer: Any, spec: dict[str, Any], rules: GgufArch, notes: list[str]) -> str:
     """``tokenizer.ggml.pre`` for a byte-level BPE tokenizer, the way llama.cpp picks it.
 
-    ``sha256(str(tokenizer.encode(check_text)))`` looked up in :func:`bpe_pre_table`; an unknown hash
+    ``sha256(str(ids))`` of :func:`pre_check_ids` looked up in :func:`bpe_pre_table`; an unknown hash
     (a retrained or extended vocabulary) falls back to ``"gpt-2"`` for a plain GPT-2 ``ByteLevel``
     pre-tokenizer, else to the architecture's default, with a note (the converter raises instead).
     """
-    text, table = bpe_pre_table()
-    digest = hashlib.sha256(str(tokenizer.encode(text)).encode()).hexdigest()
+    _, table = bpe_pre_table()
+    digest = hashlib.sha256(str(pre_check_ids(tok_dir, tokenizer)).encode()).hexdigest()
     if digest in table:
         return table[digest]
     pre = spec.get("pre_tokenizer") or {}
@@ -117,7 +137,7 @@ def bpe_vocab(tok_dir: Path, n_vocab: int, rules: GgufArch, notes: list[str]) ->
     vocab = tok.get_vocab()
     if max(vocab.values()) >= n_vocab:
         raise UnsupportedModelError(f"the tokenizer has ids up to {max(vocab.values())} but the model's embedding has {n_vocab} rows")
-    pre = bpe_pre(tok, _json(tok_dir / "tokenizer.json"), rules, notes)
+    pre = bpe_pre(tok_dir, tok, _json(tok_dir / "tokenizer.json"), rules, notes)
     reverse = {i: t for t, i in vocab.items()}
     added = tok.get_added_vocab()
     decoder = tok.added_tokens_decoder
