@@ -13,6 +13,7 @@ The Llama adapter carries its own tokenizer whose EOS is ``<|im_end|>``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -270,3 +271,106 @@ def test_unsupported_tokenizer_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsupportedModelError, match="tokenizer"):
         export_gguf(base, [], tmp_path / "out", type="f16")
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------- converter parity details
+
+
+def _plain_bytelevel_bpe(text: str) -> Any:
+    """A GPT-2 style byte-level BPE (plain ``ByteLevel`` pre-tokenizer, like SmolLM2's) whose merges
+    cover ``text``, so that another pre-tokenizer splitting ``text`` differently changes its ids."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from _models import GGUF_CORPUS
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([GGUF_CORPUS, text, text], trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+
+
+def test_bpe_pre_hash_from_tokenizer_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``tokenizer.ggml.pre`` follows tokenizer.json, not the model type: transformers 5 loads a Qwen2
+    folder's tokenizer as ``Qwen2Tokenizer`` (Qwen2's split regex and NFC) whatever ``tokenizer_class``
+    says; the converter's transformers 4 loads the class named, here ``PreTrainedTokenizerFast``."""
+    from transformers import PreTrainedTokenizerFast
+
+    from lorasave import gguf_vocab
+
+    text, _ = gguf_vocab.bpe_pre_table()
+    tok = _plain_bytelevel_bpe(text)
+    folders = {}
+    for model_type in ("qwen2", "llama"):
+        folder = folders[model_type] = tmp_path / model_type
+        tok.save_pretrained(folder)
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**cfg, "tokenizer_class": "PreTrainedTokenizerFast"}))
+        (folder / "config.json").write_text(json.dumps({"model_type": model_type}))
+    # the converter's ids: the class tokenizer_config.json names, built from tokenizer.json
+    want = PreTrainedTokenizerFast(tokenizer_file=str(folders["llama"] / "tokenizer.json")).encode(text)
+    assert AutoTokenizer.from_pretrained(folders["qwen2"]).encode(text) != want  # what the old code hashed
+    digest = hashlib.sha256(str(want).encode()).hexdigest()
+    monkeypatch.setattr(gguf_vocab, "bpe_pre_table", lambda: (text, {digest: "smollm"}))
+    for model_type, folder in folders.items():
+        notes: list[str] = []
+        _, _, pre = gguf_vocab.bpe_vocab(folder, len(tok), ARCHITECTURES[model_type], notes)
+        assert pre == "smollm" and not notes, model_type
+
+
+@pytest.fixture(scope="module")
+def gemma_cut(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Gemma 3 whose embedding has 40 rows more than its tokenizer.json (no tokenizer.model), with a LoRA."""
+    root = tmp_path_factory.mktemp("gemma-cut")
+    base, lora = root / "base", root / "lora"
+    tok = build_spm_tokenizer(base, "GemmaTokenizer", keep_model=False)
+    model = build_arch_model("gemma3", vocab=len(tok) + 40)
+    _pretrain(model, tok, steps=40)
+    model.save_pretrained(base)
+    train_lora(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"), seed=3).save_pretrained(lora)
+    lorasave.merge(base, lora, root / "merged", dtype="float32")
+    ids = tok(TEXT).input_ids
+    hf = AutoModelForCausalLM.from_pretrained(root / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = hf(input_ids=torch.tensor([ids])).logits[0].numpy()
+    spec = json.loads((base / "tokenizer.json").read_text())
+    return {
+        "rows": hf.config.vocab_size,
+        # Gemma3Model.modify_tensors: n_vocab_real = len(model.vocab) + len(added_tokens)
+        "converter_rows": len(spec["model"]["vocab"]) + len(spec["added_tokens"]),
+        "ids": ids,
+        "ref": ref,
+        "result": export_gguf(base, lora, root / "out", type="f32"),
+    }
+
+
+def test_gemma3_token_embd_cut_to_tokenizer(gemma_cut: dict[str, Any]) -> None:
+    """token_embd keeps the converter's rows; the token list has as many; llama.cpp matches transformers."""
+    need_llama_cpp()
+    from lorasave.llama_cpp import LlamaCppModel
+
+    keep = gemma_cut["converter_rows"]
+    assert keep < gemma_cut["rows"]
+    reader = gguf.GGUFReader(gemma_cut["result"].gguf_file)
+    embd = next(t for t in reader.tensors if t.name == "token_embd.weight")
+    assert [int(n) for n in embd.shape] == [64, keep]  # ggml order: (n_embd, n_vocab)
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == keep
+    assert any("token_embd.weight written with the tokenizer's" in n for n in gemma_cut["result"].notes)
+    ref = gemma_cut["ref"][:, :keep]
+    with LlamaCppModel(gemma_cut["result"].gguf_file, n_ctx=128) as m:
+        got = m.logits(gemma_cut["ids"])
+    assert got.shape == ref.shape
+    diff, scale = float(np.abs(got - ref).max()), float(np.abs(ref).max())
+    assert diff <= 1e-3 * scale and (got.argmax(-1) == ref.argmax(-1)).all(), diff / scale
+
+
+def test_gemma3_cut_verifies(gemma_cut: dict[str, Any]) -> None:
+    """``verify`` reads the cut token_embd back (tensors) and compares llama.cpp's logits (logits)."""
+    need_llama_cpp()
+    from lorasave.verify import verify
+
+    for level in ("tensors", "logits"):
+        report = verify(gemma_cut["result"].output, level=level)
+        assert report.ok, report.summary()

@@ -15,7 +15,9 @@ float32 values directly (no 16-bit intermediate checkpoint):
 * the tokenizer: SentencePiece, SentencePiece-style or byte-level BPE (``gguf_vocab.py``).
 
 The header, metadata and tensor infos are written first (every type and size is known from the
-plan), then each tensor's data: peak memory is about one merged float32 tensor plus its encoding.
+plan), then each tensor's data (``gguf_stream``): every row block is merged in float32 and encoded
+at once (``gguf_encode``, the bytes of ``gguf.quants``), and a writer thread writes and hashes
+finished tensors behind the arithmetic. Peak memory is a few encoded tensors.
 """
 
 from __future__ import annotations
@@ -40,9 +42,10 @@ from .checkpoint import Checkpoint, TensorReader, open_checkpoint
 from .errors import InvalidOptionError, UnsupportedModelError
 from .gguf_arch import GgufArch, Hparams, gguf_arch_for
 from .gguf_quant import GgufType
-from .gguf_vocab import add_tokenizer
+from .gguf_stream import HashingWriteBehind, encoded_tensor
+from .gguf_vocab import add_tokenizer, embedding_rows
 from .manifest import MANIFEST_NAME, sha256_file, sha256_source, write_manifest
-from .merge_math import ExecContext, Timings, stream_tensor
+from .merge_math import ExecContext, Timings
 from .output import StagedOutput, check_free_space, check_output_path, tokenizer_source
 from .plan import MergePlan, OutputTensor, build_plan
 
@@ -120,6 +123,8 @@ class GgufTensor:
         nbytes: bytes of its data (without alignment padding).
         permute_heads: ``(n_head, n_head_kv)`` for a Q/K permute, or None.
         shift: added to every element after the merge (Gemma's RMSNorm ``+1``), or 0.
+        rows: only the first ``rows`` rows are written (Gemma 3's ``token_embd`` cut to the
+            tokenizer's size, ``gguf_vocab.embedding_rows``), or None for all of them.
     """
 
     src: OutputTensor
@@ -128,6 +133,13 @@ class GgufTensor:
     nbytes: int
     permute_heads: tuple[int, int] | None
     shift: float = 0.0
+    rows: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The written shape, rows first: ``src.shape`` with the first dimension cut to ``rows``."""
+        shape = tuple(self.src.shape)
+        return shape if self.rows is None else (self.rows, *shape[1:])
 
 
 @dataclass(frozen=True)
@@ -191,7 +203,7 @@ def tensor_nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> i
 
 
 def encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """Encode a float32 array as ``qtype`` (``gguf_quant.encode``: floats, or bytes via ``gguf.quants``)."""
+    """Encode a float32 array as ``qtype`` (``gguf_quant.encode``: floats, or the bytes of ``gguf.quants``)."""
     return gguf_quant.encode(w, qtype)
 
 
@@ -202,37 +214,22 @@ def assign_types(tensors: list[GgufTensor], type: GgufType) -> tuple[list[GgufTe
         The tensors with ``qtype`` / ``nbytes`` set, and notes on the F16 fallbacks and the K-type
         substitutions.
     """
-    pairs = [(g.name, g.src.shape) for g in tensors]
+    pairs = [(g.name, g.shape) for g in tensors]
     types = gguf_quant.tensor_types(pairs, type)
-    out = [replace(g, qtype=t.qtype, nbytes=tensor_nbytes(g.src.shape, t.qtype)) for g, t in zip(tensors, types, strict=True)]
+    out = [replace(g, qtype=t.qtype, nbytes=tensor_nbytes(g.shape, t.qtype)) for g, t in zip(tensors, types, strict=True)]
     return out, gguf_quant.type_notes(pairs, types, type)
 
 
-def merged_float32(t: OutputTensor, ctx: ExecContext) -> torch.Tensor:
-    """The merged value of one planned tensor, whole, as float32 of shape ``t.shape``.
-
-    Uses ``merge_math.stream_tensor`` (the plan is built with ``out_dtype=float32``), so values
-    are bit-identical to a float32 ``merge`` of the same sources.
-
-    Raises:
-        UnsupportedModelError: the tensor is not floating point.
-        NonFiniteResultError: a merged value is NaN or Inf.
-    """
-    if t.dtype.torch_dtype is not torch.float32:
-        raise UnsupportedModelError(f"tensor {t.name} has dtype {t.dtype.name}; GGUF export handles floating tensors only")
-    buf = bytearray()
-    for chunk in stream_tensor(t, ctx):
-        buf += chunk
-    if not t.shape:
-        return torch.frombuffer(buf, dtype=torch.float32).reshape(())
-    return torch.frombuffer(buf, dtype=torch.float32).reshape(t.shape)
-
-
-def gguf_tensors(plan: MergePlan, config: dict[str, Any], rules: GgufArch, type: str) -> list[GgufTensor]:
+def gguf_tensors(
+    plan: MergePlan, config: dict[str, Any], rules: GgufArch, type: str, tok_dir: Path | None = None, notes: list[str] | None = None
+) -> list[GgufTensor]:
     """Name, type, size and transform of every GGUF tensor from the checkpoint, in plan order.
 
     Tensors in ``rules.drop`` are left out (Gemma's ``lm_head.weight``, as the converter's
     ``filter_tensors``); ``*norm.weight`` get ``rules.norm_shift`` (``Gemma3Model.norm_shift``).
+    With ``tok_dir`` (the tokenizer the file gets), ``token_embd.weight`` keeps the rows
+    ``gguf_vocab.embedding_rows`` says the converter keeps (Gemma 3 cuts the rows past the
+    tokenizer's size; ``GgufTensor.rows``), with a note appended to ``notes``.
 
     Raises:
         UnsupportedModelError: a tensor has no GGUF name (``ValueError("Can not map tensor")`` in
@@ -255,7 +252,12 @@ def gguf_tensors(plan: MergePlan, config: dict[str, Any], rules: GgufArch, type:
             heads = (n_head, n_kv)
         qtype = ggml_type(name, t.shape, type)
         shift = rules.norm_shift if t.name.endswith("norm.weight") else 0.0
-        out.append(GgufTensor(t, name, qtype, tensor_nbytes(t.shape, qtype), heads, shift))
+        g = GgufTensor(t, name, qtype, tensor_nbytes(t.shape, qtype), heads, shift)
+        if tok_dir is not None and name == "token_embd.weight" and t.shape:
+            keep = embedding_rows(tok_dir, rules, int(t.shape[0]), notes if notes is not None else [])
+            if keep < t.shape[0]:
+                g = replace(g, rows=keep, nbytes=tensor_nbytes((keep, *t.shape[1:]), qtype))
+        out.append(g)
     return out
 
 
@@ -292,7 +294,7 @@ def _vocab_size(ckpt: Checkpoint, plan: MergePlan, tensors: list[GgufTensor]) ->
     """Rows of the token embedding (the config's ``vocab_size``, updated when an adapter resized it)."""
     for g in tensors:
         if g.name == "token_embd.weight":
-            return int(g.src.shape[0])
+            return int(g.shape[0])
     v = plan.config_updates.get("vocab_size", ckpt.config.get("vocab_size"))
     return int(v)  # type: ignore[arg-type]
 
@@ -370,8 +372,10 @@ def export_gguf(
 ) -> GgufResult:
     """Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<name>-<type>.gguf`` plus ``lorasave.json``.
 
-    Each tensor's merged float32 value W0 + Σ scaling·(B @ A) is computed once, renamed, permuted
-    (Llama Q/K), encoded and written before the next one is read. The folder appears atomically.
+    Each tensor's merged float32 value W0 + Σ scaling·(B @ A) is computed once, row block by row
+    block, each block encoded at once; the tensor is renamed, permuted (Llama Q/K) and written (and
+    hashed) by a writer thread while the next one is merged. Torch runs with one intra-op thread
+    meanwhile. The folder appears atomically.
 
     Args:
         base: base folder (``config.json`` + safetensors) or a Hub id in the local HF cache.
@@ -427,10 +431,10 @@ def export_gguf(
             config[key] = value
     # what is streamed: the type itself, or the 16-bit file llama_model_quantize reads
     stream = gtype if gtype.streamed else _intermediate_type(ckpt)
-    tensors, type_notes = assign_types(gguf_tensors(plan, config, rules, stream.value), stream)
+    tensors, type_notes = assign_types(gguf_tensors(plan, config, rules, stream.value, tok_dir=tok_dir, notes=plan.notes), stream)
     extras = extra_tensors(config, rules, stream.value)
     streamed_bytes = sum(g.nbytes for g in tensors) + sum(e.nbytes for e in extras)
-    kquant_bytes = 0 if gtype.streamed else gguf_quant.kquant_size_bound([(g.name, g.src.shape) for g in tensors], stream)
+    kquant_bytes = 0 if gtype.streamed else gguf_quant.kquant_size_bound([(g.name, g.shape) for g in tensors], stream)
     check_free_space(final, streamed_bytes + kquant_bytes + (16 << 20))
     notes = list(plan.notes) + (type_notes if gtype.streamed else [])
     if not gtype.streamed:
@@ -441,33 +445,41 @@ def export_gguf(
     timings = Timings()
     with StagedOutput(final) as stage:
         writer = gguf.GGUFWriter(None, rules.name)
-        n_params = sum(int(np.prod(g.src.shape)) for g in tensors) + sum(int(e.data.size) for e in extras)
+        n_params = sum(int(np.prod(g.shape)) for g in tensors) + sum(int(e.data.size) for e in extras)
         add_model_params(writer, config, rules, stem, stream.value, ckpt.root, n_params)
         add_tokenizer(writer, tok_dir, _vocab_size(ckpt, plan, tensors), rules, config, notes)
         for g in tensors:
-            writer.add_tensor_info(g.name, g.src.shape, np.dtype(np.float32), g.nbytes, raw_dtype=g.qtype)
+            writer.add_tensor_info(g.name, g.shape, np.dtype(np.float32), g.nbytes, raw_dtype=g.qtype)
         for e in extras:
             writer.add_tensor_info(e.name, e.data.shape, np.dtype(np.float32), e.nbytes, raw_dtype=e.qtype)
         writer.write_header_to_file(stage.path / stream_name)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        with TensorReader() as reader:
-            ctx = ExecContext(reader, ads, timings, plan.converter)
-            for g in tensors:
-                w = merged_float32(g.src, ctx)
-                if g.permute_heads is not None:
-                    w = permute_qk(w, *g.permute_heads)
-                if g.shift:
-                    w = w + g.shift  # Gemma RMSNorm: HF computes x * (1 + w), llama.cpp x * w
-                t0 = time.perf_counter()
-                data = encode(w.numpy(), g.qtype)
-                timings.merge += time.perf_counter() - t0
-                t0 = time.perf_counter()
-                writer.write_tensor_data(data)
-                timings.write += time.perf_counter() - t0
-            for e in extras:
-                writer.write_tensor_data(encode(e.data, e.qtype))
+        behind = HashingWriteBehind(writer, timings)
+        # one intra-op thread, as execute.py: the writer thread has the other core, and OpenMP
+        # workers spinning at barriers while it (or another process) runs slow the arithmetic tenfold
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with TensorReader() as reader:
+                ctx = ExecContext(reader, ads, timings, plan.converter)
+                for g in tensors:  # merged, cut (rows), shifted and encoded block by block
+                    data = encoded_tensor(g.src, g.qtype, g.nbytes, ctx, g.shift, g.rows)  # uint8 (rows, row_bytes)
+                    if g.permute_heads is not None:  # rows are encoded independently: permute the encoded rows
+                        data = permute_qk(data, *g.permute_heads)
+                    behind.put(data.numpy())
+                for e in extras:
+                    behind.put(encode(e.data, e.qtype))
+            digest, length = behind.finish()
+        except BaseException:
+            behind.abandon()
+            raise
+        finally:
+            torch.set_num_threads(threads)
         writer.close()
+        if (stage.path / stream_name).stat().st_size != length:  # cannot happen unless gguf-py changes its padding
+            logger.warning("hashed %d bytes but %s has %d; hashing the file again", length, stream_name, (stage.path / stream_name).stat().st_size)
+            digest = sha256_file(stage.path / stream_name)
         counts: dict[str, int] = {}
         for g in [*tensors, *extras]:
             counts[g.qtype.name] = counts.get(g.qtype.name, 0) + 1
@@ -476,7 +488,7 @@ def export_gguf(
             counts = gguf_quant.llama_quantize(stage.path / stream_name, stage.path / filename, gtype)
             timings.write += time.perf_counter() - t0
         side = _side_files(stage.path, final.name, filename, gtype, counts, notes, ckpt, ads, tok_dir, modelfile)
-        files = {n: sha256_file(stage.path / n) for n in [filename, *side.files]}
+        files = {n: digest if n == stream_name and gtype.streamed else sha256_file(stage.path / n) for n in [filename, *side.files]}
         sources = {
             "base": {
                 "path": str(ckpt.root.resolve()),

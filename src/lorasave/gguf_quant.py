@@ -376,18 +376,27 @@ def encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
 
     Returns:
         F32/F16: the values as float32/float16 of the same shape; BF16 and the block types: uint8
-        of shape ``(*w.shape[:-1], w.shape[-1] // block * type_size)`` from ``gguf.quants.quantize``.
+        of shape ``(*w.shape[:-1], w.shape[-1] // block * type_size)``, the bytes of
+        ``gguf.quants.quantize`` (computed by ``gguf_encode``, which is tested against it).
 
     Raises:
-        ValueError: ``qtype`` is not one gguf-py can encode.
+        ValueError: ``qtype`` is not one gguf-py can encode, or a row is not a whole number of blocks.
     """
     if qtype not in WRITABLE:
         raise ValueError(f"gguf-py cannot encode {qtype.name}")
+    w = np.ascontiguousarray(w, dtype=np.float32)
     if qtype is Q.F32:
-        return np.ascontiguousarray(w, dtype=np.float32)
+        return w
+    if w.ndim and w.shape[-1] % block_size(qtype):
+        raise ValueError(f"rows of {w.shape[-1]} values are not a multiple of the {qtype.name} block ({block_size(qtype)})")
+    import torch
+
+    from .gguf_encode import encode_tensor
+
+    data = encode_tensor(torch.from_numpy(w if w.flags.writeable else w.copy()), qtype).numpy()
     if qtype is Q.F16:
-        return np.ascontiguousarray(w.astype(np.float16))
-    return gguf.quants.quantize(np.ascontiguousarray(w, dtype=np.float32), qtype)
+        return data.view(np.float16).reshape(w.shape)
+    return data.reshape(gguf.quants.quant_shape_to_byte_shape(w.shape, qtype))
 
 
 def intermediate_type(dtype_bytes: dict[str, int]) -> GgufType:

@@ -125,6 +125,41 @@ def bpe_pre(tok_dir: Path, tokenizer: Any, spec: dict[str, Any], rules: GgufArch
     return name
 
 
+#: Architectures whose converter class cuts ``token_embd`` to the tokenizer's size.
+TRIMS_EMBEDDING = frozenset({gguf.MODEL_ARCH.GEMMA3})
+
+
+def embedding_rows(tok_dir: Path, rules: GgufArch, n_rows: int, notes: list[str]) -> int:
+    """Rows of ``token_embd.weight`` the converter keeps (``Gemma3Model.modify_tensors``, ``conversion/gemma.py``).
+
+    Gemma 3 without ``tokenizer.model`` keeps ``len(model.vocab) + len(added_tokens)`` rows of
+    ``tokenizer.json`` (the "out-of-vocabulary" rows past it are dropped); with ``tokenizer.model``
+    and for other architectures every row stays. Unlike the converter, which still pads the token
+    list to the config's ``vocab_size`` (a file llama.cpp then refuses: ``check_tensor_dims``), the
+    caller writes the token list with exactly the rows kept. A count below the largest token id + 1
+    (ids with gaps) is raised to it, so no token loses its row.
+
+    Args:
+        tok_dir: the tokenizer folder written into the file.
+        rules: the architecture.
+        n_rows: rows of the merged embedding (its shape ``(n_rows, n_embd)``).
+        notes: a note is appended when rows are dropped.
+
+    Returns:
+        The rows to write, ``<= n_rows``.
+    """
+    if rules.arch not in TRIMS_EMBEDDING or (tok_dir / "tokenizer.model").is_file() or not (tok_dir / "tokenizer.json").is_file():
+        return n_rows
+    spec = _json(tok_dir / "tokenizer.json")
+    vocab = (spec.get("model") or {}).get("vocab") or {}
+    added = spec.get("added_tokens") or []
+    ids = [*(vocab.values() if isinstance(vocab, dict) else range(len(vocab))), *(int(a["id"]) for a in added)]
+    keep = min(n_rows, max(len(vocab) + len(added), max(ids, default=-1) + 1))
+    if keep < n_rows:
+        notes.append(f"token_embd.weight written with the tokenizer's {keep} rows of the embedding's {n_rows}, as llama.cpp's converter does for {rules.name}")
+    return keep
+
+
 def bpe_vocab(tok_dir: Path, n_vocab: int, rules: GgufArch, notes: list[str]) -> tuple[list[str], list[int], str]:
     """Tokens, types and pre-tokenizer name of a byte-level BPE tokenizer (``TextModel.get_vocab_base``).
 

@@ -390,6 +390,8 @@ def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, bas
             peft.base_model.set_adapter(names)
         peft.eval()
         vocab = int(model.get_output_embeddings().weight.shape[0])
+        if command == "gguf":  # Gemma 3's token_embd may be cut to the tokenizer's size (gguf_vocab.embedding_rows)
+            vocab = min(vocab, _gguf_n_vocab(out, manifest))
         ids = _ids(out, vocab)
         ref = peft(input_ids=ids).logits.float()
         del peft, model
@@ -408,7 +410,7 @@ def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, bas
         else:
             got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(input_ids=ids).logits.float()
             sixteen = str(settings.get("dtype")) not in ("float32", "torch.float32")
-    got = got[..., :vocab]
+    got, ref = got[..., :vocab], ref[..., :vocab]
     diff = float((got - ref).abs().max())
     scale = float(ref.abs().max())
     top1 = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
@@ -449,6 +451,14 @@ GGUF_LOGIT_LIMITS: dict[str, tuple[float, float]] = {
     "q8_0": (5e-2, 0.95),
     **{t: (float("inf"), 0.8) for t in ("q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_0", "q4_1")},
 }
+
+
+def _gguf_n_vocab(out: Path, manifest: dict[str, Any]) -> int:
+    """Tokens in OUT's GGUF file (``tokenizer.ggml.tokens``; rows of its ``token_embd``)."""
+    import gguf
+
+    gguf_file = out / next(n for n in manifest.get("files", {}) if n.endswith(".gguf"))
+    return len(gguf.GGUFReader(gguf_file).fields["tokenizer.ggml.tokens"].data)
 
 
 def _gguf_logits(out: Path, manifest: dict[str, Any], ids: torch.Tensor) -> tuple[torch.Tensor, str]:

@@ -219,8 +219,12 @@ def read_gguf(path: Any, ckpt: Any) -> tuple[dict[str, tuple[torch.Tensor, Any, 
     Names are mapped back by inverting ``gguf.get_tensor_name_map`` for the file's architecture
     over the base's tensor names (tensors the export drops, such as Gemma's ``lm_head``, excluded);
     Llama Q/K rows are un-permuted and Gemma's norm ``+1`` is subtracted (exactly, in float64;
-    the rounding of the forward ``+1`` is bounded by :func:`norm_shift`'s caller). Returns the
-    GGUF names that map to no base tensor (generated ones such as ``rope_freqs``) as the second item.
+    the rounding of the forward ``+1`` is bounded by :func:`norm_shift`'s caller). A tensor with
+    fewer rows than the base's (Gemma 3's ``token_embd`` cut to the tokenizer's size, as llama.cpp's
+    converter does; ``gguf_vocab.embedding_rows``) gets the base's remaining rows appended, so it
+    is checked at the base's shape: the rows written are probed, the rows left out count as the
+    base's (an adapter that changes them is reported). Returns the GGUF names that map to no base
+    tensor (generated ones such as ``rope_freqs``) as the second item.
     """
     import gguf
     import numpy as np
@@ -253,5 +257,11 @@ def read_gguf(path: Any, ckpt: Any) -> tuple[dict[str, tuple[torch.Tensor, Any, 
             w = unpermute_qk(w, n_kv)
         if rules.norm_shift and hf.endswith("norm.weight"):
             w = (w.double() - rules.norm_shift).float()  # exact: both are float32 values near each other
+        base_rows = int(ckpt.tensors[hf].shape[0]) if getattr(ckpt.tensors[hf], "shape", None) else 0
+        if w.dim() >= 1 and w.shape[0] < base_rows:  # (rows, ...) -> (base_rows, ...)
+            from .checkpoint import TensorReader
+
+            with TensorReader() as base_reader:
+                w = torch.cat([w, base_tensor(ckpt, hf, base_reader)[w.shape[0] :].float()])
         out[hf] = (w, t.tensor_type, t.name)
     return out, unknown
