@@ -135,8 +135,6 @@ def test_cli_choices_are_the_enum() -> None:
 def test_streamed_types_follow_llama_cpp(tiny: dict[str, Any], type: str) -> None:
     """Each tensor's type is llama-quantize's for the same file type, K types replaced by llama.cpp's
     own fallback; general.file_type is llama.cpp's; the bytes are gguf-py's quantization of the f32 merge."""
-    if tiny["kind"] == "qwen2" and type in ("f16", "bf16", "q4_1", "q5_0"):
-        pytest.skip("the tied model is checked on q8_0, q4_0 and q5_1 (time)")
     res = _ours(tiny, type)
     ours = _tensors(res.gguf_file)
     theirs = _tensors(_llama_quantized(tiny, type))
@@ -168,8 +166,6 @@ def test_streamed_types_follow_llama_cpp(tiny: dict[str, Any], type: str) -> Non
 @pytest.mark.parametrize("type", ["q8_0", "q4_0"])
 def test_logits_in_llama_cpp(tiny: dict[str, Any], type: str) -> None:
     """The file run by llama.cpp against the unmerged PeftModel in transformers: top-1 agreement >= 95%."""
-    if tiny["kind"] == "qwen2" and type == "q8_0":
-        pytest.skip("one type for the tied model (time)")
     with llama_cpp.LlamaCppModel(_ours(tiny, type).gguf_file, n_ctx=256) as m:
         got = torch.from_numpy(m.logits(tiny["ids"]))
     ref = tiny["ref"]
@@ -182,8 +178,6 @@ def test_logits_in_llama_cpp(tiny: dict[str, Any], type: str) -> None:
 def test_q4_k_m_through_llama_cpp(tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """q4_k_m: llama.cpp's mix (Q4_K and Q6_K), the same types as llama-quantize of the f32 merge,
     the intermediate gone, the free-space check covering it, the manifest and card right."""
-    if tiny["kind"] == "qwen2":
-        pytest.skip("checked on the untied model")
     needed: list[int] = []
     real = gguf_export.check_free_space
 
@@ -210,8 +204,6 @@ def test_q4_k_m_through_llama_cpp(tiny: dict[str, Any], monkeypatch: pytest.Monk
 
 
 def test_bf16_base_quantizes_from_bf16(tiny: dict[str, Any], tmp_path: Path) -> None:
-    if tiny["kind"] == "qwen2":
-        pytest.skip("checked on the untied model")
     base = tmp_path / "bf16-base"
     AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.bfloat16).save_pretrained(base)
     PreTrainedTokenizerFast.from_pretrained(tiny["base"]).save_pretrained(base)
@@ -249,8 +241,6 @@ def test_card_and_modelfile(tiny: dict[str, Any]) -> None:
 
 
 def test_no_modelfile_flag(tiny: dict[str, Any], tmp_path: Path) -> None:
-    if tiny["kind"] == "qwen2":
-        pytest.skip("checked on one model")
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(out), "--type", "q4_0", "--no-modelfile", "--json"])
     assert r.exit_code == 0, r.output
