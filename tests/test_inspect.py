@@ -48,6 +48,16 @@ def test_gguf(tmp_path: Path) -> None:
     w.close()
     ins = inspect_path(path)
     assert ins.kind == "gguf" and ins.architecture == "llama" and ins.parameters == 32
+    assert inspect_path(tmp_path).parameters == 32  # a folder holding one .gguf file: that file
+
+
+def test_gguf_output_folder(tmp_path: Path) -> None:
+    from lorasave.gguf_export import export_gguf
+
+    res = export_gguf(Path(__file__).parent.parent / "examples" / "tiny-llama", [], tmp_path / "g", type="q8_0")
+    ins = inspect_path(res.output)
+    assert ins.kind == "gguf" and ins.architecture == "llama" and set(ins.files) == {res.gguf_file.name, "README.md", "lorasave.json"}
+    assert any("a lorasave output (gguf" in n for n in ins.notes)
 
 
 def test_missing_and_garbage(tmp_path: Path) -> None:

@@ -394,3 +394,23 @@ def test_installer_refuses_other_platforms(monkeypatch: pytest.MonkeyPatch, tmp_
     monkeypatch.setattr(llama_cpp_install.platform, "machine", lambda: "aarch64")
     with pytest.raises(LlamaCppInstallError, match="Linux x86_64"):
         llama_cpp_install.install(tmp_path / "rt")
+
+
+def test_installer_never_empties_a_foreign_folder(tmp_path: Path) -> None:
+    """A non-empty target without lorasave's marker (e.g. --dir ~) is refused and left as it was;
+    an empty folder or an earlier lorasave install is replaced."""
+    from lorasave.errors import OutputExistsError
+
+    tgz = tmp_path / "ok.tgz"
+    integrity = _tgz(tgz, _fake_bins())
+    mine = tmp_path / "home"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputExistsError, match=r"not a llama\.cpp runtime lorasave installed"):
+        llama_cpp_install.install(mine, from_tgz=tgz, integrity=integrity, force=True)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"] and (mine / "notes.txt").read_text() == "keep me"
+    assert not [p for p in tmp_path.iterdir() if "lorasave" in p.name]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert llama_cpp_install.install(empty, from_tgz=tgz, integrity=integrity).installed
+    assert llama_cpp_install.install(empty, from_tgz=tgz, integrity=integrity, force=True).installed  # ours: replaced

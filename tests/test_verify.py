@@ -152,7 +152,7 @@ def test_bnb_base_probed(zoo: Path, tmp_path: Path) -> None:
     assert not verify(out, adapters=[_wrong_alpha(tmp_path / "lora", tmp_path)]).ok
 
 
-@pytest.mark.parametrize("type", ["f16", "q8_0"])
+@pytest.mark.parametrize("type", ["f16", "q8_0", "q4_0", "q5_1"])
 def test_gguf_verified(type: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import gguf
 
@@ -164,7 +164,7 @@ def test_gguf_verified(type: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     reader = gguf.GGUFReader(res.gguf_file)
     t = next(t for t in reader.tensors if t.name == "blk.1.attn_v.weight")
     data = bytearray(res.gguf_file.read_bytes())
-    data[t.data_offset + 1] ^= 0x7F  # high byte of an F16 value / of a Q8_0 block's scale
+    data[t.data_offset + 1] ^= 0x7F  # high byte of an F16 value / of a Q8_0, Q4_0 or Q5_1 block's scale
     res.gguf_file.write_bytes(bytes(data))
     bad = verify(res.output)
     assert [n for n, _ in bad.failures][-1] == TARGET and "blk.1.attn_v.weight" in bad.failures[-1][1]
@@ -223,3 +223,26 @@ def test_decisive_top1_counts_only_near_ties_as_agreeing() -> None:
     got = torch.tensor([[[0.8, 0.95, 0.0], [0.0, 2.0, 0.5]]])  # position 0 flips; the reference leads by 0.1
     assert decisive_top1(ref, got, 0.01) == 0.5  # 0.1 > 2·0.01: a real disagreement
     assert decisive_top1(ref, got, 0.06) == 1.0  # 0.1 <= 2·0.06: within the allowed error
+
+
+def test_missing_optional_package_is_one_line(merged: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--level logits needs peft (the reference): without it, one line naming the extra, exit 2."""
+    from click.testing import CliRunner
+
+    from lorasave.cli import main
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ModuleNotFoundError
+    res = CliRunner().invoke(main, ["verify", str(merged), "--level", "logits"])
+    assert res.exit_code == 2, res.output
+    assert res.output.strip() == "error: this command needs the peft package; install it with: pip install 'lorasave[verify]'"
+
+
+def test_gguf_without_adapter_verifies(tmp_path: Path) -> None:
+    """A base converted with no adapter: every tensor equals the base; logits equal the base model's."""
+    from lorasave.gguf_export import export_gguf
+
+    out = export_gguf(BASE, [], tmp_path / "g", type="f32").output
+    report = verify(out)
+    assert report.ok and report.tensors_probed == 0 and report.tensors_exact > 0, report
+    logits = verify(out, level="logits")
+    assert logits.ok and logits.top1_agreement == 1.0, logits

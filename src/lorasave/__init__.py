@@ -6,6 +6,11 @@ Public API::
     lorasave.save_adapter(adapter, output, dtype=None)
     lorasave.save_pretrained_merged(peft_model, "out", tokenizer, save_method="merged_16bit")
     lorasave.attach(peft_model)   # then peft_model.save_pretrained_merged(...), Unsloth-style
+    lorasave.export_gguf(base, adapters, output, type="q8_0")
+    lorasave.export_gguf_adapter(base, adapter, output, type="f16")
+    lorasave.export_onnx(base, adapters, output)
+    lorasave.verify(output, level="tensors")
+    lorasave.push(output, repo_id)
 
 Errors raised on bad input are subclasses of ``lorasave.errors.LorasaveError``.
 """
@@ -16,60 +21,69 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+#: Public name -> the module that defines it, imported on first use (so `lorasave --help` and
+#: `import lorasave` do not import torch).
+_LAZY = {
+    "merge": "api",
+    "save_adapter": "api",
+    "MergeResult": "api",
+    "AdapterResult": "api",
+    "export_gguf": "gguf_export",
+    "GgufResult": "gguf_export",
+    "export_gguf_adapter": "gguf_adapter",
+    "GgufAdapterResult": "gguf_adapter",
+    "export_onnx": "onnx_export",
+    "push": "hub",
+    "PushResult": "hub",
+    "save_pretrained_merged": "live",
+    "attach": "live",
+    "verify": "verify",
+    "VerifyReport": "verify",
+    "inspect_path": "inspect",
+    "LorasaveError": "errors",
+}
+
 __all__ = [
     "AdapterResult",
+    "GgufAdapterResult",
+    "GgufResult",
     "LorasaveError",
     "MergeResult",
     "PushResult",
+    "VerifyReport",
     "__version__",
     "attach",
     "export_gguf",
     "export_gguf_adapter",
     "export_onnx",
+    "inspect_path",
     "merge",
     "push",
     "save_adapter",
     "save_pretrained_merged",
-]
+    "verify",
+]  # = sorted(_LAZY) + __version__ (tests/test_cli_usage.py checks it)
 
 if TYPE_CHECKING:
     from .api import AdapterResult, MergeResult, merge, save_adapter
     from .errors import LorasaveError
-    from .gguf_adapter import export_gguf_adapter
-    from .gguf_export import export_gguf
+    from .gguf_adapter import GgufAdapterResult, export_gguf_adapter
+    from .gguf_export import GgufResult, export_gguf
     from .hub import PushResult, push
+    from .inspect import inspect_path
     from .live import attach, save_pretrained_merged
     from .onnx_export import export_onnx
+    from .verify import VerifyReport, verify
 
 
 def __getattr__(name: str) -> Any:
-    # import torch lazily, so `lorasave --help` and `import lorasave` stay fast
-    if name in ("merge", "save_adapter", "MergeResult", "AdapterResult"):
-        from . import api
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lorasave' has no attribute {name!r}")
+    from importlib import import_module
 
-        return getattr(api, name)
-    if name == "export_gguf":
-        from .gguf_export import export_gguf
+    return getattr(import_module(f".{module}", __name__), name)
 
-        return export_gguf
-    if name == "export_gguf_adapter":
-        from .gguf_adapter import export_gguf_adapter
 
-        return export_gguf_adapter
-    if name == "export_onnx":
-        from .onnx_export import export_onnx
-
-        return export_onnx
-    if name in ("push", "PushResult"):
-        from . import hub
-
-        return getattr(hub, name)
-    if name in ("save_pretrained_merged", "attach"):
-        from . import live
-
-        return getattr(live, name)
-    if name == "LorasaveError":
-        from .errors import LorasaveError
-
-        return LorasaveError
-    raise AttributeError(f"module 'lorasave' has no attribute {name!r}")
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

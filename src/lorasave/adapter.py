@@ -240,7 +240,7 @@ def locate_adapter(spec: str | os.PathLike[str]) -> Path:
         )
     if (root / "config.json").is_file():
         raise NotAnAdapterError(
-            f"{root} is a model folder, not a PEFT adapter (no adapter_config.json); give the adapter folder (lorasave merge takes BASE, then ADAPTER)",
+            f"{root} is a model folder, not a PEFT adapter (no adapter_config.json); give the adapter folder (lorasave COMMAND takes BASE, then ADAPTER)",
             path=root,
         )
     raise NotAnAdapterError(f"{root} is not a PEFT adapter: no adapter_config.json; give the folder PeftModel.save_pretrained wrote", path=root)

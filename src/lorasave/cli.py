@@ -31,6 +31,18 @@ def _sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+#: Optional packages -> the install command that brings them (``[project.optional-dependencies]``).
+_INSTALL_HINTS = {
+    "gguf": "pip install 'lorasave[gguf]'",
+    "sentencepiece": "pip install 'lorasave[gguf]'",
+    "onnx": "pip install 'lorasave[onnx]'",
+    "onnxruntime": "pip install 'lorasave[onnx]'",
+    "onnxscript": "pip install 'lorasave[onnx]'",
+    "bitsandbytes": "pip install 'lorasave[bnb]'",
+    "peft": "pip install 'lorasave[verify]'",
+}
+
+
 def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: bool) -> None:
     debug = ctx.obj.get("debug", False)
     handler = logging.StreamHandler(sys.stderr)
@@ -57,6 +69,13 @@ def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: boo
     except KeyboardInterrupt:
         click.echo("error: interrupted; no output was written", err=True)
         ctx.exit(EXIT_INTERRUPTED)
+    except ModuleNotFoundError as e:  # an optional dependency this command needs
+        if debug:
+            traceback.print_exc()
+        root = (e.name or "").split(".")[0]
+        hint = _INSTALL_HINTS.get(root, f"pip install {root}") if root else "install lorasave's optional dependencies"
+        click.echo(f"error: this command needs the {root or 'missing'} package; install it with: {hint}", err=True)
+        ctx.exit(2)
     except Exception as e:  # a bug: still one line unless --debug
         if debug:
             traceback.print_exc()

@@ -84,7 +84,7 @@ def gguf_cmd(
 
 @main.command("gguf-adapter", short_help="Write a LoRA adapter as a GGUF adapter for llama.cpp --lora.")
 @click.argument("base")
-@click.argument("adapters", nargs=-1, required=True)
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
 @click.option("--type", "gguf_type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True, help="GGML type of lora_a/lora_b.")
 @click.option("--name", default=None, help="general.name and file stem (default: the output folder's name).")

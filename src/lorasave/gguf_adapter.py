@@ -439,5 +439,7 @@ def export_gguf_adapter(
         seconds=round(time.perf_counter() - t_start, 3),
         notes=notes,
     )
+    for note in notes:
+        logger.info("%s", note)
     logger.debug("%s", res.summary())
     return res

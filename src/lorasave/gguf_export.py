@@ -487,6 +487,10 @@ def export_gguf(
             t0 = time.perf_counter()
             counts = gguf_quant.llama_quantize(stage.path / stream_name, stage.path / filename, gtype)
             timings.write += time.perf_counter() - t0
+            if gtype.default_qtype.name not in counts:
+                block = gguf.GGML_QUANT_SIZES[gtype.default_qtype][0]
+                used = ", ".join(sorted(counts))
+                notes.append(f"no tensor is {gtype.default_qtype.name}: no row length is a multiple of {block}, so llama.cpp used its fallbacks ({used})")
         side = _side_files(stage.path, final.name, filename, gtype, counts, notes, ckpt, ads, tok_dir, modelfile)
         files = {n: digest if n == stream_name and gtype.streamed else sha256_file(stage.path / n) for n in [filename, *side.files]}
         sources = {
@@ -540,5 +544,7 @@ def export_gguf(
         chat_template_family=side.family,
         llama_cpp_quantized=not gtype.streamed,
     )
+    for note in notes:
+        logger.info("%s", note)
     logger.debug("%s", res.summary())
     return res

@@ -74,7 +74,8 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 
 def inspect_path(path: str | os.PathLike[str]) -> Inspection:
-    """Describe a checkpoint folder, a ``.safetensors`` file, a PEFT adapter folder or a ``.gguf`` file.
+    """Describe a checkpoint folder, a ``.safetensors`` file, a PEFT adapter folder, a ``.gguf`` file or a
+    folder holding one ``.gguf`` file (a ``lorasave gguf`` output).
 
     Raises:
         SourceNotFoundError: nothing there.
@@ -99,6 +100,9 @@ def inspect_path(path: str | os.PathLike[str]) -> Inspection:
         return _with_manifest(p, _adapter(p))
     if p.is_dir() and (p / "model.onnx").is_file():
         return _with_manifest(p, _onnx(p))
+    ggufs = sorted(p.glob("*.gguf")) if p.is_dir() and not (p / "config.json").is_file() else []
+    if len(ggufs) == 1:  # a `lorasave gguf` / `gguf-adapter` output folder
+        return _with_manifest(p, _gguf(ggufs[0]))
     if p.is_dir():
         return _with_manifest(p, _checkpoint(p))
     raise CheckpointFormatError(f"{p}: not a model folder, adapter folder, .safetensors or .gguf file", path=p)

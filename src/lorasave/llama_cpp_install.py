@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from .errors import LlamaCppInstallError, LorasaveError, UnsafePathError
+from .errors import LlamaCppInstallError, LorasaveError, OutputExistsError, UnsafePathError
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +238,8 @@ def install(
         LlamaCppInstallError: not Linux x86_64, download failure, wrong hash, not the package.
         UnsafePathError: the tarball holds links or paths leaving the target.
         SourceNotFoundError: ``from_tgz`` does not exist.
+        OutputExistsError: ``path`` is a non-empty folder without lorasave's install marker (it is
+            never emptied), or a file.
     """
     from .errors import SourceNotFoundError
 
@@ -248,6 +250,13 @@ def install(
         return InstallResult(target, False, tuple(sorted(p.name for p in target.iterdir() if p.name != MARKER)), time.perf_counter() - start)
     if from_tgz is not None and not Path(from_tgz).is_file():
         raise SourceNotFoundError(f"{from_tgz} does not exist; give the path of {PACKAGE}'s linux-x64-{PACKAGE_VERSION}.tgz", path=from_tgz)
+    if target.is_dir() and any(target.iterdir()) and not (target / MARKER).is_file():
+        raise OutputExistsError(
+            f"{target} exists and is not a llama.cpp runtime lorasave installed; choose another --dir (or ${ENV_DIR}) or remove it yourself",
+            path=target,
+        )
+    if target.exists() and not target.is_dir():
+        raise OutputExistsError(f"{target} exists and is not a folder; choose another --dir (or ${ENV_DIR})", path=target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.lorasave-tmp-", dir=target.parent))
     old: Path | None = None

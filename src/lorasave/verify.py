@@ -193,8 +193,10 @@ def _sources(out: Path, manifest: dict[str, Any], base: Any, adapters: Any) -> t
     settings = manifest.get("settings", {})
     base_path = base or (src.get("base") or {}).get("path")
     ad_paths = adapters or [a.get("path") for a in src.get("adapters") or []]
-    if not base_path or not ad_paths:
-        raise SourceNotFoundError(f"{out}/lorasave.json names no base or adapter path; pass --base and --adapter", path=out)
+    if not base_path:
+        raise SourceNotFoundError(f"{out}/lorasave.json names no base path; pass --base", path=out)
+    if not ad_paths and not isinstance(src.get("adapters"), list):
+        raise SourceNotFoundError(f"{out}/lorasave.json names no adapter path; pass --adapter", path=out)
     ckpt = open_checkpoint(base_path)
     ads = [load_adapter(p, allow_pickle=bool(settings.get("allow_pickle"))) for p in ad_paths]
     weights = [float(w) for w in settings.get("weights") or [1.0] * len(ads)]
@@ -297,7 +299,7 @@ def _check_tensors(out: Path, manifest: dict[str, Any], report: VerifyReport, ba
 def _check_gguf(out: Path, manifest: dict[str, Any], report: VerifyReport, base: Any, adapters: Any, seed: int) -> None:
     """GGUF outputs: read back, dequantize, rename, un-permute, then probe (bound per GGML type)."""
     from .checkpoint import TensorReader
-    from .verify_probes import TINY, ggml_eps, norm_shift, q8_0_error, read_gguf
+    from .verify_probes import TINY, block_error, ggml_eps, norm_shift, q8_0_error, read_gguf
 
     ckpt, ads, weights = _sources(out, manifest, base, adapters)
     files = [out / n for n in manifest.get("files", {}) if n.endswith(".gguf")]
@@ -313,6 +315,8 @@ def _check_gguf(out: Path, manifest: dict[str, Any], report: VerifyReport, base:
                 eps = ggml_eps(qtype)
                 if eps is None and qtype.name == "Q8_0":
                     err: torch.Tensor | float = q8_0_error(w)
+                elif eps is None and (block := block_error(w, qtype.name)) is not None:
+                    err = block
                 elif eps is None:
                     report.not_probed[name] = f"GGML type {qtype.name} not probed"
                     continue
@@ -383,7 +387,7 @@ def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, bas
     with torch.no_grad(), _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(ckpt.root, dtype=torch.float32)
         names = [f"a{i}" for i in range(len(ads))]
-        peft = PeftModel.from_pretrained(model, ads[0].root, adapter_name=names[0])
+        peft = PeftModel.from_pretrained(model, ads[0].root, adapter_name=names[0]) if ads else model  # no adapter: the base as it is
         for n, ad in zip(names[1:], ads[1:], strict=True):
             peft.load_adapter(ad.root, adapter_name=n)
         if len(names) > 1:

@@ -201,6 +201,33 @@ def q8_0_error(w: torch.Tensor) -> torch.Tensor:
     return (d * (0.5 + 127 * 2.0**-11) * 1.1).expand_as(rows).reshape(w.shape)
 
 
+#: Block types with one scale (and for ``_1`` types a minimum) per 32 values: GGML type name ->
+#: (steps between the lowest and highest code, error in steps). ``Q4_0``/``Q5_0``: ``d = max/-8``
+#: (``/-16``), codes ``-8..7`` (``-16..15``), so the value at the far end of the max may clip by
+#: one step; ``Q4_1``/``Q5_1``: ``d = (max - min)/15`` (``/31``), codes ``0..15`` (``0..31``),
+#: round to nearest (gguf-py ``quants.py``, ggml ``quantize_row_q4_0_ref`` and friends).
+BLOCK_TYPES: dict[str, tuple[int, float]] = {"Q4_0": (15, 1.0), "Q5_0": (31, 1.0), "Q4_1": (15, 0.5), "Q5_1": (31, 0.5)}
+
+
+def block_error(w: torch.Tensor, qtype_name: str) -> torch.Tensor | None:
+    """Per-element error bound of a Q4_0/Q4_1/Q5_0/Q5_1 tensor from its dequantized values, or None.
+
+    A block's step ``d`` is its decoded range over the number of steps between the extreme codes
+    (for ``_0`` types the decoded range spans at least ``steps`` steps minus the clipped one, so
+    ``range / (steps - 1)`` bounds ``d``); the error is ``k·d`` plus the F16 rounding of the
+    stored scale and minimum (``2⁻¹¹`` relative, times the largest code), with a 10% margin.
+    """
+    if qtype_name not in BLOCK_TYPES:
+        return None
+    steps, k = BLOCK_TYPES[qtype_name]
+    rows = w.reshape(-1, 32)  # (n_blocks, 32)
+    hi, lo = rows.amax(dim=1, keepdim=True), rows.amin(dim=1, keepdim=True)
+    d = (hi - lo) / (steps - 1)
+    absmax = torch.maximum(hi.abs(), lo.abs())
+    bound = (k * d + (steps + 1) * 2.0**-11 * (d + absmax)) * 1.1 + TINY
+    return bound.expand_as(rows).reshape(w.shape)
+
+
 def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Inverse of llama.cpp's ``LlamaModel.permute``: interleaved pairs -> rotate-half rows."""
     return w.reshape(n_head, w.shape[0] // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
