@@ -9,7 +9,7 @@ Public API::
     lorasave.export_gguf(base, adapters, output, type="q8_0")
     lorasave.export_gguf_adapter(base, adapter, output, type="f16")
     lorasave.export_onnx(base, adapters, output)
-    lorasave.verify(output, level="tensors")
+    from lorasave.verify import verify; verify(output, level="tensors")
     lorasave.push(output, repo_id)
 
 Errors raised on bad input are subclasses of ``lorasave.errors.LorasaveError``.
@@ -37,7 +37,6 @@ _LAZY = {
     "PushResult": "hub",
     "save_pretrained_merged": "live",
     "attach": "live",
-    "verify": "verify",
     "VerifyReport": "verify",
     "inspect_path": "inspect",
     "LorasaveError": "errors",
@@ -61,7 +60,6 @@ __all__ = [
     "push",
     "save_adapter",
     "save_pretrained_merged",
-    "verify",
 ]  # = sorted(_LAZY) + __version__ (tests/test_cli_usage.py checks it)
 
 if TYPE_CHECKING:
@@ -73,7 +71,7 @@ if TYPE_CHECKING:
     from .inspect import inspect_path
     from .live import attach, save_pretrained_merged
     from .onnx_export import export_onnx
-    from .verify import VerifyReport, verify
+    from .verify import VerifyReport
 
 
 def __getattr__(name: str) -> Any:
