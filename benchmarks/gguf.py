@@ -228,10 +228,13 @@ def main() -> None:
     for key in sorted({k for r in a.runs for k in (r.timings or {})}):
         values = [r.timings[key] for r in a.runs if r.timings and key in r.timings]
         breakdown[key] = statistics.median(values)
-    if breakdown:  # what the timings do not cover: interpreter start-up and imports, tokenizer, manifest
-        breakdown["other (wall - sum)"] = a.wall_s - sum(breakdown.values())
+    if breakdown:  # on the main thread: read + merge (incl. encoding); start-up, imports, tokenizer, manifest are the rest
+        breakdown["other (wall - read - merge)"] = a.wall_s - breakdown.get("read", 0.0) - breakdown.get("merge", 0.0)
     parts = ", ".join(f"{k} {v:.2f} s" for k, v in breakdown.items())
-    print(f"lorasave gguf breakdown (median of its lorasave.json timings; merge includes the q8_0 encoding): {parts or 'none reported'}; wall {a.wall_s:.2f} s")
+    print(
+        "lorasave gguf breakdown (median of its lorasave.json timings; merge includes the q8_0 encoding; write and hash run on a"
+        f" writer thread, overlapped with read + merge): {parts or 'none reported'}; wall {a.wall_s:.2f} s"
+    )
     print(f"load average after: {load_average()}")
     results = {
         "model": shape_name,
