@@ -246,3 +246,23 @@ def test_gguf_without_adapter_verifies(tmp_path: Path) -> None:
     assert report.ok and report.tensors_probed == 0 and report.tensors_exact > 0, report
     logits = verify(out, level="logits")
     assert logits.ok and logits.top1_agreement == 1.0, logits
+
+
+def test_gguf_adapter_logits_in_llama_cpp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GGUF LoRA adapter is checked on an f32 GGUF of its base in llama.cpp against the PeftModel;
+    the helper base file is removed; without the runtime the error names the install command."""
+    from _llama import need_llama_cpp
+    from lorasave.errors import LlamaCppNotInstalledError
+    from lorasave.gguf_adapter import export_gguf_adapter
+
+    need_llama_cpp()
+    out = export_gguf_adapter(BASE, LORA, tmp_path / "a", type="f32").output
+    report = verify(out, level="logits")
+    assert report.ok and report.logits_runtime == "llama.cpp" and report.top1_agreement == 1.0, report
+    assert report.logits_max_diff is not None and report.logits_max_diff <= 1e-3 * (report.logits_scale or 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no helper folder left
+    bad = verify(out, level="logits", adapters=[_wrong_alpha(LORA, tmp_path)])
+    assert bad.failures and bad.failures[0][0] == "logits"
+    monkeypatch.setenv("LORASAVE_LLAMA_CPP_DIR", str(tmp_path / "no-runtime"))
+    with pytest.raises(LlamaCppNotInstalledError, match=r"lorasave\.llama_cpp_install"):
+        verify(out, level="logits")

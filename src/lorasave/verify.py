@@ -375,7 +375,7 @@ def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, bas
     command = manifest.get("command")
     settings = manifest.get("settings", {})
     ckpt, ads, weights = _sources(out, manifest, base, adapters)
-    if command not in ("merge", "gguf", "onnx"):
+    if command not in ("merge", "gguf", "gguf-adapter", "onnx"):
         report.skipped = f"logits: nothing to compare for a {command!r} output"
         return
     if any(w != 1.0 for w in weights):
@@ -407,8 +407,8 @@ def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, bas
             got_np, _ = dec(ids.numpy(), torch.ones_like(ids).numpy(), dec.empty_past(ids.shape[0]))
             got = torch.from_numpy(got_np)
             sixteen = settings.get("dtype") != "float32" or bool(settings.get("quantize"))
-        elif command == "gguf":
-            got, runtime = _gguf_logits(out, manifest, ids)
+        elif command in ("gguf", "gguf-adapter"):
+            got, runtime = _gguf_logits(out, manifest, ids) if command == "gguf" else _gguf_adapter_logits(out, manifest, ckpt.root, ids)
             report.logits_runtime = runtime
             limits = GGUF_LOGIT_LIMITS.get(str(settings.get("type")), (float("inf"), 0.5))
         else:
@@ -419,7 +419,7 @@ def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, bas
     scale = float(ref.abs().max())
     top1 = float((got.argmax(-1) == ref.argmax(-1)).float().mean())
     report.logits_max_diff, report.logits_scale, report.top1_agreement = diff, scale, top1
-    rel, min_top1 = limits if command == "gguf" else (2e-2 if sixteen else 1e-4, 0.99)
+    rel, min_top1 = limits if command in ("gguf", "gguf-adapter") else (2e-2 if sixteen else 1e-4, 0.99)
     decisive = decisive_top1(ref, got, min(rel, NEAR_TIE) * scale)
     if decisive < min_top1 or diff > rel * scale:
         report.failures.append(
@@ -463,6 +463,40 @@ def _gguf_n_vocab(out: Path, manifest: dict[str, Any]) -> int:
 
     gguf_file = out / next(n for n in manifest.get("files", {}) if n.endswith(".gguf"))
     return len(gguf.GGUFReader(gguf_file).fields["tokenizer.ggml.tokens"].data)
+
+
+def _gguf_adapter_logits(out: Path, manifest: dict[str, Any], base_dir: Path, ids: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Logits of OUT's GGUF LoRA adapter applied (scale 1) by llama.cpp to an f32 GGUF of the base.
+
+    The base GGUF is written by ``export_gguf(base, [])`` into a hidden folder beside OUT and
+    removed afterwards. Needs the llama.cpp runtime (transformers cannot load GGUF adapters).
+
+    Returns:
+        ``(logits (batch, seq, vocab) float32, "llama.cpp")``.
+
+    Raises:
+        LlamaCppNotInstalledError: the runtime is not installed (the message names the command).
+    """
+    import shutil
+    import tempfile
+
+    from . import llama_cpp
+    from .gguf_export import export_gguf
+
+    llama_cpp.require()
+    lora = out / next(n for n in manifest.get("files", {}) if n.endswith(".gguf"))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lorasave-verify-", dir=out.parent))
+    export_log = logging.getLogger("lorasave.gguf_export")
+    level = export_log.level
+    export_log.setLevel(logging.WARNING)  # the helper base file's notes are not the user's business
+    try:
+        base_gguf = export_gguf(base_dir, [], tmp / "base", type="f32", modelfile=False).gguf_file
+        with llama_cpp.LlamaCppModel(base_gguf, loras=[(lora, 1.0)], n_ctx=max(512, int(ids.shape[1]))) as model:
+            rows = [torch.from_numpy(model.logits(row.tolist())) for row in ids]  # each (seq, vocab)
+    finally:
+        export_log.setLevel(level)
+        shutil.rmtree(tmp, ignore_errors=True)
+    return torch.stack(rows), "llama.cpp"
 
 
 def _gguf_logits(out: Path, manifest: dict[str, Any], ids: torch.Tensor) -> tuple[torch.Tensor, str]:
