@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -376,6 +376,20 @@ BPE_SPLIT = {
     "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
 }
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+
+
+def build_byte_bpe_tokenizer(
+    text: str, vocab: int, specials: Sequence[str] = ("<|endoftext|>",), bos: str = "<|endoftext|>", eos: str = "<|endoftext|>"
+) -> PreTrainedTokenizerFast:
+    """A plain byte-level BPE (GPT-2's ``ByteLevel`` pre-tokenizer, ids < ``vocab``) trained on ``text``:
+    the tokenizer the GGUF export tests write. ``specials`` are added first (ids 0, 1, ...)."""
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator([text], trainer=trainers.BpeTrainer(vocab_size=vocab, special_tokens=list(specials), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=eos, bos_token=bos)
 
 
 def build_bpe_tokenizer(style: str, vocab: int = 320) -> PreTrainedTokenizerFast:

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+import _models as M
 from lorasave.errors import InvalidOptionError, OutputExistsError, UnsupportedModelError
 from lorasave.gguf_arch import gguf_arch_for
 from lorasave.gguf_export import GgufResult, export_gguf, permute_qk
@@ -31,12 +31,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False)
-    tok.train_from_iterator([TEXT], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return M.build_byte_bpe_tokenizer(TEXT, VOCAB)
 
 
 def _make(root: Path, kind: str) -> tuple[Path, Path]:

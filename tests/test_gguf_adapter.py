@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 from peft import IA3Config, LoHaConfig, LoraConfig, PeftModel, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import _models as M
@@ -43,12 +42,7 @@ GGUF_NAMES = {
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False)
-    tok.train_from_iterator([TEXT], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return M.build_byte_bpe_tokenizer(TEXT, VOCAB)
 
 
 def _base(root: Path, kind: str) -> Path:

@@ -22,9 +22,9 @@ import torch
 from click.testing import CliRunner
 from huggingface_hub import ModelCard
 from peft import LoraConfig, get_peft_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
+import _models as M
 from lorasave import gguf_export, llama_cpp
 from lorasave.cli import GGUF_TYPE_CHOICES, main
 from lorasave.errors import LlamaCppNotInstalledError
@@ -46,12 +46,7 @@ STREAMED = ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    tok.train_from_iterator([TEXT], trainer=trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False))
-    out = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", bos_token="<|endoftext|>")
+    out = M.build_byte_bpe_tokenizer(TEXT, VOCAB, specials=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos="<|im_end|>")
     out.chat_template = CHATML
     return out
 

@@ -23,11 +23,10 @@ import numpy as np
 import pytest
 import torch
 from peft import LoraConfig, PeftModel
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from _llama import need_llama_cpp
-from _models import VOCAB, build_llama, make_adapter, save_model, train_lora
+from _models import VOCAB, build_byte_bpe_tokenizer, build_llama, make_adapter, save_model, train_lora
 from lorasave import llama_cpp, llama_cpp_install
 from lorasave.errors import InvalidOptionError, LlamaCppError, LlamaCppInstallError, LlamaCppNotInstalledError, UnsafePathError
 from lorasave.gguf_export import export_gguf, permute_qk
@@ -39,12 +38,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
-    """Byte-level BPE (what the GGUF export writes), trained on TEXT, ids < VOCAB."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([TEXT], trainer=trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<|endoftext|>"], show_progress=False))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return build_byte_bpe_tokenizer(TEXT, VOCAB)
 
 
 def _write_lora_gguf(path: Path, peft_model: PeftModel, alpha: float) -> None:
