@@ -55,7 +55,8 @@ from .architecture import inspect_architecture
 from .checkpoint import Checkpoint, TensorReader, open_checkpoint
 from .errors import InvalidOptionError, UnsupportedAdapterError
 from .gguf_arch import GgufArch, gguf_arch_for
-from .gguf_export import GGUF_TYPES, encode, ggml_type, gguf_tensors, permute_qk, tensor_nbytes
+from .gguf_export import ggml_type, gguf_tensors, permute_qk
+from .gguf_quant import GgufType, encode, tensor_nbytes
 from .manifest import MANIFEST_NAME, sha256_file, sha256_source, write_manifest
 from .output import StagedOutput, check_free_space, check_output_path
 from .plan import build_plan
@@ -65,6 +66,9 @@ from .safetensors_format import TensorEntry
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
+
+#: ``--type`` values of a GGUF adapter: the types ``convert_lora_to_gguf.py`` writes (``GgufType.converter``).
+ADAPTER_TYPES = tuple(t.value for t in GgufType if t.converter)
 
 #: The one-line pointer every refusal ends with.
 MERGED_HINT = "write a merged GGUF instead with `lorasave gguf BASE ADAPTER`"
@@ -358,8 +362,8 @@ def export_gguf_adapter(
         (AdapterMismatchError, NotAnAdapterError, PickleRefusedError, OutputExistsError, ...).
     """
     t_start = time.perf_counter()
-    if type not in GGUF_TYPES:
-        raise InvalidOptionError(f"GGUF type {type!r} is not supported; choose one of {', '.join(GGUF_TYPES)}")
+    if type not in ADAPTER_TYPES:
+        raise InvalidOptionError(f"GGUF type {type!r} is not supported; choose one of {', '.join(ADAPTER_TYPES)}")
     specs = adapter_list(adapter)
     if len(specs) != 1:
         raise UnsupportedAdapterError(

@@ -41,7 +41,7 @@ from .architecture import inspect_architecture
 from .checkpoint import Checkpoint, TensorReader, open_checkpoint
 from .errors import InvalidOptionError, UnsupportedModelError
 from .gguf_arch import GgufArch, Hparams, gguf_arch_for
-from .gguf_quant import GgufType
+from .gguf_quant import GgufType, encode, tensor_nbytes
 from .gguf_stream import HashingWriteBehind, encoded_tensor
 from .gguf_vocab import add_tokenizer, embedding_rows
 from .manifest import MANIFEST_NAME, sha256_file, sha256_source, write_manifest
@@ -53,10 +53,6 @@ logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 Q = gguf.GGMLQuantizationType
-
-#: convert_hf_to_gguf ``--outtype`` types: ``type`` -> (GGML type of quantizable tensors,
-#: ``general.file_type``). Every ``lorasave gguf --type`` is a :class:`gguf_quant.GgufType`.
-GGUF_TYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {t.value: (t.default_qtype, t.file_type) for t in GgufType if t.converter}
 
 
 @dataclass
@@ -184,7 +180,7 @@ def ggml_type(gguf_name: str, shape: tuple[int, ...], type: str) -> gguf.GGMLQua
         type: requested output type, a streamed :class:`GgufType` value (``"q8_0"``...).
 
     Returns:
-        For the converter's types (:data:`GGUF_TYPES`): F32 for 1-D tensors, ``*_norm.weight`` and
+        For the converter's types (``GgufType.converter``): F32 for 1-D tensors, ``*_norm.weight`` and
         non-``.weight`` tensors (biases); otherwise the requested type, with Q8_0 falling back to
         F16 when ``ne0`` is not a multiple of 32 (the converter catches ``gguf.QuantError`` and does
         the same). For q4_0..q5_1, ``llama-quantize``'s choice for a model with ``output.weight``
@@ -195,16 +191,6 @@ def ggml_type(gguf_name: str, shape: tuple[int, ...], type: str) -> gguf.GGMLQua
         return gguf_quant.converter_type(gguf_name, shape, t.default_qtype)
     want = gguf_quant.llama_cpp_type(gguf_name, shape, t, tied=False)
     return gguf_quant.K_SUBSTITUTE.get(want, want)
-
-
-def tensor_nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
-    """Bytes of a tensor of ``shape`` (rows first) encoded as ``qtype``."""
-    return gguf_quant.tensor_nbytes(shape, qtype)
-
-
-def encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """Encode a float32 array as ``qtype`` (``gguf_quant.encode``: floats, or the bytes of ``gguf.quants``)."""
-    return gguf_quant.encode(w, qtype)
 
 
 def assign_types(tensors: list[GgufTensor], type: GgufType) -> tuple[list[GgufTensor], list[str]]:

@@ -465,6 +465,14 @@ def _gguf_n_vocab(out: Path, manifest: dict[str, Any]) -> int:
     return len(gguf.GGUFReader(gguf_file).fields["tokenizer.ggml.tokens"].data)
 
 
+def _llama_cpp_logits(gguf_file: Path, ids: torch.Tensor, loras: list[tuple[Path, float]] | None = None) -> torch.Tensor:
+    """llama.cpp's logits (batch, seq, vocab) float32 for ``ids`` (batch, seq), one sequence at a time."""
+    from . import llama_cpp
+
+    with llama_cpp.LlamaCppModel(gguf_file, loras=loras or (), n_ctx=max(512, int(ids.shape[1]))) as model:
+        return torch.stack([torch.from_numpy(model.logits(row.tolist())) for row in ids])  # each row (seq, vocab)
+
+
 def _gguf_adapter_logits(out: Path, manifest: dict[str, Any], base_dir: Path, ids: torch.Tensor) -> tuple[torch.Tensor, str]:
     """Logits of OUT's GGUF LoRA adapter applied (scale 1) by llama.cpp to an f32 GGUF of the base.
 
@@ -491,12 +499,11 @@ def _gguf_adapter_logits(out: Path, manifest: dict[str, Any], base_dir: Path, id
     export_log.setLevel(logging.WARNING)  # the helper base file's notes are not the user's business
     try:
         base_gguf = export_gguf(base_dir, [], tmp / "base", type="f32", modelfile=False).gguf_file
-        with llama_cpp.LlamaCppModel(base_gguf, loras=[(lora, 1.0)], n_ctx=max(512, int(ids.shape[1]))) as model:
-            rows = [torch.from_numpy(model.logits(row.tolist())) for row in ids]  # each (seq, vocab)
+        logits = _llama_cpp_logits(base_gguf, ids, loras=[(lora, 1.0)])
     finally:
         export_log.setLevel(level)
         shutil.rmtree(tmp, ignore_errors=True)
-    return torch.stack(rows), "llama.cpp"
+    return logits, "llama.cpp"
 
 
 def _gguf_logits(out: Path, manifest: dict[str, Any], ids: torch.Tensor) -> tuple[torch.Tensor, str]:
@@ -510,9 +517,7 @@ def _gguf_logits(out: Path, manifest: dict[str, Any], ids: torch.Tensor) -> tupl
 
     gguf_file = out / next(n for n in manifest.get("files", {}) if n.endswith(".gguf"))
     if llama_cpp.available():
-        with llama_cpp.LlamaCppModel(gguf_file, n_ctx=max(512, int(ids.shape[1]))) as model:
-            rows = [torch.from_numpy(model.logits(row.tolist())) for row in ids]  # each (seq, vocab)
-        return torch.stack(rows), "llama.cpp"
+        return _llama_cpp_logits(gguf_file, ids), "llama.cpp"
     from transformers import AutoModelForCausalLM
 
     logger.info("llama.cpp runtime not installed (install it with: %s): GGUF logits come from transformers' GGUF loader", llama_cpp.INSTALL_COMMAND)
