@@ -8,7 +8,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from .cards import adapter_snippet, hub_id, merged_snippet, write_card
 from .checkpoint import Checkpoint, TensorReader, open_checkpoint
 from .dtypes import FLOAT_DTYPES, dtype_name, parse_output_dtype, st_dtype
 from .execute import execute
-from .manifest import MANIFEST_NAME, SourceHasher, sha256_file, write_manifest
+from .manifest import MANIFEST_NAME, SourceHasher, result_dict, sha256_file, write_manifest
 from .options import MergeInto, SaveMethod, bnb_spec, parse_enum
 from .output import StagedOutput, align_generation_eos, carry_files, check_free_space, check_output_path, tokenizer_source, write_config
 from .plan import INDEX_NAME, MergePlan, build_plan
@@ -68,9 +68,7 @@ class MergeResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json``)."""
-        d = asdict(self)
-        d["output"] = str(self.output)
-        return d
+        return result_dict(self)
 
     def summary(self) -> str:
         """One line for humans."""
@@ -396,9 +394,7 @@ class AdapterResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        d = asdict(self)
-        d["output"] = str(self.output)
-        return d
+        return result_dict(self)
 
     def summary(self) -> str:
         """One line for humans."""

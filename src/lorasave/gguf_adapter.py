@@ -42,7 +42,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +57,7 @@ from .errors import InvalidOptionError, UnsupportedAdapterError
 from .gguf_arch import GgufArch, gguf_arch_for
 from .gguf_export import ggml_type, gguf_tensors, permute_qk
 from .gguf_quant import GgufType, encode, tensor_nbytes
-from .manifest import MANIFEST_NAME, sha256_file, sha256_source, write_manifest
+from .manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
 from .output import StagedOutput, check_free_space, check_output_path
 from .plan import build_plan
 from .recipes import LoraDelta
@@ -112,9 +112,7 @@ class GgufAdapterResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json``)."""
-        d = asdict(self)
-        d["output"], d["gguf_file"] = str(self.output), str(self.gguf_file)
-        return d
+        return result_dict(self)
 
     def summary(self) -> str:
         """One line for humans."""

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +44,7 @@ from .gguf_arch import GgufArch, Hparams, gguf_arch_for
 from .gguf_quant import GgufType, encode, tensor_nbytes
 from .gguf_stream import HashingWriteBehind, encoded_tensor
 from .gguf_vocab import add_tokenizer, embedding_rows
-from .manifest import MANIFEST_NAME, sha256_file, sha256_source, write_manifest
+from .manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
 from .merge_math import ExecContext, Timings
 from .output import StagedOutput, check_free_space, check_output_path, tokenizer_source
 from .plan import MergePlan, OutputTensor, build_plan
@@ -93,10 +93,7 @@ class GgufResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json``)."""
-        d = asdict(self)
-        d["output"], d["gguf_file"] = str(self.output), str(self.gguf_file)
-        d["modelfile"] = str(self.modelfile) if self.modelfile else None
-        return d
+        return result_dict(self)
 
     def summary(self) -> str:
         """One line for humans."""

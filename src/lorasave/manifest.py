@@ -64,6 +64,13 @@ class SourceHasher:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
+def result_dict(result: Any) -> dict[str, Any]:
+    """JSON-ready form of a result dataclass (``--json``): ``dataclasses.asdict`` with its ``Path`` fields as strings."""
+    from dataclasses import asdict
+
+    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
+
+
 def write_manifest(folder: Path, *, command: str, sources: dict[str, Any], settings: dict[str, Any], result: dict[str, Any], files: dict[str, str]) -> Path:
     """Write ``lorasave.json`` into ``folder``.
 

@@ -37,7 +37,7 @@ import torch
 
 from .adapter import adapter_list
 from .errors import InvalidOptionError, LorasaveError, UnsupportedModelError
-from .manifest import MANIFEST_NAME, sha256_file, sha256_source, write_manifest
+from .manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
 from .onnx_run import ONNX_NAME, OnnxDecoder, import_onnx, onnx_generate, verify_onnx
 from .output import StagedOutput, align_generation_eos, carry_files, check_output_path, write_config
 
@@ -110,9 +110,7 @@ class OnnxResult:
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json``)."""
-        d = asdict(self)
-        d["output"] = str(self.output)
-        return d
+        return result_dict(self)
 
     def summary(self) -> str:
         """One line for humans."""
