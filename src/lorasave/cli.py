@@ -102,12 +102,21 @@ def main(ctx: click.Context, debug: bool) -> None:
     ctx.obj["debug"] = debug
 
 
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:  # `lorasave COMMAND ... --debug` works like `lorasave --debug COMMAND ...`
+        ctx.ensure_object(dict)["debug"] = True
+
+
+#: The hidden ``--debug`` every command also accepts after its arguments.
+_debug_option = click.option("--debug", is_flag=True, hidden=True, expose_value=False, callback=_set_debug)
+
+
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")(f)
     f = click.option("--quiet", "-q", is_flag=True, help="No progress bar, notes or summary.")(f)
     f = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")(f)
     f = click.option("--allow-pickle", is_flag=True, help="Accept .bin pickle weights, loaded with torch.load(weights_only=True).")(f)
-    f = click.option("--debug", is_flag=True, hidden=True)(f)
+    f = _debug_option(f)
     return f
 
 
@@ -243,7 +252,6 @@ def merge_cmd(
     quiet: bool,
     as_json: bool,
     allow_pickle: bool,
-    debug: bool,
 ) -> None:
     """Merge ADAPTER(s) into BASE and write a sharded safetensors checkpoint to OUT.
 
@@ -251,7 +259,6 @@ def merge_cmd(
     """
     from .api import merge
 
-    ctx.obj["debug"] = ctx.obj.get("debug") or debug
     parsed_weights = _parse_weights(weights)
     quant_flags = [
         f
@@ -313,12 +320,10 @@ def adapter_cmd(
     quiet: bool,
     as_json: bool,
     allow_pickle: bool,
-    debug: bool,
 ) -> None:
     """Re-save ADAPTER as PEFT safetensors (adapter_config.json + adapter_model.safetensors)."""
     from .api import save_adapter
 
-    ctx.obj["debug"] = ctx.obj.get("debug") or debug
     _save(
         ctx,
         lambda: save_adapter(adapter, output, dtype=dtype, overwrite=overwrite, allow_pickle=allow_pickle),
@@ -366,7 +371,6 @@ def onnx_cmd(
     quiet: bool,
     as_json: bool,
     allow_pickle: bool,
-    debug: bool,
 ) -> None:
     """Merge ADAPTER(s) into BASE in float32 and export an ONNX decoder with KV cache to OUT.
 
@@ -374,7 +378,6 @@ def onnx_cmd(
     """
     from .onnx_export import export_onnx
 
-    ctx.obj["debug"] = ctx.obj.get("debug") or debug
     parsed_weights = _parse_weights(weights)
     _save(
         ctx,
@@ -410,13 +413,12 @@ def onnx_cmd(
 @click.option("--base", default=None, help="Where the base is now, if it moved since the merge.")
 @click.option("--adapter", "adapters", multiple=True, help="Where the adapter(s) are now (repeat for several).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
-@click.option("--debug", is_flag=True, hidden=True)
+@_debug_option
 @click.pass_context
-def verify_cmd(ctx: click.Context, output: str, level: str, base: str | None, adapters: tuple[str, ...], as_json: bool, debug: bool) -> None:
+def verify_cmd(ctx: click.Context, output: str, level: str, base: str | None, adapters: tuple[str, ...], as_json: bool) -> None:
     """Check OUTPUT against its lorasave.json and (tensors level) an independent recomputation from its sources."""
     from .verify import verify
 
-    ctx.obj["debug"] = ctx.obj.get("debug") or debug
     reports: list[Any] = []
 
     def go() -> Any:
@@ -431,13 +433,12 @@ def verify_cmd(ctx: click.Context, output: str, level: str, base: str | None, ad
 @main.command("inspect", short_help="Describe a checkpoint, adapter, safetensors or GGUF file.")
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print the findings as one JSON object on stdout.")
-@click.option("--debug", is_flag=True, hidden=True)
+@_debug_option
 @click.pass_context
-def inspect_cmd(ctx: click.Context, path: str, as_json: bool, debug: bool) -> None:
+def inspect_cmd(ctx: click.Context, path: str, as_json: bool) -> None:
     """Describe a checkpoint folder, safetensors file, PEFT adapter or GGUF file."""
     from .inspect import inspect_path
 
-    ctx.obj["debug"] = ctx.obj.get("debug") or debug
     _run(ctx, lambda: inspect_path(path), quiet=False, as_json=as_json)
 
 
@@ -450,7 +451,7 @@ def inspect_cmd(ctx: click.Context, path: str, as_json: bool, debug: bool) -> No
 @click.option("--create-pr", is_flag=True, help="Open a pull request against main instead of committing to it.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display, notes or summary.")
-@click.option("--debug", is_flag=True, hidden=True)
+@_debug_option
 @click.pass_context
 def push_cmd(
     ctx: click.Context,
@@ -462,7 +463,6 @@ def push_cmd(
     create_pr: bool,
     as_json: bool,
     quiet: bool,
-    debug: bool,
 ) -> None:
     """Push FOLDER (a lorasave output, a PEFT adapter, any model folder) to the Hub model repo REPO_ID.
 
@@ -472,7 +472,6 @@ def push_cmd(
     """
     from .hub import push
 
-    ctx.obj["debug"] = ctx.obj.get("debug") or debug
     _hub_quiet(ctx.obj["debug"])
     _run(
         ctx,

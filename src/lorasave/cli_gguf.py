@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from .cli import _common, _push_options, _run, _save, main
+from .cli import _common, _debug_option, _push_options, _run, _save, main
 
 #: ``lorasave.gguf_quant.GgufType`` values, listed here so that ``--help`` does not import gguf
 #: (tests/test_gguf_types.py checks they agree).
@@ -50,7 +50,6 @@ def gguf_cmd(
     quiet: bool,
     as_json: bool,
     allow_pickle: bool,
-    debug: bool,
 ) -> None:
     """Merge ADAPTER(s) into BASE and write OUT/<name>-<type>.gguf for llama.cpp, streaming.
 
@@ -60,7 +59,6 @@ def gguf_cmd(
     """
     from .gguf_export import export_gguf
 
-    ctx.obj["debug"] = ctx.obj.get("debug") or debug
     _save(
         ctx,
         lambda: export_gguf(
@@ -104,7 +102,6 @@ def gguf_adapter_cmd(
     quiet: bool,
     as_json: bool,
     allow_pickle: bool,
-    debug: bool,
 ) -> None:
     """Write ADAPTER (trained on BASE) as OUT/<name>-lora-<type>.gguf, loaded by llama.cpp with --lora on BASE's GGUF.
 
@@ -113,7 +110,6 @@ def gguf_adapter_cmd(
     """
     from .gguf_adapter import export_gguf_adapter
 
-    ctx.obj["debug"] = ctx.obj.get("debug") or debug
     _save(
         ctx,
         lambda: export_gguf_adapter(base, list(adapters), output, type=gguf_type, name=name, overwrite=overwrite, allow_pickle=allow_pickle),
@@ -129,11 +125,10 @@ def gguf_adapter_cmd(
 @click.option("--force", is_flag=True, help="Reinstall even when already installed.")
 @click.option("--from-tgz", default=None, metavar="PATH", help="Install from a downloaded package tarball (integrity-checked), offline.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
-@click.option("--debug", is_flag=True, hidden=True)
+@_debug_option
 @click.pass_context
-def install_llama_cpp_cmd(ctx: click.Context, target: str | None, force: bool, from_tgz: str | None, as_json: bool, debug: bool) -> None:
+def install_llama_cpp_cmd(ctx: click.Context, target: str | None, force: bool, from_tgz: str | None, as_json: bool) -> None:
     """Download and install llama.cpp's prebuilt libraries (same as `python -m lorasave.llama_cpp_install`)."""
     from .llama_cpp_install import install
 
-    ctx.obj["debug"] = ctx.obj.get("debug") or debug
     _run(ctx, lambda: install(target, force=force, from_tgz=from_tgz), quiet=False, as_json=as_json)
