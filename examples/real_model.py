@@ -224,17 +224,9 @@ def lorasave_command() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "lorasave"]
 
 
-def run_lorasave(base: Path, adapter: Path, out: Path, extra: list[str]) -> float:
-    cmd = [
-        *lorasave_command(),
-        "merge",
-        str(base),
-        str(adapter),
-        "-o",
-        str(out),
-        "--overwrite",
-    ]
-    cmd += extra
+def run_cli(args: list[str]) -> float:
+    """Run ``lorasave ARGS``, echo the command and its output; return its wall time in seconds."""
+    cmd = [*lorasave_command(), *args]
     print("$ " + " ".join(cmd))
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -242,7 +234,12 @@ def run_lorasave(base: Path, adapter: Path, out: Path, extra: list[str]) -> floa
     for line in (proc.stdout + proc.stderr).strip().splitlines():
         print(f"    {line}")
     if proc.returncode != 0:
-        raise RuntimeError(f"lorasave exited with status {proc.returncode}")
+        raise RuntimeError(f"lorasave {args[0]} exited with status {proc.returncode}")
+    return seconds
+
+
+def run_lorasave(base: Path, adapter: Path, out: Path, extra: list[str]) -> float:
+    seconds = run_cli(["merge", str(base), str(adapter), "-o", str(out), "--overwrite", *extra])
     print(f"    (lorasave took {seconds:.2f} s wall)")
     return seconds
 
@@ -312,15 +309,7 @@ def gguf_step(name: str, hf_dir: Path, lora_dir: Path, merged_fp32: Path, workdi
 
     require()
     out = workdir / f"{name}-gguf-{gguf_type}"
-    cmd = [*lorasave_command(), "gguf", str(hf_dir), str(lora_dir), "-o", str(out), "--type", gguf_type, "--name", f"{name}-lora", "--overwrite"]
-    print("$ " + " ".join(cmd))
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    seconds = time.perf_counter() - start
-    for line in (proc.stdout + proc.stderr).strip().splitlines():
-        print(f"    {line}")
-    if proc.returncode != 0:
-        raise RuntimeError(f"lorasave gguf exited with status {proc.returncode}")
+    seconds = run_cli(["gguf", str(hf_dir), str(lora_dir), "-o", str(out), "--type", gguf_type, "--name", f"{name}-lora", "--overwrite"])
     gguf_file = next(out.glob("*.gguf"))
 
     tokenizer = AutoTokenizer.from_pretrained(merged_fp32)
