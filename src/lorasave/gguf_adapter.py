@@ -234,7 +234,7 @@ def plan_pairs(ckpt: Checkpoint, adapter: Adapter, rules: GgufArch, type: str, a
             "llama.cpp reuses token_embd.weight as the output",
         )
     config = json.loads(json.dumps(ckpt.config))
-    tensors = gguf_tensors(plan, config, rules, type)
+    tensors, _ = gguf_tensors(plan, config, rules, type)  # names and permutes; lora_a/lora_b are typed below
     names = {g.name for g in tensors}
     dropped = sorted({t.name for t in plan.tensors.values() if t.ops} - {g.src.name for g in tensors})
     if dropped:  # e.g. Gemma's lm_head, which the converter leaves out (the output is token_embd)

@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -181,7 +181,7 @@ def ggml_type(gguf_name: str, shape: tuple[int, ...], type: str) -> gguf.GGMLQua
         non-``.weight`` tensors (biases); otherwise the requested type, with Q8_0 falling back to
         F16 when ``ne0`` is not a multiple of 32 (the converter catches ``gguf.QuantError`` and does
         the same). For q4_0..q5_1, ``llama-quantize``'s choice for a model with ``output.weight``
-        (:func:`assign_types` applies the tied-embedding rule). See ``gguf_quant``.
+        (:func:`gguf_tensors` applies the tied-embedding rule). See ``gguf_quant``.
     """
     t = GgufType.parse(type)
     if t.converter:
@@ -190,29 +190,21 @@ def ggml_type(gguf_name: str, shape: tuple[int, ...], type: str) -> gguf.GGMLQua
     return gguf_quant.K_SUBSTITUTE.get(want, want)
 
 
-def assign_types(tensors: list[GgufTensor], type: GgufType) -> tuple[list[GgufTensor], list[str]]:
-    """Give every tensor of a streamed file the type llama.cpp would (``gguf_quant.tensor_types``).
-
-    Returns:
-        The tensors with ``qtype`` / ``nbytes`` set, and notes on the F16 fallbacks and the K-type
-        substitutions.
-    """
-    pairs = [(g.name, g.shape) for g in tensors]
-    types = gguf_quant.tensor_types(pairs, type)
-    out = [replace(g, qtype=t.qtype, nbytes=tensor_nbytes(g.shape, t.qtype)) for g, t in zip(tensors, types, strict=True)]
-    return out, gguf_quant.type_notes(pairs, types, type)
-
-
 def gguf_tensors(
-    plan: MergePlan, config: dict[str, Any], rules: GgufArch, type: str, tok_dir: Path | None = None, notes: list[str] | None = None
-) -> list[GgufTensor]:
+    plan: MergePlan, config: dict[str, Any], rules: GgufArch, type: str | GgufType, tok_dir: Path | None = None, notes: list[str] | None = None
+) -> tuple[list[GgufTensor], list[str]]:
     """Name, type, size and transform of every GGUF tensor from the checkpoint, in plan order.
 
     Tensors in ``rules.drop`` are left out (Gemma's ``lm_head.weight``, as the converter's
     ``filter_tensors``); ``*norm.weight`` get ``rules.norm_shift`` (``Gemma3Model.norm_shift``).
     With ``tok_dir`` (the tokenizer the file gets), ``token_embd.weight`` keeps the rows
     ``gguf_vocab.embedding_rows`` says the converter keeps (Gemma 3 cuts the rows past the
-    tokenizer's size; ``GgufTensor.rows``), with a note appended to ``notes``.
+    tokenizer's size; ``GgufTensor.rows``), with a note appended to ``notes``. Every tensor gets
+    the type llama.cpp would give it in a streamed file of ``type`` (``gguf_quant.tensor_types``,
+    which needs the whole list: whether ``output.weight`` exists decides the tied-embedding rule).
+
+    Returns:
+        The tensors, and notes on the F16 fallbacks and the K-type substitutions.
 
     Raises:
         UnsupportedModelError: a tensor has no GGUF name (``ValueError("Can not map tensor")`` in
@@ -221,7 +213,7 @@ def gguf_tensors(
     hp = Hparams.of(config)
     names = gguf.get_tensor_name_map(rules.arch, hp.n_layer)
     n_head, n_kv = hp.heads
-    out = []
+    mapped = []  # (src, GGUF name, permute heads, shift, rows)
     for t in plan.tensors.values():
         if t.name in rules.drop:
             continue
@@ -233,15 +225,20 @@ def gguf_tensors(
             heads = (n_head, n_head)
         elif rules.permute_qk and t.name.endswith(("k_proj.weight", "k_proj.bias")):
             heads = (n_head, n_kv)
-        qtype = ggml_type(name, t.shape, type)
         shift = rules.norm_shift if t.name.endswith("norm.weight") else 0.0
-        g = GgufTensor(t, name, qtype, tensor_nbytes(t.shape, qtype), heads, shift)
+        rows = None
         if tok_dir is not None and name == "token_embd.weight" and t.shape:
             keep = embedding_rows(tok_dir, rules, int(t.shape[0]), notes if notes is not None else [])
-            if keep < t.shape[0]:
-                g = replace(g, rows=keep, nbytes=tensor_nbytes((keep, *t.shape[1:]), qtype))
-        out.append(g)
-    return out
+            rows = keep if keep < t.shape[0] else None
+        mapped.append((t, name, heads, shift, rows))
+    shapes = [(name, tuple(t.shape) if rows is None else (rows, *t.shape[1:])) for t, name, _, _, rows in mapped]
+    gtype = GgufType.parse(type)
+    types = gguf_quant.tensor_types(shapes, gtype)
+    out = [
+        GgufTensor(t, name, tt.qtype, tensor_nbytes(shape, tt.qtype), heads, shift, rows)
+        for (t, name, heads, shift, rows), (_, shape), tt in zip(mapped, shapes, types, strict=True)
+    ]
+    return out, gguf_quant.type_notes(shapes, types, gtype)
 
 
 def extra_tensors(config: dict[str, Any], rules: GgufArch, type: str) -> list[ExtraTensor]:
@@ -414,7 +411,7 @@ def export_gguf(
             config[key] = value
     # what is streamed: the type itself, or the 16-bit file llama_model_quantize reads
     stream = gtype if gtype.streamed else _intermediate_type(ckpt)
-    tensors, type_notes = assign_types(gguf_tensors(plan, config, rules, stream.value, tok_dir=tok_dir, notes=plan.notes), stream)
+    tensors, type_notes = gguf_tensors(plan, config, rules, stream, tok_dir=tok_dir, notes=plan.notes)
     extras = extra_tensors(config, rules, stream.value)
     streamed_bytes = sum(g.nbytes for g in tensors) + sum(e.nbytes for e in extras)
     kquant_bytes = 0 if gtype.streamed else gguf_quant.kquant_size_bound([(g.name, g.shape) for g in tensors], stream)
