@@ -309,16 +309,9 @@ def lorasave_cmd() -> list[str]:
 
 def tiny_bpe(vocab_size: int) -> Any:
     """A byte-level BPE tokenizer trained on a sentence (its hash is unknown to the converter)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    import _models
 
-    text = "LoRA adapts a frozen model by adding a low-rank update to some of its weight matrices. " * 4
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"], show_progress=False)
-    tok.train_from_iterator([text], trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    return _models.build_byte_bpe_tokenizer("LoRA adapts a frozen model by adding a low-rank update to some of its weight matrices. " * 4, vocab_size)
 
 
 def tiny_spm(out: Path, vocab_size: int) -> None:
