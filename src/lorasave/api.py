@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from . import source_stamp
 from .adapter import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_NAME, Adapter, load_adapter, load_adapters
 from .architecture import inspect_architecture
 from .cards import adapter_snippet, hub_id, merged_snippet, write_card
@@ -234,6 +235,7 @@ def merge(
             extra_settings={"allow_pickle": allow_pickle},
             t_start=t_start,
             verify_output=verify,
+            overwrite=overwrite,
         )
     finally:
         hasher.close()
@@ -294,6 +296,7 @@ def merge_sources(
     extra_settings: dict[str, Any],
     t_start: float,
     verify_output: bool = False,
+    overwrite: bool = False,
 ) -> MergeResult:
     """Plan, execute and finalize a merge of opened sources into ``final`` (shared by ``merge`` and the live API).
 
@@ -303,6 +306,7 @@ def merge_sources(
         describe_sources: the manifest's ``sources`` section.
         verify_output: run ``verify`` (tensors level) on the staged output before the final
             rename; a failure raises and nothing is written.
+        overwrite: at the final rename, replace a lorasave output (or an empty folder) at ``final``.
     """
     arch = inspect_architecture(ckpt.config)
     plan = build_plan(
@@ -318,7 +322,7 @@ def merge_sources(
     check_free_space(final, plan.total_bytes)
     for note in plan.notes:
         logger.info("%s", note)
-    with StagedOutput(final) as stage, _progress(progress, plan.data_bytes) as bar:
+    with StagedOutput(final, overwrite=overwrite, sources=source_stamp.record(ckpt, ads)) as stage, _progress(progress, plan.data_bytes) as bar:
         files, timings = execute(plan, ads, stage.path, bar)
         if plan.index is not None and any(sh.deferred for sh in plan.shards):  # 4-bit: sizes known only now
             written = [read_header(stage.path / sh.filename) for sh in plan.shards]
@@ -439,7 +443,7 @@ def save_adapter(
     header = serialize_header(lay, {"format": "pt"})
     check_free_space(final, len(header) + (lay[-1].end if lay else 0))
     files: dict[str, str] = {}
-    with StagedOutput(final) as stage:
+    with StagedOutput(final, overwrite=overwrite, sources=source_stamp.record(None, [ad])) as stage:
         writer = SafetensorsShardWriter(stage.path / ADAPTER_SAFE_NAME, header, lay)
         writer.begin()
         for entry in lay:

@@ -23,6 +23,7 @@ from .dtypes import StDtype, nbytes, st_dtype
 from .errors import CheckpointFormatError, PickleRefusedError, SourceNotFoundError, UnsafePathError
 from .quant.bnb import QuantizedWeight, check_quant_method, group_quantized
 from .safetensors_format import TensorEntry, pread_exact, read_header
+from .source_stamp import changed, check_fd
 
 logger = logging.getLogger(__name__)
 
@@ -255,10 +256,23 @@ class TensorReader:
             os.close(fd)
         self._fds.clear()
 
-    def _fd(self, path: Path) -> int:
+    def _fd(self, entry: TensorEntry) -> int:
+        """The open file of ``entry``, checked against the stamp taken when its header was read."""
+        path = entry.file
         fd = self._fds.get(path)
         if fd is None:
-            fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                raise changed(path, "it was deleted") from None
+            except OSError as e:
+                raise CheckpointFormatError(f"{path}: cannot be opened ({e.strerror or e})", path=path) from None
+            try:
+                check_fd(path, fd, entry.stamp)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fds[path] = fd
         return fd
 
     def read(self, entry: TensorEntry | MemoryEntry, start: int = 0, stop: int | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -274,7 +288,9 @@ class TensorReader:
             A tensor of shape ``(stop - start, *entry.shape[1:])`` in the entry's dtype.
 
         Raises:
-            CheckpointFormatError: the dtype has no torch equivalent, or the file was truncated.
+            CheckpointFormatError: the dtype has no torch equivalent, or the file cannot be read
+                (the message names it).
+            SourceChangedError: the file was truncated, replaced or rewritten since its header was read.
         """
         if isinstance(entry, MemoryEntry):
             t = entry.tensor.detach()
@@ -297,7 +313,7 @@ class TensorReader:
             buf = out.view(-1)[:count]
         if nbytes:
             view = memoryview(buf.view(torch.uint8).numpy()).cast("B")
-            pread_exact(self._fd(entry.file), nbytes, entry.offset + start * row_elems * entry.dtype.bits // 8, view)
+            pread_exact(self._fd(entry), nbytes, entry.offset + start * row_elems * entry.dtype.bits // 8, view, entry.file)
             self.bytes_read += nbytes
         shape = (stop - start, *inner) if entry.shape else ()
         return buf.view(shape)

@@ -55,6 +55,10 @@ class CheckpointFormatError(LorasaveError, ValueError):
     """A checkpoint file (safetensors, index, config) is malformed or inconsistent."""
 
 
+class SourceChangedError(CheckpointFormatError):
+    """A source file (a shard, the adapter) was truncated, replaced or rewritten while a save was reading it."""
+
+
 class UnsafePathError(LorasaveError, PermissionError):
     """An index file names a path outside its folder, or OUT would overwrite a source."""
 

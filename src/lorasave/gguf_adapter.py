@@ -50,6 +50,7 @@ import gguf
 import numpy as np
 import torch
 
+from . import source_stamp
 from .adapter import TOKENS_ROLE, Adapter, TunerType, adapter_list, load_adapters
 from .architecture import inspect_architecture
 from .checkpoint import Checkpoint, TensorReader, open_checkpoint
@@ -388,7 +389,7 @@ def export_gguf_adapter(
 
     filename = f"{stem}-lora-{type}.gguf"
     counts: dict[str, int] = {}
-    with StagedOutput(final) as stage:
+    with StagedOutput(final, overwrite=overwrite, sources=source_stamp.record(ckpt, [ad])) as stage:
         writer = gguf.GGUFWriter(None, rules.name)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_name(stem)

@@ -35,7 +35,7 @@ import gguf
 import numpy as np
 import torch
 
-from . import gguf_quant
+from . import gguf_quant, source_stamp
 from .adapter import Adapter, load_adapters
 from .architecture import inspect_architecture
 from .checkpoint import Checkpoint, TensorReader, open_checkpoint
@@ -423,7 +423,7 @@ def export_gguf(
     filename = f"{stem}-{type}.gguf"
     stream_name = filename if gtype.streamed else f".{stem}-{stream.value}.intermediate.gguf"
     timings = Timings()
-    with StagedOutput(final) as stage:
+    with StagedOutput(final, overwrite=overwrite, sources=source_stamp.record(ckpt, ads)) as stage:
         writer = gguf.GGUFWriter(None, rules.name)
         n_params = sum(int(np.prod(g.shape)) for g in tensors) + sum(int(e.data.size) for e in extras)
         add_model_params(writer, config, rules, stem, stream.value, ckpt.root, n_params)

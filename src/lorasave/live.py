@@ -229,6 +229,7 @@ def save_pretrained_merged(
             describe_sources=describe_sources,
             extra_settings={"source": "live PeftModel"},
             t_start=t_start,
+            overwrite=overwrite,
         )
     finally:
         model.train(was_training)
@@ -236,7 +237,7 @@ def save_pretrained_merged(
 
 def _save_lora(model: Any, final: Path, tokenizer: Any, overwrite: bool) -> Path:
     check_output_path(final, [], overwrite)
-    with StagedOutput(final) as stage:
+    with StagedOutput(final, overwrite=overwrite) as stage:
         model.save_pretrained(stage.path, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(stage.path)

@@ -31,6 +31,7 @@ import numpy as np
 
 from .errors import InvalidOptionError, LlamaCppError, LlamaCppNotInstalledError
 from .llama_cpp_install import INSTALL_COMMAND, LLAMA_CPP_TAG, PACKAGE, PACKAGE_VERSION, REQUIRED_FILES, default_dir, is_installed
+from .rename import apply_umask
 
 logger = logging.getLogger(__name__)
 
@@ -585,6 +586,7 @@ def quantize(src_gguf: PathLike, dst_gguf: PathLike, type: str, *, nthread: int 
         rc = lib.llama_model_quantize(src, os.fsencode(tmp), ctypes.byref(params))
         if rc != 0:
             raise LlamaCppError(f"llama.cpp could not quantize {src_gguf} to {type} (code {rc}; see the debug log: lorasave --debug)", path=src_gguf)
+        apply_umask(Path(tmp))  # mkstemp made it 0600; an output file follows the umask
         os.replace(tmp, dst)
     finally:
         if os.path.exists(tmp):

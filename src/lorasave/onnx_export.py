@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from . import source_stamp
 from .adapter import adapter_list
 from .errors import InvalidOptionError, LorasaveError, UnsupportedModelError
 from .manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
@@ -490,7 +491,7 @@ def export_onnx(
     sources = [ckpt.root, *(Path(a) for a in ads), *([Path(tokenizer)] if tokenizer is not None else [])]
     final = check_output_path(Path(output), sources, overwrite)
     timings: dict[str, float] = {}
-    with StagedOutput(final) as stage:
+    with StagedOutput(final, overwrite=overwrite, sources=source_stamp.record(ckpt)) as stage:
         work = stage.path / ".work"
         work.mkdir()
         if ads:

@@ -1,9 +1,11 @@
 """Atomic output folders and the non-weight files carried into them.
 
 An output is built in a hidden staging folder beside OUT (same file system, so the final
-``os.replace`` is atomic) and renamed into place only when complete. An existing OUT is
-replaced only with ``overwrite``, and only after the new one is complete. Any exception,
-KeyboardInterrupt included, removes the staging folder: OUT is either complete or untouched.
+rename is atomic) and renamed into place only when complete. At that moment the sources are
+checked unchanged (``source_stamp``) and OUT is checked again (``rename.publish``): an OUT that
+appeared during the run is never replaced without ``overwrite``, and with it only a lorasave
+output or an empty folder is. Any exception, KeyboardInterrupt included, removes the staging
+folder: OUT is either complete or untouched. Files and folders follow the umask.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from typing import Any
 import torch
 
 from .errors import InsufficientDiskError, OutputExistsError, UnsafePathError
+from .rename import check_replaceable, publish
+from .source_stamp import Stamp, check_unchanged
 
 logger = logging.getLogger(__name__)
 
@@ -75,24 +79,6 @@ def check_output_path(out: Path, sources: list[Path], overwrite: bool) -> Path:
     return final
 
 
-def check_replaceable(final: Path) -> None:
-    """Overwrite only what lorasave wrote: a folder with ``lorasave.json``, or an empty folder.
-
-    Raises:
-        OutputExistsError: OUT is a file, a link, or a folder lorasave did not write.
-    """
-    from .manifest import MANIFEST_NAME
-
-    if final.is_symlink() or not final.is_dir():
-        raise OutputExistsError(f"output {final} exists and is not a folder; remove it yourself or choose another output", path=final)
-    if not (final / MANIFEST_NAME).is_file() and any(final.iterdir()):
-        raise OutputExistsError(
-            f"output {final} exists and is not a lorasave output (no {MANIFEST_NAME}); --overwrite only replaces lorasave outputs, "
-            "so remove it yourself or choose another folder",
-            path=final,
-        )
-
-
 def check_free_space(final: Path, needed_bytes: int) -> None:
     """Refuse before writing when OUT's file system has less free space than the plan needs.
 
@@ -116,15 +102,15 @@ class StagedOutput:
     """Context manager for an atomic output folder.
 
     The run first creates and locks (``flock``) a lock file ``.OUT.lorasave-lock-<tag>`` beside
-    OUT, then the staging folder ``.OUT.lorasave-tmp-<tag>``; the lock file is removed only after
-    the staging folder has been renamed into place or deleted. So a staging (or replaced
-    ``-old-``) folder whose lock is free, or missing, belongs to a run that died, and entering a
-    new run removes it; a locked one belongs to a live run and is left alone: concurrent runs
-    never remove each other's work.
+    OUT, then the staging folder ``.OUT.lorasave-tmp-<tag>`` (``<tag>`` is unique per run); the
+    lock file is removed only after the staging folder has been renamed into place or deleted.
+    So a staging (or replaced ``-old-``) folder whose lock is free, or missing, belongs to a run
+    that died, and entering a new run removes it; a locked one belongs to a live run and is left
+    alone: concurrent runs never remove each other's work.
 
     Usage::
 
-        with StagedOutput(final) as stage:
+        with StagedOutput(final, overwrite=overwrite, sources=stamps) as stage:
             write files under stage.path
             stage.commit()
     """
@@ -132,9 +118,16 @@ class StagedOutput:
     #: Kept for callers that skip lock files when listing a folder (the lock now lives beside it).
     LOCK = ".lock"
 
-    def __init__(self, final: Path) -> None:
+    def __init__(self, final: Path, *, overwrite: bool = False, sources: dict[Path, Stamp] | None = None) -> None:
+        """Args:
+        final: OUT (absolute).
+        overwrite: at commit, replace a lorasave output or an empty folder found at OUT.
+        sources: stamps of the source files (``source_stamp.record``), checked at commit.
+        """
         self.final = final
-        tag = uuid.uuid4().hex[:8]
+        self.overwrite = overwrite
+        self.sources = dict(sources or {})
+        tag = f"{os.getpid():x}{uuid.uuid4().hex[:8]}"
         self.path = final.parent / f".{final.name}.lorasave-tmp-{tag}"
         self._old = final.parent / f".{final.name}.lorasave-old-{tag}"
         self.lock_path = lock_path_for(self.path)
@@ -144,29 +137,46 @@ class StagedOutput:
     def __enter__(self) -> StagedOutput:
         self.final.parent.mkdir(parents=True, exist_ok=True)
         sweep_dead_runs(self.final)
-        self._lock_fd = os.open(self.lock_path, os.O_CREAT | os.O_RDWR, 0o600)
-        fcntl.flock(self._lock_fd, fcntl.LOCK_EX)
-        self.path.mkdir()
+        self._lock_fd = _hold_lock(self.lock_path)
+        self.path.mkdir(mode=0o777)  # the umask applies, as to the files written inside
         return self
 
     def commit(self) -> None:
-        """Move the complete staging folder to OUT, replacing an old OUT only now."""
-        if self.final.exists():
-            os.replace(self.final, self._old)
-            os.replace(self.path, self.final)
-            shutil.rmtree(self._old, ignore_errors=True)
-        else:
-            os.replace(self.path, self.final)
+        """Check the sources unchanged, then move the complete staging folder to OUT.
+
+        Raises:
+            SourceChangedError: a source file changed during the run.
+            OutputExistsError: OUT appeared during the run and may not be replaced.
+        """
+        check_unchanged(self.sources)
+        publish(self.path, self.final, overwrite=self.overwrite, old=self._old)
         self.committed = True
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if not self.committed:
             shutil.rmtree(self.path, ignore_errors=True)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.lock_path)
+            os.unlink(self.lock_path)  # while still holding it: nobody can take a lock file about to vanish
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def _hold_lock(path: Path) -> int:
+    """Create and ``flock`` the lock file ``path``; return its descriptor.
+
+    A sweeping run unlinks a free lock file (while holding it); if that happened between our
+    open and our flock, we hold a lock on a file no longer at ``path``: open it again.
+    """
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o600)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
 
 
 def lock_path_for(folder: Path) -> Path:
@@ -218,10 +228,25 @@ def sweep_dead_runs(final: Path) -> list[Path]:
     for lock in final.parent.glob(prefix + "lock-*"):
         tag = lock.name.rsplit("-", 1)[1]
         owned = (final.parent / f".{final.name}.lorasave-tmp-{tag}").exists() or (final.parent / f".{final.name}.lorasave-old-{tag}").exists()
-        if not owned and _lock_free(lock):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(lock)
+        if not owned:
+            _unlink_if_free(lock)
     return done
+
+
+def _unlink_if_free(lock: Path) -> None:
+    """Remove a lock file nobody holds, holding it meanwhile (see ``_hold_lock``)."""
+    try:
+        fd = os.open(lock, os.O_RDWR)
+    except OSError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_config(

@@ -14,11 +14,12 @@ import json
 import os
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .dtypes import ST_DTYPES, StDtype, nbytes
 from .errors import CheckpointFormatError
+from .source_stamp import Stamp, changed
 
 #: Largest header safetensors itself accepts (``N_MAX`` in tensor.rs): 100 MB.
 MAX_HEADER_BYTES = 100_000_000
@@ -35,6 +36,7 @@ class TensorEntry:
         file: the file holding it.
         offset: absolute byte offset of its first byte in ``file``.
         nbytes: its length in bytes.
+        stamp: the file's identity when the header was read (reads check it).
     """
 
     name: str
@@ -43,6 +45,7 @@ class TensorEntry:
     file: Path
     offset: int
     nbytes: int
+    stamp: Stamp | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -54,12 +57,14 @@ class SafetensorsHeader:
         metadata: the ``__metadata__`` dict (may be empty).
         tensors: entries by name, in header order.
         data_start: byte offset of the data buffer (8 + header length).
+        stamp: the file's identity (size, mtime, inode) when the header was read.
     """
 
     path: Path
     metadata: dict[str, str]
     tensors: dict[str, TensorEntry]
     data_start: int
+    stamp: Stamp | None = None
 
 
 def _bad(path: Path, what: str) -> CheckpointFormatError:
@@ -79,8 +84,9 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         CheckpointFormatError: any check fails; the message names the file and the problem.
     """
     path = Path(path)
-    size = path.stat().st_size
     with open(path, "rb") as f:
+        stamp = Stamp.of(os.fstat(f.fileno()))
+        size = stamp.size
         head = f.read(8)
         if len(head) < 8:
             raise _bad(path, f"file is {size} bytes, shorter than the 8-byte header length")
@@ -90,6 +96,8 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         if 8 + n > size:
             raise _bad(path, f"header length {n} bytes is larger than the file ({size} bytes); it is truncated")
         raw = f.read(n)
+    if len(raw) != n:
+        raise changed(path, f"it ended inside its {n}-byte header")
     try:
         obj = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -124,7 +132,7 @@ def read_header(path: str | Path) -> SafetensorsHeader:
                 f"tensor {name!r} has {offs[1] - offs[0]} bytes but dtype {dt.name} and shape {shape} need {expect}",
             )
         spans.append((offs[0], offs[1], name))
-        tensors[name] = TensorEntry(name, dt, tuple(shape), path, data_start + offs[0], expect)
+        tensors[name] = TensorEntry(name, dt, tuple(shape), path, data_start + offs[0], expect, stamp)
     pos = 0
     for begin, end, name in sorted(spans):
         if begin != pos:
@@ -133,7 +141,7 @@ def read_header(path: str | Path) -> SafetensorsHeader:
         pos = end
     if pos != data_len:
         raise _bad(path, f"data buffer has {data_len} bytes but the tensors cover {pos}")
-    return SafetensorsHeader(path, dict(metadata), tensors, data_start)
+    return SafetensorsHeader(path, dict(metadata), tensors, data_start, stamp)
 
 
 @dataclass(frozen=True)
@@ -182,18 +190,22 @@ def serialize_header(entries: list[TensorLayout], metadata: dict[str, str] | Non
     return struct.pack("<Q", len(raw)) + raw
 
 
-def pread_exact(fd: int, nbytes_: int, offset: int, out: memoryview) -> None:
-    """Read exactly ``nbytes_`` bytes at ``offset`` of ``fd`` into ``out`` (OS reads, no mmap).
+def pread_exact(fd: int, nbytes_: int, offset: int, out: memoryview, path: Path | str = "source file") -> None:
+    """Read exactly ``nbytes_`` bytes at ``offset`` of ``fd`` (the file ``path``) into ``out`` (OS reads, no mmap).
 
     Reading with ``os.preadv`` rather than memory-mapping keeps the page cache out of the
     process's resident set, so peak RSS stays at the few buffers in flight.
 
     Raises:
-        CheckpointFormatError: the file ended early (it changed while being read).
+        SourceChangedError: the file ended early (it was truncated while being read).
+        CheckpointFormatError: the OS refused the read (an I/O error); the message names ``path``.
     """
     done = 0
     while done < nbytes_:
-        got = os.preadv(fd, [out[done:nbytes_]], offset + done)
+        try:
+            got = os.preadv(fd, [out[done:nbytes_]], offset + done)
+        except OSError as e:
+            raise CheckpointFormatError(f"{path}: cannot be read ({e.strerror or e}); check the disk or copy the file again", path=path) from None
         if got <= 0:
-            raise CheckpointFormatError(f"file ended while reading {nbytes_} bytes at offset {offset}; was it modified during the run?")
+            raise changed(Path(path), f"it ended while reading {nbytes_:,} bytes at offset {offset:,}")
         done += got

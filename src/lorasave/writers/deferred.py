@@ -96,7 +96,7 @@ class DeferredShardWriter:
                     b, e = self._spans.get(entry.name, [0, 0])
                     while b < e:
                         n = min(_COPY, e - b)
-                        pread_exact(fd, n, b, view)
+                        pread_exact(fd, n, b, view, self._scratch)
                         t0 = time.perf_counter()
                         h.update(view[:n])
                         t1 = time.perf_counter()
