@@ -23,7 +23,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src" / "lorasave"
 EXAMPLES = ROOT / "examples"
-CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 TOKENIZER_PAYLOAD = """import pathlib
 pathlib.Path({marker!r}).write_text("imported by transformers")
@@ -71,7 +74,7 @@ def test_every_transformers_load_passes_trust_remote_code_false() -> None:
             value = kw.get("trust_remote_code")
             if not (isinstance(value, ast.Constant) and value.value is False):
                 missing.append(f"{path.relative_to(ROOT)}:{call.lineno}: {ast.unparse(call)[:100]}")
-    assert found >= 4, "the static check found no transformers loads: is it still looking in the right place?"
+    assert found >= 3, "the static check found no transformers loads: is it still looking in the right place?"
     assert not missing, "transformers loads without trust_remote_code=False:\n" + "\n".join(missing)
 
 

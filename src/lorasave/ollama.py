@@ -283,12 +283,15 @@ def write_modelfile(
 
     Returns:
         ModelfileResult; ``path`` is None when the tokenizer has no chat template (nothing written).
+
+    Raises:
+        UnsupportedModelError: only the folder's own code (``auto_map``) could load the tokenizer.
     """
-    from transformers import AutoTokenizer
+    from .hf_load import load_tokenizer
 
     out = Path(folder)
     tok_dir = Path(tokenizer_dir)
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = load_tokenizer(tok_dir)
     if not getattr(tok, "chat_template", None):
         return ModelfileResult(path=None, family=None, notes=["no chat template: no Modelfile written"])
     notes: list[str] = []
