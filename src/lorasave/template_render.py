@@ -129,7 +129,8 @@ def _over(limit: str, detail: str = "") -> ChatTemplateBudgetError:
         "output": f"rendered more than {OUTPUT_BYTES // 1000} kB",
         "crash": "stopped the renderer",
     }.get(limit, f"stopped the renderer ({limit})")
-    return ChatTemplateBudgetError(f"the chat template {what}{detail}; it was not rendered (budget: README 'Chat templates')", limit=limit)
+    budget = f"{TIME_S:g} s, {OUTPUT_BYTES // 1000} kB of text, {MEMORY_BYTES // 2**20} MiB"
+    return ChatTemplateBudgetError(f"the chat template {what}{detail}; it was not rendered (budget: {budget})", limit=limit)
 
 
 def render_chat_template(
