@@ -32,8 +32,9 @@ revision, summary, description, files); requests to routes the stand-in does not
 answered 404 and listed in ``unhandled``. ``fail()`` makes the next matching requests return an
 error (a JSON body, or an HTML page as a proxy or a website would send: ``html=True``, also with
 status 200 where JSON is expected), ``hang()`` makes them wait without answering until ``stop()``,
-and ``echo_authorization = True`` makes every error body quote the request's ``Authorization``
-header back, as a careless server or proxy might. Tokens: ``WRITE_TOKEN`` (user ``tester``, member of ``lorasave-org``) and ``READ_TOKEN``.
+and ``echo_authorization = True`` makes every error body (and an ``X-HF-Warning`` header, which
+huggingface_hub logs) quote the request's ``Authorization`` header back, as a careless server might.
+Tokens: ``WRITE_TOKEN`` (user ``tester``, member of ``lorasave-org``) and ``READ_TOKEN``.
 """
 
 from __future__ import annotations
@@ -243,15 +244,20 @@ class HubStandIn:
             return planned.status, {"Content-Type": "text/html; charset=utf-8"}, page.encode()
         if planned is not None:
             message = planned.message + self._echo(req)
-            return _json_response(planned.status, {"error": message}, {"X-Error-Message": message})
+            return _json_response(planned.status, {"error": message}, {"X-Error-Message": message, **self._echo_warning(req)})
         try:
             return self._route(req)
         except _HubError as e:
             message = e.message + self._echo(req)
-            headers = {"X-Error-Message": message}
+            headers = {"X-Error-Message": message, **self._echo_warning(req)}
             if e.code:
                 headers["X-Error-Code"] = e.code
             return _json_response(e.status, {"error": message, **e.extra}, headers)
+
+    def _echo_warning(self, req: Request) -> dict[str, str]:
+        """An ``X-HF-Warning`` header quoting ``Authorization`` (huggingface_hub logs it) when ``echo_authorization`` is on."""
+        echo = self._echo(req)
+        return {"X-HF-Warning": f"stand-in-echo;{echo}"} if echo else {}
 
     def _echo(self, req: Request) -> str:
         """`` (you sent Authorization: ...)`` when ``echo_authorization`` is on."""
