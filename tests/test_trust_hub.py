@@ -20,13 +20,14 @@ import pytest
 import torch
 
 import lorasave
+import test_hub
 from hub_server import WRITE_TOKEN, HubStandIn
 from lorasave.errors import HubError, InvalidOptionError
-from lorasave.redact import RedactFilter, scrub
-from test_hub import _point_hub_at, hub, merged  # noqa: F401  (fixtures)
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 SRC = Path(__file__).resolve().parent.parent / "src"
+hub = test_hub.hub  # the Hub stand-in fixture
+merged = test_hub.merged  # a sharded merge of the bundled example
 
 
 def _cli(*args: str | Path) -> click.testing.Result:
@@ -52,6 +53,8 @@ def _subprocess_env(hub: HubStandIn, tmp_path: Path, **extra: str) -> dict[str, 
 
 
 def test_scrubber() -> None:
+    from lorasave.redact import RedactFilter, scrub
+
     tok = "hf_" + "Ab1" * 6
     assert scrub(f"sent {tok} twice {tok}") == "sent *** twice ***"
     assert scrub("Authorization: Bearer s3cr3t-value, next") == "Authorization: ***, next"
@@ -274,7 +277,7 @@ def test_live_push_to_hub_points_to_lorasave_push(llama_base: Path, tmp_path: Pa
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("command", ["gguf", "onnx", "merge"])
+@pytest.mark.parametrize("command", ["gguf", "onnx"])
 def test_hint_names_the_command_run(command: str, tmp_path: Path) -> None:
     """Before: `lorasave gguf ADAPTER BASE` said "put the base first: lorasave merge BASE ADAPTER"."""
     r = _cli(command, EXAMPLES / "tiny-llama-lora", EXAMPLES / "tiny-llama", "-o", tmp_path / "out")
