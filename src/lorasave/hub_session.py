@@ -93,20 +93,25 @@ class HubSession:
     def __enter__(self) -> HubSession:
         from huggingface_hub.utils import _http
 
+        if not hasattr(_http, "set_client_factory"):  # huggingface_hub < 1.0 (requests): its own defaults apply
+            logger.debug("huggingface_hub %s has no set_client_factory: %s not applied", getattr(_http, "__name__", "?"), TIMEOUT_ENV)
+            return self
         self._previous = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None) or _http.default_client_factory
         _http.set_client_factory(self._factory)  # closes the current shared client
         return self
 
     def __exit__(self, *exc: object) -> None:
-        from huggingface_hub.utils import _http
+        if self._previous is not None:
+            from huggingface_hub.utils import _http
 
-        _http.set_client_factory(self._previous)
+            _http.set_client_factory(self._previous)
 
     def _factory(self) -> Any:
-        import httpx2
+        import importlib
 
         client = self._previous()
-        client.timeout = httpx2.Timeout(self.timeout)
+        http = importlib.import_module(type(client).__module__.split(".")[0])  # httpx2 (huggingface_hub 2.x) or httpx (1.x)
+        client.timeout = http.Timeout(self.timeout)
         hooks = client.event_hooks
         hooks["request"] = [*hooks.get("request", []), self._on_request]
         hooks["response"] = [*hooks.get("response", []), self._on_response]
