@@ -254,18 +254,18 @@ def list_push_files(root: Path) -> list[str]:
         Paths relative to ``root``, POSIX style, sorted.
 
     Raises:
-        UnsafePathError: a file is a symlink that resolves outside ``root``.
+        UnsafePathError: a file is a symlink that breaks lorasave's one rule (``paths``): it resolves
+            outside ``root`` and outside the Hugging Face cache repo ``root`` is a snapshot of.
     """
     from huggingface_hub.utils import filter_repo_objects
     from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 
-    base = root.resolve()
+    from .paths import check_inside
+
     found = {p.relative_to(root).as_posix(): p for p in sorted(root.glob("**/*")) if p.is_file()}
     kept = sorted(filter_repo_objects(found, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
     for rel in kept:
-        target = found[rel].resolve()
-        if not target.is_relative_to(base):
-            raise UnsafePathError(f"{root / rel} links to {target}, outside the folder: copy the file into the folder or remove the link", path=found[rel])
+        check_inside(found[rel], root)
     return kept
 
 
@@ -285,6 +285,7 @@ def verify_folder(root: Path, files: list[str]) -> dict[str, Any] | None:
         FolderMismatchError: a listed file is missing, or its size or sha256 differs.
     """
     from .errors import CheckpointFormatError
+    from .paths import check_relative_entry
 
     path = root / MANIFEST_NAME
     if MANIFEST_NAME not in files:
@@ -300,7 +301,7 @@ def verify_folder(root: Path, files: list[str]) -> dict[str, Any] | None:
     listed = set(files)
     fix = "re-create the output with lorasave (--overwrite), or delete lorasave.json to push the folder unchecked"
     for name, entry in sorted(table.items()):
-        target = root / name
+        target = root / check_relative_entry(name, path)
         if not (base / name).resolve().is_relative_to(base):
             raise UnsafePathError(f"{path} lists {name!r}, outside the folder; refusing to push", path=path)
         if name not in listed:
