@@ -297,13 +297,10 @@ def verify_folder(root: Path, files: list[str]) -> dict[str, Any] | None:
     table = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(table, dict):
         raise CheckpointFormatError(f"{path}: no 'files' table; re-create the output or delete {MANIFEST_NAME} to push unchecked", path=path)
-    base = root.resolve()
     listed = set(files)
     fix = "re-create the output with lorasave (--overwrite), or delete lorasave.json to push the folder unchecked"
     for name, entry in sorted(table.items()):
-        target = root / check_relative_entry(name, path)
-        if not (base / name).resolve().is_relative_to(base):
-            raise UnsafePathError(f"{path} lists {name!r}, outside the folder; refusing to push", path=path)
+        target = root / check_relative_entry(name, path)  # where a listed link may lead is list_push_files' rule
         if name not in listed:
             raise FolderMismatchError(f"{target}: listed in {MANIFEST_NAME} but missing from the folder; {fix}", path=target, file=name)
         want_sha = entry.get("sha256") if isinstance(entry, dict) else None
