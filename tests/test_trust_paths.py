@@ -132,7 +132,7 @@ def test_tokenizer_link_outside_refused(tmp_path: Path) -> None:
     _link_outside(base, "tokenizer.json", tmp_path / "elsewhere")
     with pytest.raises(UnsafePathError, match=r"tokenizer.json links to .*outside the folder"):
         lorasave.merge(base, LORA, tmp_path / "out")
-    with pytest.raises(UnsafePathError, match="tokenizer.json links to"):
+    with pytest.raises(UnsafePathError, match=r"tokenizer\.json links to"):
         lorasave.export_gguf(base, LORA, tmp_path / "out-gguf", type="f32")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out-gguf").exists()
 
@@ -195,7 +195,7 @@ def test_push_follows_the_same_rule(hub: HubStandIn, tmp_path: Path) -> None:
     secret.write_text("not for the Hub")
     (snap / "notes.txt").symlink_to(secret)
     n = len(hub.requests)
-    with pytest.raises(UnsafePathError, match="notes.txt links to .*outside the folder"):
+    with pytest.raises(UnsafePathError, match=r"notes\.txt links to .*outside the folder"):
         lorasave.push(snap, "from-cache")
     assert len(hub.requests) == n
 

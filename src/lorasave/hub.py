@@ -37,7 +37,6 @@ from .errors import (
     LorasaveError,
     ModelCardError,
     SourceNotFoundError,
-    UnsafePathError,
 )
 from .manifest import MANIFEST_NAME, sha256_source
 

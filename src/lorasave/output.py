@@ -114,7 +114,7 @@ def check_free_space(final: Path, needed_bytes: int, *, carried: int = 0) -> Non
     if total * 1.01 > free:
         what = f"{total:,} bytes ({carried:,} of them files carried from the sources)" if carried else f"{total:,} bytes"
         raise InsufficientDiskError(
-            f"the output needs {what} but {filesystem_of(parent)} has {free:,} bytes free; free some space or write elsewhere",
+            f"the output needs {what} but {parent} has {free:,} bytes free (on {filesystem_of(parent)}); free some space or write elsewhere",
             path=final,
             needed_bytes=total,
             free_bytes=free,
