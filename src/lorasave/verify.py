@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointFormatError, LorasaveError, SourceNotFoundError
+from .paths import check_relative_entry
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ def _manifest(out: Path) -> dict[str, Any]:
         raise CheckpointFormatError(
             f"{path}: not a lorasave manifest (expected an object with a files map); the output is damaged, run the merge again", path=path
         )
+    for name in manifest.get("files", {}):
+        check_relative_entry(name, path)  # an absolute or '..' entry would make verify read (and report on) files outside OUT
     return manifest
 
 
@@ -166,6 +169,7 @@ def verify(
     Raises:
         SourceNotFoundError: no ``lorasave.json``, or the sources are gone (pass ``base`` / ``adapters``).
         CheckpointFormatError: an unreadable manifest or output file.
+        UnsafePathError: ``lorasave.json`` lists a file that is absolute or contains ``..``.
     """
     from .options import parse_enum
 
