@@ -289,10 +289,9 @@ def verify_folder(root: Path, files: list[str]) -> dict[str, Any] | None:
     path = root / MANIFEST_NAME
     if MANIFEST_NAME not in files:
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointFormatError(f"{path}: not valid JSON ({e}); re-create the output or delete {MANIFEST_NAME} to push unchecked", path=path) from None
+    from .jsonio import load_json
+
+    manifest = load_json(path, hint=f"re-create the output or delete {MANIFEST_NAME} to push unchecked")
     table = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(table, dict):
         raise CheckpointFormatError(f"{path}: no 'files' table; re-create the output or delete {MANIFEST_NAME} to push unchecked", path=path)
