@@ -182,22 +182,10 @@ def verify(
 
 
 def _sources(out: Path, manifest: dict[str, Any], base: Any, adapters: Any) -> tuple[Any, list[Any], list[float]]:
-    """The base checkpoint, the adapters and their weights named in the manifest (or given)."""
-    from .adapter import load_adapter
-    from .checkpoint import open_checkpoint
+    """The base checkpoint, the adapters and their weights named in the manifest (or given): ``verify_sources.sources``."""
+    from .verify_sources import sources
 
-    src = manifest.get("sources", {})
-    settings = manifest.get("settings", {})
-    base_path = base or (src.get("base") or {}).get("path")
-    ad_paths = adapters or [a.get("path") for a in src.get("adapters") or []]
-    if not base_path:
-        raise SourceNotFoundError(f"{out}/lorasave.json names no base path; pass --base", path=out)
-    if not ad_paths and not isinstance(src.get("adapters"), list):
-        raise SourceNotFoundError(f"{out}/lorasave.json names no adapter path; pass --adapter", path=out)
-    ckpt = open_checkpoint(base_path)
-    ads = [load_adapter(p, allow_pickle=bool(settings.get("allow_pickle"))) for p in ad_paths]
-    weights = [float(w) for w in settings.get("weights") or [1.0] * len(ads)]
-    return ckpt, ads, weights
+    return sources(out, manifest, base, adapters)
 
 
 class _Checker:
@@ -286,6 +274,10 @@ def _check_tensors(out: Path, manifest: dict[str, Any], report: VerifyReport, ba
         return
     with TensorReader() as reader:
         checker = _Checker(ckpt, ads, weights, reader, report, seed)
+        from .verify_probes import Expect
+        from .verify_sources import live_unprobed
+
+        checker.exp.update({n: Expect("skip", reason=why) for n, why in live_unprobed(manifest, adapters).items()})
         for shard in sorted(out.glob("*.safetensors")):
             for name, entry in read_header(shard).tensors.items():
                 w1 = reader.read(entry)
@@ -371,9 +363,14 @@ def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, bas
 
     command = manifest.get("command")
     settings = manifest.get("settings", {})
-    ckpt, ads, weights = _sources(out, manifest, base, adapters)
-    if command not in ("merge", "gguf", "gguf-adapter", "onnx"):
+    if command not in ("merge", "gguf", "gguf-adapter", "onnx", "adapter"):
         report.skipped = f"logits: nothing to compare for a {command!r} output"
+        return
+    ckpt, ads, weights = _sources(out, manifest, base, adapters)
+    from .verify_sources import live_adapter_unsaved
+
+    if live_adapter_unsaved(manifest, adapters):
+        report.skipped = "logits: the adapter lived in a PeftModel and was not saved: pass --adapter DIR (model.save_pretrained(DIR)) to compare"
         return
     if any(w != 1.0 for w in weights):
         report.skipped = "logits: weighted adapter combinations are not compared"
@@ -404,6 +401,11 @@ def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, bas
             got_np, _ = dec(ids.numpy(), torch.ones_like(ids).numpy(), dec.empty_past(ids.shape[0]))
             got = torch.from_numpy(got_np)
             sixteen = settings.get("dtype") != "float32" or bool(settings.get("quantize"))
+        elif command == "adapter":  # PEFT with the adapter as saved against PEFT with the source adapter
+            from .verify_sources import adapter_output_logits
+
+            got = adapter_output_logits(ckpt.root, out, ids)
+            sixteen = str(settings.get("dtype")) not in ("float32", "as-is")
         elif command in ("gguf", "gguf-adapter"):
             got, runtime = _gguf_logits(out, manifest, ids) if command == "gguf" else _gguf_adapter_logits(out, manifest, ckpt.root, ids)
             report.logits_runtime = runtime
