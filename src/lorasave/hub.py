@@ -39,6 +39,7 @@ from .errors import (
 )
 from .hub_session import hub_timeout, mapped_hub_errors
 from .hub_session import one_line as _one_line
+from .jsonio import load_json
 from .manifest import MANIFEST_NAME, sha256_source
 from .redact import register as _register_token
 
@@ -299,8 +300,6 @@ def verify_folder(root: Path, files: list[str]) -> dict[str, Any] | None:
     path = root / MANIFEST_NAME
     if MANIFEST_NAME not in files:
         return None
-    from .jsonio import load_json
-
     manifest = load_json(path, hint=f"re-create the output or delete {MANIFEST_NAME} to push unchecked")
     table = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(table, dict):
@@ -433,7 +432,7 @@ def default_commit_message(root: Path, manifest: dict[str, Any] | None, files: l
             msg = f"lorasave: {command} output {root.resolve().name} ({len(files)} files)"
     elif "adapter_config.json" in files:
         try:
-            cfg = json.loads((root / "adapter_config.json").read_text(encoding="utf-8"))
+            cfg = load_json(root / "adapter_config.json")
         except (OSError, ValueError):
             cfg = {}
         if isinstance(cfg, dict):
