@@ -115,6 +115,18 @@ class InsufficientDiskError(LorasaveError, OSError):
         self.free_bytes = free_bytes
 
 
+class DiskFullError(InsufficientDiskError):
+    """OUT's file system filled up (ENOSPC) or the quota on it ran out (EDQUOT) while writing; nothing was written.
+
+    Attributes:
+        filesystem: OUT's file system in words (mount point and device).
+    """
+
+    def __init__(self, message: str, *, path: str | Path, filesystem: str, free_bytes: int, needed_bytes: int = 0) -> None:
+        super().__init__(message, path=path, needed_bytes=needed_bytes, free_bytes=free_bytes)
+        self.filesystem = filesystem
+
+
 class InvalidOptionError(LorasaveError, ValueError):
     """An option value (dtype, max_shard_size, ...) cannot be understood."""
 
@@ -204,3 +216,15 @@ class UnsupportedDtypeError(LorasaveError, TypeError):
 class Fp8WeightsError(UnsupportedDtypeError):
     """FP8 weights (F8_E4M3/F8_E5M2) with ``weight_scale``/``weight_scale_inv`` tensors beside them and
     no ``quantization_config``: their values mean nothing without the scales, so they are never merged."""
+
+
+class ChatTemplateBudgetError(LorasaveError, ValueError):
+    """A chat template needed more work than the render budget allows (``lorasave.template_render``).
+
+    Attributes:
+        limit: the budget exceeded: ``"time"``, ``"memory"`` or ``"output"``.
+    """
+
+    def __init__(self, message: str, *, limit: str, path: str | Path | None = None) -> None:
+        super().__init__(message, path=path)
+        self.limit = limit

@@ -32,6 +32,7 @@ import torch
 
 from .errors import CheckpointFormatError, LorasaveError, SourceNotFoundError
 from .jsonio import load_json
+from .paths import check_relative_entry
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +124,8 @@ def _manifest(out: Path) -> dict[str, Any]:
         raise CheckpointFormatError(
             f"{path}: not a lorasave manifest (expected an object with a files map); the output is damaged, run the merge again", path=path
         )
+    for name in manifest.get("files", {}):
+        check_relative_entry(name, path)  # an absolute or '..' entry would make verify read (and report on) files outside OUT
     return manifest
 
 
@@ -163,6 +166,7 @@ def verify(
     Raises:
         SourceNotFoundError: no ``lorasave.json``, or the sources are gone (pass ``base`` / ``adapters``).
         CheckpointFormatError: an unreadable manifest or output file.
+        UnsafePathError: ``lorasave.json`` lists a file that is absolute or contains ``..``.
     """
     from .options import parse_enum
 
@@ -332,9 +336,9 @@ def _fits(out: Path, ckpt: Any) -> bool:
 
 def _ids(out: Path, vocab: int) -> torch.Tensor:
     try:
-        from transformers import AutoTokenizer
+        from .hf_load import load_tokenizer
 
-        ids = AutoTokenizer.from_pretrained(out)(TEXT, return_tensors="pt")["input_ids"]
+        ids = load_tokenizer(out)(TEXT, return_tensors="pt")["input_ids"]
     except Exception:  # no tokenizer in the output: fixed ids
         ids = torch.tensor([FIXED_IDS])
     return ids % vocab
@@ -359,7 +363,8 @@ def _quiet_transformers() -> Iterator[None]:
 def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, base: Any, adapters: Any) -> None:
     """Logits of OUT (transformers, gguf loader, or onnxruntime) against base + adapter(s) under PEFT, fp32."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+
+    from .hf_load import load_causal_lm
 
     command = manifest.get("command")
     settings = manifest.get("settings", {})
@@ -379,7 +384,7 @@ def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, bas
         report.skipped = "logits: base, PEFT model and output do not fit the free memory"
         return
     with torch.no_grad(), _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(ckpt.root, dtype=torch.float32)
+        model = load_causal_lm(ckpt.root, dtype=torch.float32)
         names = [f"a{i}" for i in range(len(ads))]
         peft = PeftModel.from_pretrained(model, ads[0].root, adapter_name=names[0]) if ads else model  # no adapter: the base as it is
         for n, ad in zip(names[1:], ads[1:], strict=True):
@@ -411,7 +416,7 @@ def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, bas
             report.logits_runtime = runtime
             limits = GGUF_LOGIT_LIMITS.get(str(settings.get("type")), (float("inf"), 0.5))
         else:
-            got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(input_ids=ids).logits.float()
+            got = load_causal_lm(out, dtype=torch.float32).eval()(input_ids=ids).logits.float()
             sixteen = str(settings.get("dtype")) not in ("float32", "torch.float32")
     got, ref = got[..., :vocab], ref[..., :vocab]
     diff = float((got - ref).abs().max())
@@ -517,8 +522,8 @@ def _gguf_logits(out: Path, manifest: dict[str, Any], ids: torch.Tensor) -> tupl
     gguf_file = out / next(n for n in manifest.get("files", {}) if n.endswith(".gguf"))
     if llama_cpp.available():
         return _llama_cpp_logits(gguf_file, ids), "llama.cpp"
-    from transformers import AutoModelForCausalLM
+    from .hf_load import load_causal_lm
 
     logger.info("llama.cpp runtime not installed (install it with: %s): GGUF logits come from transformers' GGUF loader", llama_cpp.INSTALL_COMMAND)
-    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+    model = load_causal_lm(out, gguf_file=gguf_file.name, dtype=torch.float32).eval()
     return model(input_ids=ids).logits.float(), "transformers"

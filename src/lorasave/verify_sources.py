@@ -126,8 +126,9 @@ def sources(out: Path, manifest: dict[str, Any], base: Any, adapters: Any) -> tu
 def adapter_output_logits(base_root: Path, out: Path, ids: Any) -> Any:
     """Logits (batch, seq, vocab) float32 of the base under PEFT with the adapter output ``out`` as saved."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_root, dtype="float32", trust_remote_code=False)
+    from .hf_load import load_causal_lm
+
+    model = load_causal_lm(base_root, dtype="float32")
     peft = PeftModel.from_pretrained(model, out).eval()
     return peft(input_ids=ids).logits.float()
