@@ -181,3 +181,15 @@ class LlamaCppError(LorasaveError, OSError):
 
 class LlamaCppInstallError(LlamaCppError):
     """The llama.cpp runtime could not be installed: unsupported platform, download or integrity failure."""
+
+
+# --- verify ---
+
+#: Exit status of ``lorasave verify`` when the level asked for checked nothing.
+EXIT_NOTHING_CHECKED = 5
+
+
+class NothingCheckedError(LorasaveError, LookupError):
+    """``verify`` found nothing it could check at the level asked for (no file, tensor or logit compared)."""
+
+    exit_code = EXIT_NOTHING_CHECKED
