@@ -40,6 +40,8 @@ def output_precision(command: str | None, settings: dict[str, Any], base_dtype: 
     if command in ("gguf", "gguf-adapter"):
         t = str(settings.get("type"))
         return t if t in FLOAT_EPS else None
+    if settings.get("save_method") == "merged_4bit":
+        return None
     if command == "onnx":
         return None if settings.get("quantize") else str(settings.get("dtype") or "float32").replace("torch.", "")
     dtype = str(settings.get("dtype") or "auto").replace("torch.", "")

@@ -156,6 +156,8 @@ class VerifyReport:
             return f"FAILED {self.output}: {len(names)} failing ({shown}); first: {name}: {why}; {self.counts()}"
         if not self.checked:
             return f"nothing checked at the {self.level} level of {self.output}: {self.counts()}"
+        if self.level == Level.LOGITS.value and self.logits_judged is False:  # compared and reported, no verdict
+            return f"logits compared, not judged (quantized: its verdict is --level tensors) for {self.output}: {self.counts()}"
         return f"verified {self.output}: {self.counts()}"
 
     def to_dict(self) -> dict[str, Any]:
