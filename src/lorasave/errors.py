@@ -115,6 +115,18 @@ class InsufficientDiskError(LorasaveError, OSError):
         self.free_bytes = free_bytes
 
 
+class DiskFullError(InsufficientDiskError):
+    """OUT's file system filled up (ENOSPC) or the quota on it ran out (EDQUOT) while writing; nothing was written.
+
+    Attributes:
+        filesystem: OUT's file system in words (mount point and device).
+    """
+
+    def __init__(self, message: str, *, path: str | Path, filesystem: str, free_bytes: int, needed_bytes: int = 0) -> None:
+        super().__init__(message, path=path, needed_bytes=needed_bytes, free_bytes=free_bytes)
+        self.filesystem = filesystem
+
+
 class InvalidOptionError(LorasaveError, ValueError):
     """An option value (dtype, max_shard_size, ...) cannot be understood."""
 
@@ -181,6 +193,18 @@ class LlamaCppError(LorasaveError, OSError):
 
 class LlamaCppInstallError(LlamaCppError):
     """The llama.cpp runtime could not be installed: unsupported platform, download or integrity failure."""
+
+
+class ChatTemplateBudgetError(LorasaveError, ValueError):
+    """A chat template needed more work than the render budget allows (``lorasave.template_render``).
+
+    Attributes:
+        limit: the budget exceeded: ``"time"``, ``"memory"`` or ``"output"``.
+    """
+
+    def __init__(self, message: str, *, limit: str, path: str | Path | None = None) -> None:
+        super().__init__(message, path=path)
+        self.limit = limit
 
 
 # --- verify ---

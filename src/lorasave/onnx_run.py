@@ -24,6 +24,17 @@ ONNX_NAME = "model.onnx"
 INSTALL_HINT = "pip install 'lorasave[onnx]' (onnx, onnxruntime, onnxscript)"
 
 
+def onnx_bytes_bound(n_elements: int, *, merged: bool, dtype: str, quantize: str | None) -> int:
+    """Bytes ``export_onnx`` holds on OUT's file system at its peak, for its free-space check.
+
+    The float32 merge in the staging folder (with adapters), the graph in ``dtype`` (with
+    ``quantize``: the float32 graph and its int8 copy), and 16 MiB for configs, card and tokenizer
+    overheads; carried files are counted separately.
+    """
+    graph = n_elements * (5 if quantize else 2 if dtype == "float16" else 4)
+    return (4 * n_elements if merged else 0) + graph + (16 << 20)
+
+
 def import_onnx(*, exporter: bool = True) -> tuple[Any, Any]:
     """Import ``onnx`` and ``onnxruntime``, and with ``exporter`` check ``onnxscript`` (torch's exporter needs it).
 
@@ -132,10 +143,10 @@ def onnx_generate(onnx_dir: PathLike, prompt: str, max_new_tokens: int = 20, *, 
         SourceNotFoundError, UnsupportedModelError: as ``OnnxDecoder``.
         InvalidOptionError: the prompt tokenizes to nothing.
     """
-    from transformers import AutoTokenizer
+    from .hf_load import load_tokenizer
 
     folder = Path(onnx_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    tokenizer = load_tokenizer(folder)
     eos = _eos_ids(folder, tokenizer)
     decoder = OnnxDecoder(folder, providers)
     ids = np.asarray([tokenizer(prompt)["input_ids"]], dtype=np.int64)

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointFormatError, SourceNotFoundError
+from .paths import check_relative_entry
 from .verify_judge import NEAR_TIE, check_logits, decisive_top1
 from .verify_report import Level, VerificationError, VerifyReport
 
@@ -53,6 +54,8 @@ def _manifest(out: Path) -> dict[str, Any]:
         raise CheckpointFormatError(
             f"{path}: not a lorasave manifest (expected an object with a files map); the output is damaged, run the merge again", path=path
         )
+    for name in manifest.get("files", {}):
+        check_relative_entry(name, path)  # an absolute or '..' entry would make verify read (and report on) files outside OUT
     return manifest
 
 
@@ -95,6 +98,7 @@ def verify(
     Raises:
         SourceNotFoundError: no ``lorasave.json``, or the sources are gone (pass ``base`` / ``adapters``).
         CheckpointFormatError: an unreadable manifest or output file (a malformed GGUF file included).
+        UnsafePathError: ``lorasave.json`` lists a file that is absolute or contains ``..``.
         LlamaCppNotInstalledError: ``logits`` of a GGUF LoRA adapter without the llama.cpp runtime.
     """
     from .options import parse_enum
@@ -118,27 +122,15 @@ def verify(
     elif lvl is Level.TENSORS:
         report.skipped = f"no tensors level for a {command!r} output"
     elif lvl is Level.LOGITS:
-        check_logits(out, manifest, report, *_sources(out, manifest, base, adapters))
+        check_logits(out, manifest, report, base, adapters)
     return report
 
 
 def _sources(out: Path, manifest: dict[str, Any], base: Any, adapters: Any) -> tuple[Any, list[Any], list[float]]:
-    """The base checkpoint, the adapters and their weights named in the manifest (or given)."""
-    from .adapter import load_adapter
-    from .checkpoint import open_checkpoint
+    """The base checkpoint, the adapters and their weights named in the manifest (or given): ``verify_sources.sources``."""
+    from .verify_sources import sources
 
-    src = manifest.get("sources", {})
-    settings = manifest.get("settings", {})
-    base_path = base or (src.get("base") or {}).get("path")
-    ad_paths = adapters or [a.get("path") for a in src.get("adapters") or []]
-    if not base_path:
-        raise SourceNotFoundError(f"{out}/lorasave.json names no base path; pass --base", path=out)
-    if not ad_paths and not isinstance(src.get("adapters"), list):
-        raise SourceNotFoundError(f"{out}/lorasave.json names no adapter path; pass --adapter", path=out)
-    ckpt = open_checkpoint(base_path)
-    ads = [load_adapter(p, allow_pickle=bool(settings.get("allow_pickle"))) for p in ad_paths]
-    weights = [float(w) for w in settings.get("weights") or [1.0] * len(ads)]
-    return ckpt, ads, weights
+    return sources(out, manifest, base, adapters)
 
 
 class _Checker:
@@ -237,6 +229,10 @@ def _check_tensors(out: Path, manifest: dict[str, Any], report: VerifyReport, ba
 
             check_gguf(out, manifest, report, checker)
             return
+        from .verify_probes import Expect
+        from .verify_sources import live_unprobed
+
+        checker.exp.update({n: Expect("skip", reason=why) for n, why in live_unprobed(manifest, adapters).items()})
         for shard in sorted(out.glob("*.safetensors")):
             for name, entry in read_header(shard).tensors.items():
                 w1 = reader.read(entry)

@@ -40,6 +40,9 @@ def output_precision(command: str | None, settings: dict[str, Any], base_dtype: 
     if command in ("gguf", "gguf-adapter"):
         t = str(settings.get("type"))
         return t if t in FLOAT_EPS else None
+    if command == "adapter":  # "as-is" keeps the source adapter's tensors
+        dtype = str(settings.get("dtype") or "").replace("torch.", "")
+        return dtype if dtype in FLOAT_EPS else "f32"
     if settings.get("save_method") == "merged_4bit":
         return None
     if command == "onnx":
@@ -64,9 +67,9 @@ def _fits(out: Path, ckpt: Any) -> bool:
 
 def _ids(out: Path, vocab: int) -> torch.Tensor:
     try:
-        from transformers import AutoTokenizer
+        from .hf_load import load_tokenizer
 
-        ids = AutoTokenizer.from_pretrained(out)(TEXT, return_tensors="pt")["input_ids"]
+        ids = load_tokenizer(out)(TEXT, return_tensors="pt")["input_ids"]
     except Exception:  # no tokenizer in the output: fixed ids
         ids = torch.tensor([FIXED_IDS])
     return ids % vocab
@@ -88,20 +91,27 @@ def _quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, ckpt: Any, ads: list[Any], weights: list[float]) -> None:
+def check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, base: Any, adapters: Any) -> None:
     """Logits of OUT (transformers, llama.cpp or transformers' GGUF loader, onnxruntime) against base +
     adapter(s) under PEFT in float32: judged for float outputs, reported for quantized ones (module docstring).
 
     Raises:
+        SourceNotFoundError: the sources are gone (pass ``base`` / ``adapters``).
         LlamaCppNotInstalledError: a GGUF LoRA adapter without the llama.cpp runtime.
     """
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+
+    from .hf_load import load_causal_lm
+    from .verify_sources import live_adapter_unsaved, sources
 
     command = manifest.get("command")
     settings = manifest.get("settings", {})
-    if command not in ("merge", "gguf", "gguf-adapter", "onnx"):
+    if command not in ("merge", "gguf", "gguf-adapter", "onnx", "adapter"):
         report.skipped = f"logits: nothing to compare for a {command!r} output"
+        return
+    ckpt, ads, weights = sources(out, manifest, base, adapters)
+    if live_adapter_unsaved(manifest, adapters):
+        report.skipped = "logits: the adapter lived in a PeftModel and was not saved: pass --adapter DIR (model.save_pretrained(DIR)) to compare"
         return
     if any(w != 1.0 for w in weights):
         report.skipped = "logits: weighted adapter combinations are not compared"
@@ -112,7 +122,7 @@ def check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, ckpt
     base_dtype = {"BF16": "bf16", "F16": "f16"}.get(max(_dtype_bytes(ckpt).items(), key=lambda kv: kv[1], default=("F32", 0))[0], "f32")
     precision = output_precision(command, settings, base_dtype)
     with torch.no_grad(), _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(ckpt.root, dtype=torch.float32, trust_remote_code=False)
+        model = load_causal_lm(ckpt.root, dtype=torch.float32)
         names = [f"a{i}" for i in range(len(ads))]
         peft = PeftModel.from_pretrained(model, ads[0].root, adapter_name=names[0]) if ads else model  # no adapter: the base as it is
         for n, ad in zip(names[1:], ads[1:], strict=True):
@@ -133,11 +143,16 @@ def check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, ckpt
             got_np, _ = dec(ids.numpy(), torch.ones_like(ids).numpy(), dec.empty_past(ids.shape[0]))
             got = torch.from_numpy(got_np)
             report.logits_runtime = "onnxruntime"
+        elif command == "adapter":  # PEFT with the adapter as saved against PEFT with the source adapter
+            from .verify_sources import adapter_output_logits
+
+            got = adapter_output_logits(ckpt.root, out, ids)
+            report.logits_runtime = "transformers"
         elif command in ("gguf", "gguf-adapter"):
             got, runtime = _gguf_logits(out, manifest, ids) if command == "gguf" else _gguf_adapter_logits(out, manifest, ckpt.root, ids)
             report.logits_runtime = runtime
         else:
-            loaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, trust_remote_code=False).eval()
+            loaded = load_causal_lm(out, dtype=torch.float32).eval()
             got = loaded(input_ids=ids).logits.float()
             report.logits_runtime = "transformers"
     got, ref = got[..., :vocab], ref[..., :vocab]
@@ -250,8 +265,8 @@ def _gguf_logits(out: Path, manifest: dict[str, Any], ids: torch.Tensor) -> tupl
     gguf_file = out / next(n for n in manifest.get("files", {}) if n.endswith(".gguf"))
     if llama_cpp.available():
         return _llama_cpp_logits(gguf_file, ids), "llama.cpp"
-    from transformers import AutoModelForCausalLM
+    from .hf_load import load_causal_lm
 
     logger.info("llama.cpp runtime not installed (install it with: %s): GGUF logits come from transformers' GGUF loader", llama_cpp.INSTALL_COMMAND)
-    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+    model = load_causal_lm(out, gguf_file=gguf_file.name, dtype=torch.float32).eval()
     return model(input_ids=ids).logits.float(), "transformers"
