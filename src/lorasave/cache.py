@@ -21,6 +21,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .jsonio import parse_json
+
 logger = logging.getLogger(__name__)
 
 
@@ -38,7 +40,7 @@ def _read(kind: str, key: str) -> Any | None:
     if root is None:
         return None
     try:
-        return json.loads((root / kind / f"{key}.json").read_text(encoding="utf-8"))
+        return parse_json((root / kind / f"{key}.json").read_bytes())
     except (OSError, ValueError):
         return None
 

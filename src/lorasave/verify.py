@@ -24,7 +24,6 @@ Every level reports its counts (``verify_report``); a file whose size or sha256 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointFormatError, SourceNotFoundError
+from .jsonio import load_json
 from .paths import check_relative_entry
 from .verify_judge import NEAR_TIE, check_logits, decisive_top1
 from .verify_report import Level, VerificationError, VerifyReport
@@ -46,10 +46,7 @@ def _manifest(out: Path) -> dict[str, Any]:
     path = out / "lorasave.json"
     if not path.is_file():
         raise SourceNotFoundError(f"{out} has no lorasave.json; verify checks outputs lorasave wrote", path=out)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"{path}: invalid JSON ({e}); the output is damaged, run the merge again", path=path) from None
+    manifest = load_json(path, hint="the output is damaged, run the merge again")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
         raise CheckpointFormatError(
             f"{path}: not a lorasave manifest (expected an object with a files map); the output is damaged, run the merge again", path=path
