@@ -19,6 +19,7 @@ import click
 
 from . import __version__
 from .errors import LorasaveError
+from .printable import escape, escape_lines
 from .sizes import DEFAULT_MAX_SHARD_SIZE
 
 EXIT_INTERNAL = 70
@@ -43,10 +44,17 @@ _INSTALL_HINTS = {
 }
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Log lines with names from files escaped (a newline in a tensor name cannot fake another line)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape(super().formatMessage(record))
+
+
 def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: bool) -> None:
     debug = ctx.obj.get("debug", False)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if debug else "note: %(message)s"))
+    handler.setFormatter(_OneLineFormatter("%(levelname)s: %(message)s" if debug else "note: %(message)s"))
     log = logging.getLogger("lorasave")
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if debug else (logging.WARNING if quiet or as_json else logging.INFO))
@@ -64,7 +72,7 @@ def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: boo
         if debug:
             traceback.print_exc()
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        click.echo(f"error: {e.strerror or e}{where}; no output was written", err=True)
+        click.echo(escape(f"error: {e.strerror or e}{where}; no output was written"), err=True)
         ctx.exit(1)
     except KeyboardInterrupt:
         click.echo("error: interrupted; no output was written", err=True)
@@ -79,14 +87,14 @@ def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: boo
     except Exception as e:  # a bug: still one line unless --debug
         if debug:
             traceback.print_exc()
-        click.echo(f"error: internal error ({type(e).__name__}: {e}); rerun with --debug and report it", err=True)
+        click.echo(escape(f"error: internal error ({type(e).__name__}: {e}); rerun with --debug and report it"), err=True)
         ctx.exit(EXIT_INTERNAL)
     finally:
         log.removeHandler(handler)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:
-        click.echo(result.summary())
+        click.echo(escape_lines(result.summary()))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -13,6 +13,7 @@ from typing import Any
 
 from .dtypes import nbytes, st_dtype
 from .errors import CheckpointFormatError, SourceNotFoundError
+from .printable import escape
 
 
 @dataclass
@@ -63,7 +64,7 @@ class Inspection:
         lines += [f"  note: {n}" for n in self.notes]
         if self.can:
             lines.append("  lorasave can: " + "; ".join(self.can))
-        return "\n".join(lines)
+        return "\n".join(escape(line) for line in lines)  # names and config values from files: one line each
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -32,6 +32,8 @@ from typing import Any
 import torch
 
 from .errors import CheckpointFormatError, LorasaveError, SourceNotFoundError
+from .patterns import check_peft_patterns
+from .printable import escape
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +102,7 @@ class VerifyReport:
         """One line for humans."""
         if not self.ok:
             name, why = self.failures[0]
-            return f"FAILED {self.output}: {name}: {why} ({len(self.failures)} problem(s))"
+            return escape(f"FAILED {self.output}: {name}: {why} ({len(self.failures)} problem(s))")
         parts = [f"{self.files_checked} files match lorasave.json"]
         if self.level == Level.TENSORS.value:
             parts.append(f"{self.tensors_exact} tensors equal the base, {self.tensors_probed} merged tensors pass the probe")
@@ -111,7 +113,7 @@ class VerifyReport:
             parts.append(f"logits{where} within {self.logits_max_diff:.3g} of PEFT's, top-1 agreement {self.top1_agreement:.3f}")
         if self.skipped:
             parts.append(self.skipped)
-        return f"verified {self.output}: " + "; ".join(parts)
+        return escape(f"verified {self.output}: " + "; ".join(parts))
 
 
 def _manifest(out: Path) -> dict[str, Any]:
@@ -166,6 +168,7 @@ def verify(
     Raises:
         SourceNotFoundError: no ``lorasave.json``, or the sources are gone (pass ``base`` / ``adapters``).
         CheckpointFormatError: an unreadable manifest or output file.
+        PatternError, PatternTimeoutError (logits level): an adapter regex PEFT would choke or hang on.
     """
     from .options import parse_enum
 
@@ -386,6 +389,9 @@ def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, bas
         return
     with torch.no_grad(), _quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(ckpt.root, dtype=torch.float32)
+        module_names = [n for n, _ in model.named_modules()]
+        for ad in ads:  # PEFT matches these with Python's re, uninterruptibly: try them first under a budget
+            check_peft_patterns(ad.config, module_names, source=ad.root / "adapter_config.json")
         names = [f"a{i}" for i in range(len(ads))]
         peft = PeftModel.from_pretrained(model, ads[0].root, adapter_name=names[0]) if ads else model  # no adapter: the base as it is
         for n, ad in zip(names[1:], ads[1:], strict=True):
