@@ -127,8 +127,11 @@ class ArchitectureInfo:
         if not (d["num_parameters"] is None or _count(d["num_parameters"])):
             raise ValueError("num_parameters must be a count")
         keep, strict = _str_list(d["keep_fp32"]), _str_list(d["keep_fp32_strict"])
-        for pat in keep + strict:
-            re.compile(pat)  # re.error is a ValueError
+        try:
+            for pat in keep + strict:
+                re.compile(pat)
+        except re.error as e:
+            raise ValueError(f"keep_fp32 pattern: {e}") from None
         return cls(
             model_class=_opt_str(d["model_class"]),
             save_order=None if d["save_order"] is None else _str_list(d["save_order"]),
