@@ -11,9 +11,9 @@ Each regex is matched here with the same result as Python's ``re`` (what PEFT us
 
 - **google-re2** (linear time) when the regex translates to it exactly: the pattern is parsed with
   Python's own parser and written out node by node in RE2 syntax, so both engines see the same
-  expression; names of printable ASCII only, where the two engines' ``$``, ``\\w``, ``\\s`` and case
-  folding agree. Lookaround, backreferences, conditionals, possessive and atomic groups have no RE2
-  form.
+  expression; non-empty names of printable ASCII only, where the two engines' ``$``, ``\\w``,
+  ``\\s``, ``\\B`` and case folding agree. Lookaround, backreferences, conditionals, possessive and
+  atomic groups have no RE2 form.
 - otherwise **Python's ``re`` in a child process** killed after :data:`BUDGET_S` seconds (a thread
   cannot interrupt ``re``): :class:`~lorasave.errors.PatternTimeoutError`.
 
@@ -202,7 +202,9 @@ def _re2_compile(regex: str, mode: Mode) -> Any | None:
 
 
 def _re2_safe(name: str) -> bool:
-    return name.isascii() and name.isprintable()
+    # printable ASCII: no newline for $ to stop before, no Unicode classes or case folding to differ;
+    # not empty: Python before 3.14 never matches \B in an empty string, RE2 does
+    return bool(name) and name.isascii() and name.isprintable()
 
 
 # ------------------------------------------------------------------ Python re in a child process
