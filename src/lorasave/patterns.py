@@ -236,6 +236,7 @@ def _run_child(jobs: list[tuple[Rule, list[str]]], source: Path | None, budget: 
             capture_output=True,
             text=True,
             encoding="ascii",
+            errors="replace",
             timeout=budget + _STARTUP_S,
         )
     except subprocess.TimeoutExpired as e:
@@ -259,14 +260,16 @@ def _run_child(jobs: list[tuple[Rule, list[str]]], source: Path | None, budget: 
     return result
 
 
-def match_table(rules: Sequence[Rule], names: Sequence[str], *, source: Path | None = None, budget: float = BUDGET_S, engine: str = "auto") -> list[list[bool]]:
+def match_table(
+    rules: Sequence[Rule], names: Sequence[str], *, source: Path | None = None, budget: float | None = None, engine: str = "auto"
+) -> list[list[bool]]:
     """For each rule, whether ``re.<mode>(rule.regex, name)`` matches each name.
 
     Args:
         rules: the regexes (validated here first).
         names: module names.
         source: the config file, named in messages.
-        budget: seconds Python's ``re`` may run in the child process.
+        budget: seconds Python's ``re`` may run in the child process (default :data:`BUDGET_S`).
         engine: ``"auto"`` (RE2 where exact, else ``re`` in a child), or ``"re"`` (always ``re``
             in a child: to learn whether PEFT, which uses ``re``, finishes).
 
@@ -294,7 +297,8 @@ def match_table(rules: Sequence[Rule], names: Sequence[str], *, source: Path | N
             jobs.append((rule, [names[j] for j in pending]))
             slots.append((i, pending))
     if jobs:
-        for (i, pending), found in zip(slots, _run_child(jobs, source, budget), strict=True):
+        found_all = _run_child(jobs, source, BUDGET_S if budget is None else budget)
+        for (i, pending), found in zip(slots, found_all, strict=True):
             for j, hit in zip(pending, found, strict=True):
                 table[i][j] = hit
     return table
@@ -361,7 +365,7 @@ def target_matches(target_modules: str | Sequence[str], names: Sequence[str], *,
     return [n in entries or any(n.endswith(f".{t}") for t in target_modules) for n in names]
 
 
-def check_peft_patterns(config: Mapping[str, Any], names: Sequence[str], *, source: Path | None = None, budget: float = BUDGET_S) -> None:
+def check_peft_patterns(config: Mapping[str, Any], names: Sequence[str], *, source: Path | None = None, budget: float | None = None) -> None:
     """Make sure PEFT's own ``re`` matching of this config's patterns over ``names`` finishes.
 
     ``PeftModel.from_pretrained`` matches the patterns with Python's ``re`` in the calling process
