@@ -30,7 +30,11 @@ commit (no LFS, no Xet). Each branch is stored as a plain folder ``root/{namespa
 request is recorded (method, path, query, lower-cased headers, body) and every commit (repo,
 revision, summary, description, files); requests to routes the stand-in does not know are
 answered 404 and listed in ``unhandled``. ``fail()`` makes the next matching requests return an
-error. Tokens: ``WRITE_TOKEN`` (user ``tester``, member of ``lorasave-org``) and ``READ_TOKEN``.
+error (a JSON body, or an HTML page as a proxy or a website would send: ``html=True``, also with
+status 200 where JSON is expected), ``hang()`` makes them wait without answering until ``stop()``,
+and ``echo_authorization = True`` makes every error body (and an ``X-HF-Warning`` header, which
+huggingface_hub logs) quote the request's ``Authorization`` header back, as a careless server might.
+Tokens: ``WRITE_TOKEN`` (user ``tester``, member of ``lorasave-org``) and ``READ_TOKEN``.
 """
 
 from __future__ import annotations
@@ -112,6 +116,8 @@ class _Failure:
     status: int
     times: int
     message: str
+    html: bool = False
+    hang: bool = False
 
 
 class _HubError(Exception):
@@ -136,6 +142,8 @@ class HubStandIn:
         self.unhandled: list[str] = []
         self._repos: dict[str, _Repo] = {}
         self._failures: list[_Failure] = []
+        self.echo_authorization = False
+        self._released = threading.Event()  # set by stop(): hanging handlers give up
         self._lock = threading.RLock()
         self._counter = 0
         self._httpd: ThreadingHTTPServer | None = None
@@ -164,6 +172,7 @@ class HubStandIn:
 
     def stop(self) -> None:
         """Stop serving and close the socket (bounded: joins the thread for at most 5 s)."""
+        self._released.set()
         if self._httpd is not None:
             self._httpd.shutdown()
             self._httpd.server_close()
@@ -172,10 +181,20 @@ class HubStandIn:
 
     # ------------------------------------------------------------------ test helpers
 
-    def fail(self, method: str, path_regex: str, status: int, *, times: int = 1, message: str = "stand-in: injected failure") -> None:
-        """Answer the next ``times`` requests whose path matches ``path_regex`` (``re.search``) with ``status``."""
+    def fail(self, method: str, path_regex: str, status: int, *, times: int = 1, message: str = "stand-in: injected failure", html: bool = False) -> None:
+        """Answer the next ``times`` requests whose path matches ``path_regex`` (``re.search``) with ``status``.
+
+        ``html``: the body is an HTML page (``Content-Type: text/html``, no ``X-Error-Message``), as a
+        proxy, a captive portal or a website at ``HF_ENDPOINT`` answers; with ``status=200`` it stands
+        where JSON is expected.
+        """
         with self._lock:
-            self._failures.append(_Failure(method.upper(), re.compile(path_regex), status, times, message))
+            self._failures.append(_Failure(method.upper(), re.compile(path_regex), status, times, message, html=html))
+
+    def hang(self, method: str, path_regex: str, *, times: int = 1) -> None:
+        """Accept the next ``times`` matching requests and never answer them (until ``stop()``)."""
+        with self._lock:
+            self._failures.append(_Failure(method.upper(), re.compile(path_regex), 0, times, "", hang=True))
 
     def clear_failures(self) -> None:
         """Forget the failures ``fail()`` planned and not yet served."""
@@ -214,17 +233,36 @@ class HubStandIn:
         """Route one request; returns (status, headers, body)."""
         with self._lock:
             self.requests.append(req)
-            for f in self._failures:
-                if f.times > 0 and f.method == req.method and f.pattern.search(req.path):
-                    f.times -= 1
-                    return _json_response(f.status, {"error": f.message}, {"X-Error-Message": f.message})
+            planned = next((f for f in self._failures if f.times > 0 and f.method == req.method and f.pattern.search(req.path)), None)
+            if planned is not None:
+                planned.times -= 1
+        if planned is not None and planned.hang:
+            self._released.wait()
+            return _json_response(503, {"error": "stand-in: stopped while hanging"})
+        if planned is not None and planned.html:
+            page = f"<!DOCTYPE html><html><head><title>{planned.status}</title></head><body><h1>{planned.message}</h1>{self._echo(req)}</body></html>"
+            return planned.status, {"Content-Type": "text/html; charset=utf-8"}, page.encode()
+        if planned is not None:
+            message = planned.message + self._echo(req)
+            return _json_response(planned.status, {"error": message}, {"X-Error-Message": message, **self._echo_warning(req)})
         try:
             return self._route(req)
         except _HubError as e:
-            headers = {"X-Error-Message": e.message}
+            message = e.message + self._echo(req)
+            headers = {"X-Error-Message": message, **self._echo_warning(req)}
             if e.code:
                 headers["X-Error-Code"] = e.code
-            return _json_response(e.status, {"error": e.message, **e.extra}, headers)
+            return _json_response(e.status, {"error": message, **e.extra}, headers)
+
+    def _echo_warning(self, req: Request) -> dict[str, str]:
+        """An ``X-HF-Warning`` header quoting ``Authorization`` (huggingface_hub logs it) when ``echo_authorization`` is on."""
+        echo = self._echo(req)
+        return {"X-HF-Warning": f"stand-in-echo;{echo}"} if echo else {}
+
+    def _echo(self, req: Request) -> str:
+        """`` (you sent Authorization: ...)`` when ``echo_authorization`` is on."""
+        auth = req.headers.get("authorization")
+        return f" (you sent Authorization: {auth})" if self.echo_authorization and auth else ""
 
     def _route(self, req: Request) -> tuple[int, dict[str, str], bytes]:
         m, p = req.method, req.path

@@ -141,7 +141,9 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
     cfg_path = root / "config.json"
     if not cfg_path.is_file():
         if (root / "adapter_config.json").is_file():
-            raise CheckpointFormatError(f"{root} is a PEFT adapter, not a base model; put the base first: lorasave merge BASE ADAPTER", path=root)
+            from .hints import command_hint
+
+            raise CheckpointFormatError(f"{root} is a PEFT adapter, not a base model; put the base first: {command_hint('BASE ADAPTER')}", path=root)
         raise CheckpointFormatError(f"{root}: no config.json; BASE must be a Hugging Face model folder", path=root)
     config = read_json(cfg_path)
     archs = config.get("architectures")

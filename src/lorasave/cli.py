@@ -51,46 +51,53 @@ class _OneLineFormatter(logging.Formatter):
         return escape(super().formatMessage(record))
 
 
+def _hub_handlers() -> list[logging.Handler]:
+    """huggingface_hub's own stderr handler(s), when it is imported."""
+    return list(logging.getLogger("huggingface_hub").handlers) if "huggingface_hub" in sys.modules else []
+
+
 def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: bool) -> None:
+    from .hints import INVOKED_AS
+    from .redact import add_filter, remove_filter, scrub
+
     debug = ctx.obj.get("debug", False)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_OneLineFormatter("%(levelname)s: %(message)s" if debug else "note: %(message)s"))
+    add_filter([handler])  # no token in any log line (lorasave.redact)
     log = logging.getLogger("lorasave")
     log.addHandler(handler)
     log.setLevel(logging.DEBUG if debug else (logging.WARNING if quiet or as_json else logging.INFO))
     if not debug:  # bitsandbytes warns at import about optional CPU kernels it does not need here
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, _sigterm)
+    invoked = INVOKED_AS.set(ctx.info_name or "merge")
+    hub_handlers = add_filter(_hub_handlers())
+
+    def fail(line: str, code: int, *, trace: bool = True) -> None:
+        if debug and trace:
+            click.echo(scrub(traceback.format_exc()).rstrip("\n"), err=True)
+        click.echo(escape(scrub(line)), err=True)  # names from files: control characters escaped, one line
+        ctx.exit(code)
+
     try:
         result = fn()
     except LorasaveError as e:
-        if debug:
-            traceback.print_exc()
-        click.echo(f"error: {e}", err=True)
-        ctx.exit(e.exit_code)
+        fail(f"error: {e}", e.exit_code)
     except OSError as e:  # disk full, permission denied, a source that vanished mid-run
-        if debug:
-            traceback.print_exc()
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
-        click.echo(escape(f"error: {e.strerror or e}{where}; no output was written"), err=True)
-        ctx.exit(1)
+        fail(f"error: {e.strerror or e}{where}; no output was written", 1)
     except KeyboardInterrupt:
-        click.echo("error: interrupted; no output was written", err=True)
-        ctx.exit(EXIT_INTERRUPTED)
+        fail("error: interrupted; no output was written", EXIT_INTERRUPTED, trace=False)
     except ModuleNotFoundError as e:  # an optional dependency this command needs
-        if debug:
-            traceback.print_exc()
         root = (e.name or "").split(".")[0]
         hint = _INSTALL_HINTS.get(root, f"pip install {root}") if root else "install lorasave's optional dependencies"
-        click.echo(f"error: this command needs the {root or 'missing'} package; install it with: {hint}", err=True)
-        ctx.exit(2)
+        fail(f"error: this command needs the {root or 'missing'} package; install it with: {hint}", 2)
     except Exception as e:  # a bug: still one line unless --debug
-        if debug:
-            traceback.print_exc()
-        click.echo(escape(f"error: internal error ({type(e).__name__}: {e}); rerun with --debug and report it"), err=True)
-        ctx.exit(EXIT_INTERNAL)
+        fail(f"error: internal error ({type(e).__name__}: {e}); rerun with --debug and report it", EXIT_INTERNAL)
     finally:
         log.removeHandler(handler)
+        remove_filter(hub_handlers + _hub_handlers())
+        INVOKED_AS.reset(invoked)
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:
@@ -161,9 +168,10 @@ def _push_options(f: Callable[..., Any]) -> Callable[..., Any]:
 def _hub_quiet(debug: bool) -> None:
     # huggingface_hub has its own stderr handler (e.g. "No files have been modified since last commit"):
     # lorasave's summary says it in one line already
-    if not debug:
-        from huggingface_hub.utils import logging as hf_logging
+    # imported either way, so that _run finds its handler and scrubs tokens from it (lorasave.redact)
+    from huggingface_hub.utils import logging as hf_logging
 
+    if not debug:
         hf_logging.set_verbosity_error()
 
 

@@ -202,3 +202,15 @@ class LlamaCppError(LorasaveError, OSError):
 
 class LlamaCppInstallError(LlamaCppError):
     """The llama.cpp runtime could not be installed: unsupported platform, download or integrity failure."""
+
+
+class ChatTemplateBudgetError(LorasaveError, ValueError):
+    """A chat template needed more work than the render budget allows (``lorasave.template_render``).
+
+    Attributes:
+        limit: the budget exceeded: ``"time"``, ``"memory"`` or ``"output"``.
+    """
+
+    def __init__(self, message: str, *, limit: str, path: str | Path | None = None) -> None:
+        super().__init__(message, path=path)
+        self.limit = limit

@@ -35,6 +35,7 @@ import gguf
 
 from .errors import UnsupportedModelError
 from .gguf_arch import GgufArch, VocabKind
+from .hf_load import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -164,11 +165,10 @@ def bpe_vocab(tok_dir: Path, n_vocab: int, rules: GgufArch, notes: list[str]) ->
     """Tokens, types and pre-tokenizer name of a byte-level BPE tokenizer (``TextModel.get_vocab_base``).
 
     Raises:
-        UnsupportedModelError: the tokenizer has ids beyond the embedding rows.
+        UnsupportedModelError: the tokenizer has ids beyond the embedding rows, or only the folder's
+            own code (``auto_map``) could load it (``hf_load``: nothing from the folder runs).
     """
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = load_tokenizer(tok_dir)
     vocab = tok.get_vocab()
     if max(vocab.values()) >= n_vocab:
         raise UnsupportedModelError(f"the tokenizer has ids up to {max(vocab.values())} but the model's embedding has {n_vocab} rows")
@@ -287,9 +287,7 @@ def _add_flags(special: gguf.SpecialVocab, tok_dir: Path, notes: list[str]) -> N
     if "bos" in special.add_special_token and "eos" in special.add_special_token:
         return
     try:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(tok_dir)
+        tok = load_tokenizer(tok_dir)
         plain, full = tok.encode("a", add_special_tokens=False), tok.encode("a", add_special_tokens=True)
     except (OSError, ValueError) as exc:  # no transformers tokenizer: leave llama.cpp's defaults
         notes.append(f"add_bos/add_eos left to llama.cpp's defaults: transformers cannot load {tok_dir} ({exc})")
@@ -332,7 +330,8 @@ def add_tokenizer(writer: gguf.GGUFWriter, tok_dir: Path, n_vocab: int, rules: G
         The kind written.
 
     Raises:
-        UnsupportedModelError: no usable tokenizer, or ids beyond the embedding rows.
+        UnsupportedModelError: no usable tokenizer, ids beyond the embedding rows, or a BPE
+            tokenizer only the folder's own code (``auto_map``) could load.
     """
     kind = vocab_kind(tok_dir, rules)
     prefix_cfg = _json(tok_dir / "tokenizer_config.json").get("add_prefix_space") if rules.arch is gguf.MODEL_ARCH.LLAMA else None

@@ -11,7 +11,8 @@ files the Hub already has are skipped, and a push of an unchanged folder makes n
 
 The token comes from ``token=``, else ``HF_TOKEN``, else the ``hf auth login`` token file
 (``huggingface_hub.get_token``). It is passed to huggingface_hub only: lorasave never logs,
-prints or writes it, and error messages are scrubbed of it.
+prints or writes it, and error messages are scrubbed of it (``lorasave.redact``). Every request
+waits at most ``LORASAVE_HUB_TIMEOUT`` seconds (default 120) for the Hub (``lorasave.hub_session``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +32,15 @@ from .errors import (
     FolderMismatchError,
     HubAuthError,
     HubError,
-    HubNotFoundError,
     InvalidOptionError,
-    LorasaveError,
     ModelCardError,
     SourceNotFoundError,
     UnsafePathError,
 )
+from .hub_session import hub_timeout, mapped_hub_errors
+from .hub_session import one_line as _one_line
 from .manifest import MANIFEST_NAME, sha256_source
+from .redact import register as _register_token
 
 logger = logging.getLogger(__name__)
 
@@ -49,7 +50,6 @@ MODEL_CARD_NAME = "README.md"
 DEFAULT_BRANCH = "main"
 _NO_TOKEN = "no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access, https://huggingface.co/settings/tokens)"
 _MAX_SUMMARY = 300  # characters of a generated commit summary
-_MAX_SERVER_MESSAGE = 200  # characters of a server message quoted in an error
 
 
 @dataclass
@@ -139,8 +139,8 @@ def push(
 
     Raises:
         SourceNotFoundError: ``folder`` does not exist, is not a folder, or holds no file.
-        InvalidOptionError: ``repo_id`` is malformed, or ``create_pr`` is given with a ``revision``
-            other than ``main``.
+        InvalidOptionError: ``repo_id`` is malformed, ``create_pr`` is given with a ``revision``
+            other than ``main``, or ``LORASAVE_HUB_TIMEOUT`` is not a positive number.
         UnsafePathError: a symlink in the folder points outside it, or ``lorasave.json`` names a
             path outside it.
         CheckpointFormatError: ``lorasave.json`` cannot be read.
@@ -149,8 +149,10 @@ def push(
         HubAuthError: no token, a token the Hub rejects (401), or no write access (403).
         HubNotFoundError: the repository or revision is not found (404).
         HubError: the Hub cannot be reached, offline mode is on, it answered another HTTP error
-            (5xx after huggingface_hub's retries), or ``private`` was asked for an existing public
-            repository.
+            (5xx after huggingface_hub's retries), an HTML page or something else that is not its
+            JSON API (the message names the request and the status), it did not answer one request
+            within ``LORASAVE_HUB_TIMEOUT`` seconds (default 120; the message says what it waited
+            for), or ``private`` was asked for an existing public repository.
     """
     t0 = time.perf_counter()
     root = Path(folder)
@@ -168,16 +170,19 @@ def push(
     from huggingface_hub import HfApi, constants
 
     endpoint = constants.ENDPOINT
-    with _mapped_hub_errors(repo_id, revision, tok, endpoint), _progress_bars(progress):
+    with mapped_hub_errors(repo_id, revision, tok, endpoint) as session, _progress_bars(progress):
         if MODEL_CARD_NAME in files:
+            session.step = "validating README.md (POST /api/validate-yaml)"
             validate_model_card(root / MODEL_CARD_NAME, tok)
         from . import __version__
 
         api = HfApi(endpoint=endpoint, library_name="lorasave", library_version=__version__)
         logger.debug("pushing %d file(s) (%.1f MB) from %s to %s", len(files), total / 1e6, root, repo_id)
+        session.step = f"creating the repository {repo_id}"
         repo_url = api.create_repo(repo_id, private=True if private else None, exist_ok=True, token=tok)
         full_id = repo_url.repo_id or repo_id
         branch = revision or DEFAULT_BRANCH
+        session.step = f"reading {full_id}'s information"
         repo = api.repo_info(full_id, token=tok)
         if private and repo.private is False:  # create_repo ignores `private` for an existing repo
             raise HubError(
@@ -185,9 +190,12 @@ def push(
                 repo_id=full_id,
             )
         if not create_pr and branch != DEFAULT_BRANCH and not branch.startswith("refs/"):
+            session.step = f"creating the branch {branch}"
             api.create_branch(full_id, branch=branch, exist_ok=True, token=tok)
+        session.step = f"reading the head of {full_id}@{branch}"
         before = repo if branch == DEFAULT_BRANCH else api.repo_info(full_id, revision=branch, token=tok)
         logger.debug("pushing to %s@%s (head %s)", full_id, branch, before.sha)
+        session.step = f"uploading {len(files)} file(s) to {full_id}@{branch}"
         info = api.upload_folder(
             repo_id=full_id,
             folder_path=root,
@@ -226,7 +234,8 @@ def check_push_options(repo_id: str, *, revision: str | None = None, create_pr: 
         The token to use (``resolve_token``).
 
     Raises:
-        InvalidOptionError: ``repo_id`` is malformed, or ``create_pr`` comes with a ``revision`` other than ``main``.
+        InvalidOptionError: ``repo_id`` is malformed, ``create_pr`` comes with a ``revision`` other than ``main``,
+            or ``LORASAVE_HUB_TIMEOUT`` is not a positive number of seconds.
         HubAuthError: no token anywhere.
         HubError: huggingface_hub's offline mode is on.
     """
@@ -241,6 +250,7 @@ def check_push_options(repo_id: str, *, revision: str | None = None, create_pr: 
         raise InvalidOptionError(
             f"a pull request (--create-pr) is always opened against main, not {revision!r}: drop --revision, or push to the branch without --create-pr"
         )
+    hub_timeout()  # a bad LORASAVE_HUB_TIMEOUT fails here, before a long save
     tok = resolve_token(token)
     if constants.HF_HUB_OFFLINE:
         raise HubError("Hugging Face offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE): unset it to push", repo_id=repo_id)
@@ -367,12 +377,14 @@ def resolve_token(token: str | None) -> str:
         HubAuthError: no token anywhere.
     """
     if token:
+        _register_token(token)  # scrubbed from every message and log line from now on
         return token
     from huggingface_hub import get_token
 
     found = get_token()
     if not found:
         raise HubAuthError(_NO_TOKEN)
+    _register_token(found)
     return found
 
 
@@ -438,103 +450,6 @@ def _commit_description(manifest: dict[str, Any] | None, files: list[str], total
     if manifest is not None:
         text += f" {MANIFEST_NAME} records the sources, the settings and the sha256 of every file (`lorasave verify`)."
     return text
-
-
-# ----------------------------------------------------------------------------- errors
-
-
-def _one_line(text: str, token: str | None, *, limit: int = _MAX_SERVER_MESSAGE) -> str:
-    if token:
-        text = text.replace(token, "***")
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def _transport_errors() -> tuple[type[BaseException], ...]:
-    """Exception classes of the HTTP stacks huggingface_hub may use (httpx2 in 2.x, httpx in 1.x, requests before)."""
-    found: list[type[BaseException]] = [ConnectionError, TimeoutError]
-    for module, names in (("httpx2", ("TransportError",)), ("httpx", ("TransportError",)), ("requests", ("ConnectionError", "Timeout"))):
-        try:
-            mod = __import__(module)
-        except ImportError:
-            continue
-        found.extend(getattr(mod, n) for n in names if isinstance(getattr(mod, n, None), type))
-    return tuple(found)
-
-
-def _http_error(e: Any, repo_id: str, revision: str | None, token: str | None) -> HubError:
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    response = getattr(e, "response", None)
-    status = getattr(response, "status_code", None)
-    try:
-        request = response.request if response is not None else None
-        where = f"{request.method} {request.url.path}" if request is not None else "a Hub request"
-    except (AttributeError, RuntimeError):
-        where = "a Hub request"
-    reason = getattr(response, "reason_phrase", None) or getattr(response, "reason", None)
-    if not reason and status is not None and status in HTTPStatus._value2member_map_:
-        reason = HTTPStatus(status).phrase
-    server = _one_line(getattr(e, "server_message", None) or "", token)
-    said = f": {server}" if server else ""
-    code = f"{status} {reason or ''}".strip()
-    ns = repo_id.split("/")[0] if "/" in repo_id else "your"
-    if status == 401:
-        return HubAuthError(
-            f"the Hub rejected the token ({code}{said}): set HF_TOKEN to a valid token with write access or run `hf auth login`", repo_id=repo_id, status=status
-        )
-    if status == 403:
-        return HubAuthError(
-            f"the token may not write to {repo_id} ({code}{said}): use a token with write access to the {ns} namespace", repo_id=repo_id, status=status
-        )
-    if isinstance(e, RevisionNotFoundError):
-        return HubNotFoundError(
-            f"revision {revision!r} not found in {repo_id} ({code}{said}): give a branch name (it is created from main)", repo_id=repo_id, status=status
-        )
-    if isinstance(e, RepositoryNotFoundError) or status == 404:
-        return HubNotFoundError(
-            f"{repo_id} not found on the Hub ({where}: {code}{said}): check the repo id and that the token can see it", repo_id=repo_id, status=status
-        )
-    if status is not None and status >= 500:
-        return HubError(
-            f"the Hub failed on {where} ({code}{said}): try again later; re-running the push skips files already committed", repo_id=repo_id, status=status
-        )
-    return HubError(f"the Hub refused {where} ({code}{said})", repo_id=repo_id, status=status)
-
-
-@contextmanager
-def _mapped_hub_errors(repo_id: str, revision: str | None, token: str | None, endpoint: str) -> Iterator[None]:
-    """Turn huggingface_hub / HTTP / hf_xet exceptions into one-line lorasave errors (token scrubbed)."""
-    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
-
-    try:
-        yield
-    except LorasaveError:
-        raise
-    except HfHubHTTPError as e:
-        raise _http_error(e, repo_id, revision, token) from e
-    except OfflineModeIsEnabled as e:
-        raise HubError("Hugging Face offline mode is on (HF_HUB_OFFLINE or TRANSFORMERS_OFFLINE): unset it to push", repo_id=repo_id) from e
-    except PermissionError as e:
-        if type(e).__module__.startswith("hf_xet"):  # XetAuthenticationError
-            raise HubAuthError(
-                f"the Hub's storage rejected the upload token ({_one_line(str(e), token)}): check that the token has write access", repo_id=repo_id
-            ) from e
-        raise
-    except ValueError as e:
-        if "Invalid metadata in README.md" in str(e):  # upload_folder's own README check
-            raise ModelCardError(f"README.md: the Hub refuses the model card metadata ({_one_line(str(e), token)})") from e
-        raise
-    except _transport_errors() as e:
-        detail = f"{type(e).__name__}: {_one_line(str(e), token) or 'no details'}"
-        fix = "check the network, a proxy or HF_ENDPOINT; re-running the push resumes it"
-        raise HubError(f"cannot reach the Hub at {endpoint} ({detail}): {fix}", repo_id=repo_id) from e
-    except RuntimeError as e:
-        if type(e).__module__.startswith("hf_xet"):
-            raise HubError(
-                f"the Xet upload failed ({_one_line(str(e), token)}): re-run the push; data already uploaded is not sent again", repo_id=repo_id
-            ) from e
-        raise
 
 
 @contextmanager

@@ -9,7 +9,10 @@ adapter on disk, and leaves the model unchanged and trainable. ``attach(model)``
 Differences from Unsloth's ``save_pretrained_merged``: no GPU is needed and memory does not
 grow with the model (one tensor at a time); ``merged_4bit`` quantizes once from the float32
 merge instead of re-quantizing a dequantized 4-bit model; the output is written atomically with
-a ``lorasave.json`` manifest; ``push_to_hub`` and GGUF ``save_method`` values are not offered here.
+a ``lorasave.json`` manifest; ``push_to_hub`` and GGUF ``save_method`` values are not offered here
+(``push_to_hub=True`` raises an error pointing to ``lorasave push OUT REPO_ID``). ``lorasave.json``
+records the folder the live model's base was loaded from (``sources.base.path``), so
+``lorasave verify OUT`` finds it without ``--base``.
 """
 
 from __future__ import annotations
@@ -124,6 +127,7 @@ def save_pretrained_merged(
     overwrite: bool = True,
     quant_type: str = "nf4",
     double_quant: bool = True,
+    push_to_hub: bool = False,
 ) -> MergeResult | Path:
     """Save a live ``PeftModel`` merged (``merged_16bit`` / ``merged_4bit``) or as its adapter (``lora``).
 
@@ -141,14 +145,21 @@ def save_pretrained_merged(
         dtype: ``"auto"`` (the base's), ``"bfloat16"``, ``"float16"``, ``"float32"``.
         overwrite: replace an existing ``save_directory`` (default True, as Unsloth).
         quant_type, double_quant: the 4-bit format for ``merged_4bit``.
+        push_to_hub: not offered here: True raises before anything is written (push the folder
+            afterwards with ``lorasave push OUT REPO_ID`` or ``lorasave.push``).
 
     Returns:
         MergeResult for merged outputs; the folder for ``lora``.
 
     Raises:
         LorasaveError subclasses, as ``lorasave.merge``; InvalidOptionError for an unknown
-        ``save_method`` or a model that is not a PeftModel with one active adapter.
+        ``save_method``, ``push_to_hub=True``, or a model that is not a PeftModel with one active adapter.
     """
+    if push_to_hub:
+        raise InvalidOptionError(
+            f"save_pretrained_merged does not push: save with push_to_hub=False, then run `lorasave push {save_directory} REPO_ID` "
+            "(or lorasave.push(folder, repo_id)); nothing was written"
+        )
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
@@ -209,10 +220,14 @@ def save_pretrained_merged(
             return names
 
         def describe_sources() -> dict[str, Any]:
-            return {
+            described: dict[str, Any] = {
                 "live_model": {"class": type(base).__name__, "name_or_path": getattr(base.config, "_name_or_path", None)},
                 "adapters": [{"peft_type": ad.config.get("peft_type"), "r": ad.config.get("r"), "lora_alpha": ad.config.get("lora_alpha")}],
             }
+            recorded = _base_folder(base, ckpt)
+            if recorded is not None:
+                described["base"] = recorded
+            return described
 
         return merge_sources(
             ckpt,
@@ -232,6 +247,33 @@ def save_pretrained_merged(
         )
     finally:
         model.train(was_training)
+
+
+def _base_folder(base: Any, ckpt: Checkpoint) -> dict[str, Any] | None:
+    """``sources.base`` for a live model loaded from a local folder (or a cached Hub id) holding the same weights, else None.
+
+    A base quantized while loading (``BitsAndBytesConfig`` on a 16-bit folder) is not recorded:
+    its folder holds other weights than the ones merged.
+    """
+    name = getattr(base.config, "_name_or_path", None)
+    if not name:
+        return None
+    from .checkpoint import resolve_source
+
+    try:
+        folder, hub = resolve_source(str(name), "base")
+    except Exception:  # a name that is neither a folder nor in the cache: nothing to record
+        return None
+    if not (folder / "config.json").is_file():
+        return None
+    if ckpt.quant_method is not None:
+        try:
+            on_disk = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(on_disk, dict) or "quantization_config" not in on_disk:
+            return None
+    return {"path": str(folder.resolve()), "hub_id": hub, "from": "the live model's config._name_or_path"}
 
 
 def _save_lora(model: Any, final: Path, tokenizer: Any, overwrite: bool) -> Path:
@@ -263,7 +305,6 @@ def attach(model: Any) -> Any:
     """
 
     def _method(self: Any, save_directory: str | os.PathLike[str], tokenizer: Any = None, save_method: str = "merged_16bit", **kwargs: Any) -> Any:
-        kwargs.pop("push_to_hub", None) and logger.warning("push_to_hub is not supported by lorasave.attach; saved locally only")
         kwargs.pop("token", None)
         kwargs.pop("safe_serialization", None)
         return save_pretrained_merged(self, save_directory, tokenizer, save_method, **kwargs)

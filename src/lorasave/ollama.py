@@ -2,8 +2,8 @@
 
 Hugging Face chat templates are Jinja; Ollama's are Go ``text/template``. A general translation
 is not possible, so the template's *family* is detected instead: the Jinja template is rendered
-(transformers' sandboxed ``apply_chat_template``) on a fixed system / user / assistant / user
-conversation and the text is matched against the turn markers of known families; each family's
+(transformers' renderer, in a child process within the ``template_render`` budget) on a fixed
+system / user / assistant / user conversation and the text is matched against the turn markers of known families; each family's
 Go template is data (:data:`FAMILIES`), written to produce the same text as the Hugging Face
 template for the same messages (the BOS token is left to llama.cpp's tokenizer, as Ollama's own
 templates do). An unknown family gets a Modelfile without ``TEMPLATE`` and a note saying so.
@@ -27,6 +27,9 @@ from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+from .errors import ChatTemplateBudgetError
+from .template_render import render_chat_template
 
 logger = logging.getLogger(__name__)
 
@@ -196,24 +199,47 @@ class ModelfileResult:
     notes: list[str] = field(default_factory=list)
 
 
-def render_sample(tokenizer: Any, messages: Sequence[dict[str, str]] = SAMPLE) -> str | None:
-    """The chat template rendered (not tokenized) on ``messages`` with the generation prompt.
+def render_samples(tokenizer: Any, conversations: Sequence[Sequence[dict[str, str]]]) -> list[str | None]:
+    """The chat template rendered (not tokenized) on each conversation with the generation prompt.
 
-    Uses transformers' sandboxed Jinja environment (``apply_chat_template``). A template that
-    refuses a system message (Gemma 2, Mistral v0.1 raise) is rendered again without it.
+    Rendered by ``template_render`` (transformers' renderer in a child process, within the budget),
+    with the tokenizer's special tokens as variables, as ``apply_chat_template`` does.
+
+    Returns:
+        The text per conversation, or None where the template fails on it (``raise_exception``...).
+
+    Raises:
+        ChatTemplateBudgetError: the template needs more time, memory or output than the budget.
+    """
+    try:
+        template = tokenizer.get_chat_template()
+    except ValueError as e:  # several named templates and no "default"
+        logger.debug("no chat template to render: %s", e)
+        return [None for _ in conversations]
+    results = render_chat_template(template, conversations, tokenizer.special_tokens_map)
+    for conv, res in zip(conversations, results, strict=True):
+        if res.error is not None:
+            logger.debug("chat template failed on %d messages: %s", len(conv), res.error)
+    return [res.text for res in results]
+
+
+def _without_system(messages: Sequence[dict[str, str]]) -> list[dict[str, str]]:
+    return [m for m in messages if m["role"] != "system"]
+
+
+def render_sample(tokenizer: Any, messages: Sequence[dict[str, str]] = SAMPLE) -> str | None:
+    """The chat template rendered on ``messages`` with the generation prompt (:func:`render_samples`).
+
+    A template that refuses a system message (Gemma 2, Mistral v0.1 raise) is rendered again without it.
 
     Returns:
         The text, or None when the template fails on both.
+
+    Raises:
+        ChatTemplateBudgetError: as :func:`render_samples`.
     """
-    for msgs in (list(messages), [m for m in messages if m["role"] != "system"]):
-        try:
-            text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        except Exception as e:  # jinja2 TemplateError, raise_exception(...) of the template, TypeError...
-            logger.debug("chat template failed on %d messages: %s", len(msgs), e)
-            continue
-        if isinstance(text, str):
-            return text
-    return None
+    full, bare = render_samples(tokenizer, [list(messages), _without_system(messages)])
+    return full if full is not None else bare
 
 
 def detect_family(rendered: str) -> ChatFamily | None:
@@ -283,23 +309,33 @@ def write_modelfile(
 
     Returns:
         ModelfileResult; ``path`` is None when the tokenizer has no chat template (nothing written).
+
+    Raises:
+        UnsupportedModelError: only the folder's own code (``auto_map``) could load the tokenizer.
     """
-    from transformers import AutoTokenizer
+    from .hf_load import load_tokenizer
 
     out = Path(folder)
     tok_dir = Path(tokenizer_dir)
-    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok = load_tokenizer(tok_dir)
     if not getattr(tok, "chat_template", None):
         return ModelfileResult(path=None, family=None, notes=["no chat template: no Modelfile written"])
     notes: list[str] = []
-    rendered = render_sample(tok)
+    over: str | None = None
+    try:  # the sample, and the sample without its system message (templates that refuse one; default system texts)
+        full, bare = render_samples(tok, [list(SAMPLE), _without_system(SAMPLE)])
+    except ChatTemplateBudgetError as e:
+        full = bare = None
+        over = str(e)
+    rendered = full if full is not None else bare
     family = detect_family(rendered) if rendered is not None else None
     system = None
     if family is None:
-        why = "could not be rendered" if rendered is None else "is not one of " + ", ".join(f.value for f in FAMILIES)
-        notes.append(f"Modelfile has no TEMPLATE: the chat template {why}; Ollama will use the raw prompt (add a TEMPLATE by hand)")
+        known = ", ".join(f.value for f in FAMILIES)
+        why = over or ("the chat template could not be rendered" if rendered is None else f"the chat template is not one of {known}")
+        notes.append(f"Modelfile has no TEMPLATE: {why}; Ollama will use the raw prompt (add a TEMPLATE by hand)")
     else:
-        system = _default_system(tok, family)
+        system = _default_system(bare, family)
     stops = stop_tokens(tok, family, [tok_dir, *(Path(d) for d in config_dirs)])
     lines = [f"FROM ./{gguf_file}"]
     if family is not None:
@@ -320,13 +356,15 @@ def write_modelfile(
     return ModelfileResult(path=path, family=family, stops=written, system=system, notes=notes)
 
 
-def _default_system(tokenizer: Any, family: ChatFamily) -> str | None:
-    """A system text the template inserts when the conversation has none (Qwen2.5's, Llama 3.1's date lines)."""
+def _default_system(rendered: str | None, family: ChatFamily) -> str | None:
+    """A system text the template inserts when the conversation has none (Qwen2.5's, Llama 3.1's date lines).
+
+    Args:
+        rendered: the template rendered on the sample without its system message.
+        family: the detected family.
+    """
     pattern = FAMILIES[family].system_re
-    if pattern is None:
-        return None
-    rendered = render_sample(tokenizer, [m for m in SAMPLE if m["role"] != "system"])
-    if rendered is None:
+    if pattern is None or rendered is None:
         return None
     m = re.search(pattern, rendered, flags=re.DOTALL)
     text = m.group(1).strip() if m else None

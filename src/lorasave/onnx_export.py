@@ -248,16 +248,20 @@ def load_causal_lm(folder: Path) -> torch.nn.Module:
     Raises:
         UnsupportedModelError: transformers has no causal-LM class for it, or it is an encoder-decoder.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from .hf_load import load_causal_lm, load_config
 
     try:
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+        config = load_config(folder)
+    except UnsupportedModelError:
+        raise
     except (ValueError, KeyError) as e:
         raise UnsupportedModelError(f"{folder}: transformers does not know this model type, so it cannot be exported ({e})", path=folder) from None
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{folder}: {config.model_type} is an encoder-decoder; ONNX export handles decoder-only causal LMs", path=folder)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="eager", use_safetensors=True, trust_remote_code=False)
+        model = load_causal_lm(folder, dtype=torch.float32, attn_implementation="eager", use_safetensors=True)
+    except UnsupportedModelError:
+        raise
     except ValueError as e:
         raise UnsupportedModelError(f"{folder}: {config.model_type} has no causal-LM class in transformers ({e})", path=folder) from None
     return model.eval()

@@ -132,10 +132,10 @@ def onnx_generate(onnx_dir: PathLike, prompt: str, max_new_tokens: int = 20, *, 
         SourceNotFoundError, UnsupportedModelError: as ``OnnxDecoder``.
         InvalidOptionError: the prompt tokenizes to nothing.
     """
-    from transformers import AutoTokenizer
+    from .hf_load import load_tokenizer
 
     folder = Path(onnx_dir)
-    tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    tokenizer = load_tokenizer(folder)
     eos = _eos_ids(folder, tokenizer)
     decoder = OnnxDecoder(folder, providers)
     ids = np.asarray([tokenizer(prompt)["input_ids"]], dtype=np.int64)

@@ -296,9 +296,9 @@ def align_generation_eos(out: Path, tokenizer_dir: Path) -> str | None:
     if not gen_path.is_file() or not has_tokenizer(tokenizer_dir):
         return None
     try:
-        from transformers import AutoTokenizer
+        from .hf_load import load_tokenizer
 
-        eos = AutoTokenizer.from_pretrained(str(tokenizer_dir), trust_remote_code=False).eos_token_id
+        eos = load_tokenizer(tokenizer_dir).eos_token_id
     except Exception as e:  # a tokenizer transformers cannot load: leave the generation config alone
         logger.info("could not read the tokenizer in %s (%s); generation_config.json left as is", tokenizer_dir, e)
         return None

@@ -188,22 +188,10 @@ def verify(
 
 
 def _sources(out: Path, manifest: dict[str, Any], base: Any, adapters: Any) -> tuple[Any, list[Any], list[float]]:
-    """The base checkpoint, the adapters and their weights named in the manifest (or given)."""
-    from .adapter import load_adapter
-    from .checkpoint import open_checkpoint
+    """The base checkpoint, the adapters and their weights named in the manifest (or given): ``verify_sources.sources``."""
+    from .verify_sources import sources
 
-    src = manifest.get("sources", {})
-    settings = manifest.get("settings", {})
-    base_path = base or (src.get("base") or {}).get("path")
-    ad_paths = adapters or [a.get("path") for a in src.get("adapters") or []]
-    if not base_path:
-        raise SourceNotFoundError(f"{out}/lorasave.json names no base path; pass --base", path=out)
-    if not ad_paths and not isinstance(src.get("adapters"), list):
-        raise SourceNotFoundError(f"{out}/lorasave.json names no adapter path; pass --adapter", path=out)
-    ckpt = open_checkpoint(base_path)
-    ads = [load_adapter(p, allow_pickle=bool(settings.get("allow_pickle"))) for p in ad_paths]
-    weights = [float(w) for w in settings.get("weights") or [1.0] * len(ads)]
-    return ckpt, ads, weights
+    return sources(out, manifest, base, adapters)
 
 
 class _Checker:
@@ -292,6 +280,10 @@ def _check_tensors(out: Path, manifest: dict[str, Any], report: VerifyReport, ba
         return
     with TensorReader() as reader:
         checker = _Checker(ckpt, ads, weights, reader, report, seed)
+        from .verify_probes import Expect
+        from .verify_sources import live_unprobed
+
+        checker.exp.update({n: Expect("skip", reason=why) for n, why in live_unprobed(manifest, adapters).items()})
         for shard in sorted(out.glob("*.safetensors")):
             for name, entry in read_header(shard).tensors.items():
                 w1 = reader.read(entry)
@@ -346,9 +338,9 @@ def _fits(out: Path, ckpt: Any) -> bool:
 
 def _ids(out: Path, vocab: int) -> torch.Tensor:
     try:
-        from transformers import AutoTokenizer
+        from .hf_load import load_tokenizer
 
-        ids = AutoTokenizer.from_pretrained(out)(TEXT, return_tensors="pt")["input_ids"]
+        ids = load_tokenizer(out)(TEXT, return_tensors="pt")["input_ids"]
     except Exception:  # no tokenizer in the output: fixed ids
         ids = torch.tensor([FIXED_IDS])
     return ids % vocab
@@ -373,13 +365,19 @@ def _quiet_transformers() -> Iterator[None]:
 def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, base: Any, adapters: Any) -> None:
     """Logits of OUT (transformers, gguf loader, or onnxruntime) against base + adapter(s) under PEFT, fp32."""
     from peft import PeftModel
-    from transformers import AutoModelForCausalLM
+
+    from .hf_load import load_causal_lm
 
     command = manifest.get("command")
     settings = manifest.get("settings", {})
-    ckpt, ads, weights = _sources(out, manifest, base, adapters)
-    if command not in ("merge", "gguf", "gguf-adapter", "onnx"):
+    if command not in ("merge", "gguf", "gguf-adapter", "onnx", "adapter"):
         report.skipped = f"logits: nothing to compare for a {command!r} output"
+        return
+    ckpt, ads, weights = _sources(out, manifest, base, adapters)
+    from .verify_sources import live_adapter_unsaved
+
+    if live_adapter_unsaved(manifest, adapters):
+        report.skipped = "logits: the adapter lived in a PeftModel and was not saved: pass --adapter DIR (model.save_pretrained(DIR)) to compare"
         return
     if any(w != 1.0 for w in weights):
         report.skipped = "logits: weighted adapter combinations are not compared"
@@ -388,7 +386,7 @@ def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, bas
         report.skipped = "logits: base, PEFT model and output do not fit the free memory"
         return
     with torch.no_grad(), _quiet_transformers():
-        model = AutoModelForCausalLM.from_pretrained(ckpt.root, dtype=torch.float32)
+        model = load_causal_lm(ckpt.root, dtype=torch.float32)
         module_names = [n for n, _ in model.named_modules()]
         for ad in ads:  # PEFT matches these with Python's re, uninterruptibly: try them first under a budget
             check_peft_patterns(ad.config, module_names, source=ad.root / "adapter_config.json")
@@ -413,12 +411,17 @@ def _check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, bas
             got_np, _ = dec(ids.numpy(), torch.ones_like(ids).numpy(), dec.empty_past(ids.shape[0]))
             got = torch.from_numpy(got_np)
             sixteen = settings.get("dtype") != "float32" or bool(settings.get("quantize"))
+        elif command == "adapter":  # PEFT with the adapter as saved against PEFT with the source adapter
+            from .verify_sources import adapter_output_logits
+
+            got = adapter_output_logits(ckpt.root, out, ids)
+            sixteen = str(settings.get("dtype")) not in ("float32", "as-is")
         elif command in ("gguf", "gguf-adapter"):
             got, runtime = _gguf_logits(out, manifest, ids) if command == "gguf" else _gguf_adapter_logits(out, manifest, ckpt.root, ids)
             report.logits_runtime = runtime
             limits = GGUF_LOGIT_LIMITS.get(str(settings.get("type")), (float("inf"), 0.5))
         else:
-            got = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()(input_ids=ids).logits.float()
+            got = load_causal_lm(out, dtype=torch.float32).eval()(input_ids=ids).logits.float()
             sixteen = str(settings.get("dtype")) not in ("float32", "torch.float32")
     got, ref = got[..., :vocab], ref[..., :vocab]
     diff = float((got - ref).abs().max())
@@ -524,8 +527,8 @@ def _gguf_logits(out: Path, manifest: dict[str, Any], ids: torch.Tensor) -> tupl
     gguf_file = out / next(n for n in manifest.get("files", {}) if n.endswith(".gguf"))
     if llama_cpp.available():
         return _llama_cpp_logits(gguf_file, ids), "llama.cpp"
-    from transformers import AutoModelForCausalLM
+    from .hf_load import load_causal_lm
 
     logger.info("llama.cpp runtime not installed (install it with: %s): GGUF logits come from transformers' GGUF loader", llama_cpp.INSTALL_COMMAND)
-    model = AutoModelForCausalLM.from_pretrained(out, gguf_file=gguf_file.name, dtype=torch.float32).eval()
+    model = load_causal_lm(out, gguf_file=gguf_file.name, dtype=torch.float32).eval()
     return model(input_ids=ids).logits.float(), "transformers"
