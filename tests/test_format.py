@@ -153,11 +153,14 @@ def test_index_missing_shard_and_missing_tensor(tmp_path: Path) -> None:
 
 
 def test_index_symlinked_shard_followed(tmp_path: Path) -> None:
-    """Plain names that are symlinks (as in the Hugging Face cache) are followed."""
-    root = _sharded_base(tmp_path, {"a": "model-00001-of-00001.safetensors"})
-    blob = tmp_path / "blob"
-    (root / "model-00001-of-00001.safetensors").rename(blob)
-    (root / "model-00001-of-00001.safetensors").symlink_to(blob)
+    """Plain names that are symlinks into the same Hugging Face cache repo's blobs/ are followed
+    (a link anywhere else is refused: tests/test_trust_paths.py)."""
+    (tmp_path / "models--org--tiny" / "snapshots").mkdir(parents=True)
+    root = _sharded_base(tmp_path / "models--org--tiny" / "snapshots", {"a": "model-00001-of-00001.safetensors"})  # snapshots/base
+    blobs = tmp_path / "models--org--tiny" / "blobs"
+    blobs.mkdir()
+    (root / "model-00001-of-00001.safetensors").rename(blobs / "sha")
+    (root / "model-00001-of-00001.safetensors").symlink_to(Path("..") / ".." / "blobs" / "sha")
     ck = open_checkpoint(root)
     assert list(ck.tensors) == ["a"]
 

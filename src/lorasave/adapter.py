@@ -28,6 +28,7 @@ import torch
 
 from .checkpoint import TensorReader, read_json, resolve_source
 from .errors import AdapterMismatchError, CheckpointFormatError, InvalidOptionError, NotAnAdapterError, PickleRefusedError, UnsupportedAdapterError
+from .paths import check_inside
 from .patterns import pattern_keys, pattern_rules, pattern_value, validate
 from .safetensors_format import TensorEntry, read_header
 
@@ -296,13 +297,14 @@ def load_adapter(spec: str | os.PathLike[str], *, allow_pickle: bool = False) ->
         AdapterMismatchError: a LoRA factor missing its pair, r = 0, ranks disagreeing with the config.
         PatternError: a ``rank_pattern`` / ``alpha_pattern`` key invalid or too long.
         PatternTimeoutError: a key whose matching (Python ``re``, no RE2 form) exceeds ``patterns.BUDGET_S``.
+        UnsafePathError: the config or weights file is a symlink leaving the folder (rule in ``paths``).
     """
     root = locate_adapter(spec)
-    config = read_json(root / ADAPTER_CONFIG_NAME)
+    config = read_json(check_inside(root / ADAPTER_CONFIG_NAME, root))
     tuner = _check_config(root, config)
     adapter: Adapter
     if (root / ADAPTER_SAFE_NAME).is_file():
-        header = read_header(root / ADAPTER_SAFE_NAME)
+        header = read_header(check_inside(root / ADAPTER_SAFE_NAME, root))
         adapter = Adapter(root, config, root / ADAPTER_SAFE_NAME, entries=dict(header.tensors), tuner=tuner)
     elif (root / ADAPTER_PICKLE_NAME).is_file():
         if not allow_pickle:
@@ -312,7 +314,7 @@ def load_adapter(spec: str | os.PathLike[str], *, allow_pickle: bool = False) ->
                 path=root / ADAPTER_PICKLE_NAME,
             )
         try:
-            state = torch.load(root / ADAPTER_PICKLE_NAME, map_location="cpu", weights_only=True)
+            state = torch.load(check_inside(root / ADAPTER_PICKLE_NAME, root), map_location="cpu", weights_only=True)
         except Exception as e:
             first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
             raise CheckpointFormatError(

@@ -22,7 +22,7 @@ from .dtypes import FLOAT_DTYPES, dtype_name, parse_output_dtype, st_dtype
 from .execute import execute
 from .manifest import MANIFEST_NAME, SourceHasher, result_dict, sha256_file, write_manifest
 from .options import MergeInto, SaveMethod, bnb_spec, parse_enum
-from .output import StagedOutput, align_generation_eos, carry_files, check_free_space, check_output_path, tokenizer_source, write_config
+from .output import StagedOutput, align_generation_eos, carry_files, carry_plan, check_free_space, check_output_path, tokenizer_source, write_config
 from .plan import INDEX_NAME, MergePlan, build_plan
 from .quant.bnb import Bnb4bitSpec, import_bnb
 from .safetensors_format import layout, read_header, serialize_header
@@ -161,8 +161,8 @@ def merge(
     Raises:
         LorasaveError subclasses: SourceNotFoundError, NotAnAdapterError, CheckpointFormatError,
         UnsafePathError, PickleRefusedError, AdapterMismatchError, UnsupportedAdapterError,
-        UnsupportedModelError, OutputExistsError, InsufficientDiskError, NonFiniteResultError,
-        InvalidOptionError.
+        UnsupportedModelError, OutputExistsError, InsufficientDiskError (DiskFullError when OUT's
+        file system fills during the run), NonFiniteResultError, InvalidOptionError.
     """
     t_start = time.perf_counter()
     out_dtype = parse_output_dtype(dtype)
@@ -183,6 +183,7 @@ def merge(
             quant_input_dtype=quant_input_dtype,
             quantization_from=quantization_from,
         )
+    carry = carry_plan(ckpt.root, tok_dir)
     hasher = SourceHasher()  # hashes the sources on another core while the plan is made
     hasher.submit(ckpt.source_files())
     for ad in ads:
@@ -191,7 +192,7 @@ def merge(
     def side_files(folder: Path, plan: MergePlan, quant: dict[str, Any] | None) -> list[str]:
         cfg = json.loads((ckpt.root / "config.json").read_text(encoding="utf-8"))
         write_config(cfg, folder / "config.json", dtype=plan.out_dtype, quantization=quant, updates=plan.config_updates)
-        carried = carry_files(ckpt.root, tok_dir, folder)
+        carried = carry_files(ckpt.root, tok_dir, folder, carry)
         if tok_dir.resolve() != ckpt.root.resolve():
             note = align_generation_eos(folder, tok_dir)
             if note:
@@ -234,6 +235,7 @@ def merge(
             extra_settings={"allow_pickle": allow_pickle},
             t_start=t_start,
             verify_output=verify,
+            carried_bytes=carry.nbytes,
         )
     finally:
         hasher.close()
@@ -294,6 +296,7 @@ def merge_sources(
     extra_settings: dict[str, Any],
     t_start: float,
     verify_output: bool = False,
+    carried_bytes: int = 0,
 ) -> MergeResult:
     """Plan, execute and finalize a merge of opened sources into ``final`` (shared by ``merge`` and the live API).
 
@@ -303,6 +306,8 @@ def merge_sources(
         describe_sources: the manifest's ``sources`` section.
         verify_output: run ``verify`` (tensors level) on the staged output before the final
             rename; a failure raises and nothing is written.
+        carried_bytes: bytes of the files ``side_files`` copies from the sources, counted in the
+            free-space check.
     """
     arch = inspect_architecture(ckpt.config)
     plan = build_plan(
@@ -315,7 +320,7 @@ def merge_sources(
         merge_into=spec if into is MergeInto.DEQUANTIZED else None,
         quantize=spec if method is SaveMethod.MERGED_4BIT else None,
     )
-    check_free_space(final, plan.total_bytes)
+    check_free_space(final, plan.total_bytes, carried=carried_bytes)
     for note in plan.notes:
         logger.info("%s", note)
     with StagedOutput(final) as stage, _progress(progress, plan.data_bytes) as bar:
@@ -437,7 +442,7 @@ def save_adapter(
             tensors[k] = t.contiguous()
     lay = layout((k, st_dtype(t.dtype), tuple(t.shape)) for k, t in tensors.items())
     header = serialize_header(lay, {"format": "pt"})
-    check_free_space(final, len(header) + (lay[-1].end if lay else 0))
+    check_free_space(final, len(header) + (lay[-1].end if lay else 0), carried=(ad.root / ADAPTER_CONFIG_NAME).stat().st_size)
     files: dict[str, str] = {}
     with StagedOutput(final) as stage:
         writer = SafetensorsShardWriter(stage.path / ADAPTER_SAFE_NAME, header, lay)

@@ -21,6 +21,7 @@ import torch
 
 from .dtypes import StDtype, nbytes, st_dtype
 from .errors import CheckpointFormatError, PickleRefusedError, SourceNotFoundError, UnsafePathError
+from .paths import check_inside
 from .quant.bnb import QuantizedWeight, check_quant_method, group_quantized
 from .safetensors_format import TensorEntry, pread_exact, read_header
 
@@ -134,7 +135,9 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
         SourceNotFoundError: no such folder / cached id.
         CheckpointFormatError: missing config.json or weights, malformed files, an index naming a
             missing shard or a tensor absent from its shard.
-        UnsafePathError: an index entry that is not a plain file name.
+        UnsafePathError: an index entry that is not a plain file name, or a config, index or shard
+            that is a symlink leaving the folder (``paths`` has the rule; the Hugging Face cache's
+            ``snapshots/<rev>/x -> ../../blobs/<sha>`` links are followed).
         PickleRefusedError: only pickle weights (``pytorch_model.bin``) are present.
     """
     root, hub_id = resolve_source(spec, "base")
@@ -145,14 +148,14 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
 
             raise CheckpointFormatError(f"{root} is a PEFT adapter, not a base model; put the base first: {command_hint('BASE ADAPTER')}", path=root)
         raise CheckpointFormatError(f"{root}: no config.json; BASE must be a Hugging Face model folder", path=root)
-    config = read_json(cfg_path)
+    config = read_json(check_inside(cfg_path, root))
     archs = config.get("architectures")
     if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
         raise CheckpointFormatError(f"{cfg_path}: architectures must be a list of class names, got {archs!r}; fix or re-download the file", path=cfg_path)
     index_path = root / SAFE_WEIGHTS_INDEX_NAME
     tensors: dict[str, TensorEntry] = {}
     if index_path.is_file():
-        index = read_json(index_path)
+        index = read_json(check_inside(index_path, root))
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise CheckpointFormatError(f"{index_path}: no weight_map; re-download the index", path=index_path)
@@ -170,7 +173,7 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
                 present = False
             if not present:
                 raise CheckpointFormatError(f"{index_path} names shard {fname}, which is missing; download it again", path=p)
-            headers[fname] = read_header(p)
+            headers[fname] = read_header(check_inside(p, root))
         for fname in files:
             for name, entry in headers[fname].tensors.items():
                 if weight_map.get(name) == fname:
@@ -182,7 +185,7 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
                 )
         weight_files = [root / f for f in files]
     elif (root / SAFE_WEIGHTS_NAME).is_file():
-        header = read_header(root / SAFE_WEIGHTS_NAME)
+        header = read_header(check_inside(root / SAFE_WEIGHTS_NAME, root))
         tensors = dict(header.tensors)
         weight_files = [root / SAFE_WEIGHTS_NAME]
         index_path = None

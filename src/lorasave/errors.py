@@ -136,6 +136,18 @@ class InsufficientDiskError(LorasaveError, OSError):
         self.free_bytes = free_bytes
 
 
+class DiskFullError(InsufficientDiskError):
+    """OUT's file system filled up (ENOSPC) or the quota on it ran out (EDQUOT) while writing; nothing was written.
+
+    Attributes:
+        filesystem: OUT's file system in words (mount point and device).
+    """
+
+    def __init__(self, message: str, *, path: str | Path, filesystem: str, free_bytes: int, needed_bytes: int = 0) -> None:
+        super().__init__(message, path=path, needed_bytes=needed_bytes, free_bytes=free_bytes)
+        self.filesystem = filesystem
+
+
 class InvalidOptionError(LorasaveError, ValueError):
     """An option value (dtype, max_shard_size, ...) cannot be understood."""
 

@@ -58,6 +58,7 @@ from .gguf_arch import GgufArch, gguf_arch_for
 from .gguf_export import ggml_type, gguf_tensors, permute_qk
 from .gguf_quant import GgufType, encode, tensor_nbytes
 from .manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
+from .names import check_file_name, safe_file_name
 from .output import StagedOutput, check_free_space, check_output_path
 from .plan import build_plan
 from .recipes import LoraDelta
@@ -344,14 +345,15 @@ def export_gguf_adapter(
         output_dir: the folder to create.
         type: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"q8_0"`` for the ``lora_a``/``lora_b`` tensors.
         overwrite: replace an existing ``output_dir`` written by lorasave.
-        name: ``general.name`` and file stem; default: the output folder's name.
+        name: ``general.name`` and file stem, a plain file name (no path separator, ``..``, NUL); default:
+            the output folder's name, sanitised (``names.safe_file_name``).
         allow_pickle: accept ``adapter_model.bin``.
 
     Returns:
         GgufAdapterResult.
 
     Raises:
-        InvalidOptionError: unknown ``type``.
+        InvalidOptionError: unknown ``type``, or a ``name`` that is not a plain file name (``names.check_file_name``).
         UnsupportedAdapterError: several adapters, or what the format cannot express (DoRA,
             ``modules_to_save``, new tokens, LoHa/LoKr/IA3, ``lora_bias``, a tied lm_head or
             embedding delta); the message points to ``lorasave gguf BASE ADAPTER``.
@@ -362,6 +364,8 @@ def export_gguf_adapter(
     t_start = time.perf_counter()
     if type not in ADAPTER_TYPES:
         raise InvalidOptionError(f"GGUF type {type!r} is not supported; choose one of {', '.join(ADAPTER_TYPES)}")
+    if name is not None:
+        check_file_name(name, "name")
     specs = adapter_list(adapter)
     if len(specs) != 1:
         raise UnsupportedAdapterError(
@@ -373,7 +377,7 @@ def export_gguf_adapter(
     ad = load_adapters(specs, allow_pickle=allow_pickle)[0]
     check_expressible(ad, ckpt)
     final = check_output_path(Path(output_dir), [ckpt.root, ad.root], overwrite)
-    stem = name or final.name
+    stem = name if name is not None else safe_file_name(final.name)
     alpha = _file_alpha(ad)
     pairs = plan_pairs(ckpt, ad, rules, type, alpha)
     nbytes = sum(tensor_nbytes(p.a_shape, p.a_type) + tensor_nbytes(p.b_shape, p.b_type) for p in pairs)

@@ -46,6 +46,7 @@ from .gguf_stream import HashingWriteBehind, encoded_tensor
 from .gguf_vocab import add_tokenizer, embedding_rows
 from .manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
 from .merge_math import ExecContext, Timings
+from .names import check_file_name, safe_file_name
 from .output import StagedOutput, check_free_space, check_output_path, tokenizer_source
 from .plan import MergePlan, OutputTensor, build_plan
 
@@ -368,7 +369,8 @@ def export_gguf(
             folder (F16, BF16 for a bfloat16 base) and removed after; they need the llama.cpp
             runtime (``python -m lorasave.llama_cpp_install``).
         overwrite: replace an existing ``output_dir`` written by lorasave.
-        name: ``general.name`` and file stem; default: the output folder's name.
+        name: ``general.name`` and file stem, a plain file name (no path separator, ``..``, NUL); default:
+            the output folder's name, sanitised (``names.safe_file_name``).
         tokenizer: folder with ``tokenizer.json``; default: the first adapter's, else the base's.
         allow_pickle: accept ``adapter_model.bin``.
         modelfile: write an Ollama ``Modelfile`` when the tokenizer has a chat template
@@ -378,7 +380,7 @@ def export_gguf(
         GgufResult.
 
     Raises:
-        InvalidOptionError: unknown ``type``.
+        InvalidOptionError: unknown ``type``, or a ``name`` that is not a plain file name (``names.check_file_name``).
         LlamaCppNotInstalledError: a k-quant ``type`` without the llama.cpp runtime (nothing is written).
         LlamaCppError: llama.cpp failed to quantize.
         UnsupportedModelError: a ``model_type``, tensor, RoPE scaling or tokenizer the export does
@@ -388,6 +390,8 @@ def export_gguf(
         NonFiniteResultError, ...).
     """
     t_start = time.perf_counter()
+    if name is not None:
+        check_file_name(name, "name")
     try:
         gtype = GgufType.parse(type)
     except ValueError:
@@ -402,7 +406,7 @@ def export_gguf(
     ads: list[Adapter] = load_adapters(adapters, allow_pickle=allow_pickle)
     tok_dir = tokenizer_source(tokenizer, [a.root for a in ads], ckpt.root)
     final = check_output_path(Path(output_dir), [ckpt.root, *(a.root for a in ads), tok_dir], overwrite)
-    stem = name or final.name
+    stem = name if name is not None else safe_file_name(final.name)
     arch = inspect_architecture(ckpt.config)
     plan = build_plan(ckpt, ads, arch, out_dtype=torch.float32, max_shard_size=1 << 62)
     config = json.loads(json.dumps(ckpt.config))

@@ -35,7 +35,6 @@ from .errors import (
     InvalidOptionError,
     ModelCardError,
     SourceNotFoundError,
-    UnsafePathError,
 )
 from .hub_session import hub_timeout, mapped_hub_errors
 from .hub_session import one_line as _one_line
@@ -264,18 +263,18 @@ def list_push_files(root: Path) -> list[str]:
         Paths relative to ``root``, POSIX style, sorted.
 
     Raises:
-        UnsafePathError: a file is a symlink that resolves outside ``root``.
+        UnsafePathError: a file is a symlink that breaks lorasave's one rule (``paths``): it resolves
+            outside ``root`` and outside the Hugging Face cache repo ``root`` is a snapshot of.
     """
     from huggingface_hub.utils import filter_repo_objects
     from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
 
-    base = root.resolve()
+    from .paths import check_inside
+
     found = {p.relative_to(root).as_posix(): p for p in sorted(root.glob("**/*")) if p.is_file()}
     kept = sorted(filter_repo_objects(found, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
     for rel in kept:
-        target = found[rel].resolve()
-        if not target.is_relative_to(base):
-            raise UnsafePathError(f"{root / rel} links to {target}, outside the folder: copy the file into the folder or remove the link", path=found[rel])
+        check_inside(found[rel], root)
     return kept
 
 
@@ -295,6 +294,7 @@ def verify_folder(root: Path, files: list[str]) -> dict[str, Any] | None:
         FolderMismatchError: a listed file is missing, or its size or sha256 differs.
     """
     from .errors import CheckpointFormatError
+    from .paths import check_relative_entry
 
     path = root / MANIFEST_NAME
     if MANIFEST_NAME not in files:
@@ -306,13 +306,10 @@ def verify_folder(root: Path, files: list[str]) -> dict[str, Any] | None:
     table = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(table, dict):
         raise CheckpointFormatError(f"{path}: no 'files' table; re-create the output or delete {MANIFEST_NAME} to push unchecked", path=path)
-    base = root.resolve()
     listed = set(files)
     fix = "re-create the output with lorasave (--overwrite), or delete lorasave.json to push the folder unchecked"
     for name, entry in sorted(table.items()):
-        target = root / name
-        if not (base / name).resolve().is_relative_to(base):
-            raise UnsafePathError(f"{path} lists {name!r}, outside the folder; refusing to push", path=path)
+        target = root / check_relative_entry(name, path)  # where a listed link may lead is list_push_files' rule
         if name not in listed:
             raise FolderMismatchError(f"{target}: listed in {MANIFEST_NAME} but missing from the folder; {fix}", path=target, file=name)
         want_sha = entry.get("sha256") if isinstance(entry, dict) else None

@@ -24,6 +24,7 @@ import copy
 import io
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -38,8 +39,8 @@ import torch
 from .adapter import adapter_list
 from .errors import InvalidOptionError, LorasaveError, UnsupportedModelError
 from .manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
-from .onnx_run import ONNX_NAME, OnnxDecoder, import_onnx, onnx_generate, verify_onnx
-from .output import StagedOutput, align_generation_eos, carry_files, check_output_path, write_config
+from .onnx_run import ONNX_NAME, OnnxDecoder, import_onnx, onnx_bytes_bound, onnx_generate, verify_onnx
+from .output import StagedOutput, align_generation_eos, carry_files, carry_plan, check_free_space, check_output_path, write_config
 
 logger = logging.getLogger(__name__)
 
@@ -474,7 +475,8 @@ def export_onnx(
         LorasaveError subclasses: InvalidOptionError (dtype, quantize, opset), UnsupportedModelError
         (onnx or onnxruntime missing, an architecture transformers or torch.onnx cannot export, a
         sliding-window or hybrid cache), OnnxVerificationError, OutputExistsError, UnsafePathError,
-        and those of ``lorasave.merge``.
+        InsufficientDiskError (``onnx_run.onnx_bytes_bound`` plus carried files exceed the free
+        space; DiskFullError when the disk fills anyway), and those of ``lorasave.merge``.
     """
     from .checkpoint import open_checkpoint
 
@@ -493,6 +495,10 @@ def export_onnx(
         )
     sources = [ckpt.root, *(Path(a) for a in ads), *([Path(tokenizer)] if tokenizer is not None else [])]
     final = check_output_path(Path(output), sources, overwrite)
+    tok_dir = Path(tokenizer) if tokenizer is not None else ckpt.root  # the merge picks its own tokenizer: counted alike
+    carry = carry_plan(ckpt.root, tok_dir)
+    n_elements = sum(math.prod(e.shape) for e in ckpt.tensors.values())
+    check_free_space(final, onnx_bytes_bound(n_elements, merged=bool(ads), dtype=dtype_name, quantize=quant), carried=2 * carry.nbytes)  # merge + OUT
     timings: dict[str, float] = {}
     with StagedOutput(final) as stage:
         work = stage.path / ".work"
@@ -548,8 +554,7 @@ def export_onnx(
         if ads:
             _side_files(model_dir, stage.path, dtype_name)
         else:
-            tok_dir = Path(tokenizer) if tokenizer is not None else ckpt.root
-            carry_files(ckpt.root, tok_dir, stage.path)
+            carry_files(ckpt.root, tok_dir, stage.path, carry)
             write_config(ckpt.config, stage.path / "config.json", dtype=_TORCH_DTYPES[dtype_name])
             if tok_dir.resolve() != ckpt.root.resolve():
                 align_generation_eos(stage.path, tok_dir)

@@ -24,6 +24,17 @@ ONNX_NAME = "model.onnx"
 INSTALL_HINT = "pip install 'lorasave[onnx]' (onnx, onnxruntime, onnxscript)"
 
 
+def onnx_bytes_bound(n_elements: int, *, merged: bool, dtype: str, quantize: str | None) -> int:
+    """Bytes ``export_onnx`` holds on OUT's file system at its peak, for its free-space check.
+
+    The float32 merge in the staging folder (with adapters), the graph in ``dtype`` (with
+    ``quantize``: the float32 graph and its int8 copy), and 16 MiB for configs, card and tokenizer
+    overheads; carried files are counted separately.
+    """
+    graph = n_elements * (5 if quantize else 2 if dtype == "float16" else 4)
+    return (4 * n_elements if merged else 0) + graph + (16 << 20)
+
+
 def import_onnx(*, exporter: bool = True) -> tuple[Any, Any]:
     """Import ``onnx`` and ``onnxruntime``, and with ``exporter`` check ``onnxscript`` (torch's exporter needs it).
 

@@ -9,6 +9,7 @@ KeyboardInterrupt included, removes the staging folder: OUT is either complete o
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import glob
 import json
@@ -16,13 +17,15 @@ import logging
 import os
 import shutil
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 import torch
 
-from .errors import InsufficientDiskError, OutputExistsError, UnsafePathError
+from .errors import DiskFullError, InsufficientDiskError, OutputExistsError, UnsafePathError
+from .paths import check_inside, escape_message, escaping_target
 
 logger = logging.getLogger(__name__)
 
@@ -93,23 +96,67 @@ def check_replaceable(final: Path) -> None:
         )
 
 
-def check_free_space(final: Path, needed_bytes: int) -> None:
+def check_free_space(final: Path, needed_bytes: int, *, carried: int = 0) -> None:
     """Refuse before writing when OUT's file system has less free space than the plan needs.
 
+    Args:
+        final: OUT.
+        needed_bytes: bytes the plan writes (weights, headers, index).
+        carried: bytes of the files copied from the sources (``CarryPlan.nbytes``: licenses,
+            tokenizer, generation config).
+
     Raises:
-        InsufficientDiskError: ``needed_bytes`` (plus 1% margin) exceeds the free bytes.
+        InsufficientDiskError: ``needed_bytes + carried`` (plus 1% margin) exceeds the free bytes.
     """
+    parent = _existing_parent(final)
+    free = shutil.disk_usage(parent).free
+    total = needed_bytes + carried
+    if total * 1.01 > free:
+        what = f"{total:,} bytes ({carried:,} of them files carried from the sources)" if carried else f"{total:,} bytes"
+        raise InsufficientDiskError(
+            f"the output needs {what} but {parent} has {free:,} bytes free (on {filesystem_of(parent)}); free some space or write elsewhere",
+            path=final,
+            needed_bytes=total,
+            free_bytes=free,
+        )
+
+
+def _existing_parent(final: Path) -> Path:
     parent = final.parent
     while not parent.exists():
         parent = parent.parent
+    return parent
+
+
+def filesystem_of(path: Path) -> str:
+    """Name the file system ``path`` is on: ``the file system mounted at /data (/dev/sdb1)``."""
+    mount = Path(os.path.realpath(path))
+    while not os.path.ismount(mount) and mount != mount.parent:
+        mount = mount.parent
+    device = None
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/mounts").read_text(encoding="utf-8", errors="replace").splitlines():
+            fields = line.split()
+            if len(fields) >= 2 and fields[1].replace("\\040", " ") == str(mount):
+                device = fields[0]  # the last entry for a mount point is the one in effect
+    return f"the file system mounted at {mount}" + (f" ({device})" if device else "")
+
+
+#: errno values that mean OUT's file system (or the user's quota on it) is full.
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(e: OSError, final: Path) -> DiskFullError:
+    """The one-line error for an ENOSPC / EDQUOT raised while writing OUT: it names OUT's file system."""
+    parent = _existing_parent(final)
     free = shutil.disk_usage(parent).free
-    if needed_bytes * 1.01 > free:
-        raise InsufficientDiskError(
-            f"the output needs {needed_bytes:,} bytes but {parent} has {free:,} bytes free; free some space or write elsewhere",
-            path=final,
-            needed_bytes=needed_bytes,
-            free_bytes=free,
-        )
+    why = "the disk quota ran out" if e.errno == errno.EDQUOT else "it is full"
+    return DiskFullError(
+        f"writing {final} stopped: {why} on {filesystem_of(parent)} ({free:,} bytes free now); nothing was written, free some space or write elsewhere",
+        path=final,
+        filesystem=filesystem_of(parent),
+        free_bytes=free,
+    )
 
 
 class StagedOutput:
@@ -167,6 +214,8 @@ class StagedOutput:
         if self._lock_fd is not None:
             os.close(self._lock_fd)
             self._lock_fd = None
+        if isinstance(exc, OSError) and not isinstance(exc, DiskFullError) and exc.errno in DISK_FULL_ERRNOS:
+            raise disk_full_error(exc, self.final) from exc  # name OUT's file system, not the file being copied
 
 
 def lock_path_for(folder: Path) -> Path:
@@ -256,29 +305,87 @@ def write_config(
     dst.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def carry_files(base: Path, tokenizer_dir: Path, dst: Path) -> list[str]:
+#: Tokenizer files that may be left out when they break the symlink rule (a note, not an error).
+OPTIONAL_TOKENIZER_FILES = ("chat_template.jinja", "chat_template.json", "preprocessor_config.json", "processor_config.json")
+
+
+@dataclass
+class CarryPlan:
+    """The files ``carry_files`` copies into an output, decided before any writing.
+
+    Attributes:
+        files: ``(source file, name in OUT)`` pairs.
+        skipped: one note per optional file left out because it is a symlink leaving its folder.
+    """
+
+    files: list[tuple[Path, str]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the copies will take."""
+        return sum(src.stat().st_size for src, _ in self.files)
+
+
+def carry_plan(base: Path, tokenizer_dir: Path) -> CarryPlan:
+    """Which of ``generation_config.json``, license files and tokenizer files an output gets.
+
+    A file that is a symlink resolving outside the folder it was found in (and outside that
+    Hugging Face cache repo's ``blobs/``; the rule is ``paths.escaping_target``) is not copied:
+    an optional one (license-like files, ``generation_config.json``, chat templates, processor
+    configs) is skipped with a note, a tokenizer file is an error.
+
+    Args:
+        base: base folder (generation config, licenses).
+        tokenizer_dir: folder whose tokenizer files are copied.
+
+    Raises:
+        UnsafePathError: a required tokenizer file links outside ``tokenizer_dir``.
+    """
+    plan = CarryPlan()
+    found: list[tuple[Path, str, bool]] = []
+    if (base / "generation_config.json").is_file():
+        found.append((base, "generation_config.json", False))
+    for p in sorted(base.iterdir()):
+        if p.is_file() and p.name.upper().startswith(LICENSE_PREFIXES):
+            found.append((base, p.name, False))
+    for n in TOKENIZER_FILES:
+        if (tokenizer_dir / n).is_file():
+            found.append((tokenizer_dir, n, n not in OPTIONAL_TOKENIZER_FILES))
+    for folder, n, required in found:
+        src = folder / n
+        target = escaping_target(src, folder)
+        if target is None:
+            plan.files.append((src, n))
+        elif required:
+            raise UnsafePathError(f"{escape_message(src, target, folder)}: copy the tokenizer file into the folder or remove the link", path=src)
+        else:
+            plan.skipped.append(f"{n} not carried: {escape_message(src, target, folder)}")
+    return plan
+
+
+def carry_files(base: Path, tokenizer_dir: Path, dst: Path, plan: CarryPlan | None = None) -> list[str]:
     """Copy ``generation_config.json``, license files and the tokenizer into ``dst``.
 
     Args:
         base: base folder (generation config, licenses).
         tokenizer_dir: folder whose tokenizer files are copied.
         dst: staging folder.
+        plan: ``carry_plan(base, tokenizer_dir)`` when the caller made it already.
 
     Returns:
-        Names of the files copied (symlinks, as in the Hugging Face cache, are followed).
+        Names of the files copied. Symlinks are followed only as ``carry_plan`` allows (the
+        Hugging Face cache's are); each optional file skipped is logged as a note.
+
+    Raises:
+        UnsafePathError: a required tokenizer file links outside its folder.
     """
-    names: list[tuple[Path, str]] = []
-    if (base / "generation_config.json").is_file():
-        names.append((base, "generation_config.json"))
-    for p in sorted(base.iterdir()):
-        if p.is_file() and p.name.upper().startswith(LICENSE_PREFIXES):
-            names.append((base, p.name))
-    for n in TOKENIZER_FILES:
-        if (tokenizer_dir / n).is_file():
-            names.append((tokenizer_dir, n))
+    plan = plan if plan is not None else carry_plan(base, tokenizer_dir)
+    for note in plan.skipped:
+        logger.info("%s", note)
     copied = []
-    for folder, n in names:
-        shutil.copyfile(folder / n, dst / n)
+    for src, n in plan.files:
+        shutil.copyfile(src, dst / n)
         copied.append(n)
     return copied
 
@@ -325,9 +432,10 @@ def tokenizer_source(tokenizer: str | os.PathLike[str] | None, adapter_roots: li
 
     Raises:
         SourceNotFoundError: ``tokenizer`` holds no tokenizer.
+        UnsafePathError: a tokenizer file of the chosen folder links outside it.
     """
     if tokenizer is None:
-        return next((r for r in adapter_roots if has_tokenizer(r)), base_root)
+        return check_tokenizer_links(next((r for r in adapter_roots if has_tokenizer(r)), base_root))
     tok_dir = Path(tokenizer)
     if not tok_dir.is_dir() or not has_tokenizer(tok_dir):
         from .errors import SourceNotFoundError
@@ -335,4 +443,19 @@ def tokenizer_source(tokenizer: str | os.PathLike[str] | None, adapter_roots: li
         raise SourceNotFoundError(
             f"--tokenizer {tokenizer}: no tokenizer there (tokenizer.json, tokenizer_config.json, tokenizer.model or vocab.json)", path=tok_dir
         )
+    return check_tokenizer_links(tok_dir)
+
+
+def check_tokenizer_links(tok_dir: Path) -> Path:
+    """Refuse a tokenizer folder whose required files are symlinks leaving it (``paths.check_inside``).
+
+    Returns:
+        ``tok_dir``.
+
+    Raises:
+        UnsafePathError: such a file; optional ones (``OPTIONAL_TOKENIZER_FILES``) are left to ``carry_plan``.
+    """
+    for n in TOKENIZER_FILES:
+        if n not in OPTIONAL_TOKENIZER_FILES and (tok_dir / n).is_file():
+            check_inside(tok_dir / n, tok_dir)
     return tok_dir

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointFormatError, LorasaveError, SourceNotFoundError
+from .paths import check_relative_entry
 from .patterns import check_peft_patterns
 from .printable import escape
 
@@ -128,6 +129,8 @@ def _manifest(out: Path) -> dict[str, Any]:
         raise CheckpointFormatError(
             f"{path}: not a lorasave manifest (expected an object with a files map); the output is damaged, run the merge again", path=path
         )
+    for name in manifest.get("files", {}):
+        check_relative_entry(name, path)  # an absolute or '..' entry would make verify read (and report on) files outside OUT
     return manifest
 
 
@@ -169,6 +172,7 @@ def verify(
         SourceNotFoundError: no ``lorasave.json``, or the sources are gone (pass ``base`` / ``adapters``).
         CheckpointFormatError: an unreadable manifest or output file.
         PatternError, PatternTimeoutError (logits level): an adapter regex PEFT would choke or hang on.
+        UnsafePathError: ``lorasave.json`` lists a file that is absolute or contains ``..``.
     """
     from .options import parse_enum
 
