@@ -655,6 +655,138 @@ def _(env: Env) -> tuple[Callable[[], object], Path]:
     return (lambda: verify(d)), d
 
 
+# --- hostile (issue 11) ---
+# JSON bombs (nested 100,000 deep, a 10,000-digit integer) in every JSON file a merge or a GGUF
+# export reads, shapes no file can hold, dtypes lorasave cannot read or merge into, FP8 with scales.
+
+DEEP_JSON = "[" * 100_000 + "]" * 100_000
+BIG_INT_JSON = "7" * 10_000
+BOMB_REASONS = {"deep": "nested deeper than 100 levels", "bigint": "an integer with more than"}
+
+
+def with_member(text: str, member: str) -> str:
+    """A JSON object's text with one more member spliced in as raw text."""
+    return text.rstrip()[:-1] + f', "hostile": {member}}}'
+
+
+def _bomb_config(env: Env, member: str) -> Path:
+    p = env.base / "config.json"
+    p.write_text(with_member(p.read_text(), member))
+    return p
+
+
+def _bomb_index(env: Env, member: str) -> Path:
+    env.shard(with_member(json.dumps({"weight_map": env.weight_map()}), member))
+    return env.base / "model.safetensors.index.json"
+
+
+def _bomb_adapter_config(env: Env, member: str) -> Path:
+    env.ad_cfg.write_text(with_member(env.ad_cfg.read_text(), member))
+    return env.ad_cfg
+
+
+def _bomb_st_header(env: Env, member: str) -> Path:
+    header, data = st_split(env.base_st)
+    text = with_member(json.dumps(header), member).encode()
+    st_raw(env.base_st, len(text) + (-len(text) % 8), text + b" " * (-len(text) % 8), data)
+    return env.base_st
+
+
+def _bomb_adapter_st_header(env: Env, member: str) -> Path:
+    header, data = st_split(env.ad_st)
+    text = with_member(json.dumps(header), member).encode()
+    st_raw(env.ad_st, len(text) + (-len(text) % 8), text + b" " * (-len(text) % 8), data)
+    return env.ad_st
+
+
+def _bomb_tokenizer(env: Env, member: str) -> Path:
+    p = env.base / "tokenizer.json"
+    p.write_text(with_member(p.read_text(), member))
+    return p
+
+
+def _gguf(env: Env) -> Callable[[], object]:
+    from lorasave.gguf_export import export_gguf
+
+    return lambda: export_gguf(env.base, [env.adapter], env.out)
+
+
+_BOMB_PLACES: dict[str, Callable[[Env, str], Path]] = {
+    "config": _bomb_config,
+    "index": _bomb_index,
+    "adapter-config": _bomb_adapter_config,
+    "st-header": _bomb_st_header,
+    "adapter-st-header": _bomb_adapter_st_header,
+    "tokenizer": _bomb_tokenizer,
+}
+
+for _place, _edit in _BOMB_PLACES.items():
+    for _bomb, _member in (("deep", DEEP_JSON), ("bigint", BIG_INT_JSON)):
+
+        @case(f"hostile-json-{_bomb}-{_place}", E.CheckpointFormatError, BOMB_REASONS[_bomb])
+        def _(env: Env, _edit: Callable[[Env, str], Path] = _edit, _member: str = _member, _place: str = _place) -> tuple[Callable[[], object], Path]:
+            path = _edit(env, _member)
+            return (_gguf(env) if _place == "tokenizer" else env.merge()), path
+
+
+for _bomb, _member in (("deep", DEEP_JSON), ("bigint", BIG_INT_JSON)):
+
+    @case(f"hostile-json-{_bomb}-manifest", E.CheckpointFormatError, "run the merge again")
+    def _(env: Env, _member: str = _member) -> tuple[Callable[[], object], Path]:
+        d = env.tmp / "fake-out"
+        d.mkdir()
+        (d / "lorasave.json").write_text('{"files": {}, "hostile": ' + _member + "}")
+        return (lambda: verify(d)), d / "lorasave.json"
+
+
+def _add_entry(path: Path, dtype: str, shape: list[int], nbytes: int = 0, name: str = "zz.hostile") -> None:
+    header, data = st_split(path)
+    header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [len(data), len(data) + nbytes]}
+    st_join(path, header, data + b"\0" * nbytes)
+
+
+for _label, _shape in (("2**63x0", [2**63, 0]), ("0x2**62", [0, 2**62]), ("2**40x2**40x0", [2**40, 2**40, 0])):
+
+    @case(f"hostile-shape-{_label}", E.CheckpointFormatError, "re-download or re-save it")
+    def _(env: Env, _shape: list[int] = _shape) -> tuple[Callable[[], object], Path]:
+        _add_entry(env.base_st, "BF16", _shape)
+        return env.merge(), env.base_st
+
+
+for _dtype, _nbytes in (("F4", 32), ("F6_E2M3", 48), ("F6_E3M2", 48)):
+
+    @case(f"hostile-sub-byte-{_dtype}", E.UnsupportedDtypeError, "merge into the original 16-bit checkpoint")
+    def _(env: Env, _dtype: str = _dtype, _nbytes: int = _nbytes) -> tuple[Callable[[], object], Path]:
+        _add_entry(env.base_st, _dtype, [64], _nbytes, name="model.extra.weight")
+        return env.merge(), env.base_st
+
+
+for _tdtype in (torch.int32, torch.int8, torch.bool, torch.complex64, torch.float8_e5m2):
+
+    @case(f"hostile-targeted-{str(_tdtype).removeprefix('torch.')}", E.UnsupportedDtypeError, "will not merge into it")
+    def _(env: Env, _tdtype: torch.dtype = _tdtype) -> tuple[Callable[[], object], Path]:
+        name = "model.layers.1.mlp.down_proj.weight"
+
+        def fn(t: dict[str, torch.Tensor]) -> None:
+            t[name] = (t[name].float() > 0) if _tdtype is torch.bool else (t[name].float() * 50).to(_tdtype)
+
+        edit_tensors(env.base_st, fn)
+        return env.merge(), env.base_st
+
+
+for _fdtype, _suffix in ((torch.float8_e4m3fn, "_scale_inv"), (torch.float8_e5m2, "_scale")):
+
+    @case(f"hostile-fp8{_suffix}", E.Fp8WeightsError, "never merges into raw FP8 values")
+    def _(env: Env, _fdtype: torch.dtype = _fdtype, _suffix: str = _suffix) -> tuple[Callable[[], object], Path]:
+        def fn(t: dict[str, torch.Tensor]) -> None:
+            for k in [k for k in t if k.endswith("_proj.weight")]:
+                t[k] = t[k].float().to(_fdtype)
+                t[k + _suffix] = torch.ones(1)
+
+        edit_tensors(env.base_st, fn)
+        return env.merge(), env.base_st
+
+
 # ------------------------------------------------------------------ running them
 
 
@@ -735,6 +867,8 @@ def _cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
 
 
 CLI_CASES = ["st-header-not-json", "index-entry-..", "adapter-r-zero", "adapter-config-invalid-json", "out-exists"]
+CLI_CASES += ["hostile-json-deep-config", "hostile-json-bigint-adapter-config", "hostile-shape-2**63x0", "hostile-sub-byte-F4"]
+CLI_CASES += ["hostile-targeted-int32", "hostile-fp8_scale_inv"]
 
 
 @pytest.mark.parametrize("cid", CLI_CASES)

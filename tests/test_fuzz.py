@@ -156,6 +156,52 @@ def test_read_header_mutated_file(work: Path, adapter_bytes: bytes, data: st.Dat
     only_lorasave_errors(lambda: read_header(p))
 
 
+HUGE_DIMS = st.lists(st.sampled_from([0, 1, 7, 2**31, 2**32, 2**62, 2**63 - 1, 2**63, 2**64, 10**30]) | st.integers(0, 2**70), max_size=5)
+ALL_DTYPES = st.sampled_from(["BOOL", "F4", "F6_E2M3", "F8_E4M3", "U8", "I16", "BF16", "F32", "C64", "F64", "I64"])
+
+
+@FUZZ
+@given(shape=HUGE_DIMS, dtype=ALL_DTYPES, nbytes=st.sampled_from([0, 1, 2, 8, 64]))
+def test_read_header_huge_shapes(work: Path, shape: list[int], dtype: str, nbytes: int) -> None:
+    """Shapes with huge and zero dimensions: refused, or an element count torch can index (no overflow, no hang)."""
+    p = work / "shapes.safetensors"
+    p.write_bytes(pack_header({"t": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}}) + b"\0" * nbytes)
+    try:
+        header = read_header(p)
+    except LorasaveError as e:
+        assert "\n" not in str(e)
+        return
+    count = 1
+    for d in header.tensors["t"].shape:
+        count *= max(d, 1)
+    assert count <= 2**63 - 1
+
+
+def _nested(draw: st.DrawFn, depth: int) -> str:
+    opens = draw(st.lists(st.sampled_from(["[", '{"k":']), min_size=depth, max_size=depth))
+    return "".join(opens) + "0" + "".join("]" if o == "[" else "}" for o in reversed(opens))
+
+
+@FUZZ
+@given(data=st.data())
+def test_deep_json_documents(sharded_base: Path, adapter_dir: Path, data: st.DataObject) -> None:
+    """Config, index and adapter config nested 1 to 5,000 deep, or with long integers: only LorasaveErrors."""
+    depth = data.draw(st.integers(1, 5000))
+    member = _nested(data.draw, depth) if data.draw(st.booleans()) else "9" * data.draw(st.integers(1, 6000))
+    target = data.draw(st.sampled_from(["config.json", "model.safetensors.index.json", "adapter_config.json"]))
+    folder = adapter_dir if target == "adapter_config.json" else sharded_base
+    source = (ADAPTER_SRC if target == "adapter_config.json" else BASE_SRC) / target
+    original = source.read_text() if source.is_file() else json.dumps({"weight_map": _weight_map(sharded_base)})
+    (folder / target).write_text(original.rstrip()[:-1] + f', "x": {member}}}')
+    try:
+        only_lorasave_errors(lambda: open_checkpoint(sharded_base) if folder is sharded_base else load_adapter(adapter_dir))
+    finally:
+        if source.is_file():
+            shutil.copy(source, folder / target)
+        else:
+            (folder / target).unlink()
+
+
 # --------------------------------------------------------------------- index
 
 

@@ -26,8 +26,9 @@ from typing import Any
 
 import torch
 
-from .checkpoint import TensorReader, read_json, resolve_source
+from .checkpoint import TensorReader, resolve_source
 from .errors import AdapterMismatchError, CheckpointFormatError, InvalidOptionError, NotAnAdapterError, PickleRefusedError, UnsupportedAdapterError
+from .jsonio import read_json
 from .paths import check_inside
 from .patterns import pattern_keys, pattern_rules, pattern_value, validate
 from .safetensors_format import TensorEntry, read_header

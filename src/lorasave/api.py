@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -20,6 +19,7 @@ from .cards import adapter_snippet, hub_id, merged_snippet, write_card
 from .checkpoint import Checkpoint, TensorReader, open_checkpoint
 from .dtypes import FLOAT_DTYPES, dtype_name, parse_output_dtype, st_dtype
 from .execute import execute
+from .jsonio import read_json
 from .manifest import MANIFEST_NAME, SourceHasher, result_dict, sha256_file, write_manifest
 from .options import MergeInto, SaveMethod, bnb_spec, parse_enum
 from .output import StagedOutput, align_generation_eos, carry_files, carry_plan, check_free_space, check_output_path, tokenizer_source, write_config
@@ -190,7 +190,7 @@ def merge(
         hasher.submit(ad.source_files())
 
     def side_files(folder: Path, plan: MergePlan, quant: dict[str, Any] | None) -> list[str]:
-        cfg = json.loads((ckpt.root / "config.json").read_text(encoding="utf-8"))
+        cfg = read_json(ckpt.root / "config.json")
         write_config(cfg, folder / "config.json", dtype=plan.out_dtype, quantization=quant, updates=plan.config_updates)
         carried = carry_files(ckpt.root, tok_dir, folder, carry)
         if tok_dir.resolve() != ckpt.root.resolve():

@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .jsonio import parse_json
+
 logger = logging.getLogger(__name__)
 
 
@@ -40,13 +42,13 @@ def _read(kind: str, key: str) -> Any | None:
         return None
     path = root / kind / f"{key}.json"
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, ValueError):
+        data = path.read_bytes()
+    except OSError:
         return None
     try:
-        return json.loads(text)
-    except (ValueError, RecursionError) as e:  # damaged, too deeply nested, a 10,000-digit number: rebuilt by the caller
-        logger.info("ignoring the malformed cache file %s (%s); rebuilding it", path, type(e).__name__)
+        return parse_json(data)
+    except ValueError as e:  # damaged, too deeply nested, a 10,000-digit number: rebuilt by the caller
+        logger.info("ignoring the malformed cache file %s (%s); rebuilding it", path, e)
         return None
 
 

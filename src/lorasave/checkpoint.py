@@ -9,7 +9,6 @@ positional OS reads, a row slice at a time, so the resident set holds only the s
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -21,6 +20,7 @@ import torch
 
 from .dtypes import StDtype, nbytes, st_dtype
 from .errors import CheckpointFormatError, PickleRefusedError, SourceNotFoundError, UnsafePathError
+from .jsonio import read_json
 from .paths import check_inside
 from .quant.bnb import QuantizedWeight, check_quant_method, group_quantized
 from .safetensors_format import TensorEntry, pread_exact, read_header
@@ -31,21 +31,6 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """Parse a JSON object file.
-
-    Raises:
-        CheckpointFormatError: not valid JSON, or not an object.
-    """
-    try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"{path}: invalid JSON ({e}); fix or re-download the file", path=path) from None
-    if not isinstance(obj, dict):
-        raise CheckpointFormatError(f"{path}: expected a JSON object, got {type(obj).__name__}; fix or re-download the file", path=path)
-    return obj
 
 
 def resolve_source(spec: str | os.PathLike[str], what: str) -> tuple[Path, str | None]:

@@ -216,6 +216,29 @@ class LlamaCppInstallError(LlamaCppError):
     """The llama.cpp runtime could not be installed: unsupported platform, download or integrity failure."""
 
 
+# --- tensor dtypes lorasave cannot read or merge into (weight_dtypes) ---
+
+
+class UnsupportedDtypeError(LorasaveError, TypeError):
+    """A base tensor's dtype lorasave cannot read or merge into: a sub-byte float (F4, F6_*), or a
+    weight the adapter changes stored as an integer, bool, complex or FP8 type.
+
+    Attributes:
+        tensor: the tensor's name.
+        dtype: its safetensors dtype (``"I32"``, ``"F4"``...).
+    """
+
+    def __init__(self, message: str, *, path: str | Path | None = None, tensor: str, dtype: str) -> None:
+        super().__init__(message, path=path)
+        self.tensor = tensor
+        self.dtype = dtype
+
+
+class Fp8WeightsError(UnsupportedDtypeError):
+    """FP8 weights (F8_E4M3/F8_E5M2) with ``weight_scale``/``weight_scale_inv`` tensors beside them and
+    no ``quantization_config``: their values mean nothing without the scales, so they are never merged."""
+
+
 class ChatTemplateBudgetError(LorasaveError, ValueError):
     """A chat template needed more work than the render budget allows (``lorasave.template_render``).
 

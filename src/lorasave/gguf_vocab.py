@@ -36,6 +36,7 @@ import gguf
 from .errors import UnsupportedModelError
 from .gguf_arch import GgufArch, VocabKind
 from .hf_load import load_tokenizer
+from .jsonio import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def looks_special(token: str) -> bool:
 
 
 def _json(path: Path) -> dict[str, Any]:
-    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def vocab_kind(tok_dir: Path, rules: GgufArch) -> VocabKind:

@@ -38,6 +38,7 @@ from .errors import (
 )
 from .hub_session import hub_timeout, mapped_hub_errors
 from .hub_session import one_line as _one_line
+from .jsonio import load_json
 from .manifest import MANIFEST_NAME, sha256_source
 from .redact import register as _register_token
 
@@ -299,10 +300,7 @@ def verify_folder(root: Path, files: list[str]) -> dict[str, Any] | None:
     path = root / MANIFEST_NAME
     if MANIFEST_NAME not in files:
         return None
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise CheckpointFormatError(f"{path}: not valid JSON ({e}); re-create the output or delete {MANIFEST_NAME} to push unchecked", path=path) from None
+    manifest = load_json(path, hint=f"re-create the output or delete {MANIFEST_NAME} to push unchecked")
     table = manifest.get("files") if isinstance(manifest, dict) else None
     if not isinstance(table, dict):
         raise CheckpointFormatError(f"{path}: no 'files' table; re-create the output or delete {MANIFEST_NAME} to push unchecked", path=path)
@@ -431,7 +429,7 @@ def default_commit_message(root: Path, manifest: dict[str, Any] | None, files: l
             msg = f"lorasave: {command} output {root.resolve().name} ({len(files)} files)"
     elif "adapter_config.json" in files:
         try:
-            cfg = json.loads((root / "adapter_config.json").read_text(encoding="utf-8"))
+            cfg = load_json(root / "adapter_config.json")
         except (OSError, ValueError):
             cfg = {}
         if isinstance(cfg, dict):

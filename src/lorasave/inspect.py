@@ -13,6 +13,7 @@ from typing import Any
 
 from .dtypes import nbytes, st_dtype
 from .errors import CheckpointFormatError, SourceNotFoundError
+from .jsonio import load_json, read_json
 from .printable import escape
 
 
@@ -200,14 +201,14 @@ def _gguf(p: Path) -> Inspection:
 
 def _with_manifest(p: Path, ins: Inspection) -> Inspection:
     """List every file of a folder and, for a lorasave output, what its manifest says."""
-    import json
-
     ins.files = {f.name: f.stat().st_size for f in sorted(p.iterdir()) if f.is_file() and not f.name.startswith(".")}
     manifest = p / "lorasave.json"
     if manifest.is_file():
         try:
-            doc = json.loads(manifest.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            doc = load_json(manifest)
+        except (OSError, ValueError):  # a damaged manifest: verify says what is wrong with it
+            doc = {}
+        if not isinstance(doc, dict):
             doc = {}
         ins.notes.append(f"a lorasave output ({doc.get('command', '?')}, lorasave {doc.get('lorasave_version', '?')}, {doc.get('created', '?')})")
         ins.can = [f"lorasave verify {p}", f"lorasave push {p} REPO_ID", *ins.can]
@@ -215,8 +216,6 @@ def _with_manifest(p: Path, ins: Inspection) -> Inspection:
 
 
 def _onnx(p: Path) -> Inspection:
-    import json
-
     try:
         import onnx
     except ImportError:
@@ -227,7 +226,8 @@ def _onnx(p: Path) -> Inspection:
         raise CheckpointFormatError(f"{p / 'model.onnx'}: not a readable ONNX model ({type(e).__name__}: {e})", path=p) from None
     arch = None
     if (p / "config.json").is_file():
-        arch = ", ".join(json.loads((p / "config.json").read_text(encoding="utf-8")).get("architectures") or []) or None
+        archs = read_json(p / "config.json").get("architectures")
+        arch = (", ".join(a for a in archs if isinstance(a, str)) or None) if isinstance(archs, list) else None
     ins = Inspection(str(p), "onnx", architecture=arch)
     names = [i.name for i in model.graph.input]
     ins.notes.append(f"inputs: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} ({len(names)}), outputs: {len(model.graph.output)}")

@@ -35,6 +35,7 @@ from .cards import hub_id, merged_snippet, write_card
 from .checkpoint import Checkpoint, MemoryEntry
 from .dtypes import FLOAT_DTYPES, parse_output_dtype
 from .errors import InvalidOptionError, UnsupportedModelError
+from .jsonio import load_json
 from .manifest import MANIFEST_NAME, sha256_file, write_manifest
 from .options import MergeInto, SaveMethod, bnb_spec, parse_enum
 from .output import StagedOutput, check_free_space, check_output_path, set_generation_eos, write_config
@@ -268,7 +269,7 @@ def _base_folder(base: Any, ckpt: Checkpoint) -> dict[str, Any] | None:
         return None
     if ckpt.quant_method is not None:
         try:
-            on_disk = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+            on_disk = load_json(folder / "config.json")
         except (OSError, ValueError):
             return None
         if not isinstance(on_disk, dict) or "quantization_config" not in on_disk:

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from .errors import LlamaCppInstallError, LorasaveError, OutputExistsError, UnsafePathError
+from .jsonio import load_json
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +98,10 @@ def is_installed(path: str | Path | None = None) -> bool:
     """True when ``path`` (default :func:`default_dir`) holds a complete install of the pinned version."""
     folder = Path(path) if path is not None else default_dir()
     try:
-        marker = json.loads((folder / MARKER).read_text(encoding="utf-8"))
+        marker = load_json(folder / MARKER)
     except (OSError, ValueError):
         return False
-    return marker.get("integrity") == INTEGRITY and all((folder / f).is_file() for f in REQUIRED_FILES)
+    return isinstance(marker, dict) and marker.get("integrity") == INTEGRITY and all((folder / f).is_file() for f in REQUIRED_FILES)
 
 
 def check_platform() -> None:

@@ -18,7 +18,6 @@ it, ``$last`` from ``slice``).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ChatTemplateBudgetError
+from .jsonio import read_json
 from .template_render import render_chat_template
 
 logger = logging.getLogger(__name__)
@@ -258,7 +258,7 @@ def _eos_ids(folders: Sequence[Path]) -> list[int]:
             path = folder / name
             if not path.is_file():
                 continue
-            value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
+            value = read_json(path).get("eos_token_id")
             for v in value if isinstance(value, list) else [value]:
                 if isinstance(v, int) and v not in ids:
                     ids.append(v)

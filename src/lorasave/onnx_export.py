@@ -38,6 +38,7 @@ import torch
 
 from .adapter import adapter_list
 from .errors import InvalidOptionError, LorasaveError, UnsupportedModelError
+from .jsonio import read_json
 from .manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
 from .onnx_run import ONNX_NAME, OnnxDecoder, import_onnx, onnx_bytes_bound, onnx_generate, verify_onnx
 from .output import StagedOutput, align_generation_eos, carry_files, carry_plan, check_free_space, check_output_path, write_config
@@ -379,7 +380,7 @@ def _side_files(source: Path, dst: Path, dtype: str) -> list[str]:
         if p.is_file() and not p.name.endswith(skip) and p.name not in (MANIFEST_NAME, "README.md"):  # the merge's card describes safetensors
             shutil.copyfile(p, dst / p.name)
             names.append(p.name)
-    cfg = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    cfg = read_json(source / "config.json")
     write_config(cfg, dst / "config.json", dtype=_TORCH_DTYPES[dtype])
     return names
 

@@ -8,7 +8,6 @@ transformers model.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidOptionError, SourceNotFoundError, UnsupportedModelError
+from .jsonio import read_json
 
 PathLike = str | os.PathLike[str]
 
@@ -114,7 +114,7 @@ class OnnxDecoder:
 
 def _eos_ids(folder: Path, tokenizer: Any) -> set[int]:
     gen = folder / "generation_config.json"
-    eos = json.loads(gen.read_text(encoding="utf-8")).get("eos_token_id") if gen.is_file() else None
+    eos = read_json(gen).get("eos_token_id") if gen.is_file() else None
     if eos is None:
         eos = tokenizer.eos_token_id
     if eos is None:

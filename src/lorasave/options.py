@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import read_json
 from .errors import InvalidOptionError, SourceNotFoundError
+from .jsonio import read_json
 from .quant.bnb import Bnb4bitSpec, quantization_config
 
 

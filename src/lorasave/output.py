@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from .errors import DiskFullError, InsufficientDiskError, OutputExistsError, UnsafePathError
+from .jsonio import read_json
 from .paths import check_inside, escape_message, escaping_target
 
 logger = logging.getLogger(__name__)
@@ -418,7 +419,7 @@ def set_generation_eos(gen_path: Path, eos: int) -> str | None:
     Returns:
         A note when the file was changed, else None.
     """
-    gen = json.loads(gen_path.read_text(encoding="utf-8"))
+    gen = read_json(gen_path)
     current = gen.get("eos_token_id")
     if current == eos or (isinstance(current, list) and eos in current):
         return None

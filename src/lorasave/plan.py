@@ -22,10 +22,11 @@ from .architecture import ArchitectureInfo, ModuleKind, meta_model, revert_to_ch
 from .checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, Checkpoint, MemoryEntry
 from .dtypes import FLOAT_DTYPES, ST_DTYPES, StDtype, nbytes, st_dtype
 from .errors import AdapterMismatchError, InvalidOptionError, UnsupportedAdapterError
-from .quant.bnb import Bnb4bitSpec, QuantizedWeight
+from .quant.bnb import Bnb4bitSpec, QuantizedWeight, quantization_config
 from .recipes import AdapterTensor, LoraDelta, Operation, SetRows
 from .safetensors_format import TensorEntry, TensorLayout, layout, serialize_header
 from .targets import adapter_operations
+from .weight_dtypes import check_base_dtypes, check_mergeable, is_scale
 
 logger = logging.getLogger(__name__)
 
@@ -216,6 +217,8 @@ def build_plan(
         AdapterMismatchError: an adapter targets a tensor the base lacks, shapes disagree, or
             no adapter changes anything.
         UnsupportedAdapterError: a recipe lorasave cannot produce, or a combination it refuses.
+        UnsupportedDtypeError: a sub-byte base tensor, or a changed weight that is not a 16/32/64-bit float.
+        Fp8WeightsError: FP8 weights with scale tensors and no quantization_config (``weight_dtypes``).
     """
     notes: list[str] = []
     if arch.note:
@@ -230,6 +233,7 @@ def build_plan(
             "DoRA adapters cannot be combined: each one's magnitude normalizes its own W0 + ΔW, so the sum of several is not defined",
             path=next(a.root for a in adapters if a.uses_dora),
         )
+    check_base_dtypes(ckpt.root, ckpt.tensors, quantization_config(ckpt.config))
     dtype = out_dtype or base_dtype(ckpt)
     fp32 = arch.fp32_pattern(dtype)
 
@@ -297,7 +301,7 @@ def build_plan(
     for name in names:
         src: Source = sources.get(name) or untied.get(name) or ckpt.tensors[name]
         tdt = src.dtype
-        if tdt.torch_dtype in FLOAT_DTYPES:
+        if tdt.torch_dtype in FLOAT_DTYPES and not is_scale(name):
             tdt = ST_DTYPES["F32"] if fp32 is not None and fp32.search(name) else st_dtype(dtype)
         t_ops = tuple(ops.get(name, ()))
         rt = merge_into if isinstance(src, (TensorEntry, MemoryEntry)) and any(isinstance(o, LoraDelta) for o in t_ops) else None
@@ -306,6 +310,8 @@ def build_plan(
     missing = sorted(set(ops) - set(tensors))
     if missing:
         raise AdapterMismatchError(f"the adapters change {missing[0]}, which the output would not contain", path=ckpt.root)
+    roots = [a.root for a in adapters]
+    check_mergeable((n, t.source, roots[t.source.adapter] if isinstance(t.source, AdapterTensor) else ckpt.root) for n, t in tensors.items() if t.ops)
     _check_vocab(ckpt, tensors, arch, config_updates)
 
     if merge_into is not None and ckpt.quant_method is not None:

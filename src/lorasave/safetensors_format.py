@@ -19,9 +19,13 @@ from pathlib import Path
 
 from .dtypes import ST_DTYPES, StDtype, nbytes
 from .errors import CheckpointFormatError
+from .jsonio import InvalidJsonError, parse_json
 
 #: Largest header safetensors itself accepts (``N_MAX`` in tensor.rs): 100 MB.
 MAX_HEADER_BYTES = 100_000_000
+
+#: Largest element count (and dimension) a tensor may have: what torch and numpy index with.
+INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -66,11 +70,35 @@ def _bad(path: Path, what: str) -> CheckpointFormatError:
     return CheckpointFormatError(f"{path}: not a valid safetensors file ({what}); re-download or re-save it", path=path)
 
 
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_extent(path: Path, name: str, dt: StDtype, shape: list[int], file_size: int) -> None:
+    """Refuse shapes no file can hold: an element count past int64, or a zero dimension beside a huge one.
+
+    The count of the non-zero dimensions is computed with Python ints, stopping as soon as it
+    passes ``INT64_MAX`` (torch and numpy multiply in int64 and overflow or hang on such shapes).
+    An empty tensor's other dimensions must still fit in the file: ``[0, 2**62]`` is refused.
+    """
+    count = 1
+    for d in shape:
+        if d > INT64_MAX:
+            raise _bad(path, f"tensor {name!r} has a dimension of {d} elements, past the int64 limit")
+        count *= max(d, 1)
+        if count > INT64_MAX:
+            raise _bad(path, f"tensor {name!r} has shape {_short(shape)}, whose element count overflows int64")
+    if 0 in shape and nbytes(dt, tuple(max(d, 1) for d in shape)) > file_size:
+        raise _bad(path, f"tensor {name!r} has shape {_short(shape)}: a zero dimension beside dimensions larger than the file could hold")
+
+
 def read_header(path: str | Path) -> SafetensorsHeader:
     """Read and validate the header of a safetensors file without reading tensor data.
 
-    Checks: header length fits the file and ``MAX_HEADER_BYTES``, JSON is an object, every
-    entry has a known dtype, a shape of non-negative ints, offsets inside the data buffer
+    Checks: header length fits the file and ``MAX_HEADER_BYTES``, JSON is an object nested at
+    most ``jsonio.MAX_DEPTH`` deep, every entry has a known dtype, a shape of non-negative ints
+    whose element count fits in int64 (an empty tensor's other dimensions fitting in the file), offsets inside the data buffer
     whose length equals ``prod(shape) * itemsize``, offsets that neither overlap nor leave
     holes, and a buffer that ends where the file ends.
 
@@ -91,8 +119,8 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             raise _bad(path, f"header length {n} bytes is larger than the file ({size} bytes); it is truncated")
         raw = f.read(n)
     try:
-        obj = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        obj = parse_json(raw)
+    except InvalidJsonError as e:
         raise _bad(path, f"header is not UTF-8 JSON: {e}") from None
     if not isinstance(obj, dict):
         raise _bad(path, "header is not a JSON object")
@@ -111,8 +139,9 @@ def read_header(path: str | Path) -> SafetensorsHeader:
             raise _bad(path, f"tensor {name!r} has unknown dtype {info.get('dtype')!r}")
         shape = info.get("shape")
         offs = info.get("data_offsets")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise _bad(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise _bad(path, f"tensor {name!r} has an invalid shape {_short(shape)}")
+        _check_extent(path, name, dt, shape, size)
         if not isinstance(offs, list) or len(offs) != 2 or not all(isinstance(o, int) for o in offs) or not 0 <= offs[0] <= offs[1]:
             raise _bad(path, f"tensor {name!r} has invalid data_offsets {offs!r}")
         if offs[1] > data_len:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import enum
-import json
 import logging
 import os
 import warnings
@@ -32,6 +31,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointFormatError, LorasaveError, SourceNotFoundError
+from .jsonio import load_json
 from .paths import check_relative_entry
 from .patterns import check_peft_patterns
 from .printable import escape
@@ -121,10 +121,7 @@ def _manifest(out: Path) -> dict[str, Any]:
     path = out / "lorasave.json"
     if not path.is_file():
         raise SourceNotFoundError(f"{out} has no lorasave.json; verify checks outputs lorasave wrote", path=out)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointFormatError(f"{path}: invalid JSON ({e}); the output is damaged, run the merge again", path=path) from None
+    manifest = load_json(path, hint="the output is damaged, run the merge again")
     if not isinstance(manifest, dict) or not isinstance(manifest.get("files", {}), dict):
         raise CheckpointFormatError(
             f"{path}: not a lorasave manifest (expected an object with a files map); the output is damaged, run the merge again", path=path

@@ -27,7 +27,8 @@ from typing import Any
 import torch
 
 from ..dtypes import ST_DTYPES, StDtype, nbytes
-from ..errors import UnsupportedModelError
+from ..errors import CheckpointFormatError, UnsupportedModelError
+from ..jsonio import decode_json
 from ..safetensors_format import TensorEntry
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,9 @@ def group_quantized(tensors: dict[str, TensorEntry], read_bytes: Any) -> tuple[d
 
     Returns:
         ``(weights by name, names of every entry they consume)``.
+
+    Raises:
+        CheckpointFormatError: a quant-state blob that is not a JSON object (``jsonio`` bounds).
     """
     weights: dict[str, QuantizedWeight] = {}
     used: set[str] = set()
@@ -182,7 +186,9 @@ def group_quantized(tensors: dict[str, TensorEntry], read_bytes: Any) -> tuple[d
         if not m or m["weight"] not in tensors:
             continue
         name = m["weight"]
-        state = json.loads(bytes(read_bytes(entry)).decode("utf-8"))
+        state = decode_json(bytes(read_bytes(entry)), f"{entry.file}: {key}", hint="re-download or re-quantize the model")
+        if not isinstance(state, dict):
+            raise CheckpointFormatError(f"{entry.file}: {key} is not a JSON object; re-download or re-quantize the model", path=entry.file)
         aux = {s: tensors[f"{name}.{s}"] for s in AUX_4BIT if f"{name}.{s}" in tensors}
         aux[f"quant_state.bitsandbytes__{m['type']}"] = entry
         weights[name] = Bnb4bitWeight(name, tensors[name], aux, state)
