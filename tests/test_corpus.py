@@ -631,6 +631,22 @@ def _(env: Env) -> tuple[Callable[[], object], Path]:
     return (lambda: inspect_path(p)), p
 
 
+@case("verify-malformed-gguf", E.CheckpointFormatError, "re-download or re-convert it")
+def _(env: Env) -> tuple[Callable[[], object], Path]:
+    import hashlib
+
+    from lorasave.gguf_export import export_gguf
+
+    res = export_gguf(env.base, env.adapter, env.out, type="f16", modelfile=False)
+    data = bytearray(res.gguf_file.read_bytes())
+    data[8:16] = (10**9).to_bytes(8, "little")  # tensor count far past the file; lorasave.json re-recorded to match
+    res.gguf_file.write_bytes(bytes(data))
+    manifest = json.loads((res.output / "lorasave.json").read_text())
+    manifest["files"][res.gguf_file.name] = {"sha256": hashlib.sha256(bytes(data)).hexdigest(), "bytes": len(data)}
+    (res.output / "lorasave.json").write_text(json.dumps(manifest))
+    return (lambda: verify(res.output)), res.gguf_file
+
+
 @case("verify-manifest-invalid-json", E.CheckpointFormatError, "run the merge again")
 def _(env: Env) -> tuple[Callable[[], object], Path]:
     d = env.tmp / "fake-out"

@@ -25,6 +25,16 @@ def merged(tmp_path: Path) -> Path:
     return lorasave.merge(BASE, LORA, tmp_path / "out", max_shard_size="100KB").output
 
 
+def _rehash(out: Path, file: Path) -> None:
+    """Record ``file``'s current sha256 and size in lorasave.json: a wrong output whose manifest matches it."""
+    import hashlib
+
+    path = out / "lorasave.json"
+    manifest = json.loads(path.read_text())
+    manifest["files"][file.name] = {**manifest["files"][file.name], "sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "bytes": file.stat().st_size}
+    path.write_text(json.dumps(manifest))
+
+
 def _shard_of(out: Path, name: str) -> Path:
     index = json.loads((out / "model.safetensors.index.json").read_text())
     return out / index["weight_map"][name]
@@ -46,6 +56,9 @@ def test_flipped_byte_named(merged: Path, name: str) -> None:
     shard.write_bytes(bytes(data))
     files = verify(merged, level="files")
     assert not files.ok and files.failures[0][0] == shard.name
+    stopped = verify(merged)  # a file that is not what lorasave wrote is not probed
+    assert [n for n, _ in stopped.failures] == [shard.name] and stopped.tensors_total == 0, stopped
+    _rehash(merged, shard)
     tensors = verify(merged)
     assert any(n == name for n, _ in tensors.failures), tensors.failures
 
@@ -120,6 +133,7 @@ def test_ia3_and_modules_to_save_probed(vz: object, tmp_path: Path) -> None:
     data = bytearray(shard.read_bytes())
     data[entry.offset + 4 * 3 + 2] ^= 0x01  # one low mantissa bit of a float32 element
     shard.write_bytes(bytes(data))
+    _rehash(ia3, shard)
     assert [n for n, _ in verify(ia3).failures if not n.endswith(".safetensors")] == [name]
     mts = Path(shutil.copytree(vz.merge("modules_to_save_lm_head"), tmp_path / "mts"))  # type: ignore[attr-defined]
     report = verify(mts)
@@ -129,6 +143,7 @@ def test_ia3_and_modules_to_save_probed(vz: object, tmp_path: Path) -> None:
     data = bytearray(shard.read_bytes())
     data[entry.offset] ^= 0x01
     shard.write_bytes(bytes(data))
+    _rehash(mts, shard)
     assert [n for n, _ in verify(mts).failures if not n.endswith(".safetensors")] == ["lm_head.weight"]
 
 
@@ -160,12 +175,17 @@ def test_gguf_verified(type: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatc
 
     res = gguf_export.export_gguf(BASE, LORA, tmp_path / "g", type=type)
     report = verify(res.output)
-    assert report.ok and report.tensors_probed == 14 and report.tensors_exact > 0, (report.failures, report.not_probed)
+    assert report.ok and not report.not_probed and report.tensors_total == 21, (report.failures, report.not_probed)
+    if type == "f16":  # float: the 14 merged tensors probed, the rest equal to the base
+        assert report.tensors_probed == 14 and report.tensors_exact == 7, report
+    else:  # quantized: every tensor bit-equal to gguf-py's encoding of the merge (F32 norms: the base's)
+        assert report.tensors_exact == 21 and report.tensors_probed == 0, report
     reader = gguf.GGUFReader(res.gguf_file)
     t = next(t for t in reader.tensors if t.name == "blk.1.attn_v.weight")
     data = bytearray(res.gguf_file.read_bytes())
     data[t.data_offset + 1] ^= 0x7F  # high byte of an F16 value / of a Q8_0, Q4_0 or Q5_1 block's scale
     res.gguf_file.write_bytes(bytes(data))
+    _rehash(res.output, res.gguf_file)
     bad = verify(res.output)
     assert [n for n, _ in bad.failures][-1] == TARGET and "blk.1.attn_v.weight" in bad.failures[-1][1]
     monkeypatch.setattr(gguf_export, "permute_qk", lambda w, *a: w)

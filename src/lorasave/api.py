@@ -265,10 +265,9 @@ def _verify_staged(folder: Path, files: dict[str, str]) -> dict[str, Any]:
     if not report.ok:
         raise VerificationError(f"the output failed verification, nothing was written: {report.summary()}", path=folder, failures=report.failures)
     line = (
-        f"`lorasave verify` (tensors level) passed before the output was written: {report.tensors_exact} tensors equal the base, "
-        f"{report.tensors_probed} merged tensors pass the random-probe check (worst {report.max_probe_error:.3f} of the rounding bound)"
-        + (f", {len(report.not_probed)} not probed" if report.not_probed else "")
-        + "."
+        f"`lorasave verify` (tensors level) passed before the output was written: {report.counts()} "
+        f"(bit-equal: equal to the base or the adapter's full tensor; probed: LoRA-merged tensors within the rounding bound of "
+        f"the random-probe check, worst {report.max_probe_error:.3f} of the bound)."
     )
     card = folder / "README.md"
     if card.is_file():

@@ -432,18 +432,26 @@ def onnx_cmd(
 @_debug_option
 @click.pass_context
 def verify_cmd(ctx: click.Context, output: str, level: str, base: str | None, adapters: tuple[str, ...], as_json: bool) -> None:
-    """Check OUTPUT against its lorasave.json and (tensors level) an independent recomputation from its sources."""
+    """Check OUTPUT against its lorasave.json and (tensors level) an independent recomputation from its sources.
+
+    Exit status: 0 verified, 1 a check failed, 5 the level checked nothing (the line says why).
+    """
+    from .errors import NothingCheckedError
     from .verify import verify
 
     reports: list[Any] = []
 
     def go() -> Any:
         reports.append(verify(output, level=level, base=base, adapters=list(adapters) or None))
+        if reports[0].ok and not reports[0].checked and not as_json:
+            raise NothingCheckedError(reports[0].summary(), path=output)
         return reports[0]
 
     _run(ctx, go, quiet=False, as_json=as_json)
     if reports and not reports[0].ok:
         ctx.exit(1)
+    if reports and not reports[0].checked:
+        ctx.exit(NothingCheckedError.exit_code)
 
 
 @main.command("inspect", short_help="Describe a checkpoint, adapter, safetensors or GGUF file.")

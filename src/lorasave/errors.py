@@ -249,3 +249,15 @@ class ChatTemplateBudgetError(LorasaveError, ValueError):
     def __init__(self, message: str, *, limit: str, path: str | Path | None = None) -> None:
         super().__init__(message, path=path)
         self.limit = limit
+
+
+# --- verify ---
+
+#: Exit status of ``lorasave verify`` when the level asked for checked nothing.
+EXIT_NOTHING_CHECKED = 5
+
+
+class NothingCheckedError(LorasaveError, LookupError):
+    """``verify`` found nothing it could check at the level asked for (no file, tensor or logit compared)."""
+
+    exit_code = EXIT_NOTHING_CHECKED

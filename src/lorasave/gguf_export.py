@@ -499,6 +499,9 @@ def export_gguf(
             result["chat_template_family"] = side.family
         if not gtype.streamed:
             result["intermediate"] = stream.value
+        if gtype.default_qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
+            # the precision of the values handed to the quantizer: verify re-quantizes the merge at it
+            result["quantized_from"] = "f32" if gtype.streamed else stream.value
         settings = {"type": type, "name": stem, "allow_pickle": allow_pickle, "modelfile": modelfile}
         write_manifest(stage.path, command="gguf", sources=sources, settings=settings, result=result, files=files)
         if verify:
@@ -508,7 +511,15 @@ def export_gguf(
             report = verify_output(stage.path)
             if not report.ok:
                 raise VerificationError(f"the GGUF failed verification, nothing was written: {report.summary()}", path=final, failures=report.failures)
-            result["verification"] = {"level": "tensors", "ok": True, "summary": report.summary(), "max_probe_error": report.max_probe_error}
+            result["verification"] = {
+                "level": "tensors",
+                "ok": True,
+                "summary": report.summary(),
+                "tensors_exact": report.tensors_exact,
+                "tensors_probed": report.tensors_probed,
+                "not_checkable": len(report.not_probed),
+                "max_probe_error": report.max_probe_error,
+            }
             write_manifest(stage.path, command="gguf", sources=sources, settings=settings, result=result, files=files)
         total = (stage.path / filename).stat().st_size
         stage.commit()

@@ -163,28 +163,11 @@ def _adapter(p: Path) -> Inspection:
 
 
 def _gguf(p: Path) -> Inspection:
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise CheckpointFormatError("reading GGUF needs the gguf package: pip install gguf", path=p) from None
-
-    class StrictReader(GGUFReader):  # type: ignore[misc]
-        """gguf-py's reader, except that a read past the end of the file is an error.
-
-        gguf-py returns a short (often empty) array there, so a corrupted array length or count
-        makes it loop up to 2**64 times over nothing; with every read checked, each step consumes
-        bytes of the file and a malformed file fails fast.
-        """
-
-        def _get(self, offset: int, dtype: Any, count: int = 1, override_order: Any = None) -> Any:
-            arr = super()._get(offset, dtype, count, override_order)
-            if len(arr) < int(count):
-                raise ValueError(f"{int(count)} items at byte {offset} run past the end of the file")
-            return arr
+    from .gguf_read import malformed, open_gguf
 
     ins = Inspection(str(p), "gguf", files={p.name: p.stat().st_size})
+    r = open_gguf(p)
     try:  # gguf-py raises whatever its parsing meets (ValueError, KeyError, IndexError, numpy errors...)
-        r = StrictReader(str(p))
         field_ = r.fields.get("general.architecture")
         if field_ is not None:
             ins.architecture = bytes(field_.parts[field_.data[0]]).decode("utf-8", "replace")
@@ -193,8 +176,7 @@ def _gguf(p: Path) -> Inspection:
             ins.dtype_bytes[name] = ins.dtype_bytes.get(name, 0) + int(t.n_bytes)
             ins.parameters += int(t.n_elements)
     except Exception as e:
-        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
-        raise CheckpointFormatError(f"{p}: not a readable GGUF file ({type(e).__name__}: {first[:200]}); re-download or re-convert it", path=p) from None
+        raise malformed(p, e) from None
     ins.notes.append(f"{len(r.tensors)} tensors, {len(r.fields)} metadata keys")
     return ins
 

@@ -10,8 +10,8 @@ PEFT's definition and checked against the written tensor.
 - IA3: ``W' = W0 ⊙ l`` element by element.
 - full replacements (``modules_to_save``): bit-exact equal to the adapter tensor cast.
 - bitsandbytes bases: ``W0`` dequantized with bitsandbytes, then as above.
-- GGUF: tensors read back with gguf-py, dequantized, renamed and un-permuted, then probed with a
-  bound for the GGML type (F32/F16/BF16: one rounding; Q8_0: half a quantization step per element,
+- GGUF (``verify_gguf``): float tensors read back with gguf-py, dequantized, renamed and
+  un-permuted, then probed with a bound for the GGML type (F32/F16/BF16: one rounding; Q8_0: half a quantization step per element,
   from the block's absmax / 127, plus the step's own F16 rounding).
 """
 
@@ -238,57 +238,3 @@ def norm_shift(config: dict[str, Any], hf_name: str) -> float:
     from .gguf_arch import gguf_arch_for
 
     return gguf_arch_for(config).norm_shift if hf_name.endswith("norm.weight") else 0.0
-
-
-def read_gguf(path: Any, ckpt: Any) -> tuple[dict[str, tuple[torch.Tensor, Any, str]], list[str]]:
-    """Tensors of a GGUF file by checkpoint name: ``{hf_name: (float32 tensor, ggml type, gguf name)}``.
-
-    Names are mapped back by inverting ``gguf.get_tensor_name_map`` for the file's architecture
-    over the base's tensor names (tensors the export drops, such as Gemma's ``lm_head``, excluded);
-    Llama Q/K rows are un-permuted and Gemma's norm ``+1`` is subtracted (exactly, in float64;
-    the rounding of the forward ``+1`` is bounded by :func:`norm_shift`'s caller). A tensor with
-    fewer rows than the base's (Gemma 3's ``token_embd`` cut to the tokenizer's size, as llama.cpp's
-    converter does; ``gguf_vocab.embedding_rows``) gets the base's remaining rows appended, so it
-    is checked at the base's shape: the rows written are probed, the rows left out count as the
-    base's (an adapter that changes them is reported). Returns the GGUF names that map to no base
-    tensor (generated ones such as ``rope_freqs``) as the second item.
-    """
-    import gguf
-    import numpy as np
-
-    from .gguf_arch import Hparams, gguf_arch_for
-
-    rules = gguf_arch_for(ckpt.config)
-    hp = Hparams.of(ckpt.config)
-    names = gguf.get_tensor_name_map(rules.arch, hp.n_layer)
-    inverse: dict[str, str] = {}
-    for hf in ckpt.tensors:
-        g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
-        if g is not None and hf not in rules.drop:
-            inverse[g] = hf
-    n_head, n_kv = hp.heads
-    reader = gguf.GGUFReader(path)
-    out: dict[str, tuple[torch.Tensor, Any, str]] = {}
-    unknown = []
-    for t in reader.tensors:
-        hf = inverse.get(t.name)
-        if hf is None:
-            unknown.append(t.name)
-            continue
-        shape = tuple(int(n) for n in reversed(t.shape.tolist()))
-        data = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
-        w = torch.from_numpy(np.array(data, dtype=np.float32)).reshape(shape)  # a writable copy
-        if rules.permute_qk and hf.endswith(("q_proj.weight", "q_proj.bias")):
-            w = unpermute_qk(w, n_head)
-        elif rules.permute_qk and hf.endswith(("k_proj.weight", "k_proj.bias")):
-            w = unpermute_qk(w, n_kv)
-        if rules.norm_shift and hf.endswith("norm.weight"):
-            w = (w.double() - rules.norm_shift).float()  # exact: both are float32 values near each other
-        base_rows = int(ckpt.tensors[hf].shape[0]) if getattr(ckpt.tensors[hf], "shape", None) else 0
-        if w.dim() >= 1 and w.shape[0] < base_rows:  # (rows, ...) -> (base_rows, ...)
-            from .checkpoint import TensorReader
-
-            with TensorReader() as base_reader:
-                w = torch.cat([w, base_tensor(ckpt, hf, base_reader)[w.shape[0] :].float()])
-        out[hf] = (w, t.tensor_type, t.name)
-    return out, unknown
