@@ -500,6 +500,25 @@ def _(env: Env) -> tuple[Callable[[], object], Path]:
     return env.merge(), env.ad_cfg
 
 
+# --- issue 11 (regex): hostile patterns in adapter_config.json (tests/test_trust_regex.py has more)
+
+
+@case("adapter-rank-pattern-catastrophic-lookahead", E.PatternTimeoutError, "simplify the pattern")
+def _(env: Env) -> tuple[Callable[[], object], Path]:
+    # a lookahead has no RE2 form, so Python's re runs it in a child process and is stopped after 2 s
+    edit_json(env.ad_cfg, lambda c: c.update(rank_pattern={r"(?=[\w.])([\w.]+)+!": 4}))
+    return env.merge(), env.ad_cfg
+
+
+@case("adapter-alpha-pattern-too-long", E.PatternError, "limited to 8192 characters")
+def _(env: Env) -> tuple[Callable[[], object], Path]:
+    edit_json(env.ad_cfg, lambda c: c.update(alpha_pattern={"q_proj|" * 1500 + "v_proj": 32}))
+    return env.merge(), env.ad_cfg
+
+
+# --- end of issue 11 (regex)
+
+
 @case("adapter-key-without-prefix", E.CheckpointFormatError, "not a PEFT adapter file")
 def _(env: Env) -> tuple[Callable[[], object], Path]:
     edit_tensors(env.ad_st, lambda t: {k.removeprefix(PREFIX): v for k, v in t.items()})

@@ -9,7 +9,7 @@ Scaling (peft ``tuners/lora/layer.py`` ``LoraLayer.update_layer``): ``lora_alpha
 ``lora_alpha / sqrt(r)`` with ``use_rslora`` (Kalajdzievski 2023, arXiv:2312.03732), where ``r``
 and ``lora_alpha`` are per module after ``rank_pattern`` / ``alpha_pattern`` resolution
 (peft ``utils/other.py`` ``get_pattern_key``: the first pattern key, in dict order, for which
-``re.match(rf"(.*\\.)?({key})$", module_name)`` matches).
+``re.match(rf"(.*\\.)?({key})$", module_name)`` matches; matched with bounded work, see ``patterns``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from .checkpoint import TensorReader, resolve_source
 from .errors import AdapterMismatchError, CheckpointFormatError, InvalidOptionError, NotAnAdapterError, PickleRefusedError, UnsupportedAdapterError
 from .jsonio import read_json
 from .paths import check_inside
+from .patterns import pattern_keys, pattern_rules, pattern_value, validate
 from .safetensors_format import TensorEntry, read_header
 
 logger = logging.getLogger(__name__)
@@ -78,14 +79,6 @@ _UNSUPPORTED_KEYS: list[tuple[re.Pattern[str], str]] = [
     (re.compile(r"\.vera_lambda_[bd]$"), "VeRA"),
     (re.compile(r"\.oft_[Rs]"), "OFT"),
 ]
-
-
-def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """Resolve ``rank_pattern`` / ``alpha_pattern`` for ``module`` as PEFT's ``get_pattern_key`` does."""
-    for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module):
-            return patterns[key]
-    return patterns.get(module, default)
 
 
 @dataclass(frozen=True)
@@ -285,10 +278,8 @@ def _check_config(root: Path, config: dict[str, Any]) -> TunerType:
         for key, value in patterns.items():
             if name == "rank_pattern" and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise AdapterMismatchError(f"{cfg_path}: rank_pattern gives {key!r} the rank {value!r}; ranks must be positive integers", path=cfg_path)
-            try:
-                re.compile(rf"(.*\.)?({key})$")
-            except re.error as e:
-                raise AdapterMismatchError(f"{cfg_path}: {name} key {key!r} is not a valid regular expression ({e}); fix the pattern", path=cfg_path) from None
+        for rule in pattern_rules(name, patterns):
+            validate(rule, cfg_path)
     return tuner
 
 
@@ -305,6 +296,8 @@ def load_adapter(spec: str | os.PathLike[str], *, allow_pickle: bool = False) ->
         CheckpointFormatError: malformed files, or keys outside ``base_model.model.``.
         UnsupportedAdapterError: a tuner or variant lorasave does not merge yet.
         AdapterMismatchError: a LoRA factor missing its pair, r = 0, ranks disagreeing with the config.
+        PatternError: a ``rank_pattern`` / ``alpha_pattern`` key invalid or too long.
+        PatternTimeoutError: a key whose matching (Python ``re``, no RE2 form) exceeds ``patterns.BUDGET_S``.
         UnsafePathError: the config or weights file is a symlink leaving the folder (rule in ``paths``).
     """
     root = locate_adapter(spec)
@@ -419,6 +412,9 @@ def _resolve_modules(adapter: Adapter) -> None:
     adapter.extra = {name: key for name, (_, key) in full.items()}
     rank_pattern = cfg.get("rank_pattern") or {}
     alpha_pattern = cfg.get("alpha_pattern") or {}
+    cfg_path = adapter.root / ADAPTER_CONFIG_NAME
+    rank_keys = pattern_keys("rank_pattern", rank_pattern, list(found), source=cfg_path)
+    alpha_keys = pattern_keys("alpha_pattern", alpha_pattern, list(found), source=cfg_path)
     alpha_default = cfg.get("lora_alpha", cfg.get("alpha", 8))
     for module, keys in found.items():
         r: int | None = None
@@ -438,11 +434,11 @@ def _resolve_modules(adapter: Adapter) -> None:
                 )
             r = a_shape[0]
         elif adapter.tuner in (TunerType.LOHA, TunerType.LOKR):
-            r = pattern_value(rank_pattern, module, cfg["r"])
+            r = pattern_value(rank_pattern, module, cfg["r"], rank_keys)
         if r is not None:
             if r == 0:
                 raise AdapterMismatchError(f"{path}: module {module} has rank 0", path=path, module=module)
-            r_cfg = pattern_value(rank_pattern, module, cfg.get("r"))
+            r_cfg = pattern_value(rank_pattern, module, cfg.get("r"), rank_keys)
             if cfg.get("target_parameters") and isinstance(r_cfg, int) and r_cfg > 0 and r != r_cfg and r % r_cfg == 0:
                 r = r_cfg  # LoRA on a 3-D expert parameter: A stacks r rows per expert
             if adapter.tuner is TunerType.LORA and r_cfg != r:
@@ -452,7 +448,7 @@ def _resolve_modules(adapter: Adapter) -> None:
                     path=path,
                     module=module,
                 )
-            alpha = pattern_value(alpha_pattern, module, alpha_default)
+            alpha = pattern_value(alpha_pattern, module, alpha_default, alpha_keys)
             if not _finite_number(alpha) or alpha == 0:
                 raise AdapterMismatchError(
                     f"{adapter.root / ADAPTER_CONFIG_NAME}: lora_alpha (or alpha_pattern) for {module} is {alpha!r}; "

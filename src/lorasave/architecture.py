@@ -16,7 +16,7 @@ import enum
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -108,22 +108,66 @@ class ArchitectureInfo:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> ArchitectureInfo:
-        """Inverse of ``to_json``."""
+    def from_json(cls, d: Any) -> ArchitectureInfo:
+        """Inverse of ``to_json``, checking every field's type (the cache file may be anything).
+
+        Raises:
+            ValueError: ``d`` is not what ``to_json`` writes (a missing or extra field, a wrong type).
+        """
+        if not isinstance(d, dict) or set(d) != {f.name for f in fields(cls)}:
+            raise ValueError("not an ArchitectureInfo object")
+        kinds = _str_dict(d["module_kinds"], str)
+        params3d = _str_dict(d["params3d"], list)
+        for v in params3d.values():
+            if len(v) != 2 or not isinstance(v[1], bool) or not isinstance(v[0], list) or not all(_count(x) for x in v[0]):
+                raise ValueError("params3d entries must be [shape, bool]")
+        groups = _str_dict(d["conv_groups"], int)
+        if not all(_count(g) for g in groups.values()):
+            raise ValueError("conv_groups must be counts")
+        if not (d["num_parameters"] is None or _count(d["num_parameters"])):
+            raise ValueError("num_parameters must be a count")
+        keep, strict = _str_list(d["keep_fp32"]), _str_list(d["keep_fp32_strict"])
+        try:
+            for pat in keep + strict:
+                re.compile(pat)
+        except re.error as e:
+            raise ValueError(f"keep_fp32 pattern: {e}") from None
         return cls(
-            model_class=d["model_class"],
-            save_order=d["save_order"],
-            tied_names=set(d["tied_names"]),
-            module_kinds={k: ModuleKind(v) for k, v in d["module_kinds"].items()},
-            keep_fp32=set(d["keep_fp32"]),
-            keep_fp32_strict=set(d["keep_fp32_strict"]),
+            model_class=_opt_str(d["model_class"]),
+            save_order=None if d["save_order"] is None else _str_list(d["save_order"]),
+            tied_names=set(_str_list(d["tied_names"])),
+            module_kinds={k: ModuleKind(v) for k, v in kinds.items()},
+            keep_fp32=set(keep),
+            keep_fp32_strict=set(strict),
             num_parameters=d["num_parameters"],
-            note=d["note"],
-            bnb_quantizable=set(d["bnb_quantizable"]),
-            tied_to=dict(d["tied_to"]),
-            conv_groups=dict(d["conv_groups"]),
-            params3d={k: (list(v[0]), bool(v[1])) for k, v in d["params3d"].items()},
+            note=_opt_str(d["note"]),
+            bnb_quantizable=set(_str_list(d["bnb_quantizable"])),
+            tied_to=_str_dict(d["tied_to"], str),
+            conv_groups=groups,
+            params3d={k: (list(v[0]), v[1]) for k, v in params3d.items()},
         )
+
+
+def _count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _opt_str(x: Any) -> str | None:
+    if x is not None and not isinstance(x, str):
+        raise ValueError("expected a string or null")
+    return x
+
+
+def _str_list(x: Any) -> list[str]:
+    if not isinstance(x, list) or not all(isinstance(v, str) for v in x):
+        raise ValueError("expected a list of strings")
+    return x
+
+
+def _str_dict(x: Any, value_type: type) -> dict[str, Any]:
+    if not isinstance(x, dict) or not all(isinstance(v, value_type) and not (value_type is int and isinstance(v, bool)) for v in x.values()):
+        raise ValueError(f"expected an object of {value_type.__name__} values")
+    return dict(x)
 
 
 def _kind(module: torch.nn.Module) -> ModuleKind:
@@ -162,11 +206,11 @@ def inspect_architecture(config_json: dict[str, Any]) -> ArchitectureInfo:
 
     key = (json.dumps(config_json, sort_keys=True), version("transformers"), version("torch"), __version__, str(CACHE_SCHEMA))
     hit = cache.get("architecture", *key)
-    if isinstance(hit, dict):
+    if hit is not None:
         try:
             return ArchitectureInfo.from_json(hit)
-        except (KeyError, ValueError, TypeError):
-            pass
+        except (ValueError, TypeError, KeyError, RecursionError) as e:  # a damaged or foreign cache file: rebuilt below
+            logger.info("ignoring a malformed architecture cache entry (%s); rebuilding it", e)
     info = build_architecture(config_json)
     cache.put("architecture", info.to_json(), *key)
     return info

@@ -8,7 +8,8 @@
   returned. Saves re-reading multi-GB sources only to hash them.
 
 Location: ``$LORASAVE_CACHE``, else ``$XDG_CACHE_HOME/lorasave``, else ``~/.cache/lorasave``.
-``LORASAVE_CACHE=off`` disables it. A cache that cannot be read or written is ignored.
+``LORASAVE_CACHE=off`` disables it. A cache that cannot be read or written is ignored; an entry
+that is not what lorasave wrote (bad JSON, deep nesting, the wrong shape) is ignored and rebuilt.
 """
 
 from __future__ import annotations
@@ -39,9 +40,15 @@ def _read(kind: str, key: str) -> Any | None:
     root = cache_dir()
     if root is None:
         return None
+    path = root / kind / f"{key}.json"
     try:
-        return parse_json((root / kind / f"{key}.json").read_bytes())
-    except (OSError, ValueError):
+        data = path.read_bytes()
+    except OSError:
+        return None
+    try:
+        return parse_json(data)
+    except ValueError as e:  # damaged, too deeply nested, a 10,000-digit number: rebuilt by the caller
+        logger.info("ignoring the malformed cache file %s (%s); rebuilding it", path, e)
         return None
 
 

@@ -19,6 +19,7 @@ import click
 
 from . import __version__
 from .errors import LorasaveError
+from .printable import escape, escape_lines
 from .sizes import DEFAULT_MAX_SHARD_SIZE
 
 EXIT_INTERNAL = 70
@@ -43,6 +44,13 @@ _INSTALL_HINTS = {
 }
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Log lines with names from files escaped (a newline in a tensor name cannot fake another line)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape(super().formatMessage(record))
+
+
 def _hub_handlers() -> list[logging.Handler]:
     """huggingface_hub's own stderr handler(s), when it is imported."""
     return list(logging.getLogger("huggingface_hub").handlers) if "huggingface_hub" in sys.modules else []
@@ -54,7 +62,7 @@ def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: boo
 
     debug = ctx.obj.get("debug", False)
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if debug else "note: %(message)s"))
+    handler.setFormatter(_OneLineFormatter("%(levelname)s: %(message)s" if debug else "note: %(message)s"))
     add_filter([handler])  # no token in any log line (lorasave.redact)
     log = logging.getLogger("lorasave")
     log.addHandler(handler)
@@ -68,7 +76,7 @@ def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: boo
     def fail(line: str, code: int, *, trace: bool = True) -> None:
         if debug and trace:
             click.echo(scrub(traceback.format_exc()).rstrip("\n"), err=True)
-        click.echo(scrub(line), err=True)
+        click.echo(escape(scrub(line)), err=True)  # names from files: control characters escaped, one line
         ctx.exit(code)
 
     try:
@@ -93,7 +101,7 @@ def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: boo
     if as_json:
         click.echo(json.dumps(result.to_dict(), indent=2))
     elif not quiet:
-        click.echo(result.summary())
+        click.echo(escape_lines(result.summary()))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .printable import escape
+
 
 class LorasaveError(Exception):
     """Base class of every error lorasave raises on bad input or a failed save.
@@ -28,7 +30,8 @@ class LorasaveError(Exception):
         self.path = Path(path) if path is not None else None
 
     def __str__(self) -> str:
-        return self.message
+        # names from files (tensors, modules, patterns) may hold newlines or terminal controls
+        return escape(self.message)
 
 
 class SourceNotFoundError(LorasaveError, FileNotFoundError):
@@ -77,6 +80,24 @@ class AdapterMismatchError(LorasaveError, ValueError):
     def __init__(self, message: str, *, path: str | Path | None = None, module: str | None = None) -> None:
         super().__init__(message, path=path)
         self.module = module
+
+
+class PatternError(AdapterMismatchError):
+    """A regex of ``adapter_config.json`` (``target_modules``, ``rank_pattern``, ...) is invalid or too long."""
+
+
+class PatternTimeoutError(PatternError):
+    """Matching a regex of ``adapter_config.json`` with Python's ``re`` exceeded its time budget.
+
+    Attributes:
+        pattern: the pattern, as written in the config.
+        budget_s: the budget, in seconds.
+    """
+
+    def __init__(self, message: str, *, path: str | Path | None = None, pattern: str, budget_s: float) -> None:
+        super().__init__(message, path=path)
+        self.pattern = pattern
+        self.budget_s = budget_s
 
 
 class UnsupportedAdapterError(LorasaveError, NotImplementedError):

@@ -14,6 +14,7 @@ from typing import Any
 from .dtypes import nbytes, st_dtype
 from .errors import CheckpointFormatError, SourceNotFoundError
 from .jsonio import load_json, read_json
+from .printable import escape
 
 
 @dataclass
@@ -64,7 +65,7 @@ class Inspection:
         lines += [f"  note: {n}" for n in self.notes]
         if self.can:
             lines.append("  lorasave can: " + "; ".join(self.can))
-        return "\n".join(lines)
+        return "\n".join(escape(line) for line in lines)  # names and config values from files: one line each
 
 
 def _numel(shape: tuple[int, ...]) -> int:

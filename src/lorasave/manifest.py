@@ -34,7 +34,7 @@ def sha256_source(path: Path) -> str:
     """sha256 of a source file, remembered by its stat identity (``cache.stat_key``) across runs."""
     key = cache.stat_key(path)
     hit = cache.get("sha256", key)
-    if isinstance(hit, str):
+    if isinstance(hit, str) and len(hit) == 64 and all(c in "0123456789abcdef" for c in hit):
         return hit
     digest = sha256_file(path)
     if cache.stat_key(path) == key:  # unchanged while it was read

@@ -95,6 +95,7 @@ def verify(
     Raises:
         SourceNotFoundError: no ``lorasave.json``, or the sources are gone (pass ``base`` / ``adapters``).
         CheckpointFormatError: an unreadable manifest or output file (a malformed GGUF file included).
+        PatternError, PatternTimeoutError (logits level): an adapter regex PEFT would choke or hang on.
         UnsafePathError: ``lorasave.json`` lists a file that is absolute or contains ``..``.
         LlamaCppNotInstalledError: ``logits`` of a GGUF LoRA adapter without the llama.cpp runtime.
     """

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .patterns import check_peft_patterns
 from .verify_report import VerifyReport
 
 logger = logging.getLogger("lorasave.verify")
@@ -123,6 +124,9 @@ def check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, base
     precision = output_precision(command, settings, base_dtype)
     with torch.no_grad(), _quiet_transformers():
         model = load_causal_lm(ckpt.root, dtype=torch.float32)
+        module_names = [n for n, _ in model.named_modules()]
+        for ad in ads:  # PEFT matches these with Python's re, uninterruptibly: try them first under a budget
+            check_peft_patterns(ad.config, module_names, source=ad.root / "adapter_config.json")
         names = [f"a{i}" for i in range(len(ads))]
         peft = PeftModel.from_pretrained(model, ads[0].root, adapter_name=names[0]) if ads else model  # no adapter: the base as it is
         for n, ad in zip(names[1:], ads[1:], strict=True):

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .errors import LorasaveError
+from .printable import escape
 
 #: Failing names listed in the summary line (the rest are counted).
 SHOWN_FAILURES = 5
@@ -148,7 +149,13 @@ class VerifyReport:
         return "; ".join(parts)
 
     def summary(self) -> str:
-        """One line for humans: the verdict, the failing names (first five and the count), the counts."""
+        """One line for humans: the verdict, the failing names (first five and the count), the counts.
+
+        Names from files (tensors, manifest entries) are printed with control characters escaped.
+        """
+        return escape(self._verdict())
+
+    def _verdict(self) -> str:
         if not self.ok:
             names = list(dict.fromkeys(n for n, _ in self.failures))
             shown = ", ".join(names[:SHOWN_FAILURES]) + (f" and {len(names) - SHOWN_FAILURES} more" if len(names) > SHOWN_FAILURES else "")

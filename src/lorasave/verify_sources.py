@@ -128,7 +128,11 @@ def adapter_output_logits(base_root: Path, out: Path, ids: Any) -> Any:
     from peft import PeftModel
 
     from .hf_load import load_causal_lm
+    from .jsonio import read_json
+    from .patterns import check_peft_patterns
 
     model = load_causal_lm(base_root, dtype="float32")
+    config = read_json(out / "adapter_config.json")  # PEFT would hang on a catastrophic regex: tried first under a budget
+    check_peft_patterns(config, [n for n, _ in model.named_modules()], source=out / "adapter_config.json")
     peft = PeftModel.from_pretrained(model, out).eval()
     return peft(input_ids=ids).logits.float()
