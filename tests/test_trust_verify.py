@@ -8,7 +8,6 @@ GGUF or a file that differs from lorasave.json stops the check with one line.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
@@ -26,16 +25,11 @@ BASE = REPO / "examples" / "tiny-llama"
 LORA = REPO / "examples" / "tiny-llama-lora"
 
 
+from test_verify import _rehash  # noqa: E402
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "lorasave", *args], capture_output=True, text=True, timeout=300)
-
-
-def _rehash(out: Path, file: Path) -> None:
-    """Record ``file``'s current sha256 and size in lorasave.json (an output whose manifest matches its wrong bytes)."""
-    path = out / "lorasave.json"
-    manifest = json.loads(path.read_text())
-    manifest["files"][file.name] = {**manifest["files"][file.name], "sha256": hashlib.sha256(file.read_bytes()).hexdigest(), "bytes": file.stat().st_size}
-    path.write_text(json.dumps(manifest))
 
 
 def _wrong_alpha(adapter: Path, tmp_path: Path) -> Path:
