@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from lorasave import gguf_encode
+from lorasave.errors import DiskFullError
 from lorasave.gguf_export import export_gguf
 from lorasave.gguf_quant import encode
 
@@ -153,6 +154,7 @@ def test_writer_error_reaches_the_caller(tmp_path: Path, monkeypatch: pytest.Mon
 
     original = gguf.GGUFWriter.write_tensor_data
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", fail)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(DiskFullError, match="is full on the file system") as info:
         export_gguf(EXAMPLES / "tiny-llama", EXAMPLES / "tiny-llama-lora", tmp_path / "g", type="q8_0")
+    assert isinstance(info.value, OSError) and "nothing was written" in str(info.value)
     assert len(calls) >= 3 and sorted(p.name for p in tmp_path.iterdir()) == []

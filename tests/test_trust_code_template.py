@@ -1,7 +1,7 @@
 """Issue 11 point 7: chat templates are rendered with bounded work.
 
 A template that loops (nested ``range``) or builds huge strings is stopped within the documented
-budget (``lorasave.template_render``: 2 s, 1 MB of output, 256 MiB) and the Modelfile is written
+budget (``lorasave.template_render``: 2 s, 1 MB of output, 1 GiB of memory) and the Modelfile is written
 without ``TEMPLATE`` and with a note; ordinary templates render exactly as transformers'
 ``apply_chat_template`` renders them.
 """
@@ -52,7 +52,6 @@ def _seconds_to_start() -> float:
     return time.monotonic() - t0
 
 
-@pytest.mark.xfail(reason="issue 11 follow-up: a looping template can hit the 256 MiB memory limit before the 2 s time limit; both stop it, the message names memory", strict=False)
 def test_nested_range_stopped_within_budget() -> None:
     start = _seconds_to_start()
     t0 = time.monotonic()
@@ -67,7 +66,7 @@ def test_huge_output_stopped_within_budget() -> None:
     with pytest.raises(ChatTemplateBudgetError, match=r"more than 1000 kB") as info:
         TR.render_chat_template(WIDE, [USER_ONLY])
     assert info.value.limit == "output"
-    with pytest.raises(ChatTemplateBudgetError, match=r"more than 256 MiB") as info:
+    with pytest.raises(ChatTemplateBudgetError, match=r"more than 1024 MiB") as info:
         TR.render_chat_template(DOUBLING, [USER_ONLY])
     assert info.value.limit == "memory"
 
@@ -88,12 +87,11 @@ def test_modelfile_step_with_a_string_bomb_stays_small(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["maxrss_kb"] < 1_500_000, report
-    assert len(report["notes"]) == 1 and "more than 256 MiB" in report["notes"][0], report
+    assert len(report["notes"]) == 1 and "more than 1024 MiB" in report["notes"][0], report
     lines = (tmp_path / "Modelfile").read_text().splitlines()
     assert lines[0] == "FROM ./m.gguf" and not any(ln.startswith("TEMPLATE") for ln in lines)
 
 
-@pytest.mark.xfail(reason="issue 11 follow-up: a looping template can hit the 256 MiB memory limit before the 2 s time limit; both stop it, the message names memory", strict=False)
 def test_gguf_with_a_looping_template_finishes_with_a_note(tmp_path: Path) -> None:
     """lorasave gguf on a base whose chat template loops 10^10 times: done in seconds, Modelfile without TEMPLATE.
 

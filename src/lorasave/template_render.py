@@ -37,8 +37,11 @@ logger = logging.getLogger(__name__)
 TIME_S = 2.0
 #: Bytes of rendered text (UTF-8) for the renders of one call.
 OUTPUT_BYTES = 1_000_000
-#: Address space the renders may add to the child process.
-MEMORY_BYTES = 256 * 2**20
+#: Address space the renders may add to the child process. jinja2 keeps every piece of output, even
+#: an empty ``{{ '' }}``, in a list until the render ends, so a loop that prints nothing still grows
+#: by about 160 MB/s here; 1 GiB leaves the :data:`TIME_S` limit to stop loops (with its own message)
+#: and the memory limit to stop string bombs.
+MEMORY_BYTES = 2**30
 #: Seconds the child may take to start and import transformers before the budget starts.
 STARTUP_S = 60.0
 
