@@ -23,7 +23,7 @@ For each model this:
    20-token continuation of two prompts (one from the training text);
 5. GGUF step (skip with ``--no-gguf``): ``lorasave gguf <name>-hf <name>-lora -o <name>-gguf-q8_0
    --type q8_0`` (straight from base + adapter), loaded in llama.cpp
-   (``lorasave.llama_cpp.LlamaCppModel``; install it with ``python -m lorasave.llama_cpp_install``)
+   (``lorasave.runtimes.llama_cpp.lib.LlamaCppModel``; install it with ``lorasave install-llama-cpp``)
    and compared with transformers on ``<name>-merged-fp32``: the GGUF tokenizer's ids against
    transformers', top-1 agreement of the logits over the evaluation text (same token ids fed to
    both), and the greedy continuation of "The capital of France is" (a greedy loop over
@@ -305,7 +305,7 @@ def llama_cpp_greedy(model: object, ids: list[int], eos: set[int]) -> list[int]:
 @torch.no_grad()
 def gguf_step(name: str, hf_dir: Path, lora_dir: Path, merged_fp32: Path, workdir: Path, gguf_type: str = "q8_0") -> GgufComparison:
     """Export a GGUF with lorasave, run it in llama.cpp, compare with transformers on the merge."""
-    from lorasave.llama_cpp import LlamaCppModel, require
+    from lorasave.runtimes.llama_cpp.lib import LlamaCppModel, require
 
     require()
     out = workdir / f"{name}-gguf-{gguf_type}"

@@ -10,7 +10,7 @@ trained a few steps). Run that script once first::
 
 For each variant this:
 
-1. runs ``lorasave.onnx_export.export_onnx`` (float32 streaming merge, then a KV-cache decoder in
+1. runs ``lorasave.formats.onnx.export.export_onnx`` (float32 streaming merge, then a KV-cache decoder in
    optimum's layout) into ``WORKDIR/smollm2-onnx-<variant>``, with lorasave's own verification
    (onnxruntime against transformers: prefill, decode step with the cache, left-padded batch);
 2. generates a greedy 20-token continuation of "The capital of France is" with onnxruntime alone
@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lorasave
-from lorasave.onnx_export import export_onnx, onnx_generate
+from lorasave.formats.onnx.export import export_onnx, onnx_generate
 
 PROMPT = "The capital of France is"
 NEW_TOKENS = 20

@@ -6,14 +6,14 @@ import os
 
 import pytest
 
-from lorasave import llama_cpp
-from lorasave.llama_cpp_install import INSTALL_COMMAND
+from lorasave.runtimes.llama_cpp import lib as llama_cpp
+from lorasave.runtimes.llama_cpp.install import INSTALL_COMMAND
 
 
 def need_llama_cpp() -> None:
     """Skip the calling test when the llama.cpp runtime is not installed; fail instead when env CI is set.
 
-    CI installs it (``.ci/run`` runs ``python -m lorasave.llama_cpp_install``), so a missing runtime
+    CI installs it (``.ci/run`` runs ``lorasave install-llama-cpp``), so a missing runtime
     there is a broken setup, not a reason to skip.
     """
     if llama_cpp.available():

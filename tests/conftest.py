@@ -18,7 +18,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from lorasave.llama_cpp_install import default_dir as llama_cpp_default_dir
+from lorasave.runtimes.llama_cpp.install import default_dir as llama_cpp_default_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _models as M
@@ -26,7 +26,7 @@ import _models as M
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# the llama.cpp runtime stays where `python -m lorasave.llama_cpp_install` put it (under the
+# the llama.cpp runtime stays where `lorasave install-llama-cpp` put it (under the
 # real cache), before the cache moves:
 os.environ.setdefault("LORASAVE_LLAMA_CPP_DIR", str(llama_cpp_default_dir()))
 # lorasave's cache (architecture facts, source hashes) goes to a fresh folder per session,

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lorasave import cache
-from lorasave.architecture import ArchitectureInfo, build_architecture, inspect_architecture
-from lorasave.manifest import sha256_source
+from lorasave.pipeline.manifest import sha256_source
+from lorasave.sources import cache
+from lorasave.sources.architecture import ArchitectureInfo, build_architecture, inspect_architecture
 
 
 def test_source_hash_follows_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 
 import lorasave
 from lorasave import errors as E
-from lorasave.inspect import inspect_path
-from lorasave.verify import verify
+from lorasave.verify.inspect import inspect_path
+from lorasave.verify.run import verify
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 BASE_SRC = EXAMPLES / "tiny-llama"
@@ -635,7 +635,7 @@ def _(env: Env) -> tuple[Callable[[], object], Path]:
 def _(env: Env) -> tuple[Callable[[], object], Path]:
     import hashlib
 
-    from lorasave.gguf_export import export_gguf
+    from lorasave.formats.gguf.export import export_gguf
 
     res = export_gguf(env.base, env.adapter, env.out, type="f16", modelfile=False)
     data = bytearray(res.gguf_file.read_bytes())
@@ -722,7 +722,7 @@ def _bomb_tokenizer(env: Env, member: str) -> Path:
 
 
 def _gguf(env: Env) -> Callable[[], object]:
-    from lorasave.gguf_export import export_gguf
+    from lorasave.formats.gguf.export import export_gguf
 
     return lambda: export_gguf(env.base, [env.adapter], env.out)
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import save, save_file
 
-from lorasave.checkpoint import TensorReader, open_checkpoint, resolve_source
-from lorasave.dtypes import st_dtype
 from lorasave.errors import CheckpointFormatError, LorasaveError, SourceNotFoundError, UnsafePathError
-from lorasave.safetensors_format import layout, read_header, serialize_header
-from lorasave.sizes import parse_size
-from lorasave.writers import SafetensorsShardWriter
+from lorasave.formats.safetensors import SafetensorsShardWriter
+from lorasave.formats.safetensors.header import layout, read_header, serialize_header
+from lorasave.sources.checkpoint import TensorReader, open_checkpoint, resolve_source
+from lorasave.util.dtypes import st_dtype
+from lorasave.util.sizes import parse_size
 
 DTYPES = [
     torch.float32,

@@ -23,11 +23,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lorasave.adapter import load_adapter
-from lorasave.checkpoint import open_checkpoint
 from lorasave.errors import LorasaveError
-from lorasave.inspect import inspect_path
-from lorasave.safetensors_format import read_header
+from lorasave.formats.safetensors.header import read_header
+from lorasave.sources.adapter import load_adapter
+from lorasave.sources.checkpoint import open_checkpoint
+from lorasave.verify.inspect import inspect_path
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 BASE_SRC = EXAMPLES / "tiny-llama"

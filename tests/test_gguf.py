@@ -22,8 +22,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 import _models as M
 from lorasave.errors import InvalidOptionError, OutputExistsError, UnsupportedModelError
-from lorasave.gguf_arch import gguf_arch_for
-from lorasave.gguf_export import GgufResult, export_gguf, permute_qk
+from lorasave.formats.gguf.arch import gguf_arch_for
+from lorasave.formats.gguf.export import GgufResult, export_gguf, permute_qk
 
 TEXT = "LoRA adapts a frozen model by adding a low-rank update to some of its weight matrices. Merging folds that update into the weights. " * 6
 VOCAB = 256

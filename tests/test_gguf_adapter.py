@@ -23,8 +23,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 
 import _models as M
 from lorasave.errors import AdapterMismatchError, InvalidOptionError, UnsupportedAdapterError
-from lorasave.gguf_adapter import GgufAdapterResult, export_gguf_adapter
-from lorasave.gguf_export import export_gguf
+from lorasave.formats.gguf.adapter import GgufAdapterResult, export_gguf_adapter
+from lorasave.formats.gguf.export import export_gguf
 
 TEXT = "A LoRA adapter adds a low-rank update B @ A to some weights; llama.cpp applies it at run time. " * 6
 VOCAB = 256
@@ -139,7 +139,7 @@ def _llama_logits(base_gguf: Path, loras: list[tuple[Path, float]], ids: torch.T
     from _llama import need_llama_cpp
 
     need_llama_cpp()
-    from lorasave.llama_cpp import LlamaCppModel
+    from lorasave.runtimes.llama_cpp.lib import LlamaCppModel
 
     with LlamaCppModel(base_gguf, loras=loras) as m:
         return torch.from_numpy(np.asarray(m.logits([int(i) for i in ids[0]]), dtype=np.float32))

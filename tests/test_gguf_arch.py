@@ -1,5 +1,5 @@
 """GGUF export per architecture, proven in llama.cpp: merged tiny Llama (Llama 3.1 rope scaling),
-Qwen3, Gemma 3 and Phi-3 written by ``export_gguf`` and loaded with ``lorasave.llama_cpp``.
+Qwen3, Gemma 3 and Phi-3 written by ``export_gguf`` and loaded with ``lorasave.runtimes.llama_cpp.lib``.
 
 References are never lorasave's own numbers: logits come from transformers on the float32 merged
 checkpoint, token ids from the transformers tokenizer, metadata from config.json, ``rope_freqs``
@@ -30,8 +30,8 @@ import lorasave
 from _llama import need_llama_cpp
 from _models import build_arch_model, build_bpe_tokenizer, build_spm_tokenizer, train_lora
 from lorasave.errors import UnsupportedModelError
-from lorasave.gguf_arch import ARCHITECTURES, gguf_arch_for
-from lorasave.gguf_export import export_gguf
+from lorasave.formats.gguf.arch import ARCHITECTURES, gguf_arch_for
+from lorasave.formats.gguf.export import export_gguf
 
 TEXT = "Merging folds the low-rank update into the weights, 12345 times in 2024: naïve café, 日本語のテキスト. LoRA adapts a frozen model."
 # The special token ends the text: after one, llama.cpp's SentencePiece tokenizer prefixes the next text
@@ -114,7 +114,7 @@ def _fields(path: Path) -> dict[str, Any]:
 def test_logits_in_llama_cpp(case: dict[str, Any], type: str) -> None:
     """llama.cpp on the GGUF vs transformers on the merged float32 checkpoint, every position."""
     need_llama_cpp()
-    from lorasave.llama_cpp import LlamaCppModel
+    from lorasave.runtimes.llama_cpp.lib import LlamaCppModel
 
     ref = case["ref"]
     with LlamaCppModel(case["results"][type].gguf_file, n_ctx=128) as m:
@@ -133,7 +133,7 @@ def test_logits_in_llama_cpp(case: dict[str, Any], type: str) -> None:
 def test_tokenize_parity(case: dict[str, Any]) -> None:
     """llama.cpp's tokenizer from the GGUF metadata == the transformers tokenizer (specials parsed)."""
     need_llama_cpp()
-    from lorasave.llama_cpp import LlamaCppModel
+    from lorasave.runtimes.llama_cpp.lib import LlamaCppModel
 
     tok = case["tok"]
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
@@ -223,7 +223,7 @@ def test_tensors(case: dict[str, Any]) -> None:
 
 def test_verify_passes(case: dict[str, Any]) -> None:
     """``lorasave verify`` undoes every transform (names, Q/K permutation, Gemma +1)."""
-    from lorasave.verify import verify
+    from lorasave.verify.run import verify
 
     for type in ("f32", "q8_0"):
         report = verify(case["results"][type].output)
@@ -298,7 +298,7 @@ def test_bpe_pre_hash_from_tokenizer_json(tmp_path: Path, monkeypatch: pytest.Mo
     says; the converter's transformers 4 loads the class named, here ``PreTrainedTokenizerFast``."""
     from transformers import PreTrainedTokenizerFast
 
-    from lorasave import gguf_vocab
+    from lorasave.formats.gguf import vocab as gguf_vocab
 
     text, _ = gguf_vocab.bpe_pre_table()
     tok = _plain_bytelevel_bpe(text)
@@ -349,7 +349,7 @@ def gemma_cut(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 def test_gemma3_token_embd_cut_to_tokenizer(gemma_cut: dict[str, Any]) -> None:
     """token_embd keeps the converter's rows; the token list has as many; llama.cpp matches transformers."""
     need_llama_cpp()
-    from lorasave.llama_cpp import LlamaCppModel
+    from lorasave.runtimes.llama_cpp.lib import LlamaCppModel
 
     keep = gemma_cut["converter_rows"]
     assert keep < gemma_cut["rows"]
@@ -369,7 +369,7 @@ def test_gemma3_token_embd_cut_to_tokenizer(gemma_cut: dict[str, Any]) -> None:
 def test_gemma3_cut_verifies(gemma_cut: dict[str, Any]) -> None:
     """``verify`` reads the cut token_embd back (tensors) and compares llama.cpp's logits (logits)."""
     need_llama_cpp()
-    from lorasave.verify import verify
+    from lorasave.verify.run import verify
 
     for level in ("tensors", "logits"):
         report = verify(gemma_cut["result"].output, level=level)

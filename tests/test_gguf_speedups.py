@@ -19,10 +19,10 @@ import numpy as np
 import pytest
 import torch
 
-from lorasave import gguf_encode
 from lorasave.errors import DiskFullError
-from lorasave.gguf_export import export_gguf
-from lorasave.gguf_quant import encode
+from lorasave.formats.gguf import encode as gguf_encode
+from lorasave.formats.gguf.export import export_gguf
+from lorasave.formats.gguf.quant import encode
 
 Q = gguf.GGMLQuantizationType
 TYPES = [Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1]

@@ -25,11 +25,12 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
 import _models as M
-from lorasave import gguf_export, llama_cpp
-from lorasave.cli import GGUF_TYPE_CHOICES, main
+from lorasave.cli.main import GGUF_TYPE_CHOICES, main
 from lorasave.errors import LlamaCppNotInstalledError
-from lorasave.gguf_export import GgufResult, export_gguf
-from lorasave.gguf_quant import K_SUBSTITUTE, GgufType
+from lorasave.formats.gguf import export as gguf_export
+from lorasave.formats.gguf.export import GgufResult, export_gguf
+from lorasave.formats.gguf.quant import K_SUBSTITUTE, GgufType
+from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _llama import need_llama_cpp
@@ -211,12 +212,12 @@ def test_bf16_base_quantizes_from_bf16(tiny: dict[str, Any], tmp_path: Path) -> 
 def test_missing_runtime_writes_nothing(tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(llama_cpp, "available", lambda: False)
     out = tmp_path / "out"
-    with pytest.raises(LlamaCppNotInstalledError, match="llama_cpp_install"):
+    with pytest.raises(LlamaCppNotInstalledError, match="lorasave install-llama-cpp"):
         export_gguf(tiny["base"], tiny["lora"], out, type="q4_k_m")
     assert list(tmp_path.iterdir()) == []
     runner = CliRunner()
     r = runner.invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(out), "--type", "q5_k_m"])
-    assert r.exit_code != 0 and "llama_cpp_install" in r.output and list(tmp_path.iterdir()) == []
+    assert r.exit_code != 0 and "lorasave install-llama-cpp" in r.output and list(tmp_path.iterdir()) == []
 
 
 def test_card_and_modelfile(tiny: dict[str, Any]) -> None:

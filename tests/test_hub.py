@@ -1,4 +1,4 @@
-"""lorasave.hub.push against a local Hub stand-in (tests/hub_server.py) on 127.0.0.1: no network."""
+"""lorasave.hub.push.push.push against a local Hub stand-in (tests/hub_server.py) on 127.0.0.1: no network."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import pytest
 import lorasave
 from hub_server import ORG, READ_TOKEN, USER, WRITE_TOKEN, HubStandIn
 from lorasave.errors import FolderMismatchError, HubAuthError, HubError, InvalidOptionError, LorasaveError, ModelCardError, SourceNotFoundError, UnsafePathError
-from lorasave.hub import PushResult, default_commit_message, push
+from lorasave.hub.push import PushResult, default_commit_message, push
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 INITIAL = {".gitattributes"}  # the stand-in, like the Hub, creates a repo with this file
@@ -397,7 +397,7 @@ def test_commit_message_from_manifest(tmp_path: Path) -> None:
 
 
 def _invoke(*args: str | Path) -> click.testing.Result:
-    from lorasave import cli
+    from lorasave.cli import main as cli
 
     if "push" not in cli.main.commands:
         pytest.skip("`lorasave push` is not wired into cli.py yet")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lorasave.errors import LorasaveError
-from lorasave.inspect import inspect_path
+from lorasave.verify.inspect import inspect_path
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "examples" / "tiny-llama"
@@ -52,7 +52,7 @@ def test_gguf(tmp_path: Path) -> None:
 
 
 def test_gguf_output_folder(tmp_path: Path) -> None:
-    from lorasave.gguf_export import export_gguf
+    from lorasave.formats.gguf.export import export_gguf
 
     res = export_gguf(Path(__file__).parent.parent / "examples" / "tiny-llama", [], tmp_path / "g", type="q8_0")
     ins = inspect_path(res.output)

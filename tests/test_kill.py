@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from hub_server import WRITE_TOKEN, HubStandIn
-from lorasave.verify import verify
+from lorasave.verify.run import verify
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_BASE = REPO / "examples" / "tiny-llama"

@@ -1,8 +1,8 @@
-"""The llama.cpp runtime binding (lorasave.llama_cpp) and its installer, against transformers/PEFT.
+"""The llama.cpp runtime binding (lorasave.runtimes.llama_cpp.lib) and its installer, against transformers/PEFT.
 
 Model: a tiny Llama (``_models.build_llama``, hidden 256 so that K-quant blocks of 256 fit a row,
 GQA 4/2 heads, untied) with a byte-level BPE tokenizer and a trained LoRA, exported merged to an
-F32 GGUF by ``lorasave.gguf_export.export_gguf``. References come from transformers + PEFT, the
+F32 GGUF by ``lorasave.formats.gguf.export.export_gguf``. References come from transformers + PEFT, the
 K-quant tensor types from gguf-py reading llama.cpp's output, and the installer's failures from
 hand-made tarballs (``--from-tgz``: no network).
 """
@@ -27,9 +27,10 @@ from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from _llama import need_llama_cpp
 from _models import VOCAB, build_byte_bpe_tokenizer, build_llama, make_adapter, save_model, train_lora
-from lorasave import llama_cpp, llama_cpp_install
 from lorasave.errors import InvalidOptionError, LlamaCppError, LlamaCppInstallError, LlamaCppNotInstalledError, UnsafePathError
-from lorasave.gguf_export import export_gguf, permute_qk
+from lorasave.formats.gguf.export import export_gguf, permute_qk
+from lorasave.runtimes.llama_cpp import install as llama_cpp_install
+from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
 TEXT = "LoRA adapts a frozen model by adding a low-rank update to some of its weight matrices. Merging folds that update into the weights. " * 4
 SAMPLE = "Merging a low-rank update folds it into the frozen weights, adapter by adapter."
@@ -289,7 +290,7 @@ def test_missing_runtime(tiny: dict[str, Any], tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv("LORASAVE_LLAMA_CPP_DIR", str(tmp_path))
     assert not llama_cpp.available()
     for call in (llama_cpp.require, lambda: llama_cpp.LlamaCppModel(tiny["f32"]), lambda: llama_cpp.quantize(tiny["f32"], tmp_path / "x.gguf", "q6_k")):
-        with pytest.raises(LlamaCppNotInstalledError, match=re.escape("python -m lorasave.llama_cpp_install")) as err:
+        with pytest.raises(LlamaCppNotInstalledError, match=re.escape("lorasave install-llama-cpp")) as err:
             call()
         assert isinstance(err.value, FileNotFoundError) and str(tmp_path) in str(err.value)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from lorasave.ollama import FAMILIES, SAMPLE, ChatFamily, detect_family, render_sample, write_modelfile
+from lorasave.formats.gguf.ollama import FAMILIES, SAMPLE, ChatFamily, detect_family, render_sample, write_modelfile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _models as M

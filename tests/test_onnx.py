@@ -1,5 +1,5 @@
 """ONNX export: a tiny Llama with grouped-query attention and a tiny Qwen2 (q/k/v bias), each with a
-LoRA trained a few steps with PEFT, merged and exported with ``lorasave.onnx_export.export_onnx``.
+LoRA trained a few steps with PEFT, merged and exported with ``lorasave.formats.onnx.export.export_onnx``.
 
 References come from transformers (the merged checkpoint written by ``lorasave.merge`` in float32,
 loaded with its default attention, and the unmerged PeftModel) and from raw onnxruntime sessions
@@ -26,9 +26,9 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from lorasave import manifest  # noqa: E402
 from lorasave.errors import InvalidOptionError, OutputExistsError, UnsupportedModelError  # noqa: E402
-from lorasave.onnx_export import OnnxResult, OnnxVerificationError, export_onnx, onnx_generate  # noqa: E402
+from lorasave.formats.onnx.export import OnnxResult, OnnxVerificationError, export_onnx, onnx_generate  # noqa: E402
+from lorasave.pipeline import manifest  # noqa: E402
 
 N_LAYERS, N_HEADS, N_KV_HEADS, HIDDEN = 2, 4, 2, 64
 HEAD_DIM = HIDDEN // N_HEADS
@@ -267,7 +267,7 @@ def test_manifest_and_files(exported: Exported) -> None:
 def test_int8_quantized_runs(llama: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """int8 runs and roughly agrees; the threshold for external data is set to 0 here, so this also covers
     weights written as ONNX external data (as models over 2 GB are) and their quantization."""
-    import lorasave.onnx_export as ox
+    import lorasave.formats.onnx.export as ox
 
     monkeypatch.setattr(ox, "EXTERNAL_DATA_BYTES", 0)
     base, adapter, merged = llama
@@ -304,7 +304,7 @@ def test_float16(llama: tuple[Path, Path, Path], tmp_path: Path) -> None:
 
 def test_failed_verification_writes_nothing(llama: tuple[Path, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A graph whose logits are off (one weight perturbed before export) is refused and OUT never appears."""
-    import lorasave.onnx_export as ox
+    import lorasave.formats.onnx.export as ox
 
     real = ox.export_decoder
 

@@ -13,7 +13,7 @@ import pytest
 
 import lorasave
 from lorasave.errors import InvalidOptionError, SourceNotFoundError
-from lorasave.output import lock_path_for, sweep_dead_runs
+from lorasave.pipeline.output import lock_path_for, sweep_dead_runs
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE_BASE = REPO / "examples" / "tiny-llama"
@@ -57,7 +57,7 @@ def test_staging_folder_without_lock_file_is_dead(tmp_path: Path) -> None:
 def test_killed_run_leaves_nothing_under_final_name_and_next_run_cleans(tmp_path: Path) -> None:
     out = tmp_path / "out"
     code = (
-        "import time, lorasave.output as o, pathlib\n"
+        "import time, lorasave.pipeline.output as o, pathlib\n"
         f"s = o.StagedOutput(pathlib.Path({str(out)!r})).__enter__()\n"
         "(s.path / 'model.safetensors').write_bytes(b'x' * 1000)\n"
         "print('ready', flush=True)\n"

@@ -29,11 +29,12 @@ import pytest
 from click.testing import CliRunner
 
 import lorasave
-from lorasave import llama_cpp, output
-from lorasave.cli import main
+from lorasave.cli.main import main
 from lorasave.errors import CheckpointFormatError, LorasaveError, OutputExistsError
-from lorasave.gguf_export import export_gguf
-from lorasave.verify import verify
+from lorasave.formats.gguf.export import export_gguf
+from lorasave.pipeline import output
+from lorasave.runtimes.llama_cpp import lib as llama_cpp
+from lorasave.verify.run import verify
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _llama import need_llama_cpp
@@ -46,9 +47,9 @@ EXAMPLE_LORA = REPO / "examples" / "tiny-llama-lora"
 _BARRIER_RUN = textwrap.dedent(
     """
     import os, pathlib, sys, time
-    import lorasave.output as o
+    import lorasave.pipeline.output as o
     if os.environ.get("T_FALLBACK"):
-        import lorasave.rename as r
+        import lorasave.pipeline.rename as r
         r.RENAMEAT2 = None
     real = o.StagedOutput.commit
     def commit(self):
@@ -60,7 +61,7 @@ _BARRIER_RUN = textwrap.dedent(
         real(self)
     o.StagedOutput.commit = commit
     sys.argv = ["lorasave", *sys.argv[1:]]
-    from lorasave.cli import run
+    from lorasave.cli.main import run
     run()
     """
 )
@@ -119,7 +120,7 @@ def test_concurrent_runs_into_one_out(tmp_path: Path, n: int, fallback: bool) ->
 @pytest.fixture(params=["renameat2", "fallback"])
 def mechanism(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     if request.param == "fallback":
-        from lorasave import rename
+        from lorasave.pipeline import rename
 
         monkeypatch.setattr(rename, "RENAMEAT2", None)
     return str(request.param)
@@ -187,7 +188,7 @@ def test_empty_folder_appearing_at_out(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_user_folder_slipped_in_before_the_exchange_is_swapped_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """OUT was a lorasave output at the check, a user folder by the time of the exchange: it is put back, the run refused."""
-    from lorasave import rename
+    from lorasave.pipeline import rename
 
     if rename.RENAMEAT2 is None:
         pytest.skip("no renameat2 here")

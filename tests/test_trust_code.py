@@ -204,7 +204,7 @@ def test_modelfile_never_imports_a_tokenizer_module(tmp_path: Path) -> None:
     tok = _tokenizer_copy(tmp_path / "tok")
     _arm_tokenizer(tok, marker)
     code = (
-        "import sys\nfrom lorasave.ollama import write_modelfile\nfrom lorasave.errors import LorasaveError\n"
+        "import sys\nfrom lorasave.formats.gguf.ollama import write_modelfile\nfrom lorasave.errors import LorasaveError\n"
         f"try:\n    write_modelfile({str(tmp_path)!r}, 'm.gguf', {str(tok)!r})\n"
         "except LorasaveError as e:\n    print('error:', e, file=sys.stderr); sys.exit(e.exit_code)\n"
     )

@@ -1,7 +1,7 @@
 """Issue 11 point 7: chat templates are rendered with bounded work.
 
 A template that loops (nested ``range``) or builds huge strings is stopped within the documented
-budget (``lorasave.template_render``: 2 s, 1 MB of output, 1 GiB of memory) and the Modelfile is written
+budget (``lorasave.util.template_render``: 2 s, 1 MB of output, 1 GiB of memory) and the Modelfile is written
 without ``TEMPLATE`` and with a note; ordinary templates render exactly as transformers'
 ``apply_chat_template`` renders them.
 """
@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from lorasave import template_render as TR
 from lorasave.errors import ChatTemplateBudgetError
+from lorasave.util import template_render as TR
 from test_ollama import ALPACA, CASES, SAMPLE, _tokenizer_dir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,7 +79,7 @@ def test_modelfile_step_with_a_string_bomb_stays_small(tmp_path: Path) -> None:
     """write_modelfile on a doubling template: a note, no TEMPLATE, and the calling process never grows by GBs."""
     tok_dir = _tokenizer_dir(tmp_path, DOUBLING)
     code = (
-        "import json, resource\nfrom lorasave.ollama import write_modelfile\n"
+        "import json, resource\nfrom lorasave.formats.gguf.ollama import write_modelfile\n"
         f"res = write_modelfile({str(tmp_path)!r}, 'm.gguf', {str(tok_dir)!r})\n"
         "print(json.dumps({'notes': res.notes, 'maxrss_kb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))\n"
     )

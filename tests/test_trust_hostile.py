@@ -28,10 +28,10 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lorasave
-from lorasave import cache
 from lorasave import errors as E
-from lorasave.safetensors_format import read_header
-from lorasave.verify import verify
+from lorasave.formats.safetensors.header import read_header
+from lorasave.sources import cache
+from lorasave.verify.run import verify
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 BASE_SRC = EXAMPLES / "tiny-llama"

@@ -31,7 +31,7 @@ merged = test_hub.merged  # a sharded merge of the bundled example
 
 
 def _cli(*args: str | Path) -> click.testing.Result:
-    from lorasave import cli
+    from lorasave.cli import main as cli
 
     return click.testing.CliRunner().invoke(cli.main, [str(a) for a in args], catch_exceptions=False)
 
@@ -53,7 +53,7 @@ def _subprocess_env(hub: HubStandIn, tmp_path: Path, **extra: str) -> dict[str, 
 
 
 def test_scrubber() -> None:
-    from lorasave.redact import RedactFilter, scrub
+    from lorasave.util.redact import RedactFilter, scrub
 
     tok = "hf_" + "Ab1" * 6
     assert scrub(f"sent {tok} twice {tok}") == "sent *** twice ***"
@@ -201,7 +201,7 @@ def live_out(llama_base: Path, tmp_path: Path) -> tuple[Path, object]:
 
 def test_verify_live_merge_without_base(live_out: tuple[Path, object], llama_base: Path, tmp_path: Path) -> None:
     """Before: exit 2 "lorasave.json names no base path; pass --base"."""
-    from lorasave.verify import verify
+    from lorasave.verify.run import verify
 
     out, peft = live_out
     manifest = json.loads((out / "lorasave.json").read_text())
@@ -240,7 +240,7 @@ def test_verify_names_lorasave_json_when_sources_moved(llama_base: Path, llama_p
 
 def test_verify_logits_of_an_adapter_output(llama_base: Path, llama_plain: Path, tmp_path: Path) -> None:
     """Before: "logits: nothing to compare for a 'adapter' output" (and "names no base path" without --base)."""
-    from lorasave.verify import verify
+    from lorasave.verify.run import verify
 
     out = tmp_path / "adapter-bf16"
     lorasave.save_adapter(llama_plain, out, dtype="bfloat16")

@@ -92,9 +92,9 @@ def test_typed_name_refused_by_api(tmp_path: Path, bad: str) -> None:
 
 
 def test_derived_names_sanitised(tmp_path: Path) -> None:
-    """Before: no lorasave.names; an OUT named 'tiny\\nFROM evil' gave a GGUF file name with a newline
+    """Before: no lorasave.util.names; an OUT named 'tiny\\nFROM evil' gave a GGUF file name with a newline
     (the name goes into the Modelfile's FROM line)."""
-    from lorasave.names import check_file_name, safe_file_name
+    from lorasave.util.names import check_file_name, safe_file_name
 
     assert safe_file_name("HuggingFaceTB/SmolLM2-135M") == "HuggingFaceTB--SmolLM2-135M"
     assert safe_file_name("..") == "model" and safe_file_name("/etc/passwd") == "--etc--passwd"
@@ -203,7 +203,7 @@ def test_push_follows_the_same_rule(hub: HubStandIn, tmp_path: Path) -> None:
 @pytest.mark.parametrize("entry", ["/etc/passwd", "../elsewhere.bin", "sub/../../x"])
 def test_verify_refuses_entries_outside(tmp_path: Path, entry: str) -> None:
     """Before: verify read /etc/passwd (or ../x) as listed and reported a size mismatch about it."""
-    from lorasave.verify import verify
+    from lorasave.verify.run import verify
 
     out = lorasave.merge(BASE, LORA, tmp_path / "out").output
     (tmp_path / "elsewhere.bin").write_bytes(b"x")
@@ -224,7 +224,7 @@ def test_free_space_counts_carried_files(tmp_path: Path, monkeypatch: pytest.Mon
     base = _copy(BASE, tmp_path / "base")
     with open(base / "LICENSE", "wb") as f:
         f.truncate(8 << 20)
-    monkeypatch.setattr("lorasave.output.shutil.disk_usage", lambda _p: _Usage(1 << 40, 0, 4 << 20))
+    monkeypatch.setattr("lorasave.pipeline.output.shutil.disk_usage", lambda _p: _Usage(1 << 40, 0, 4 << 20))
     with pytest.raises(InsufficientDiskError, match="carried from the sources") as info:
         lorasave.merge(base, LORA, tmp_path / "out")
     assert info.value.needed_bytes > 8 << 20
@@ -235,14 +235,14 @@ def test_free_space_counts_carried_files(tmp_path: Path, monkeypatch: pytest.Mon
 def test_onnx_checks_free_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: export_onnx had no free-space check: it merged and exported with 1 MB free."""
     pytest.importorskip("onnxscript")
-    monkeypatch.setattr("lorasave.output.shutil.disk_usage", lambda _p: _Usage(1 << 40, 0, 1 << 20))
+    monkeypatch.setattr("lorasave.pipeline.output.shutil.disk_usage", lambda _p: _Usage(1 << 40, 0, 1 << 20))
     with pytest.raises(InsufficientDiskError, match="free"):
         lorasave.export_onnx(BASE, LORA, tmp_path / "onnx", verify=False)
     assert not (tmp_path / "onnx").exists()
 
 
 def _assert_names_out_fs(err: BaseException, out: Path) -> None:
-    from lorasave.output import filesystem_of
+    from lorasave.pipeline.output import filesystem_of
 
     msg = str(err)
     assert isinstance(err, errors.DiskFullError), repr(err)
@@ -252,7 +252,7 @@ def _assert_names_out_fs(err: BaseException, out: Path) -> None:
 
 def test_enospc_in_shard_writer_names_out_filesystem(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: a bare OSError 'No space left on device' (CLI: no file system named)."""
-    from lorasave.writers.safetensors import SafetensorsShardWriter
+    from lorasave.formats.safetensors.writer import SafetensorsShardWriter
 
     real = SafetensorsShardWriter._emit
 
@@ -272,12 +272,12 @@ def test_enospc_in_shard_writer_names_out_filesystem(tmp_path: Path, monkeypatch
 
 def test_enospc_while_carrying_names_out_not_source(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Before: the CLI printed 'error: No space left on device: <BASE>/tokenizer.json', naming the source file."""
-    from lorasave.cli import main
+    from lorasave.cli.main import main
 
     def full(src: os.PathLike[str], dst: os.PathLike[str], **_kw: object) -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(src))
 
-    monkeypatch.setattr("lorasave.output.shutil.copyfile", full)
+    monkeypatch.setattr("lorasave.pipeline.output.shutil.copyfile", full)
     out = tmp_path / "out"
     with pytest.raises(getattr(errors, "DiskFullError", InsufficientDiskError)) as info:
         lorasave.merge(BASE, LORA, out)

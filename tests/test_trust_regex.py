@@ -2,7 +2,7 @@
 
 - ``rank_pattern`` / ``alpha_pattern`` / ``target_modules`` regexes are matched as PEFT matches them
   (same results as Python's ``re``) but in bounded time: RE2 when the regex translates exactly,
-  else ``re`` in a child process under a 2 s budget (``lorasave.patterns``);
+  else ``re`` in a child process under a 2 s budget (``lorasave.plan.patterns``);
 - a cache entry of the wrong shape is ignored and rebuilt, never an internal error;
 - tensor and module names with newlines or terminal controls are escaped wherever printed.
 """
@@ -27,11 +27,11 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 import lorasave
-from lorasave import patterns as P
 from lorasave.errors import AdapterMismatchError, PatternError, PatternTimeoutError
-from lorasave.inspect import inspect_path
-from lorasave.printable import escape
-from lorasave.verify import verify
+from lorasave.plan import patterns as P
+from lorasave.util.printable import escape
+from lorasave.verify.inspect import inspect_path
+from lorasave.verify.run import verify
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 BASE_SRC = EXAMPLES / "tiny-llama"

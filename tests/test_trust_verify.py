@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 import lorasave
-from lorasave.verify import verify
+from lorasave.verify.run import verify
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "examples" / "tiny-llama"
@@ -101,7 +101,7 @@ def test_adapter_output_compared_with_source(tmp_path: Path) -> None:
     report = verify(out)
     assert report.ok and report.checked and report.tensors_exact == report.tensors_total > 0, report
     st = out / "adapter_model.safetensors"
-    from lorasave.safetensors_format import read_header
+    from lorasave.formats.safetensors.header import read_header
 
     entry = next(iter(read_header(st).tensors.values()))
     data = bytearray(st.read_bytes())
@@ -114,13 +114,13 @@ def test_adapter_output_compared_with_source(tmp_path: Path) -> None:
 
 def test_gguf_lora_adapter_probed(tmp_path: Path) -> None:
     """lora_a/lora_b are probed against the source after undoing the Q/K permutation and the folded scale."""
-    from lorasave.gguf_adapter import export_gguf_adapter
+    from lorasave.formats.gguf.adapter import export_gguf_adapter
 
     out = export_gguf_adapter(BASE, LORA, tmp_path / "a", type="f32").output
     report = verify(out)
     assert report.ok and report.tensors_probed == 28 and report.tensors_total == 28, report
     assert not verify(out, adapters=[_wrong_alpha(LORA, tmp_path)]).ok
-    from lorasave import gguf_adapter
+    from lorasave.formats.gguf import adapter as gguf_adapter
 
     real = gguf_adapter.permute_qk
     gguf_adapter.permute_qk = lambda w, *a: w  # B rows not permuted: Q/K pairs must fail
@@ -139,7 +139,7 @@ def test_gguf_lora_adapter_probed(tmp_path: Path) -> None:
 def test_quantized_gguf_bit_equal_to_reference_quantizer(type: str, tmp_path: Path) -> None:
     import gguf
 
-    from lorasave.gguf_export import export_gguf
+    from lorasave.formats.gguf.export import export_gguf
 
     res = export_gguf(BASE, LORA, tmp_path / "g", type=type)
     manifest = json.loads((res.output / "lorasave.json").read_text())
@@ -162,7 +162,7 @@ def test_kquant_bytes_need_the_runtime_else_not_checkable(tmp_path: Path, monkey
 
     import _models as M
     from _llama import need_llama_cpp
-    from lorasave.gguf_export import export_gguf
+    from lorasave.formats.gguf.export import export_gguf
 
     need_llama_cpp()
     base = M.save_model(M.build_llama(0, hidden=256, layers=1), tmp_path / "base")  # rows of 256: real Q4_K/Q6_K blocks
@@ -181,7 +181,7 @@ def test_kquant_bytes_need_the_runtime_else_not_checkable(tmp_path: Path, monkey
 
 def test_quantized_logits_reported_not_judged(tmp_path: Path) -> None:
     """A correct q8_0 file used to fail --level logits (a bound for float outputs); now reported."""
-    from lorasave.gguf_export import export_gguf
+    from lorasave.formats.gguf.export import export_gguf
 
     out = export_gguf(BASE, LORA, tmp_path / "g", type="q8_0").output
     wrong = _wrong_alpha(LORA, tmp_path)
@@ -206,7 +206,7 @@ def test_readme_has_verdict_table() -> None:
 
 
 def test_malformed_gguf_given_to_verify_is_one_line(tmp_path: Path) -> None:
-    from lorasave.gguf_export import export_gguf
+    from lorasave.formats.gguf.export import export_gguf
 
     res = export_gguf(BASE, LORA, tmp_path / "g", type="f16")
     data = bytearray(res.gguf_file.read_bytes())
@@ -220,8 +220,8 @@ def test_malformed_gguf_given_to_verify_is_one_line(tmp_path: Path) -> None:
 
 
 def test_hash_mismatch_stops_before_probing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from lorasave import verify_gguf
-    from lorasave.gguf_export import export_gguf
+    from lorasave.formats.gguf.export import export_gguf
+    from lorasave.verify import gguf as verify_gguf
 
     res = export_gguf(BASE, LORA, tmp_path / "g", type="q8_0")
     data = bytearray(res.gguf_file.read_bytes())

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 import lorasave
-from lorasave.safetensors_format import read_header
-from lorasave.verify import verify
+from lorasave.formats.safetensors.header import read_header
+from lorasave.verify.run import verify
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = REPO / "examples" / "tiny-llama"
@@ -171,7 +171,7 @@ def test_bnb_base_probed(zoo: Path, tmp_path: Path) -> None:
 def test_gguf_verified(type: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import gguf
 
-    from lorasave import gguf_export
+    from lorasave.formats.gguf import export as gguf_export
 
     res = gguf_export.export_gguf(BASE, LORA, tmp_path / "g", type=type)
     report = verify(res.output)
@@ -200,7 +200,7 @@ def test_logits_level(merged: Path, tmp_path: Path) -> None:
     assert report.logits_max_diff is not None and report.logits_max_diff > 0
     bad = verify(merged, level="logits", adapters=[_wrong_alpha(LORA, tmp_path)])
     assert bad.failures and bad.failures[0][0] == "logits"
-    from lorasave.gguf_export import export_gguf
+    from lorasave.formats.gguf.export import export_gguf
 
     g = verify(export_gguf(BASE, LORA, tmp_path / "g", type="f16").output, level="logits")
     assert g.ok and g.top1_agreement is not None, g
@@ -209,7 +209,7 @@ def test_logits_level(merged: Path, tmp_path: Path) -> None:
 def test_gguf_logits_level_runs_in_llama_cpp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """GGUF outputs are run by llama.cpp when its runtime is installed, else by transformers' loader."""
     from _llama import need_llama_cpp
-    from lorasave.gguf_export import export_gguf
+    from lorasave.formats.gguf.export import export_gguf
 
     need_llama_cpp()
     out = export_gguf(BASE, LORA, tmp_path / "g", type="f32").output
@@ -225,7 +225,7 @@ def test_gguf_logits_level_runs_in_llama_cpp(tmp_path: Path, monkeypatch: pytest
 
 def test_gguf_export_with_verify(tmp_path: Path) -> None:
     """--verify on the GGUF save: probed before the rename, recorded in the result and the manifest."""
-    from lorasave.gguf_export import export_gguf
+    from lorasave.formats.gguf.export import export_gguf
 
     res = export_gguf(BASE, [LORA], tmp_path / "g", type="q8_0", verify=True)
     assert res.verification and res.verification["ok"] and res.summary().endswith("verified")
@@ -237,7 +237,7 @@ def test_gguf_export_with_verify(tmp_path: Path) -> None:
 def test_decisive_top1_counts_only_near_ties_as_agreeing() -> None:
     import torch
 
-    from lorasave.verify import decisive_top1
+    from lorasave.verify.run import decisive_top1
 
     ref = torch.tensor([[[1.0, 0.9, 0.0], [0.0, 2.0, 0.5]]])
     got = torch.tensor([[[0.8, 0.95, 0.0], [0.0, 2.0, 0.5]]])  # position 0 flips; the reference leads by 0.1
@@ -249,7 +249,7 @@ def test_missing_optional_package_is_one_line(merged: Path, monkeypatch: pytest.
     """--level logits needs peft (the reference): without it, one line naming the extra, exit 2."""
     from click.testing import CliRunner
 
-    from lorasave.cli import main
+    from lorasave.cli.main import main
 
     monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ModuleNotFoundError
     res = CliRunner().invoke(main, ["verify", str(merged), "--level", "logits"])
@@ -259,7 +259,7 @@ def test_missing_optional_package_is_one_line(merged: Path, monkeypatch: pytest.
 
 def test_gguf_without_adapter_verifies(tmp_path: Path) -> None:
     """A base converted with no adapter: every tensor equals the base; logits equal the base model's."""
-    from lorasave.gguf_export import export_gguf
+    from lorasave.formats.gguf.export import export_gguf
 
     out = export_gguf(BASE, [], tmp_path / "g", type="f32").output
     report = verify(out)
@@ -273,7 +273,7 @@ def test_gguf_adapter_logits_in_llama_cpp(tmp_path: Path, monkeypatch: pytest.Mo
     the helper base file is removed; without the runtime the error names the install command."""
     from _llama import need_llama_cpp
     from lorasave.errors import LlamaCppNotInstalledError
-    from lorasave.gguf_adapter import export_gguf_adapter
+    from lorasave.formats.gguf.adapter import export_gguf_adapter
 
     need_llama_cpp()
     out = export_gguf_adapter(BASE, LORA, tmp_path / "a", type="f32").output
@@ -284,5 +284,5 @@ def test_gguf_adapter_logits_in_llama_cpp(tmp_path: Path, monkeypatch: pytest.Mo
     bad = verify(out, level="logits", adapters=[_wrong_alpha(LORA, tmp_path)])
     assert bad.failures and bad.failures[0][0] == "logits"
     monkeypatch.setenv("LORASAVE_LLAMA_CPP_DIR", str(tmp_path / "no-runtime"))
-    with pytest.raises(LlamaCppNotInstalledError, match=r"lorasave\.llama_cpp_install"):
+    with pytest.raises(LlamaCppNotInstalledError, match=r"lorasave install-llama-cpp"):
         verify(out, level="logits")

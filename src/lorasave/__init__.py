@@ -9,7 +9,7 @@ Public API::
     lorasave.export_gguf(base, adapters, output, type="q8_0")
     lorasave.export_gguf_adapter(base, adapter, output, type="f16")
     lorasave.export_onnx(base, adapters, output)
-    from lorasave.verify import verify; verify(output, level="tensors")
+    from lorasave.verify.run import verify; verify(output, level="tensors"
     lorasave.push(output, repo_id)
 
 Errors raised on bad input are subclasses of ``lorasave.errors.LorasaveError``.
@@ -28,17 +28,17 @@ _LAZY = {
     "save_adapter": "api",
     "MergeResult": "api",
     "AdapterResult": "api",
-    "export_gguf": "gguf_export",
-    "GgufResult": "gguf_export",
-    "export_gguf_adapter": "gguf_adapter",
-    "GgufAdapterResult": "gguf_adapter",
-    "export_onnx": "onnx_export",
-    "push": "hub",
-    "PushResult": "hub",
-    "save_pretrained_merged": "live",
-    "attach": "live",
-    "VerifyReport": "verify",
-    "inspect_path": "inspect",
+    "export_gguf": "formats.gguf.export",
+    "GgufResult": "formats.gguf.export",
+    "export_gguf_adapter": "formats.gguf.adapter",
+    "GgufAdapterResult": "formats.gguf.adapter",
+    "export_onnx": "formats.onnx.export",
+    "push": "hub.push",
+    "PushResult": "hub.push",
+    "save_pretrained_merged": "sources.live",
+    "attach": "sources.live",
+    "VerifyReport": "verify.run",
+    "inspect_path": "verify.inspect",
     "LorasaveError": "errors",
 }
 
@@ -63,15 +63,15 @@ __all__ = [
 ]  # = sorted(_LAZY) + __version__ (tests/test_cli_usage.py checks it)
 
 if TYPE_CHECKING:
-    from .api import AdapterResult, MergeResult, merge, save_adapter
-    from .errors import LorasaveError
-    from .gguf_adapter import GgufAdapterResult, export_gguf_adapter
-    from .gguf_export import GgufResult, export_gguf
-    from .hub import PushResult, push
-    from .inspect import inspect_path
-    from .live import attach, save_pretrained_merged
-    from .onnx_export import export_onnx
-    from .verify import VerifyReport
+    from lorasave.api import AdapterResult, MergeResult, merge, save_adapter
+    from lorasave.errors import LorasaveError
+    from lorasave.formats.gguf.adapter import GgufAdapterResult, export_gguf_adapter
+    from lorasave.formats.gguf.export import GgufResult, export_gguf
+    from lorasave.formats.onnx.export import export_onnx
+    from lorasave.hub.push import PushResult, push
+    from lorasave.sources.live import attach, save_pretrained_merged
+    from lorasave.verify.inspect import inspect_path
+    from lorasave.verify.run import VerifyReport
 
 
 def __getattr__(name: str) -> Any:

@@ -1,5 +1,5 @@
 """``python -m lorasave``."""
 
-from .cli import run
+from lorasave.cli.main import run
 
 run()

@@ -13,22 +13,31 @@ from typing import Any
 
 import torch
 
-from . import source_stamp
-from .adapter import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_NAME, Adapter, load_adapter, load_adapters
-from .architecture import inspect_architecture
-from .cards import adapter_snippet, hub_id, merged_snippet, write_card
-from .checkpoint import Checkpoint, TensorReader, open_checkpoint
-from .dtypes import FLOAT_DTYPES, dtype_name, parse_output_dtype, st_dtype
-from .execute import execute
-from .jsonio import read_json
-from .manifest import MANIFEST_NAME, SourceHasher, result_dict, sha256_file, write_manifest
-from .options import MergeInto, SaveMethod, bnb_spec, parse_enum
-from .output import StagedOutput, align_generation_eos, carry_files, carry_plan, check_free_space, check_output_path, tokenizer_source, write_config
-from .plan import INDEX_NAME, MergePlan, build_plan
-from .quant.bnb import Bnb4bitSpec, import_bnb
-from .safetensors_format import layout, read_header, serialize_header
-from .sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
-from .writers import SafetensorsShardWriter
+from lorasave.formats.bnb import Bnb4bitSpec, import_bnb
+from lorasave.formats.safetensors import SafetensorsShardWriter
+from lorasave.formats.safetensors.header import layout, read_header, serialize_header
+from lorasave.pipeline.cards import adapter_snippet, hub_id, merged_snippet, write_card
+from lorasave.pipeline.execute import execute
+from lorasave.pipeline.manifest import MANIFEST_NAME, SourceHasher, result_dict, sha256_file, write_manifest
+from lorasave.pipeline.output import (
+    StagedOutput,
+    align_generation_eos,
+    carry_files,
+    carry_plan,
+    check_free_space,
+    check_output_path,
+    tokenizer_source,
+    write_config,
+)
+from lorasave.plan.merge_plan import INDEX_NAME, MergePlan, build_plan
+from lorasave.sources import stamp as source_stamp
+from lorasave.sources.adapter import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_NAME, Adapter, load_adapter, load_adapters
+from lorasave.sources.architecture import inspect_architecture
+from lorasave.sources.checkpoint import Checkpoint, TensorReader, open_checkpoint
+from lorasave.util.dtypes import FLOAT_DTYPES, dtype_name, parse_output_dtype, st_dtype
+from lorasave.util.jsonio import read_json
+from lorasave.util.options import MergeInto, SaveMethod, bnb_spec, parse_enum
+from lorasave.util.sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 logger = logging.getLogger(__name__)
 
@@ -261,7 +270,7 @@ def _verify_staged(folder: Path, files: dict[str, str]) -> dict[str, Any]:
     Raises:
         VerificationError: the output does not match its sources.
     """
-    from .verify import VerificationError, verify
+    from lorasave.verify.run import VerificationError, verify
 
     report = verify(folder)
     if not report.ok:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .printable import escape
+from lorasave.util.printable import escape
 
 
 class LorasaveError(Exception):
@@ -203,7 +203,7 @@ class FolderMismatchError(LorasaveError, ValueError):
         self.file = file
 
 
-# --- llama.cpp runtime (optional; lorasave.llama_cpp) ---
+# --- llama.cpp runtime (optional; lorasave.runtimes.llama_cpp.lib) ---
 
 
 class LlamaCppNotInstalledError(LorasaveError, FileNotFoundError):
@@ -244,7 +244,7 @@ class Fp8WeightsError(UnsupportedDtypeError):
 
 
 class ChatTemplateBudgetError(LorasaveError, ValueError):
-    """A chat template needed more work than the render budget allows (``lorasave.template_render``).
+    """A chat template needed more work than the render budget allows (``lorasave.util.template_render``).
 
     Attributes:
         limit: the budget exceeded: ``"time"``, ``"memory"`` or ``"output"``.

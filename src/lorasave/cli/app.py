@@ -1,0 +1,218 @@
+"""The ``lorasave`` command group and what every command shares: option sets, error mapping, ``run``.
+
+A thin shell: parse options, call the function of the same name in ``lorasave.api``, print a
+summary (or ``--json``), and map errors to one line on stderr and a non-zero exit code
+(``--debug`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from lorasave import __version__
+from lorasave.errors import LorasaveError
+from lorasave.util.printable import escape, escape_lines
+
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+_DTYPE = click.Choice(["auto", "bfloat16", "float16", "float32"], case_sensitive=False)
+
+
+def _sigterm(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+#: Optional packages -> the install command that brings them (``[project.optional-dependencies]``).
+_INSTALL_HINTS = {
+    "gguf": "pip install 'lorasave[gguf]'",
+    "sentencepiece": "pip install 'lorasave[gguf]'",
+    "onnx": "pip install 'lorasave[onnx]'",
+    "onnxruntime": "pip install 'lorasave[onnx]'",
+    "onnxscript": "pip install 'lorasave[onnx]'",
+    "bitsandbytes": "pip install 'lorasave[bnb]'",
+    "peft": "pip install 'lorasave[verify]'",
+}
+
+
+class _OneLineFormatter(logging.Formatter):
+    """Log lines with names from files escaped (a newline in a tensor name cannot fake another line)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape(super().formatMessage(record))
+
+
+def _hub_handlers() -> list[logging.Handler]:
+    """huggingface_hub's own stderr handler(s), when it is imported."""
+    return list(logging.getLogger("huggingface_hub").handlers) if "huggingface_hub" in sys.modules else []
+
+
+def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: bool) -> None:
+    from lorasave.util.hints import INVOKED_AS
+    from lorasave.util.redact import add_filter, remove_filter, scrub
+
+    debug = ctx.obj.get("debug", False)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_OneLineFormatter("%(levelname)s: %(message)s" if debug else "note: %(message)s"))
+    add_filter([handler])  # no token in any log line (lorasave.util.redact)
+    log = logging.getLogger("lorasave")
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG if debug else (logging.WARNING if quiet or as_json else logging.INFO))
+    if not debug:  # bitsandbytes warns at import about optional CPU kernels it does not need here
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    signal.signal(signal.SIGTERM, _sigterm)
+    invoked = INVOKED_AS.set(ctx.info_name or "merge")
+    hub_handlers = add_filter(_hub_handlers())
+
+    def fail(line: str, code: int, *, trace: bool = True) -> None:
+        if debug and trace:
+            click.echo(scrub(traceback.format_exc()).rstrip("\n"), err=True)
+        click.echo(escape(scrub(line)), err=True)  # names from files: control characters escaped, one line
+        ctx.exit(code)
+
+    try:
+        result = fn()
+    except LorasaveError as e:
+        fail(f"error: {e}", e.exit_code)
+    except OSError as e:  # disk full, permission denied, a source that vanished mid-run
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        fail(f"error: {e.strerror or e}{where}; no output was written", 1)
+    except KeyboardInterrupt:
+        fail("error: interrupted; no output was written", EXIT_INTERRUPTED, trace=False)
+    except ModuleNotFoundError as e:  # an optional dependency this command needs
+        root = (e.name or "").split(".")[0]
+        hint = _INSTALL_HINTS.get(root, f"pip install {root}") if root else "install lorasave's optional dependencies"
+        fail(f"error: this command needs the {root or 'missing'} package; install it with: {hint}", 2)
+    except Exception as e:  # a bug: still one line unless --debug
+        fail(f"error: internal error ({type(e).__name__}: {e}); rerun with --debug and report it", EXIT_INTERNAL)
+    finally:
+        log.removeHandler(handler)
+        remove_filter(hub_handlers + _hub_handlers())
+        INVOKED_AS.reset(invoked)
+    if as_json:
+        click.echo(json.dumps(result.to_dict(), indent=2))
+    elif not quiet:
+        click.echo(escape_lines(result.summary()))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="lorasave")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Save LoRA fine-tuned models for deployment.
+
+    Grammar: lorasave COMMAND BASE [ADAPTER ...] -o OUT [options]
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+
+
+def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:  # `lorasave COMMAND ... --debug` works like `lorasave --debug COMMAND ...`
+        ctx.ensure_object(dict)["debug"] = True
+
+
+#: The hidden ``--debug`` every command also accepts after its arguments.
+_debug_option = click.option("--debug", is_flag=True, hidden=True, expose_value=False, callback=_set_debug)
+
+
+def _common(f: Callable[..., Any]) -> Callable[..., Any]:
+    f = click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")(f)
+    f = click.option("--quiet", "-q", is_flag=True, help="No progress bar, notes or summary.")(f)
+    f = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")(f)
+    f = click.option("--allow-pickle", is_flag=True, help="Accept .bin pickle weights, loaded with torch.load(weights_only=True).")(f)
+    f = _debug_option(f)
+    return f
+
+
+def _parse_weights(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(w) for w in text.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: give numbers separated by commas, e.g. 0.7,0.3", param_hint="--weights") from None
+
+
+class _SavedAndPushed:
+    """A save's result followed by its push: one summary line each, one JSON object."""
+
+    def __init__(self, saved: Any, pushed: Any) -> None:
+        self.saved = saved
+        self.pushed = pushed
+
+    def summary(self) -> str:
+        return f"{self.saved.summary()}\n{self.pushed.summary()}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.saved.to_dict(), "push": self.pushed.to_dict()}
+
+
+def _push_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--push-to-hub REPO_ID`` and ``--private`` for a command that saves an output."""
+    f = click.option("--private", is_flag=True, help="With --push-to-hub: create the Hub repo private.")(f)
+    f = click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID", help="Push OUT to this Hub model repo once it is complete.")(f)
+    return f
+
+
+def _hub_quiet(debug: bool) -> None:
+    # huggingface_hub has its own stderr handler (e.g. "No files have been modified since last commit"):
+    # lorasave's summary says it in one line already
+    # imported either way, so that _run finds its handler and scrubs tokens from it (lorasave.util.redact)
+    from huggingface_hub.utils import logging as hf_logging
+
+    if not debug:
+        hf_logging.set_verbosity_error()
+
+
+def _save_then_push(save: Callable[[], Any], repo_id: str | None, *, private: bool, progress: bool) -> Callable[[], Any]:
+    """``save``, then push its output to ``repo_id`` (when given); the push checks run before the save."""
+    if repo_id is None:
+        return save
+
+    def go() -> Any:
+        from lorasave.hub.push import check_push_options, push
+
+        check_push_options(repo_id)  # bad id, no token, offline: fail before a long save
+        saved = save()
+        try:
+            pushed = push(saved.output, repo_id, private=private, progress=progress)
+        except LorasaveError as e:
+            e.message = f"{e.message} (the output is complete in {saved.output}; to retry: lorasave push {saved.output} {repo_id})"
+            raise
+        return _SavedAndPushed(saved, pushed)
+
+    return go
+
+
+def _save(ctx: click.Context, save: Callable[[], Any], push_to_hub: str | None, *, private: bool, quiet: bool, as_json: bool) -> None:
+    """Run a saving command: the save, then the push when ``--push-to-hub`` was given."""
+    if push_to_hub:
+        _hub_quiet(ctx.obj["debug"])
+    progress = not (quiet or as_json) and sys.stderr.isatty()
+    _run(ctx, _save_then_push(save, push_to_hub, private=private, progress=progress), quiet=quiet, as_json=as_json)
+
+
+def run() -> None:
+    """Console entry point: click usage errors become one ``error:`` line too (exit 2)."""
+    try:
+        rc = main.main(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.UsageError as e:
+        hint = f" (see: lorasave {e.ctx.command_path.split(' ', 1)[1] if e.ctx and ' ' in e.ctx.command_path else ''} --help)".replace("  ", " ")
+        click.echo(f"error: {e.format_message()}{hint}", err=True)
+        sys.exit(2)
+    except click.Abort:
+        click.echo("error: interrupted; no output was written", err=True)
+        sys.exit(EXIT_INTERRUPTED)

@@ -1,0 +1,134 @@
+"""``lorasave gguf``, ``gguf-adapter`` and ``install-llama-cpp``: the llama.cpp side of the CLI.
+
+Registered on :data:`lorasave.cli.main.main` when ``lorasave.cli.main`` is imported; same thin-shell rules.
+"""
+
+from __future__ import annotations
+
+import click
+
+from lorasave.cli.app import _common, _debug_option, _push_options, _run, _save, main
+
+#: ``lorasave.formats.gguf.quant.GgufType`` values, listed here so that ``--help`` does not import gguf
+#: (tests/test_gguf_types.py checks they agree).
+_GGUF_STREAMED = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+GGUF_TYPE_CHOICES = (*_GGUF_STREAMED, "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+
+
+@main.command("gguf", short_help="Merge adapter(s) into a base; write one GGUF file (f16, q8_0, q4_k_m...).")
+@click.argument("base")
+@click.argument("adapters", nargs=-1)
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
+@click.option(
+    "--type",
+    "gguf_type",
+    type=click.Choice(GGUF_TYPE_CHOICES, case_sensitive=False),
+    default="f16",
+    show_default=True,
+    help="GGML type of the weights; k-quants (q*_k*) are made by llama.cpp's quantizer from a 16-bit intermediate (needs the llama.cpp runtime).",
+)
+@click.option("--no-modelfile", is_flag=True, help="Do not write an Ollama Modelfile (written when the model has a chat template).")
+@click.option("--name", default=None, help="general.name and file stem (default: the output folder's name).")
+@click.option("--verify", "verify_output", is_flag=True, help="Probe the GGUF tensors against the sources before it is renamed into place.")
+@click.option("--tokenizer", type=click.Path(), default=None, help="Take the tokenizer from this folder (default: the adapter's, else the base's).")
+@_push_options
+@_common
+@click.pass_context
+def gguf_cmd(
+    ctx: click.Context,
+    base: str,
+    adapters: tuple[str, ...],
+    output: str,
+    gguf_type: str,
+    no_modelfile: bool,
+    name: str | None,
+    verify_output: bool,
+    tokenizer: str | None,
+    push_to_hub: str | None,
+    private: bool,
+    overwrite: bool,
+    quiet: bool,
+    as_json: bool,
+    allow_pickle: bool,
+) -> None:
+    """Merge ADAPTER(s) into BASE and write OUT/<name>-<type>.gguf for llama.cpp, streaming.
+
+    With no ADAPTER, BASE is converted as it is. Llama (incl. Llama 3.1 RoPE), Mistral, Qwen2,
+    Qwen3, Gemma 3 (text) and Phi-3; BPE, SentencePiece and tokenizer.json tokenizers. OUT also
+    gets README.md and, when the model has a chat template, an Ollama Modelfile.
+    """
+    from lorasave.formats.gguf.export import export_gguf
+
+    _save(
+        ctx,
+        lambda: export_gguf(
+            base,
+            list(adapters),
+            output,
+            type=gguf_type,
+            name=name,
+            tokenizer=tokenizer,
+            overwrite=overwrite,
+            allow_pickle=allow_pickle,
+            verify=verify_output,
+            modelfile=not no_modelfile,
+        ),
+        push_to_hub,
+        private=private,
+        quiet=quiet,
+        as_json=as_json,
+    )
+
+
+@main.command("gguf-adapter", short_help="Write a LoRA adapter as a GGUF adapter for llama.cpp --lora.")
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
+@click.option("--type", "gguf_type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True, help="GGML type of lora_a/lora_b.")
+@click.option("--name", default=None, help="general.name and file stem (default: the output folder's name).")
+@_push_options
+@_common
+@click.pass_context
+def gguf_adapter_cmd(
+    ctx: click.Context,
+    base: str,
+    adapters: tuple[str, ...],
+    output: str,
+    gguf_type: str,
+    name: str | None,
+    push_to_hub: str | None,
+    private: bool,
+    overwrite: bool,
+    quiet: bool,
+    as_json: bool,
+    allow_pickle: bool,
+) -> None:
+    """Write ADAPTER (trained on BASE) as OUT/<name>-lora-<type>.gguf, loaded by llama.cpp with --lora on BASE's GGUF.
+
+    PEFT's scaling (rsLoRA, rank/alpha patterns) is kept exactly. DoRA, modules_to_save, new tokens and
+    non-LoRA tuners are refused: use `lorasave gguf BASE ADAPTER` for a merged GGUF.
+    """
+    from lorasave.formats.gguf.adapter import export_gguf_adapter
+
+    _save(
+        ctx,
+        lambda: export_gguf_adapter(base, list(adapters), output, type=gguf_type, name=name, overwrite=overwrite, allow_pickle=allow_pickle),
+        push_to_hub,
+        private=private,
+        quiet=quiet,
+        as_json=as_json,
+    )
+
+
+@main.command("install-llama-cpp", short_help="Install the optional llama.cpp runtime (k-quants, checks in llama.cpp).")
+@click.option("--dir", "target", default=None, help="Target folder (default: $LORASAVE_LLAMA_CPP_DIR, else <lorasave cache>/llama-cpp/<version>).")
+@click.option("--force", is_flag=True, help="Reinstall even when already installed.")
+@click.option("--from-tgz", default=None, metavar="PATH", help="Install from a downloaded package tarball (integrity-checked), offline.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+@_debug_option
+@click.pass_context
+def install_llama_cpp_cmd(ctx: click.Context, target: str | None, force: bool, from_tgz: str | None, as_json: bool) -> None:
+    """Download and install llama.cpp's prebuilt libraries (same as `lorasave install-llama-cpp`)."""
+    from lorasave.runtimes.llama_cpp.install import install
+
+    _run(ctx, lambda: install(target, force=force, from_tgz=from_tgz), quiet=False, as_json=as_json)

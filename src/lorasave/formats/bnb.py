@@ -1,0 +1,352 @@
+"""bitsandbytes weights as transformers serializes them: detect, dequantize to float32, quantize.
+
+4-bit (``Linear4bit``), per quantized weight ``P = <module>.weight`` (transformers
+``quantizers/quantizer_bnb_4bit.py``; bitsandbytes ``QuantState.as_dict(packed=True)``):
+``P`` packed codes (uint8 ``(ceil(n/2), 1)``, or the same bytes viewed as ``bnb_4bit_quant_storage``),
+``P.absmax`` (float32, or uint8 with double quant), ``P.quant_map`` (float32 ``(16,)``),
+``P.nested_absmax`` / ``P.nested_quant_map`` (double quant only) and
+``P.quant_state.bitsandbytes__nf4`` (or ``__fp4``): uint8 bytes of a JSON dict with
+``quant_type``, ``blocksize``, ``dtype``, ``shape`` and the nested fields.
+
+8-bit (LLM.int8, ``Linear8bitLt``): ``<module>.weight`` int8 ``(out, in)``, ``<module>.SCB`` float32
+``(out,)`` row absmax, optional ``<module>.weight_format``.
+
+Dequantization is bitsandbytes' own (``dequantize_4bit`` with the quant state's dtype set to
+float32; ``int8_vectorwise_dequant``), which runs on CPU, so the float32 values are exactly
+the reference's. bitsandbytes is imported only when a quantized base or output is met.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from lorasave.errors import CheckpointFormatError, UnsupportedModelError
+from lorasave.formats.safetensors.header import TensorEntry
+from lorasave.util.dtypes import ST_DTYPES, StDtype, nbytes
+from lorasave.util.jsonio import decode_json
+
+logger = logging.getLogger(__name__)
+
+QUANT_STATE_RE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<type>nf4|fp4)$")
+AUX_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+#: ``quant_method`` values lorasave does not read, with what to do instead.
+UNSUPPORTED_METHODS = {
+    "gptq": "GPTQ",
+    "awq": "AWQ",
+    "hqq": "HQQ",
+    "fp8": "FP8",
+    "fbgemm_fp8": "FP8",
+    "compressed-tensors": "compressed-tensors",
+    "aqlm": "AQLM",
+    "eetq": "EETQ",
+    "quanto": "quanto",
+    "torchao": "torchao",
+    "higgs": "HIGGS",
+    "vptq": "VPTQ",
+    "bitnet": "BitNet",
+    "mxfp4": "MXFP4",
+    "gguf": "GGUF",
+}
+
+
+def import_bnb() -> Any:
+    """Import bitsandbytes, or explain how to get it.
+
+    Raises:
+        UnsupportedModelError: bitsandbytes is not installed.
+    """
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise UnsupportedModelError("this needs bitsandbytes (it runs on CPU): pip install 'lorasave[bnb]' or pip install bitsandbytes") from None
+    return bitsandbytes
+
+
+def quantization_config(config: dict[str, Any]) -> dict[str, Any] | None:
+    """The ``quantization_config`` of a config.json, also when nested (``text_config``...)."""
+    qc = config.get("quantization_config")
+    if isinstance(qc, dict):
+        return qc
+    for v in config.values():
+        if isinstance(v, dict) and isinstance(v.get("quantization_config"), dict):
+            return v["quantization_config"]
+    return None
+
+
+def check_quant_method(config: dict[str, Any], where: str) -> str | None:
+    """The base's quantization method if lorasave reads it (``"bitsandbytes"``), None when not quantized.
+
+    Raises:
+        UnsupportedModelError: a method lorasave does not read (GPTQ, AWQ, HQQ, FP8, compressed-tensors...).
+    """
+    qc = quantization_config(config)
+    if qc is None:
+        return None
+    method = str(qc.get("quant_method", "")).lower()
+    if method == "bitsandbytes" or qc.get("load_in_4bit") or qc.get("load_in_8bit"):
+        return "bitsandbytes"
+    name = UNSUPPORTED_METHODS.get(method, method or "unknown")
+    raise UnsupportedModelError(
+        f"{where} is quantized with {name} (quant_method {method!r}), which lorasave cannot dequantize; "
+        "merge into the original 16-bit checkpoint instead (with --merge-into dequantized if the adapter was trained on a 4-bit base)",
+    )
+
+
+@dataclass
+class Bnb4bitWeight:
+    """A 4-bit weight in a checkpoint: its entries and decoded quant state.
+
+    Attributes:
+        name: the weight's name (``<module>.weight``).
+        packed: the entry of the packed codes.
+        aux: entries of ``absmax``, ``quant_map``, ``nested_*`` and the quant-state blob, by suffix.
+        state: the decoded quant-state JSON.
+    """
+
+    name: str
+    packed: TensorEntry
+    aux: dict[str, TensorEntry]
+    state: dict[str, Any]
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the dequantized weight."""
+        return tuple(self.state["shape"])
+
+    @property
+    def dtype(self) -> StDtype:
+        """dtype the weight had before quantization (the quant state's ``dtype``)."""
+        return ST_DTYPES.get({"float16": "F16", "bfloat16": "BF16", "float32": "F32"}.get(self.state.get("dtype", ""), "BF16"), ST_DTYPES["BF16"])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the weight takes in the checkpoint (codes + statistics)."""
+        return self.packed.nbytes + sum(e.nbytes for e in self.aux.values())
+
+    def entries(self) -> list[TensorEntry]:
+        """Every checkpoint entry of this weight."""
+        return [self.packed, *self.aux.values()]
+
+
+@dataclass
+class Int8Weight:
+    """An LLM.int8 weight: int8 codes and the row scales ``SCB``."""
+
+    name: str
+    codes: TensorEntry
+    scb: TensorEntry
+    extra: list[TensorEntry] = field(default_factory=list)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the weight."""
+        return self.codes.shape
+
+    @property
+    def dtype(self) -> StDtype:
+        """LLM.int8 weights dequantize to float16 in bitsandbytes' layers."""
+        return ST_DTYPES["F16"]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes in the checkpoint."""
+        return self.codes.nbytes + self.scb.nbytes + sum(e.nbytes for e in self.extra)
+
+    def entries(self) -> list[TensorEntry]:
+        """Every checkpoint entry of this weight."""
+        return [self.codes, self.scb, *self.extra]
+
+
+QuantizedWeight = Bnb4bitWeight | Int8Weight
+
+
+def group_quantized(tensors: dict[str, TensorEntry], read_bytes: Any) -> tuple[dict[str, QuantizedWeight], set[str]]:
+    """Find bitsandbytes weights among a checkpoint's entries.
+
+    Args:
+        tensors: every entry of the checkpoint by name.
+        read_bytes: ``entry -> bytes`` (used for the small quant-state JSON blobs).
+
+    Returns:
+        ``(weights by name, names of every entry they consume)``.
+
+    Raises:
+        CheckpointFormatError: a quant-state blob that is not a JSON object (``jsonio`` bounds).
+    """
+    weights: dict[str, QuantizedWeight] = {}
+    used: set[str] = set()
+    for key, entry in tensors.items():
+        m = QUANT_STATE_RE.match(key)
+        if not m or m["weight"] not in tensors:
+            continue
+        name = m["weight"]
+        state = decode_json(bytes(read_bytes(entry)), f"{entry.file}: {key}", hint="re-download or re-quantize the model")
+        if not isinstance(state, dict):
+            raise CheckpointFormatError(f"{entry.file}: {key} is not a JSON object; re-download or re-quantize the model", path=entry.file)
+        aux = {s: tensors[f"{name}.{s}"] for s in AUX_4BIT if f"{name}.{s}" in tensors}
+        aux[f"quant_state.bitsandbytes__{m['type']}"] = entry
+        weights[name] = Bnb4bitWeight(name, tensors[name], aux, state)
+        used |= {name, *(e.name for e in aux.values())}
+    for key, entry in tensors.items():
+        if key.endswith(".SCB") and entry.dtype.name == "F32":
+            module = key[: -len(".SCB")]
+            name = f"{module}.weight"
+            if name in tensors and tensors[name].dtype.name == "I8":
+                extra = [tensors[f"{module}.weight_format"]] if f"{module}.weight_format" in tensors else []
+                weights[name] = Int8Weight(name, tensors[name], entry, extra)
+                used |= {name, key, *(e.name for e in extra)}
+    return weights, used
+
+
+def dequantize(weight: QuantizedWeight, read: Any) -> torch.Tensor:
+    """Dequantize a bitsandbytes weight to float32 with bitsandbytes itself.
+
+    Args:
+        weight: the weight.
+        read: ``entry -> tensor`` reading a whole entry.
+
+    Returns:
+        float32 tensor of ``weight.shape``: 4-bit ``dequantize_4bit`` with the quant state's
+        dtype set to float32; 8-bit ``int8_vectorwise_dequant(CB, SCB)`` (``CB * SCB / 127``).
+    """
+    bnb = import_bnb()
+    F = bnb.functional
+    if isinstance(weight, Int8Weight):
+        return F.int8_vectorwise_dequant(read(weight.codes), read(weight.scb)).to(torch.float32)
+    qs_dict = {k: read(e) for k, e in weight.aux.items()}
+    qs = F.QuantState.from_dict(qs_dict, device=torch.device("cpu"))
+    qs.dtype = torch.float32
+    packed = read(weight.packed).view(torch.uint8)  # quant_storage other than uint8 is a view of the same bytes
+    return F.dequantize_4bit(packed, qs).reshape(weight.shape)
+
+
+@dataclass(frozen=True)
+class Bnb4bitSpec:
+    """A 4-bit quantization: ``quant_type`` (nf4/fp4), ``blocksize`` (elements), double quant, input dtype.
+
+    Source: bitsandbytes ``functional.quantize_4bit``; QLoRA (Dettmers et al. 2023, arXiv:2305.14314)
+    defaults are nf4, blocksize 64, double quant, bfloat16 input.
+    """
+
+    quant_type: str = "nf4"
+    blocksize: int = 64
+    double_quant: bool = True
+    input_dtype: torch.dtype = torch.bfloat16
+
+    @classmethod
+    def from_quantization_config(cls, qc: dict[str, Any], state: dict[str, Any] | None = None) -> Bnb4bitSpec:
+        """Read a transformers ``BitsAndBytesConfig`` dict (as saved in config.json).
+
+        Args:
+            qc: the ``quantization_config``.
+            state: a quant-state JSON of one of the checkpoint's weights, when available: its
+                ``dtype`` (what the weights were quantized from) and ``blocksize`` are the truth;
+                ``bnb_4bit_compute_dtype`` is only the fallback for the input dtype.
+
+        Raises:
+            InvalidOptionError: an unknown dtype name.
+        """
+        from lorasave.errors import InvalidOptionError
+
+        state = state or {}
+        name = str(state.get("dtype") or qc.get("bnb_4bit_compute_dtype") or "bfloat16").removeprefix("torch.")
+        dt = getattr(torch, name, None)
+        if dt not in (torch.float16, torch.bfloat16, torch.float32):
+            raise InvalidOptionError(f"quantization_config names dtype {name!r}; expected bfloat16, float16 or float32")
+        return cls(
+            quant_type=str(state.get("quant_type") or qc.get("bnb_4bit_quant_type", "nf4")),
+            blocksize=int(state.get("blocksize") or qc.get("bnb_4bit_blocksize", 64) or 64),
+            double_quant=bool(qc.get("bnb_4bit_use_double_quant", False)),
+            input_dtype=dt,
+        )
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """``quantize_4bit`` of ``w`` as given (no dtype change): ``(packed uint8 (n/2, 1), QuantState)``."""
+        F = import_bnb().functional
+        return F.quantize_4bit(w, blocksize=self.blocksize, compress_statistics=self.double_quant, quant_type=self.quant_type)
+
+    def roundtrip(self, w: torch.Tensor) -> torch.Tensor:
+        """What a weight looked like to an adapter trained on its 4-bit version, in float32.
+
+        ``dequantize_4bit(quantize_4bit(w.to(input_dtype)))`` with the state's dtype float32.
+        """
+        F = import_bnb().functional
+        packed, qs = self.quantize(w.to(self.input_dtype).contiguous())
+        qs.dtype = torch.float32
+        return F.dequantize_4bit(packed, qs).reshape(w.shape)
+
+    def serialized(self, name: str, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Quantize a float32 weight once and return the tensors transformers saves for it.
+
+        Args:
+            name: the weight's name (``<module>.weight``).
+            w: float32 weight ``(out, in)``.
+            dtype: the dtype recorded in the quant state (what the layer dequantizes to).
+
+        Returns:
+            ``{name: packed uint8, name + ".absmax": ..., name + ".quant_state.bitsandbytes__nf4": ...}``.
+        """
+        packed, qs = self.quantize(w.contiguous())
+        qs.dtype = dtype
+        out = {name: packed}
+        for k, v in qs.as_dict(packed=True).items():
+            out[f"{name}.{k}"] = v
+        return out
+
+    def planned_shapes(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, tuple[StDtype, tuple[int, ...]]]:
+        """Names, dtypes and shapes ``serialized`` will produce, known before quantizing.
+
+        The quant-state blob's length depends on the float ``nested_offset``; it is estimated
+        here, so shard sizes in the plan are exact up to a few bytes per weight.
+        """
+        n = 1
+        for d in shape:
+            n *= d
+        blocks = -(-n // self.blocksize)
+        out: dict[str, tuple[StDtype, tuple[int, ...]]] = {name: (ST_DTYPES["U8"], (-(-n // 2), 1))}
+        out[f"{name}.absmax"] = (ST_DTYPES["U8"] if self.double_quant else ST_DTYPES["F32"], (blocks,))
+        out[f"{name}.quant_map"] = (ST_DTYPES["F32"], (16,))
+        state: dict[str, Any] = {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "dtype": str(dtype).removeprefix("torch."),
+            "shape": list(shape),
+        }
+        if self.double_quant:
+            out[f"{name}.nested_absmax"] = (ST_DTYPES["F32"], (-(-blocks // 256),))
+            out[f"{name}.nested_quant_map"] = (ST_DTYPES["F32"], (256,))
+            state.update(nested_blocksize=256, nested_dtype="float32", nested_offset=0.012345678901234567)
+        out[f"{name}.quant_state.bitsandbytes__{self.quant_type}"] = (ST_DTYPES["U8"], (len(json.dumps(state)),))
+        return out
+
+    def quantization_config(self, compute_dtype: torch.dtype) -> dict[str, Any]:
+        """``config.json``'s ``quantization_config`` as transformers writes it for this spec."""
+        from transformers import BitsAndBytesConfig
+
+        qc = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        return qc.to_dict()
+
+    def describe(self) -> dict[str, Any]:
+        """JSON form for the manifest."""
+        return {
+            "quant_type": self.quant_type,
+            "blocksize": self.blocksize,
+            "double_quant": self.double_quant,
+            "input_dtype": str(self.input_dtype).removeprefix("torch."),
+        }
+
+
+def nbytes_of(dtype: StDtype, shape: tuple[int, ...]) -> int:
+    """Bytes of a tensor (re-exported for planners)."""
+    return nbytes(dtype, shape)

@@ -1,0 +1,122 @@
+"""One GGUF model file as a writer of the pass.
+
+The header, metadata and tensor infos are written at ``begin`` (every type and size is known from
+the plan: ``formats.gguf.export.gguf_tensors``); then each tensor's blocks are encoded as they
+arrive (``formats.gguf.stream.EncodedTensor``), Q/K rows permuted once the tensor is complete, and
+the finished tensor queued for the writer thread (``HashingWriteBehind``), which writes and hashes
+it. The generated tensors (``rope_freqs``) follow the checkpoint's. Tensors must arrive in the
+order of the tensor infos (the plan's order): :meth:`GgufOutput.order`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from lorasave.formats.gguf.quant import encode
+from lorasave.formats.gguf.stream import EncodedTensor, HashingWriteBehind
+from lorasave.formats.writer import OutputWriter, TensorSink
+from lorasave.merging.stream import Block
+from lorasave.pipeline.manifest import sha256_file
+
+logger = logging.getLogger(__name__)
+
+
+class _Sink:
+    def __init__(self, out: GgufOutput, g: Any) -> None:
+        self._out, self._g = out, g
+        self._enc = EncodedTensor(g.src, g.qtype, g.nbytes, g.shift, g.rows)
+
+    def add(self, block: Block) -> None:
+        self._enc.add(block, self._out.timings)
+
+    def close(self) -> None:
+        data = self._enc.result()  # uint8 (rows, row_bytes)
+        if self._g.permute_heads is not None:  # rows are encoded independently: permute the encoded rows
+            data = self._out.permute(data, *self._g.permute_heads)
+        self._out.behind.put(data.numpy())
+
+
+class GgufOutput(OutputWriter):
+    """One ``.gguf`` file.
+
+    Args:
+        filename: the file's name in the staging folder.
+        start: writes the header, metadata and tensor infos to a path and returns the open
+            ``gguf.GGUFWriter`` (``formats.gguf.export.start_gguf``).
+        tensors: the checkpoint tensors (``GgufTensor``), in tensor-info order.
+        extras: the generated tensors (``ExtraTensor``), written last.
+        permute: the Q/K row permutation (``formats.gguf.export.permute_qk``) applied to encoded rows.
+
+    Attributes:
+        sha256, length: of the finished file, after ``end``.
+    """
+
+    def __init__(
+        self,
+        filename: str,
+        start: Callable[[Path], gguf.GGUFWriter],
+        tensors: list[Any],
+        extras: list[Any],
+        permute: Callable[[torch.Tensor, int, int | None], torch.Tensor],
+    ) -> None:
+        super().__init__()
+        self.permute = permute
+        self.filename = filename
+        self._start = start
+        self.tensors = tensors
+        self.extras = extras
+        self._by_name = {g.src.name: g for g in tensors}
+        self._path: Path | None = None
+        self._writer: gguf.GGUFWriter | None = None
+        self.behind: HashingWriteBehind
+        self.sha256: str | None = None
+
+    @property
+    def needed_bytes(self) -> int:
+        return sum(g.nbytes for g in self.tensors) + sum(e.nbytes for e in self.extras) + (16 << 20)
+
+    def order(self) -> list[str]:
+        return [g.src.name for g in self.tensors]
+
+    def begin(self, folder: Path) -> None:
+        self._path = folder / self.filename
+        self._writer = self._start(self._path)
+        self.behind = HashingWriteBehind(self._writer, self.timings)
+
+    def open_tensor(self, name: str) -> TensorSink | None:
+        g = self._by_name.get(name)
+        return None if g is None else _Sink(self, g)
+
+    def end(self) -> dict[str, str]:
+        for e in self.extras:
+            self.behind.put(encode(e.data, e.qtype))
+        digest, length = self.behind.finish()
+        assert self._writer is not None and self._path is not None
+        self._writer.close()
+        if self._path.stat().st_size != length:  # cannot happen unless gguf-py changes its padding
+            logger.warning("hashed %d bytes but %s has %d; hashing the file again", length, self.filename, self._path.stat().st_size)
+            digest = sha256_file(self._path)
+        self.sha256 = digest
+        return {self.filename: digest}
+
+    def abort(self) -> None:
+        if hasattr(self, "behind"):
+            self.behind.abandon()
+
+    def counts(self) -> dict[str, int]:
+        """GGML type name -> number of tensors of that type."""
+        out: dict[str, int] = {}
+        for g in [*self.tensors, *self.extras]:
+            out[g.qtype.name] = out.get(g.qtype.name, 0) + 1
+        return out
+
+    def n_params(self) -> int:
+        """Parameters of the file's tensors (``general.size_label``)."""
+        return sum(int(np.prod(g.shape)) for g in self.tensors) + sum(int(e.data.size) for e in self.extras)

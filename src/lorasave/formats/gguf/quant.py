@@ -1,0 +1,444 @@
+"""GGUF output types and the GGML type of every tensor, as llama.cpp v0.5.0 chooses them.
+
+Two ways to a file, picked by :class:`GgufType`:
+
+* **streamed** (``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``): each
+  merged tensor is encoded with gguf-py's numpy quantizers (``gguf.quants``) and written before the
+  next one is read; no intermediate file.
+* **k-quants** (``q2_k`` ... ``q6_k``): gguf-py cannot encode K blocks, so a 16-bit GGUF is streamed
+  first (F16, or BF16 when the base is bfloat16) and llama.cpp's own ``llama_model_quantize``
+  (through :func:`lorasave.runtimes.llama_cpp.lib.quantize`) writes the final file; the intermediate is removed.
+
+Per-tensor types of the streamed files:
+
+* ``f32`` / ``f16`` / ``bf16`` / ``q8_0`` are what ``convert_hf_to_gguf.py --outtype`` writes
+  (``ModelBase.prepare_tensors``, ``conversion/base.py``): F32 for 1-D tensors, ``*_norm.weight``,
+  names not ending in ``.weight`` (biases) and the converter's always-F32 list (router, position
+  embeddings, ...); the requested type for the rest; F16 when a row (``ne0``) is not a multiple of
+  the block size (the converter catches ``gguf.QuantError``).
+* ``q4_0`` / ``q4_1`` / ``q5_0`` / ``q5_1`` are what ``llama-quantize`` makes of the converter's
+  F16 file (``src/llama-quant.cpp``): ``tensor_allows_quantization`` decides which tensors are
+  quantized (2-D+, name ending in ``weight``, no ``_norm.weight``, not a few small special
+  tensors), the others keep their converter type; ``llama_tensor_get_type_impl`` promotes
+  ``output.weight`` -- or ``token_embd.weight`` when the embeddings are tied (no
+  ``output.weight``) -- to Q6_K (Q8_0 when ``ne0`` is not a multiple of the block);
+  ``tensor_type_fallback`` then demotes a type whose block does not divide ``ne0`` (Q6_K -> Q8_0,
+  a 32-block type -> F16).
+
+**The substitution rule.** Where llama.cpp picks a K type that gguf-py cannot encode (for the
+streamed types this is only the Q6_K of the output / tied embedding), the file gets the type
+llama.cpp itself falls back to for that K type in ``tensor_type_fallback`` (Q2_K/Q3_K -> Q4_0,
+Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0): never fewer bits than llama.cpp's choice, so never less
+accurate, at a slightly larger size. Every substitution is listed in the result notes. Ask for a
+k-quant type to get llama.cpp's exact mix.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+
+import gguf
+import numpy as np
+
+Q = gguf.GGMLQuantizationType
+F = gguf.LlamaFileType
+
+
+class GgufType(Enum):
+    """An output type of ``lorasave gguf --type`` (llama.cpp's ``--outtype`` / ``llama-quantize`` names)."""
+
+    F32 = "f32"
+    F16 = "f16"
+    BF16 = "bf16"
+    Q8_0 = "q8_0"
+    Q4_0 = "q4_0"
+    Q4_1 = "q4_1"
+    Q5_0 = "q5_0"
+    Q5_1 = "q5_1"
+    Q2_K = "q2_k"
+    Q3_K_S = "q3_k_s"
+    Q3_K_M = "q3_k_m"
+    Q3_K_L = "q3_k_l"
+    Q4_K_S = "q4_k_s"
+    Q4_K_M = "q4_k_m"
+    Q5_K_S = "q5_k_s"
+    Q5_K_M = "q5_k_m"
+    Q6_K = "q6_k"
+
+    @property
+    def spec(self) -> TypeSpec:
+        """The row of :data:`TYPES` for this type."""
+        return TYPES[self]
+
+    @property
+    def file_type(self) -> gguf.LlamaFileType:
+        """``general.file_type`` of the finished file."""
+        return self.spec.file_type
+
+    @property
+    def default_qtype(self) -> gguf.GGMLQuantizationType:
+        """``llama_ftype_get_default_type``: the GGML type of an ordinary weight matrix."""
+        return self.spec.default_qtype
+
+    @property
+    def streamed(self) -> bool:
+        """Whether gguf-py writes it in one pass (False: a 16-bit file, then ``llama_model_quantize``)."""
+        return self.spec.default_qtype in WRITABLE
+
+    @property
+    def converter(self) -> bool:
+        """Whether ``convert_hf_to_gguf.py --outtype`` writes it (else ``llama-quantize`` does)."""
+        return self.spec.converter
+
+    @classmethod
+    def parse(cls, name: str | GgufType) -> GgufType:
+        """``GgufType("q4_k_m")``, case-insensitive.
+
+        Raises:
+            ValueError: not a known type (callers turn it into ``InvalidOptionError``).
+        """
+        if isinstance(name, GgufType):
+            return name
+        return cls(str(name).lower())
+
+
+@dataclass(frozen=True)
+class TypeSpec:
+    """What one :class:`GgufType` means.
+
+    Attributes:
+        file_type: ``general.file_type`` (``LlamaFileType``, same values as ``llama_ftype``).
+        default_qtype: GGML type of ordinary weight matrices (``llama_ftype_get_default_type``).
+        converter: True when ``convert_hf_to_gguf.py`` writes it (its rules apply), False when
+            ``llama-quantize`` does (``llama-quant.cpp``'s rules apply).
+    """
+
+    file_type: gguf.LlamaFileType
+    default_qtype: gguf.GGMLQuantizationType
+    converter: bool
+
+
+#: Every output type (``llama_ftype_get_default_type`` in ``src/llama-quant.cpp`` for the default).
+TYPES: dict[GgufType, TypeSpec] = {
+    GgufType.F32: TypeSpec(F.ALL_F32, Q.F32, True),
+    GgufType.F16: TypeSpec(F.MOSTLY_F16, Q.F16, True),
+    GgufType.BF16: TypeSpec(F.MOSTLY_BF16, Q.BF16, True),
+    GgufType.Q8_0: TypeSpec(F.MOSTLY_Q8_0, Q.Q8_0, True),
+    GgufType.Q4_0: TypeSpec(F.MOSTLY_Q4_0, Q.Q4_0, False),
+    GgufType.Q4_1: TypeSpec(F.MOSTLY_Q4_1, Q.Q4_1, False),
+    GgufType.Q5_0: TypeSpec(F.MOSTLY_Q5_0, Q.Q5_0, False),
+    GgufType.Q5_1: TypeSpec(F.MOSTLY_Q5_1, Q.Q5_1, False),
+    GgufType.Q2_K: TypeSpec(F.MOSTLY_Q2_K, Q.Q2_K, False),
+    GgufType.Q3_K_S: TypeSpec(F.MOSTLY_Q3_K_S, Q.Q3_K, False),
+    GgufType.Q3_K_M: TypeSpec(F.MOSTLY_Q3_K_M, Q.Q3_K, False),
+    GgufType.Q3_K_L: TypeSpec(F.MOSTLY_Q3_K_L, Q.Q3_K, False),
+    GgufType.Q4_K_S: TypeSpec(F.MOSTLY_Q4_K_S, Q.Q4_K, False),
+    GgufType.Q4_K_M: TypeSpec(F.MOSTLY_Q4_K_M, Q.Q4_K, False),
+    GgufType.Q5_K_S: TypeSpec(F.MOSTLY_Q5_K_S, Q.Q5_K, False),
+    GgufType.Q5_K_M: TypeSpec(F.MOSTLY_Q5_K_M, Q.Q5_K, False),
+    GgufType.Q6_K: TypeSpec(F.MOSTLY_Q6_K, Q.Q6_K, False),
+}
+
+#: GGML types gguf-py 0.19 can encode (``gguf.quants`` classes overriding ``quantize_blocks``, plus
+#: the float types). The K and IQ types are decode-only there.
+WRITABLE: frozenset[gguf.GGMLQuantizationType] = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1})
+
+#: llama.cpp's own demotion of a K type (``tensor_type_fallback``, ``src/llama-quant.cpp``): what
+#: the streamed writer uses where llama.cpp would pick a type gguf-py cannot encode.
+K_SUBSTITUTE: dict[gguf.GGMLQuantizationType, gguf.GGMLQuantizationType] = {
+    Q.Q2_K: Q.Q4_0,
+    Q.Q3_K: Q.Q4_0,
+    Q.Q4_K: Q.Q5_0,
+    Q.Q5_K: Q.Q5_1,
+    Q.Q6_K: Q.Q8_0,
+}
+
+#: Tensors ``convert_hf_to_gguf.py`` always writes as F32 (``ModelBase.prepare_tensors``).
+_CONVERTER_F32 = tuple(
+    getattr(gguf.MODEL_TENSOR, n)
+    for n in (
+        "FFN_GATE_INP",
+        "FFN_GATE_INP_SHEXP",
+        "POS_EMBD",
+        "TOKEN_TYPES",
+        "SSM_CONV1D",
+        "SHORTCONV_CONV",
+        "TIME_MIX_FIRST",
+        "TIME_MIX_W1",
+        "TIME_MIX_W2",
+        "TIME_MIX_DECAY_W1",
+        "TIME_MIX_DECAY_W2",
+        "TIME_MIX_LERP_FUSED",
+        "POSNET_NORM1",
+        "POSNET_NORM2",
+        "V_ENC_EMBD_POS",
+        "A_ENC_EMBD_POS",
+        "ALTUP_CORRECT_COEF",
+        "ALTUP_PREDICT_COEF",
+        "SSM_CONV1D_Q",
+        "SSM_CONV1D_K",
+        "SSM_CONV1D_V",
+        "INDEXER_PROJ",
+    )
+    if hasattr(gguf.MODEL_TENSOR, n)
+)
+_CONVERTER_F32_RE = re.compile("^(?:" + "|".join(re.escape(gguf.TENSOR_NAMES[k]).replace(re.escape("{bid}"), r"\d+") for k in _CONVERTER_F32) + r")\.weight$")
+
+#: Name fragments ``tensor_allows_quantization`` (``src/llama-quant.cpp``) never quantizes.
+_NOT_QUANTIZED = (
+    "_norm.weight",
+    "ffn_gate_inp.weight",
+    "ffn_gate_tid2eid.weight",
+    "altup",
+    "laurel",
+    "per_layer_model_proj",
+    "ssm_conv1d",
+    "shortconv.conv.weight",
+    "indexer.k_proj.weight",
+    "indexer.q_proj.weight",
+    "time_mix_first.weight",
+    "time_mix_w0.weight",
+    "time_mix_w1.weight",
+    "time_mix_w2.weight",
+    "time_mix_v0.weight",
+    "time_mix_v1.weight",
+    "time_mix_v2.weight",
+    "time_mix_a0.weight",
+    "time_mix_a1.weight",
+    "time_mix_a2.weight",
+    "time_mix_g1.weight",
+    "time_mix_g2.weight",
+    "time_mix_decay_w1.weight",
+    "time_mix_decay_w2.weight",
+    "time_mix_lerp_fused.weight",
+    "attn_rel_b.weight",
+    ".position_embd",
+    "sam.pos_embd",
+    "sam.neck.",
+    "sam.net_",
+    ".rel_pos",
+    ".patch_embd",
+    ".patch_merger",
+    "a.rvq.codebook",
+    "mm.a.code_embd",
+)
+_NOT_QUANTIZED_EXACT = ("position_embd.weight", "token_types.weight")
+
+
+def block_size(qtype: gguf.GGMLQuantizationType) -> int:
+    """Elements per block of ``qtype`` (1 for the float types)."""
+    return gguf.GGML_QUANT_SIZES[qtype][0]
+
+
+def tensor_nbytes(shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> int:
+    """Bytes of a tensor of ``shape`` (numpy order, rows first) encoded as ``qtype``."""
+    block, type_size = gguf.GGML_QUANT_SIZES[qtype]
+    n = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    return n // block * type_size
+
+
+def converter_type(name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """``ModelBase.prepare_tensors`` (``conversion/base.py``): the type the converter writes for ``--outtype``.
+
+    Args:
+        name: GGUF tensor name (``blk.0.attn_q.weight``).
+        shape: numpy shape, rows first; ``shape[-1]`` is ggml's ``ne0``.
+        qtype: the outtype's GGML type (F32, F16, BF16 or Q8_0).
+    """
+    if len(shape) <= 1 or name.endswith("_norm.weight") or not name.endswith(".weight") or _CONVERTER_F32_RE.match(name):
+        return Q.F32
+    if shape[-1] % block_size(qtype) != 0:  # gguf.QuantError -> "falling back to F16"
+        return Q.F16
+    return qtype
+
+
+def allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
+    """``tensor_allows_quantization`` (``src/llama-quant.cpp``) with ``quantize_output_tensor`` on."""
+    if len(shape) < 2 or not name.endswith("weight") or name in _NOT_QUANTIZED_EXACT:
+        return False
+    return not any(part in name for part in _NOT_QUANTIZED)
+
+
+def _fallback(ne0: int, qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """``tensor_type_fallback``: a type whose block divides ``ne0``."""
+    if ne0 % block_size(qtype) == 0:
+        return qtype
+    out = K_SUBSTITUTE.get(qtype, qtype)
+    return out if ne0 % block_size(out) == 0 else Q.F16
+
+
+def llama_cpp_type(name: str, shape: tuple[int, ...], type: GgufType, *, tied: bool) -> gguf.GGMLQuantizationType:
+    """The GGML type llama.cpp gives a tensor for ``type``: the converter's choice for converter
+    types, ``llama-quantize``'s (on the converter's F16 file) for the others.
+
+    Covers the streamed types only; the k-quant mixes (``use_more_bits`` per layer...) are left to
+    llama.cpp itself.
+
+    Args:
+        name: GGUF tensor name.
+        shape: numpy shape, rows first; ``shape[-1]`` is ``ne0``.
+        type: a streamed output type.
+        tied: the model has no ``output.weight`` (``token_embd.weight`` is also the output).
+
+    Raises:
+        ValueError: ``type`` is a k-quant.
+    """
+    if not type.streamed:
+        raise ValueError(f"{type.value} is chosen by llama_model_quantize, not here")
+    if type.converter:
+        return converter_type(name, shape, type.default_qtype)
+    if not allows_quantization(name, shape):
+        return converter_type(name, shape, Q.F16)
+    new = type.default_qtype
+    ne0 = shape[-1]
+    # llama_tensor_get_type_impl: the output (or the tied token embedding) gets more bits
+    if name == "output.weight" or (tied and name in ("token_embd.weight", "per_layer_token_embd.weight")):
+        new = Q.Q8_0 if ne0 % block_size(new) != 0 else (Q.Q6_K if new is not Q.Q8_0 else new)
+    return _fallback(ne0, new)
+
+
+@dataclass(frozen=True)
+class TensorType:
+    """The type of one tensor of a streamed file.
+
+    Attributes:
+        qtype: the GGML type written.
+        llama_cpp: the type llama.cpp would write; differs from ``qtype`` only for a K type
+            (see :data:`K_SUBSTITUTE`).
+    """
+
+    qtype: gguf.GGMLQuantizationType
+    llama_cpp: gguf.GGMLQuantizationType
+
+
+def tensor_types(tensors: Sequence[tuple[str, tuple[int, ...]]], type: GgufType) -> list[TensorType]:
+    """Types of every tensor of a streamed file, in order.
+
+    Args:
+        tensors: ``(gguf_name, numpy shape)`` of every tensor of the file (all of them: whether
+            ``output.weight`` exists decides the tied-embedding rule).
+        type: a streamed output type.
+    """
+    tied = not any(n == "output.weight" for n, _ in tensors)
+    out = []
+    for name, shape in tensors:
+        want = llama_cpp_type(name, shape, type, tied=tied)
+        out.append(TensorType(K_SUBSTITUTE.get(want, want), want))
+    return out
+
+
+def type_notes(tensors: Sequence[tuple[str, tuple[int, ...]]], types: Sequence[TensorType], type: GgufType) -> list[str]:
+    """Notes for the result: the F16 fallbacks and the K-type substitutions."""
+    notes = []
+    want = type.default_qtype
+    fallback = [
+        n for (n, s), t in zip(tensors, types, strict=True) if t.llama_cpp is Q.F16 and want not in (Q.F16, Q.F32, Q.BF16) and allows_quantization(n, s)
+    ]
+    if fallback:
+        notes.append(
+            f"{len(fallback)} tensors kept as F16: rows not a multiple of {block_size(want)} for {want.name} (first: {fallback[0]}), as llama.cpp does"
+        )
+    for (name, _), t in zip(tensors, types, strict=True):
+        if t.qtype is not t.llama_cpp:
+            notes.append(
+                f"{name} written as {t.qtype.name} where llama.cpp's {type.value} uses {t.llama_cpp.name}: gguf-py cannot encode "
+                f"{t.llama_cpp.name}, {t.qtype.name} is llama.cpp's own fallback for it (more bits); use --type q4_k_m etc. for llama.cpp's exact mix"
+            )
+    return notes
+
+
+def kquant_size_bound(tensors: Sequence[tuple[str, tuple[int, ...]]], intermediate: GgufType) -> int:
+    """An upper bound (bytes) of the tensor data ``llama_model_quantize`` writes for any k-quant type.
+
+    Every k-quant choice is at most 8.5 bits per weight (Q8_0) where the row fits a 32-block and
+    F16 where it does not; tensors llama.cpp does not quantize keep the intermediate's type.
+    """
+    total = 0
+    for name, shape in tensors:
+        kept = converter_type(name, shape, intermediate.default_qtype)
+        if allows_quantization(name, shape):
+            total += min(tensor_nbytes(shape, kept), tensor_nbytes(shape, converter_type(name, shape, Q.Q8_0)))
+        else:
+            total += tensor_nbytes(shape, kept)
+    return total
+
+
+def encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """Encode a float32 array for ``GGUFWriter.write_tensor_data``.
+
+    Args:
+        w: float32, numpy shape (rows first); ``w.shape[-1]`` must be a multiple of the block size.
+        qtype: a type of :data:`WRITABLE`.
+
+    Returns:
+        F32/F16: the values as float32/float16 of the same shape; BF16 and the block types: uint8
+        of shape ``(*w.shape[:-1], w.shape[-1] // block * type_size)``, the bytes of
+        ``gguf.quants.quantize`` (computed by ``gguf_encode``, which is tested against it).
+
+    Raises:
+        ValueError: ``qtype`` is not one gguf-py can encode, or a row is not a whole number of blocks.
+    """
+    if qtype not in WRITABLE:
+        raise ValueError(f"gguf-py cannot encode {qtype.name}")
+    w = np.ascontiguousarray(w, dtype=np.float32)
+    if qtype is Q.F32:
+        return w
+    if w.ndim and w.shape[-1] % block_size(qtype):
+        raise ValueError(f"rows of {w.shape[-1]} values are not a multiple of the {qtype.name} block ({block_size(qtype)})")
+    import torch
+
+    from lorasave.formats.gguf.encode import encode_tensor
+
+    data = encode_tensor(torch.from_numpy(w if w.flags.writeable else w.copy()), qtype).numpy()
+    if qtype is Q.F16:
+        return data.view(np.float16).reshape(w.shape)
+    return data.reshape(gguf.quants.quant_shape_to_byte_shape(w.shape, qtype))
+
+
+def intermediate_type(dtype_bytes: dict[str, int]) -> GgufType:
+    """The 16-bit type a k-quant is made from: BF16 when most of the base's bytes are bfloat16, else F16.
+
+    Args:
+        dtype_bytes: safetensors dtype name (``"BF16"``...) -> bytes of the base's tensors.
+
+    (``convert_hf_to_gguf.py --outtype auto`` picks BF16 for a bfloat16 checkpoint the same way.)
+    """
+    return GgufType.BF16 if dtype_bytes and max(dtype_bytes, key=dtype_bytes.__getitem__) == "BF16" else GgufType.F16
+
+
+def kquant_note(type: GgufType, intermediate: GgufType) -> str:
+    """The result note saying how a k-quant file was made."""
+    from lorasave.runtimes.llama_cpp import lib as llama_cpp
+
+    return (
+        f"{type.value}: written by llama.cpp's own quantizer (llama_model_quantize, llama.cpp {llama_cpp.LLAMA_CPP_TAG}) from a "
+        f"{intermediate.value.upper()} GGUF streamed first into the staging folder and then removed"
+    )
+
+
+def llama_quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], type: GgufType) -> dict[str, int]:
+    """``llama_model_quantize`` ``src`` into ``dst`` as ``type``, then remove ``src``.
+
+    Returns:
+        GGML type name -> number of tensors in ``dst`` (read back).
+
+    Raises:
+        LlamaCppNotInstalledError, LlamaCppError: from ``lorasave.runtimes.llama_cpp.lib.quantize``.
+    """
+    from lorasave.runtimes.llama_cpp import lib as llama_cpp
+
+    llama_cpp.quantize(src, dst, type.value)
+    os.unlink(src)
+    return count_types(dst)
+
+
+def count_types(path: str | os.PathLike[str]) -> dict[str, int]:
+    """GGML type name -> number of tensors, read back from a GGUF file with ``gguf.GGUFReader``."""
+    counts: dict[str, int] = {}
+    for t in gguf.GGUFReader(path).tensors:
+        counts[t.tensor_type.name] = counts.get(t.tensor_type.name, 0) + 1
+    return counts

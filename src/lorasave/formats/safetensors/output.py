@@ -1,0 +1,216 @@
+"""The sharded safetensors output (16-bit or bitsandbytes 4-bit) as a writer of the pass.
+
+Shard names, sizes, headers and the index come from the plan (``plan.merge_plan``: transformers'
+``save_pretrained`` rules); this writer only turns each block into bytes of the output dtype
+(``merging.stream.output_bytes``) and writes them behind the arithmetic on a thread of its own.
+
+Order: a 16-bit shard streams header first when tensors arrive in file order (the order this writer
+prefers, used when it is the pass's only writer); in a pass shared with other outputs tensors
+arrive in plan order, and each one is written at its offset in the shard (``pwrite``) and the
+file hashed once complete. A 4-bit shard (``Shard.deferred``) is always assembled at the end
+(``DeferredShardWriter``).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasave.formats.safetensors.deferred import DeferredShardWriter
+from lorasave.formats.safetensors.writer import SafetensorsShardWriter
+from lorasave.formats.writer import OutputWriter, TensorSink
+from lorasave.merging.stream import Block, output_bytes
+from lorasave.plan.merge_plan import SHARD_METADATA, MergePlan, OutputTensor, Shard
+from lorasave.util.dtypes import st_dtype
+
+#: Most blocks waiting to be written (each at most ``merging.stream.COPY_BLOCK_BYTES``).
+QUEUE_BLOCKS = 6
+_END = object()
+
+ShardWriter = SafetensorsShardWriter | DeferredShardWriter
+
+
+class WriteBehind:
+    """A writer thread fed through a bounded queue; re-raises its error in the caller's thread."""
+
+    def __init__(self, on_bytes: Any = None) -> None:
+        self._q: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=QUEUE_BLOCKS)
+        self._on_bytes = on_bytes
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._loop, name="lorasave-writer", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while (item := self._q.get()) is not None:
+            if self._error is not None:
+                continue  # drain after a failure
+            writer, name, data = item
+            try:
+                if data is _END:
+                    writer.end()
+                else:
+                    writer.write(name, data)
+                    if self._on_bytes is not None:
+                        self._on_bytes(len(data))
+            except BaseException as e:
+                self._error = e
+
+    def _check(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def put(self, writer: ShardWriter, name: str, data: Any) -> None:
+        """Queue bytes of ``name`` (or ``END`` to close the writer); raises the writer thread's error."""
+        self._check()
+        self._q.put((writer, name, data))
+
+    def close_later(self, writer: ShardWriter) -> None:
+        """Queue the end of ``writer``'s file."""
+        self.put(writer, "", _END)
+
+    def finish(self) -> None:
+        """Wait for every queued write; raises the writer thread's error."""
+        self._q.put(None)
+        self._thread.join()
+        self._check()
+
+    def abandon(self) -> None:
+        """Stop after a failure elsewhere; queued writes are dropped."""
+        self._error = self._error or _Abandoned("abandoned")
+        self._q.put(None)
+        self._thread.join()
+
+
+class _Abandoned(Exception):
+    """Marks a write-behind thread stopped by a failure elsewhere."""
+
+
+class _BytesSink:
+    """A plain tensor: each block cast to the output dtype and queued."""
+
+    def __init__(self, out: SafetensorsOutput, t: OutputTensor, writer: ShardWriter) -> None:
+        self._out, self._t, self._writer = out, t, writer
+        if isinstance(writer, DeferredShardWriter):
+            writer.declare(t.name, t.dtype, t.shape)
+
+    def add(self, block: Block) -> None:
+        self._out.behind.put(self._writer, self._t.name, output_bytes(self._t, block, self._out.timings))
+
+    def close(self) -> None:
+        self._out.tensor_done(self._writer)
+
+
+class _QuantizedSink:
+    """A 4-bit Linear weight: the whole float32 merge collected, quantized once at ``close``."""
+
+    def __init__(self, out: SafetensorsOutput, t: OutputTensor, writer: DeferredShardWriter) -> None:
+        self._out, self._t, self._writer = out, t, writer
+        self._full = torch.empty(t.shape, dtype=torch.float32)  # (out, in)
+
+    def add(self, block: Block) -> None:
+        if block.merged:
+            from lorasave.merging.stream import check_finite
+
+            check_finite(self._t, block.values, block.start, block.stop)
+        self._full[block.start : block.stop] = block.values
+
+    def close(self) -> None:
+        t = self._t
+        assert t.quantize is not None and t.dtype.torch_dtype is not None
+        import time
+
+        t0 = time.perf_counter()
+        tensors = t.quantize.serialized(t.name, self._full, t.dtype.torch_dtype)
+        self._out.timings.merge += time.perf_counter() - t0
+        for name, tensor in tensors.items():
+            self._writer.declare(name, st_dtype(tensor.dtype), tuple(tensor.shape))
+            self._out.behind.put(self._writer, name, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B"))
+        self._out.tensor_done(self._writer)
+
+
+class SafetensorsOutput(OutputWriter):
+    """The weight files of a planned merge: ``plan.shards`` (and nothing else: the index is a side file).
+
+    Args:
+        plan: the merge plan of this output (its dtype, shard size, 4-bit settings).
+        on_bytes: called with the bytes of tensor data written (a progress bar), or None.
+
+    Attributes:
+        files: ``{shard file name: sha256}`` after ``end``.
+    """
+
+    def __init__(self, plan: MergePlan, on_bytes: Any = None) -> None:
+        super().__init__()
+        self.plan = plan
+        self._on_bytes = on_bytes
+        self._owner: dict[str, Shard] = {n: sh for sh in plan.shards for n in sh.outputs}
+        self._writers: dict[str, ShardWriter] = {}
+        self._left: dict[str, int] = {sh.filename: len(sh.outputs) for sh in plan.shards}
+        self.behind: WriteBehind
+        self._in_order = False
+        self.files: dict[str, str] = {}
+
+    @property
+    def needed_bytes(self) -> int:
+        return self.plan.total_bytes
+
+    def preferred_order(self) -> list[str]:
+        """File order: shard by shard, each in its layout order (4-bit shards: their outputs' order)."""
+        order: list[str] = []
+        for sh in self.plan.shards:
+            order.extend(sh.outputs if sh.deferred else dict.fromkeys(lay.name for lay in sh.layouts))
+        return order
+
+    def set_order(self, names: list[str]) -> None:
+        """Told by the pass the order tensors will come in (before ``begin``)."""
+        self._in_order = [n for n in names if n in self._owner] == self.preferred_order()
+
+    def begin(self, folder: Path) -> None:
+        self.behind = WriteBehind(self._on_bytes)
+        for sh in self.plan.shards:
+            w: ShardWriter
+            if sh.deferred:
+                w = DeferredShardWriter(folder / sh.filename, SHARD_METADATA)
+            else:
+                w = SafetensorsShardWriter(folder / sh.filename, sh.header, sh.layouts, any_order=not self._in_order)
+            self._writers[sh.filename] = w
+            w.begin()
+
+    def open_tensor(self, name: str) -> TensorSink | None:
+        sh = self._owner.get(name)
+        if sh is None:
+            return None
+        t = self.plan.tensors[name]
+        w = self._writers[sh.filename]
+        if t.quantize is not None:
+            assert isinstance(w, DeferredShardWriter)
+            return _QuantizedSink(self, t, w)
+        return _BytesSink(self, t, w)
+
+    def tensor_done(self, writer: ShardWriter) -> None:
+        """Called by a sink: close the shard's file behind the queue once its last tensor is queued."""
+        name = writer.path.name
+        self._left[name] -= 1
+        if self._left[name] == 0:
+            self.behind.close_later(writer)
+
+    def end(self) -> dict[str, str]:
+        self.behind.finish()
+        files = {}
+        for name, w in self._writers.items():
+            assert w.sha256 is not None, f"{name} was never completed"
+            files[name] = w.sha256
+            self.timings.write += w.write_seconds
+            self.timings.hash += w.hash_seconds
+        self.files = files
+        return files
+
+    def abort(self) -> None:
+        if hasattr(self, "behind"):
+            self.behind.abandon()
+        for w in self._writers.values():
+            w.abort()

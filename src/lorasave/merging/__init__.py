@@ -1,0 +1,1 @@
+"""merging: W0 + scaling · B·A in row blocks"""

@@ -1,0 +1,191 @@
+"""Execute a pass: read each tensor once, merge it once per job, hand its blocks to every writer.
+
+A pass serves one base and any number of jobs (a job = adapters + options + outputs). For each
+tensor name in the pass order, each job that has it merges it in row blocks
+(``merging.stream.tensor_blocks``) and every writer of that job converts and writes the blocks
+(``formats.writer.OutputWriter``), each behind the arithmetic on a thread of its own. The base
+bytes of a tensor are read from disk once: the jobs that follow read them again from the page
+cache, one tensor apart. Peak memory is a few blocks per job plus each writer's queue.
+
+A writer that fails is aborted and left out of the rest of the pass; a job whose sources fail
+(a shard changed, a read error) fails all its writers; the other jobs go on. ``execute_pass``
+returns the failures; the single-output API raises the first one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorasave.formats.safetensors.output import SafetensorsOutput
+from lorasave.formats.writer import OutputWriter, TensorSink
+from lorasave.merging.stream import ExecContext, Timings, tensor_blocks
+from lorasave.plan.merge_plan import MergePlan
+from lorasave.sources.adapter import Adapter
+from lorasave.sources.checkpoint import TensorReader
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class PassJob:
+    """One job of a pass.
+
+    Attributes:
+        plan: the plan whose recipes the pass merges by (any of the job's plans: every output of a
+            job has the same tensors and operations, only their dtypes differ).
+        adapters: the adapters its recipes index into.
+        writers: ``(writer, staging folder)`` of each output of the job.
+        timings: reading and merging seconds of this job (the writers keep their own).
+        failures: writer index -> the error that stopped it.
+    """
+
+    plan: MergePlan
+    adapters: list[Adapter]
+    writers: list[tuple[OutputWriter, Path]]
+    timings: Timings = field(default_factory=Timings)
+    failures: dict[int, BaseException] = field(default_factory=dict)
+
+
+def pass_order(jobs: Sequence[PassJob]) -> list[str]:
+    """The order tensors are produced in.
+
+    A lone writer that prefers an order (a safetensors output: its file order) gets it; otherwise
+    the plan order of the jobs (the first job's, then names only later jobs have), which is the
+    order writers that need one (GGUF: tensor data follows the tensor infos) ask for.
+
+    Raises:
+        AssertionError: a writer needs an order the pass cannot give (a bug: jobs of one pass
+            share a base, so their plans agree on the order).
+    """
+    writers = [w for job in jobs for w, _ in job.writers]
+    if len(writers) == 1 and (pref := writers[0].preferred_order()) is not None:
+        return pref
+    order = list(dict.fromkeys(name for job in jobs for name in job.plan.tensors))
+    position = {n: i for i, n in enumerate(order)}
+    for w in writers:
+        need = w.order()
+        if need is not None and [position[n] for n in need] != sorted(position[n] for n in need):
+            raise AssertionError(f"{type(w).__name__} needs an order this pass does not give")
+    return order
+
+
+def execute_pass(jobs: Sequence[PassJob], order: list[str] | None = None) -> None:
+    """Run every job of a pass; failures are recorded in each job's ``failures`` (see module doc).
+
+    Args:
+        jobs: the jobs; their plans share one base.
+        order: tensor names in the order to produce them (default :func:`pass_order`); a writer
+            that needs another order fails.
+
+    Torch runs with one intra-op thread meanwhile: the writer threads have the other cores, and
+    OpenMP threads spinning at barriers while they run would slow the arithmetic tenfold on 2 cores.
+    """
+    order = pass_order(jobs) if order is None else order
+    for job in jobs:
+        for w, _ in job.writers:
+            if isinstance(w, SafetensorsOutput):
+                w.set_order(order)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with TensorReader() as reader:
+            ctxs = [ExecContext(reader, job.adapters, job.timings, job.plan.converter) for job in jobs]
+            for job in jobs:
+                for k, (w, folder) in enumerate(job.writers):
+                    _guard(job, k, w, lambda w=w, folder=folder: w.begin(folder))
+            for name in order:
+                for job, ctx in zip(jobs, ctxs, strict=True):
+                    _tensor(job, ctx, name)
+            for job in jobs:
+                for k, (w, _) in enumerate(job.writers):
+                    _guard(job, k, w, w.end)
+    except BaseException as e:  # interrupted, or a bug: stop every writer
+        for job in jobs:
+            for k, (w, _) in enumerate(job.writers):
+                if k not in job.failures:
+                    job.failures[k] = e
+                    w.abort()
+        raise
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _guard(job: PassJob, k: int, w: OutputWriter, step: Any) -> None:
+    if k in job.failures:
+        return
+    try:
+        step()
+    except Exception as e:
+        job.failures[k] = e
+        w.abort()
+
+
+def _tensor(job: PassJob, ctx: ExecContext, name: str) -> None:
+    """Merge tensor ``name`` for ``job`` and feed its blocks to the job's live writers."""
+    t = job.plan.tensors.get(name)
+    if t is None:
+        return
+    sinks: list[tuple[int, TensorSink]] = []
+    for k, (w, _) in enumerate(job.writers):
+        if k not in job.failures:
+            try:
+                sink = w.open_tensor(name)
+            except Exception as e:
+                job.failures[k] = e
+                w.abort()
+                continue
+            if sink is not None:
+                sinks.append((k, sink))
+    if not sinks:
+        return
+    try:
+        for block in tensor_blocks(t, ctx):
+            for k, sink in sinks:
+                if k not in job.failures:
+                    _guard(job, k, job.writers[k][0], lambda sink=sink, block=block: sink.add(block))
+    except Exception as e:  # the job's sources: every writer of the job stops
+        for k, (w, _) in enumerate(job.writers):
+            if k not in job.failures:
+                job.failures[k] = e
+                w.abort()
+        return
+    for k, sink in sinks:
+        _guard(job, k, job.writers[k][0], sink.close)
+
+
+def raise_first(job: PassJob) -> None:
+    """Raise the job's first failure (the single-output API's behaviour)."""
+    if job.failures:
+        raise job.failures[min(job.failures)]
+
+
+def execute(plan: MergePlan, adapters: list[Adapter], folder: Path, bar: Any) -> tuple[dict[str, str], Timings]:
+    """Write every shard of ``plan`` into ``folder`` (a pass with one job and one safetensors output).
+
+    Args:
+        plan: the merge plan.
+        adapters: the adapters its recipes index into.
+        folder: the staging folder.
+        bar: a tqdm-like progress bar, advanced by bytes of tensor data.
+
+    Returns:
+        ``({shard file name: sha256}, timings)``.
+
+    Raises:
+        NonFiniteResultError and reader errors; write errors from the writer thread.
+    """
+    out = SafetensorsOutput(plan, on_bytes=bar.update)
+    job = PassJob(plan, adapters, [(out, folder)])
+    execute_pass([job])
+    raise_first(job)
+    timings = job.timings
+    timings.merge += out.timings.merge
+    timings.write += out.timings.write
+    timings.hash += out.timings.hash
+    return out.files, timings

@@ -1,1 +1,0 @@
-"""Quantized weights: reading quantized bases (dequantize to float32) and writing quantized outputs."""

@@ -1,0 +1,80 @@
+"""llama.cpp's own quantizer, ``ggml_quantize_chunk``, from the pinned runtime's libggml-base.
+
+``verify`` uses it as the reference for the GGML types gguf-py cannot encode (the k-quants):
+``llama_model_quantize`` converts each tensor of its 16-bit input to float32 and calls
+``ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row, imatrix=NULL)`` (``src/llama-quant.cpp``),
+which is what :func:`quantize` does here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+_lock = threading.Lock()
+_base: Any = None
+
+
+def available() -> bool:
+    """Whether the llama.cpp runtime (and so libggml-base) is installed."""
+    from lorasave.runtimes.llama_cpp import lib as llama_cpp
+
+    return llama_cpp.available()
+
+
+def ggml_base() -> Any:
+    """The loaded ``libggml-base`` of the installed runtime, with ``ggml_quantize_chunk`` typed.
+
+    Raises:
+        LlamaCppNotInstalledError: the runtime is not installed.
+        LlamaCppError: the library does not load.
+    """
+    global _base
+    from lorasave.errors import LlamaCppError
+    from lorasave.runtimes.llama_cpp import lib as llama_cpp
+    from lorasave.runtimes.llama_cpp.install import REQUIRED_FILES
+
+    llama_cpp.require()
+    with _lock:
+        if _base is None:
+            path = llama_cpp.runtime_dir() / REQUIRED_FILES[0]
+            try:
+                lib = ctypes.CDLL(str(path), mode=getattr(os, "RTLD_NOW", 2) | getattr(os, "RTLD_LOCAL", 0))
+                fn = lib.ggml_quantize_chunk
+            except (OSError, AttributeError) as e:
+                raise LlamaCppError(f"could not load {path} ({e}); reinstall it with {llama_cpp.INSTALL_COMMAND} --force", path=path) from e
+            # size_t ggml_quantize_chunk(enum ggml_type, const float *src, void *dst, int64_t start, int64_t nrows, int64_t n_per_row, const float *imatrix)
+            fn.restype = ctypes.c_size_t
+            fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            _base = lib
+        return _base
+
+
+def quantize(x: np.ndarray, qtype: Any) -> np.ndarray:
+    """``ggml_quantize_chunk`` of float32 rows ``x`` ``(..., n_per_row)`` as ``qtype`` (a ``gguf.GGMLQuantizationType``).
+
+    Returns:
+        uint8 ``(..., n_per_row // block * type_size)``.
+
+    Raises:
+        LlamaCppNotInstalledError, LlamaCppError: as :func:`ggml_base`.
+        ValueError: a row is not a whole number of blocks.
+    """
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n_per_row = int(x.shape[-1]) if x.ndim else 1
+    if n_per_row % block:
+        raise ValueError(f"rows of {n_per_row} values are not a multiple of the {qtype.name} block ({block})")
+    nrows = x.size // n_per_row
+    out = np.empty((*x.shape[:-1], n_per_row // block * size), dtype=np.uint8)
+    lib = ggml_base()
+    written = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, None)
+    if written != out.size:
+        raise ValueError(f"ggml_quantize_chunk wrote {written} bytes of {qtype.name}, expected {out.size}")
+    return out

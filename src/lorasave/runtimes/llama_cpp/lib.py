@@ -1,0 +1,593 @@
+"""The optional llama.cpp runtime, through ctypes: load a GGUF (+ GGUF LoRA adapters), tokenize,
+get the logits of every position, and quantize with llama.cpp's own ``llama_model_quantize``.
+
+The shared libraries are the prebuilt ones of the npm package ``@node-llama-cpp/linux-x64@3.22.1``
+(llama.cpp tag v0.5.0), installed by ``lorasave install-llama-cpp`` (see
+:mod:`lorasave.runtimes.llama_cpp.install` for where). lorasave runs without them: only the commands that
+need llama.cpp call :func:`require`.
+
+The structs and signatures below are copied from that tag's ``include/llama.h`` field by field;
+``tests/test_llama_cpp.py`` checks their sizes against a C compiler's. Load order: libggml-base,
+libggml, ``ggml_backend_load_all_from_path`` (the CPU backends are separate libraries, one per
+instruction set; ggml picks the best one for this CPU), then libllama. llama.cpp's log goes to
+``logging.getLogger("lorasave.runtimes.llama_cpp.lib")`` at DEBUG.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Sequence
+from ctypes import POINTER, c_bool, c_char_p, c_float, c_int, c_int8, c_int32, c_size_t, c_uint32, c_void_p
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from lorasave.errors import InvalidOptionError, LlamaCppError, LlamaCppNotInstalledError
+from lorasave.pipeline.rename import apply_umask
+from lorasave.runtimes.llama_cpp.install import INSTALL_COMMAND, LLAMA_CPP_TAG, PACKAGE, PACKAGE_VERSION, REQUIRED_FILES, default_dir, is_installed
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+# --------------------------------------------------------------------------- llama.h types
+
+llama_token = c_int32
+llama_pos = c_int32
+llama_seq_id = c_int32
+_enum = c_int  # C enums of llama.h / ggml.h: int-sized on x86_64 (gcc)
+
+# typedef bool (*llama_progress_callback)(float progress, void * user_data);
+llama_progress_callback = ctypes.CFUNCTYPE(c_bool, c_float, c_void_p)
+# typedef bool (*ggml_backend_sched_eval_callback)(struct ggml_tensor * t, bool ask, void * user_data);
+ggml_backend_sched_eval_callback = ctypes.CFUNCTYPE(c_bool, c_void_p, c_bool, c_void_p)
+# typedef bool (*ggml_abort_callback)(void * data);
+ggml_abort_callback = ctypes.CFUNCTYPE(c_bool, c_void_p)
+# typedef void (*ggml_log_callback)(enum ggml_log_level level, const char * text, void * user_data);
+ggml_log_callback = ctypes.CFUNCTYPE(None, _enum, c_char_p, c_void_p)
+
+
+class GgmlType(enum.IntEnum):
+    """``enum ggml_type`` (ggml.h), the members used here."""
+
+    F32 = 0
+    F16 = 1
+    Q4_K = 12
+    Q6_K = 14
+    COUNT = 43
+
+
+class GgmlLogLevel(enum.IntEnum):
+    """``enum ggml_log_level`` (ggml.h)."""
+
+    NONE = 0
+    DEBUG = 1
+    INFO = 2
+    WARN = 3
+    ERROR = 4
+    CONT = 5
+
+
+class LlamaFlashAttnType(enum.IntEnum):
+    """``enum llama_flash_attn_type`` (llama.h)."""
+
+    AUTO = -1
+    DISABLED = 0
+    ENABLED = 1
+
+
+class LlamaFtype(enum.IntEnum):
+    """``enum llama_ftype`` (llama.h): the model file types ``llama_model_quantize`` produces."""
+
+    ALL_F32 = 0
+    MOSTLY_F16 = 1
+    MOSTLY_Q4_0 = 2
+    MOSTLY_Q4_1 = 3
+    MOSTLY_Q8_0 = 7
+    MOSTLY_Q5_0 = 8
+    MOSTLY_Q5_1 = 9
+    MOSTLY_Q2_K = 10
+    MOSTLY_Q3_K_S = 11
+    MOSTLY_Q3_K_M = 12
+    MOSTLY_Q3_K_L = 13
+    MOSTLY_Q4_K_S = 14
+    MOSTLY_Q4_K_M = 15
+    MOSTLY_Q5_K_S = 16
+    MOSTLY_Q5_K_M = 17
+    MOSTLY_Q6_K = 18
+    MOSTLY_IQ2_XXS = 19
+    MOSTLY_IQ2_XS = 20
+    MOSTLY_Q2_K_S = 21
+    MOSTLY_IQ3_XS = 22
+    MOSTLY_IQ3_XXS = 23
+    MOSTLY_IQ1_S = 24
+    MOSTLY_IQ4_NL = 25
+    MOSTLY_IQ3_S = 26
+    MOSTLY_IQ3_M = 27
+    MOSTLY_IQ2_S = 28
+    MOSTLY_IQ2_M = 29
+    MOSTLY_IQ4_XS = 30
+    MOSTLY_IQ1_M = 31
+    MOSTLY_BF16 = 32
+    MOSTLY_TQ1_0 = 36
+    MOSTLY_TQ2_0 = 37
+    MOSTLY_MXFP4_MOE = 38
+    MOSTLY_NVFP4 = 39
+    MOSTLY_Q1_0 = 40
+    MOSTLY_Q2_0 = 41
+
+
+# llama-quantize's type names (tools/quantize/quantize.cpp QUANT_OPTIONS, lower case, aliases included).
+QUANT_TYPES: dict[str, LlamaFtype] = {
+    "q1_0": LlamaFtype.MOSTLY_Q1_0,
+    "q2_0": LlamaFtype.MOSTLY_Q2_0,
+    "q4_0": LlamaFtype.MOSTLY_Q4_0,
+    "q4_1": LlamaFtype.MOSTLY_Q4_1,
+    "mxfp4_moe": LlamaFtype.MOSTLY_MXFP4_MOE,
+    "q5_0": LlamaFtype.MOSTLY_Q5_0,
+    "q5_1": LlamaFtype.MOSTLY_Q5_1,
+    "iq2_xxs": LlamaFtype.MOSTLY_IQ2_XXS,
+    "iq2_xs": LlamaFtype.MOSTLY_IQ2_XS,
+    "iq2_s": LlamaFtype.MOSTLY_IQ2_S,
+    "iq2_m": LlamaFtype.MOSTLY_IQ2_M,
+    "iq1_s": LlamaFtype.MOSTLY_IQ1_S,
+    "iq1_m": LlamaFtype.MOSTLY_IQ1_M,
+    "tq1_0": LlamaFtype.MOSTLY_TQ1_0,
+    "tq2_0": LlamaFtype.MOSTLY_TQ2_0,
+    "q2_k": LlamaFtype.MOSTLY_Q2_K,
+    "q2_k_s": LlamaFtype.MOSTLY_Q2_K_S,
+    "iq3_xxs": LlamaFtype.MOSTLY_IQ3_XXS,
+    "iq3_s": LlamaFtype.MOSTLY_IQ3_S,
+    "iq3_m": LlamaFtype.MOSTLY_IQ3_M,
+    "q3_k": LlamaFtype.MOSTLY_Q3_K_M,
+    "iq3_xs": LlamaFtype.MOSTLY_IQ3_XS,
+    "q3_k_s": LlamaFtype.MOSTLY_Q3_K_S,
+    "q3_k_m": LlamaFtype.MOSTLY_Q3_K_M,
+    "q3_k_l": LlamaFtype.MOSTLY_Q3_K_L,
+    "iq4_nl": LlamaFtype.MOSTLY_IQ4_NL,
+    "iq4_xs": LlamaFtype.MOSTLY_IQ4_XS,
+    "q4_k": LlamaFtype.MOSTLY_Q4_K_M,
+    "q4_k_s": LlamaFtype.MOSTLY_Q4_K_S,
+    "q4_k_m": LlamaFtype.MOSTLY_Q4_K_M,
+    "q5_k": LlamaFtype.MOSTLY_Q5_K_M,
+    "q5_k_s": LlamaFtype.MOSTLY_Q5_K_S,
+    "q5_k_m": LlamaFtype.MOSTLY_Q5_K_M,
+    "q6_k": LlamaFtype.MOSTLY_Q6_K,
+    "q8_0": LlamaFtype.MOSTLY_Q8_0,
+    "f16": LlamaFtype.MOSTLY_F16,
+    "bf16": LlamaFtype.MOSTLY_BF16,
+    "f32": LlamaFtype.ALL_F32,
+}
+
+
+class llama_model_params(ctypes.Structure):
+    """``struct llama_model_params`` (llama.h)."""
+
+    _fields_ = [
+        ("devices", c_void_p),  # ggml_backend_dev_t *
+        ("tensor_buft_overrides", c_void_p),  # const struct llama_model_tensor_buft_override *
+        ("n_gpu_layers", c_int32),
+        ("split_mode", _enum),  # enum llama_split_mode
+        ("load_mode", _enum),  # enum llama_load_mode
+        ("lazy_mode", _enum),  # enum llama_lazy_mode
+        ("main_gpu", c_int32),
+        ("tensor_split", POINTER(c_float)),
+        ("progress_callback", llama_progress_callback),
+        ("progress_callback_user_data", c_void_p),
+        ("kv_overrides", c_void_p),  # const struct llama_model_kv_override *
+        ("vocab_only", c_bool),
+        ("check_tensors", c_bool),
+        ("use_extra_bufts", c_bool),
+        ("no_host", c_bool),
+        ("no_alloc", c_bool),
+        ("load_mtp", c_bool),
+    ]
+
+
+class llama_context_params(ctypes.Structure):
+    """``struct llama_context_params`` (llama.h)."""
+
+    _fields_ = [
+        ("n_ctx", c_uint32),
+        ("n_batch", c_uint32),
+        ("n_ubatch", c_uint32),
+        ("n_seq_max", c_uint32),
+        ("n_rs_seq", c_uint32),
+        ("n_outputs_max", c_uint32),
+        ("n_outputs_max_per_seq", c_uint32),
+        ("n_threads", c_int32),
+        ("n_threads_batch", c_int32),
+        ("ctx_type", _enum),  # enum llama_context_type
+        ("rope_scaling_type", _enum),  # enum llama_rope_scaling_type
+        ("pooling_type", _enum),  # enum llama_pooling_type
+        ("attention_type", _enum),  # enum llama_attention_type
+        ("flash_attn_type", _enum),  # enum llama_flash_attn_type
+        ("rope_freq_base", c_float),
+        ("rope_freq_scale", c_float),
+        ("yarn_ext_factor", c_float),
+        ("yarn_attn_factor", c_float),
+        ("yarn_beta_fast", c_float),
+        ("yarn_beta_slow", c_float),
+        ("yarn_orig_ctx", c_uint32),
+        ("defrag_thold", c_float),
+        ("cb_eval", ggml_backend_sched_eval_callback),
+        ("cb_eval_user_data", c_void_p),
+        ("type_k", _enum),  # enum ggml_type
+        ("type_v", _enum),  # enum ggml_type
+        ("abort_callback", ggml_abort_callback),
+        ("abort_callback_data", c_void_p),
+        ("embeddings", c_bool),
+        ("offload_kqv", c_bool),
+        ("no_perf", c_bool),
+        ("op_offload", c_bool),
+        ("swa_full", c_bool),
+        ("kv_unified", c_bool),
+        ("samplers", c_void_p),  # struct llama_sampler_seq_config *
+        ("n_samplers", c_size_t),
+        ("ctx_other", c_void_p),  # struct llama_context *
+    ]
+
+
+class llama_batch(ctypes.Structure):
+    """``struct llama_batch`` (llama.h); every array has ``n_tokens`` entries."""
+
+    _fields_ = [
+        ("n_tokens", c_int32),
+        ("token", POINTER(llama_token)),
+        ("embd", POINTER(c_float)),
+        ("pos", POINTER(llama_pos)),
+        ("n_seq_id", POINTER(c_int32)),
+        ("seq_id", POINTER(POINTER(llama_seq_id))),
+        ("logits", POINTER(c_int8)),  # output flags
+    ]
+
+
+class llama_model_quantize_params(ctypes.Structure):
+    """``struct llama_model_quantize_params`` (llama.h)."""
+
+    _fields_ = [
+        ("nthread", c_int32),
+        ("ftype", _enum),  # enum llama_ftype
+        ("output_tensor_type", _enum),  # enum ggml_type
+        ("token_embedding_type", _enum),  # enum ggml_type
+        ("allow_requantize", c_bool),
+        ("quantize_output_tensor", c_bool),
+        ("only_copy", c_bool),
+        ("pure", c_bool),
+        ("keep_split", c_bool),
+        ("dry_run", c_bool),
+        ("imatrix", c_void_p),  # const struct llama_model_imatrix_data *
+        ("kv_overrides", c_void_p),  # const struct llama_model_kv_override *
+        ("tt_overrides", c_void_p),  # const struct llama_model_tensor_override *
+        ("prune_layers", POINTER(c_int32)),
+        ("max_buf_size", c_size_t),
+    ]
+
+
+# name: (restype, argtypes), as declared in llama.h / ggml-backend.h
+_LLAMA_FUNCS: dict[str, tuple[Any, list[Any]]] = {
+    "llama_backend_init": (None, []),
+    "llama_log_set": (None, [ggml_log_callback, c_void_p]),
+    "llama_model_default_params": (llama_model_params, []),
+    "llama_context_default_params": (llama_context_params, []),
+    "llama_model_quantize_default_params": (llama_model_quantize_params, []),
+    "llama_model_load_from_file": (c_void_p, [c_char_p, llama_model_params]),
+    "llama_model_free": (None, [c_void_p]),
+    "llama_init_from_model": (c_void_p, [c_void_p, llama_context_params]),
+    "llama_free": (None, [c_void_p]),
+    "llama_model_get_vocab": (c_void_p, [c_void_p]),
+    "llama_vocab_n_tokens": (c_int32, [c_void_p]),
+    "llama_n_ctx": (c_uint32, [c_void_p]),
+    "llama_n_batch": (c_uint32, [c_void_p]),
+    "llama_tokenize": (c_int32, [c_void_p, c_char_p, c_int32, POINTER(llama_token), c_int32, c_bool, c_bool]),
+    "llama_batch_init": (llama_batch, [c_int32, c_int32, c_int32]),
+    "llama_batch_free": (None, [llama_batch]),
+    "llama_decode": (c_int32, [c_void_p, llama_batch]),
+    "llama_get_logits_ith": (POINTER(c_float), [c_void_p, c_int32]),
+    "llama_get_memory": (c_void_p, [c_void_p]),
+    "llama_memory_clear": (None, [c_void_p, c_bool]),
+    "llama_adapter_lora_init": (c_void_p, [c_void_p, c_char_p]),
+    "llama_adapter_lora_free": (None, [c_void_p]),
+    "llama_set_adapters_lora": (c_int32, [c_void_p, POINTER(c_void_p), c_size_t, POINTER(c_float)]),
+    "llama_model_quantize": (c_uint32, [c_char_p, c_char_p, POINTER(llama_model_quantize_params)]),
+}
+
+
+class _Runtime:
+    """The loaded libraries (one per process: llama.cpp's backend registry is global)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._log_buf: list[str] = []
+        self._log_cb = ggml_log_callback(self._on_log)  # kept referenced: C holds the pointer
+        mode = getattr(os, "RTLD_NOW", 2) | getattr(os, "RTLD_LOCAL", 0)
+        try:
+            base = ctypes.CDLL(str(folder / REQUIRED_FILES[0]), mode=mode)
+            ggml = ctypes.CDLL(str(folder / REQUIRED_FILES[1]), mode=mode)
+            base.ggml_log_set.argtypes, base.ggml_log_set.restype = [ggml_log_callback, c_void_p], None
+            base.ggml_log_set(self._log_cb, None)  # backend loading logs too
+            ggml.ggml_backend_load_all_from_path.argtypes, ggml.ggml_backend_load_all_from_path.restype = [c_char_p], None
+            ggml.ggml_backend_load_all_from_path(os.fsencode(folder))
+            ggml.ggml_backend_dev_count.argtypes, ggml.ggml_backend_dev_count.restype = [], c_size_t
+            if ggml.ggml_backend_dev_count() == 0:
+                raise LlamaCppError(f"no ggml backend in {folder} loads on this CPU; reinstall with {INSTALL_COMMAND} --force", path=folder)
+            lib = ctypes.CDLL(str(folder / REQUIRED_FILES[2]), mode=mode)
+            for name, (restype, argtypes) in _LLAMA_FUNCS.items():
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = restype, argtypes
+        except (OSError, AttributeError) as e:
+            if isinstance(e, LlamaCppError):
+                raise
+            raise LlamaCppError(f"could not load the llama.cpp runtime from {folder} ({e}); reinstall it with {INSTALL_COMMAND} --force", path=folder) from e
+        self.base, self.ggml, self.lib = base, ggml, lib
+        lib.llama_log_set(self._log_cb, None)
+        lib.llama_backend_init()
+
+    def _on_log(self, level: int, text: bytes | None, user_data: int | None) -> None:
+        """llama.cpp's log lines (sent in pieces, CONT continuing the previous one) to ``logger.debug``."""
+        try:
+            self._log_buf.append((text or b"").decode("utf-8", "replace"))
+            if self._log_buf[-1].endswith("\n"):
+                msg = "".join(self._log_buf).rstrip()
+                self._log_buf.clear()
+                if msg:
+                    logger.debug("llama.cpp: %s", msg)
+        except Exception:  # an exception must never cross into C
+            self._log_buf.clear()
+
+
+_runtime: _Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def runtime_dir() -> Path:
+    """Where the runtime is looked for (see :func:`lorasave.runtimes.llama_cpp.install.default_dir`)."""
+    return default_dir()
+
+
+def available() -> bool:
+    """True when the runtime is installed in :func:`runtime_dir` (nothing is loaded by this call)."""
+    return is_installed(runtime_dir())
+
+
+def require() -> None:
+    """Check that the runtime is installed, without loading it.
+
+    Raises:
+        LlamaCppNotInstalledError: the runtime is not installed; the message names the install command.
+    """
+    if not available():
+        raise LlamaCppNotInstalledError(
+            f"this needs the llama.cpp runtime ({PACKAGE}@{PACKAGE_VERSION}, llama.cpp {LLAMA_CPP_TAG}), not found in {runtime_dir()}; "
+            f"install it with: {INSTALL_COMMAND}",
+            path=runtime_dir(),
+        )
+
+
+def _lib() -> Any:
+    """The loaded ``libllama`` (loaded, and llama_backend_init called, once per process).
+
+    Raises:
+        LlamaCppNotInstalledError: not installed.
+        LlamaCppError: installed but does not load.
+    """
+    global _runtime
+    require()
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = _Runtime(runtime_dir())
+        return _runtime.lib  # one runtime per process, whatever runtime_dir() says later
+
+
+def _existing(path: PathLike, what: str) -> bytes:
+    p = Path(path)
+    if not p.is_file():
+        raise LlamaCppError(f"{what} {p} does not exist or is not a file", path=p)
+    return os.fsencode(p)
+
+
+class LlamaCppModel:
+    """A GGUF model (plus GGUF LoRA adapters) loaded in llama.cpp, on the CPU.
+
+    Use as a context manager (``with LlamaCppModel(path) as m: ...``); everything is freed on
+    exit (or by :meth:`close`). Loading happens in the constructor.
+
+    Args:
+        gguf_path: the model file.
+        loras: ``(adapter.gguf, scale)`` pairs, applied as ``llama_set_adapters_lora`` does
+            (llama.cpp multiplies each by its ``alpha / rank``).
+        n_ctx: the most tokens one :meth:`logits` call takes (context, batch and micro-batch size).
+        precise: an F32 KV cache and no flash attention, so that the logits depend on the GGUF's
+            weights alone (on the tiny test Llama: 5e-7 of max |logit| from transformers). False:
+            llama.cpp's defaults (F16 KV cache, flash attention, which rounds Q through F16 on the
+            CPU: about 1e-3 of max |logit|), as ``llama-cli`` runs it.
+
+    Raises:
+        LlamaCppNotInstalledError: the runtime is not installed.
+        LlamaCppError: a file is missing, or llama.cpp refused the model, an adapter or the context.
+    """
+
+    def __init__(self, gguf_path: PathLike, *, loras: Sequence[tuple[PathLike, float]] = (), n_ctx: int = 512, precise: bool = True) -> None:
+        self._lib = _lib()
+        self.path = Path(gguf_path)
+        self._model: int | None = None
+        self._ctx: int | None = None
+        self._adapters: list[int] = []
+        if n_ctx < 1:
+            raise InvalidOptionError(f"n_ctx must be at least 1, not {n_ctx}")
+        lib = self._lib
+        try:
+            mparams = lib.llama_model_default_params()
+            mparams.n_gpu_layers = 0
+            self._model = lib.llama_model_load_from_file(_existing(gguf_path, "GGUF model"), mparams)
+            if not self._model:
+                raise LlamaCppError(f"llama.cpp could not load {gguf_path} (see the debug log: lorasave --debug)", path=gguf_path)
+            for path, _ in loras:
+                adapter = lib.llama_adapter_lora_init(self._model, _existing(path, "GGUF LoRA adapter"))
+                if not adapter:
+                    raise LlamaCppError(f"llama.cpp could not load the LoRA adapter {path} onto {gguf_path}", path=path)
+                self._adapters.append(adapter)
+            cparams = lib.llama_context_default_params()
+            cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
+            cparams.n_seq_max = 1
+            cparams.n_threads = cparams.n_threads_batch = os.cpu_count() or 1
+            cparams.no_perf = True
+            if precise:
+                cparams.type_k = cparams.type_v = GgmlType.F32
+                cparams.flash_attn_type = LlamaFlashAttnType.DISABLED
+            self._ctx = lib.llama_init_from_model(self._model, cparams)
+            if not self._ctx:
+                raise LlamaCppError(f"llama.cpp could not create a context of {n_ctx} tokens for {gguf_path}", path=gguf_path)
+            if self._adapters:
+                n = len(self._adapters)
+                ptrs = (c_void_p * n)(*self._adapters)
+                scales = (c_float * n)(*[float(s) for _, s in loras])
+                if lib.llama_set_adapters_lora(self._ctx, ptrs, n, scales) != 0:
+                    raise LlamaCppError(f"llama.cpp could not apply the LoRA adapters to {gguf_path}", path=gguf_path)
+            self._vocab = lib.llama_model_get_vocab(self._model)
+            self.n_vocab: int = int(lib.llama_vocab_n_tokens(self._vocab))
+            # llama.cpp may round n_ctx up; one decode takes at most n_batch tokens
+            self.n_ctx: int = min(int(lib.llama_n_ctx(self._ctx)), int(lib.llama_n_batch(self._ctx)))
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> LlamaCppModel:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Free the context, the adapters and the model (in that order); safe to call twice."""
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        if getattr(self, "_ctx", None):
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        for adapter in getattr(self, "_adapters", []):
+            lib.llama_adapter_lora_free(adapter)
+        self._adapters = []
+        if getattr(self, "_model", None):
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def _live(self) -> None:
+        if not self._ctx:
+            raise LlamaCppError(f"the llama.cpp model {self.path} is closed", path=self.path)
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        """Token ids of ``text`` with the GGUF's own tokenizer (``llama_tokenize``).
+
+        Args:
+            add_special: add BOS/EOS as the GGUF's ``tokenizer.ggml.add_*_token`` say.
+            parse_special: turn special-token text (``<|endoftext|>``) into its id.
+
+        Raises:
+            LlamaCppError: llama.cpp failed to tokenize.
+        """
+        self._live()
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        for _ in range(2):
+            buf = (llama_token * cap)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
+            if n >= 0:
+                return list(buf[:n])
+            if n == -(2**31):  # INT32_MIN: overflow in llama.cpp
+                break
+            cap = -n
+        raise LlamaCppError(f"llama.cpp could not tokenize a text of {len(data)} bytes", path=self.path)
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits of every position, from one ``llama_decode`` of ``token_ids`` on an empty memory.
+
+        Returns:
+            float32 array of shape ``(len(token_ids), n_vocab)``; row ``i`` predicts token ``i + 1``.
+
+        Raises:
+            InvalidOptionError: no tokens, more than ``n_ctx``, or an id outside ``[0, n_vocab)``.
+            LlamaCppError: ``llama_decode`` failed.
+        """
+        self._live()
+        ids = [int(t) for t in token_ids]
+        n = len(ids)
+        if n == 0 or n > self.n_ctx:
+            raise InvalidOptionError(f"logits() takes 1 to {self.n_ctx} tokens (n_ctx), not {n}; pass a larger n_ctx")
+        bad = [t for t in ids if not 0 <= t < self.n_vocab]
+        if bad:
+            raise InvalidOptionError(f"token id {bad[0]} is outside the vocabulary of {self.path} ({self.n_vocab} tokens)")
+        lib = self._lib
+        lib.llama_memory_clear(lib.llama_get_memory(self._ctx), True)
+        batch = lib.llama_batch_init(n, 0, 1)
+        try:
+            for i, tok in enumerate(ids):
+                batch.token[i] = tok
+                batch.pos[i] = i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = 1
+            batch.n_tokens = n
+            rc = lib.llama_decode(self._ctx, batch)
+            if rc != 0:
+                raise LlamaCppError(f"llama_decode failed with code {rc} on {n} tokens of {self.path}", path=self.path)
+            out = np.empty((n, self.n_vocab), dtype=np.float32)
+            for i in range(n):
+                row = lib.llama_get_logits_ith(self._ctx, i)
+                if not row:
+                    raise LlamaCppError(f"llama.cpp returned no logits for position {i} of {self.path}", path=self.path)
+                out[i] = np.ctypeslib.as_array(row, shape=(self.n_vocab,))
+            return out
+        finally:
+            lib.llama_batch_free(batch)
+
+
+def quantize(src_gguf: PathLike, dst_gguf: PathLike, type: str, *, nthread: int = 0) -> None:
+    """Quantize a GGUF with llama.cpp's ``llama_model_quantize`` (what ``llama-quantize`` runs).
+
+    The per-tensor choices (which tensors stay F32, the fallbacks for rows not divisible by the
+    block size, the tensors promoted in mixes such as q4_k_m) are llama.cpp's
+    (``src/llama-quant.cpp``). The output is written beside ``dst_gguf`` and renamed into place.
+
+    Args:
+        src_gguf: an F32/F16/BF16 GGUF.
+        dst_gguf: the file to write (replaced if it exists).
+        type: a llama-quantize type name: ``"q4_k_m"``, ``"q6_k"``, ``"q4_0"``, ``"q8_0"``, ... (see ``QUANT_TYPES``).
+        nthread: threads; 0 = all cores.
+
+    Raises:
+        InvalidOptionError: unknown ``type``.
+        LlamaCppNotInstalledError: the runtime is not installed.
+        LlamaCppError: ``src_gguf`` is missing, or llama.cpp failed (its message is in the debug log).
+    """
+    ftype = QUANT_TYPES.get(type.lower())
+    if ftype is None:
+        raise InvalidOptionError(f"unknown quantization type {type!r}; choose one of {', '.join(QUANT_TYPES)}")
+    lib = _lib()
+    src = _existing(src_gguf, "GGUF model")
+    dst = Path(dst_gguf)
+    params = lib.llama_model_quantize_default_params()
+    params.nthread = nthread
+    params.ftype = ftype
+    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".lorasave-tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        rc = lib.llama_model_quantize(src, os.fsencode(tmp), ctypes.byref(params))
+        if rc != 0:
+            raise LlamaCppError(f"llama.cpp could not quantize {src_gguf} to {type} (code {rc}; see the debug log: lorasave --debug)", path=src_gguf)
+        apply_umask(Path(tmp))  # mkstemp made it 0600; an output file follows the umask
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,73 @@
+"""The pass: one read and one merge feeding several writers, each output byte-identical to its own run.
+
+Several outputs of one job in one pass receive tensors in plan order rather than each file's
+order, so the safetensors writer writes each tensor at its offset and hashes the file at the end;
+the bytes must still be those ``lorasave merge`` writes alone (which transformers' own
+``save_pretrained`` layout tests pin down).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+import lorasave
+from lorasave.errors import NonFiniteResultError
+from lorasave.formats.safetensors.output import SafetensorsOutput
+from lorasave.pipeline.execute import PassJob, execute_pass, pass_order
+from lorasave.plan.merge_plan import build_plan
+from lorasave.sources.adapter import load_adapters
+from lorasave.sources.architecture import inspect_architecture
+from lorasave.sources.checkpoint import open_checkpoint
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+BASE, LORA = EXAMPLES / "tiny-llama", EXAMPLES / "tiny-llama-lora"
+
+
+def _sha(p: Path) -> str:
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _plan(dtype: torch.dtype, shard: int, weights: list[float] | None = None):  # type: ignore[no-untyped-def]
+    ckpt = open_checkpoint(BASE)
+    ads = load_adapters([LORA])
+    return build_plan(ckpt, ads, inspect_architecture(ckpt.config), out_dtype=dtype, max_shard_size=shard, weights=weights), ads
+
+
+@pytest.mark.parametrize("shard", [10**9, 200_000])
+def test_two_outputs_one_pass_equal_their_single_runs(tmp_path: Path, shard: int) -> None:
+    plans = {dt: _plan(dt, shard) for dt in (torch.bfloat16, torch.float32)}
+    ads = plans[torch.bfloat16][1]
+    outs = {dt: SafetensorsOutput(plan) for dt, (plan, _) in plans.items()}
+    folders = {dt: tmp_path / f"pass-{dt}".replace("torch.", "") for dt in outs}
+    for f in folders.values():
+        f.mkdir()
+    job = PassJob(plans[torch.bfloat16][0], ads, [(outs[dt], folders[dt]) for dt in outs])
+    order = pass_order([job])  # two writers: plan order (what a GGUF writer needs), not one file's order
+    assert order == list(plans[torch.bfloat16][0].tensors)
+    execute_pass([job], order=order[::-1])  # reversed: every tensor lands out of file order
+    assert not outs[torch.bfloat16]._in_order
+    assert job.failures == {}
+    for dt, out in outs.items():
+        single = lorasave.merge(BASE, LORA, tmp_path / f"single-{dt}".replace("torch.", ""), dtype=dt, max_shard_size=shard)
+        shards = sorted(n for n in single.files if n.endswith(".safetensors"))
+        assert sorted(out.files) == shards
+        for name in shards:
+            assert _sha(folders[dt] / name) == _sha(single.output / name) == out.files[name]
+
+
+def test_a_failing_writer_does_not_stop_the_others(tmp_path: Path) -> None:
+    """A delta weighted 1e9 overflows float16 but not bfloat16: the float16 output fails alone."""
+    (plan16, ads), (plan_bf, _) = _plan(torch.float16, 10**9, [1e9]), _plan(torch.bfloat16, 10**9, [1e9])
+    a, b = SafetensorsOutput(plan16), SafetensorsOutput(plan_bf)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    job = PassJob(plan_bf, ads, [(a, tmp_path / "a"), (b, tmp_path / "b")])
+    execute_pass([job])
+    assert list(job.failures) == [0] and isinstance(job.failures[0], NonFiniteResultError)
+    assert sorted(b.files) == ["model.safetensors"] and _sha(tmp_path / "b" / "model.safetensors") == b.files["model.safetensors"]
+    single = lorasave.merge(BASE, LORA, tmp_path / "single", dtype="bfloat16", weights=[1e9])
+    assert _sha(single.output / "model.safetensors") == b.files["model.safetensors"]
