@@ -33,10 +33,26 @@ def _missing(adapter: Adapter, module: str, name: str, arch: ArchitectureInfo) -
     )
 
 
-def _lora_ops(i: int, p: ModuleParts, ad: Adapter, arch: ArchitectureInfo, shapes: Shapes, weight: float, notes: list[str]) -> dict[str, list[Operation]]:
+def _weight_name(p: ModuleParts, ad: Adapter, arch: ArchitectureInfo, shapes: Shapes) -> str:
+    """``<module>.weight``, the base tensor an adapter module changes.
+
+    Raises:
+        AdapterMismatchError: the base has no such tensor (``_missing``).
+    """
     name = f"{p.module}.weight"
     if name not in shapes:
         raise _missing(ad, p.module, name, arch)
+    return name
+
+
+def _require_unit_weight(ad: Adapter, weight: float, why: str) -> None:
+    """Refuse a combination weight other than 1 for a tuner that does not add a delta (``why`` says what it does)."""
+    if weight != 1.0:
+        raise UnsupportedAdapterError(f"{ad.root}: {why}; a combination weight other than 1 has no meaning", path=ad.root)
+
+
+def _lora_ops(i: int, p: ModuleParts, ad: Adapter, arch: ArchitectureInfo, shapes: Shapes, weight: float, notes: list[str]) -> dict[str, list[Operation]]:
+    name = _weight_name(p, ad, arch, shapes)
     w_shape = shapes[name]
     a_shape, b_shape = ad.shape(p.lora_A), ad.shape(p.lora_B)
     kind = arch.kind_of(p.module)
@@ -79,9 +95,7 @@ def _lora_ops(i: int, p: ModuleParts, ad: Adapter, arch: ArchitectureInfo, shape
 
 
 def _lycoris_ops(i: int, p: ModuleParts, ad: Adapter, arch: ArchitectureInfo, shapes: Shapes, weight: float) -> dict[str, list[Operation]]:
-    name = f"{p.module}.weight"
-    if name not in shapes:
-        raise _missing(ad, p.module, name, arch)
+    name = _weight_name(p, ad, arch, shapes)
     if any(r in p.keys for r in ("hada_t1", "hada_t2", "lokr_t2")):
         raise UnsupportedAdapterError(f"{ad.root}: {p.module} uses the Tucker (CP) decomposition of LoHa/LoKr conv layers, not merged yet", path=ad.root)
     kind = Lycoris.LOHA if ad.tuner is TunerType.LOHA else Lycoris.LOKR
@@ -91,11 +105,8 @@ def _lycoris_ops(i: int, p: ModuleParts, ad: Adapter, arch: ArchitectureInfo, sh
 
 
 def _ia3_ops(i: int, p: ModuleParts, ad: Adapter, arch: ArchitectureInfo, shapes: Shapes, weight: float) -> dict[str, list[Operation]]:
-    name = f"{p.module}.weight"
-    if name not in shapes:
-        raise _missing(ad, p.module, name, arch)
-    if weight != 1.0:
-        raise UnsupportedAdapterError(f"{ad.root}: IA3 scales weights multiplicatively; a combination weight other than 1 has no meaning", path=ad.root)
+    name = _weight_name(p, ad, arch, shapes)
+    _require_unit_weight(ad, weight, "IA3 scales weights multiplicatively")
     if arch.kind_of(p.module) is ModuleKind.CONV1D_GPT2:
         raise UnsupportedAdapterError(f"{ad.root}: IA3 on GPT-2 Conv1D layers is not merged yet", path=ad.root)
     key = p.keys["ia3_l"]
@@ -113,11 +124,8 @@ def _ia3_ops(i: int, p: ModuleParts, ad: Adapter, arch: ArchitectureInfo, shapes
 
 
 def _token_ops(i: int, p: ModuleParts, ad: Adapter, arch: ArchitectureInfo, shapes: Shapes, weight: float) -> dict[str, list[Operation]]:
-    name = f"{p.module}.weight"
-    if name not in shapes:
-        raise _missing(ad, p.module, name, arch)
-    if weight != 1.0:
-        raise UnsupportedAdapterError(f"{ad.root}: trainable tokens replace rows; a combination weight other than 1 has no meaning", path=ad.root)
+    name = _weight_name(p, ad, arch, shapes)
+    _require_unit_weight(ad, weight, "trainable tokens replace rows")
     key = p.keys[TOKENS_ROLE]
     indices = tuple(ad.token_indices(p.module))
     rows = shapes[name][0]
