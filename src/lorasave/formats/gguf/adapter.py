@@ -304,7 +304,8 @@ def pair_tensors(pair: LoraPair, adapter: Adapter, reader: TensorReader) -> tupl
 
 def _write_card(folder: Path, title: str, filename: str, type: str, counts: dict[str, int], notes: list[str], ckpt: Checkpoint, ad: Adapter) -> None:
     """``README.md`` for the adapter file (``cards.write_gguf_card`` with ``lora_adapter=True``)."""
-    from lorasave.pipeline.cards import hub_id, write_gguf_card
+    from lorasave.formats.card_sources import card_sources
+    from lorasave.pipeline.cards import write_gguf_card
 
     keys = ("peft_type", "r", "lora_alpha", "target_modules", "base_model_name_or_path")
     write_gguf_card(
@@ -313,10 +314,7 @@ def _write_card(folder: Path, title: str, filename: str, type: str, counts: dict
         gguf_file=filename,
         type=type,
         tensor_types=counts,
-        base_model=ckpt.hub_id or hub_id(ad.config.get("base_model_name_or_path")),
-        architectures=ckpt.config.get("architectures"),
-        adapters=[{"path": str(ad.root.resolve()), **{k: ad.config.get(k) for k in keys}}],
-        base_dir=ckpt.root,
+        **card_sources(ckpt, [{"path": str(ad.root.resolve()), **{k: ad.config.get(k) for k in keys}}]),
         modelfile=False,
         notes=notes,
         lora_adapter=True,

@@ -36,8 +36,9 @@ from typing import Any
 
 import torch
 
-from lorasave.errors import InvalidOptionError, LorasaveError, UnsupportedModelError
-from lorasave.formats.onnx.run import ONNX_NAME, OnnxDecoder, import_onnx, onnx_bytes_bound, onnx_generate, verify_onnx
+from lorasave.errors import InvalidOptionError, UnsupportedModelError
+from lorasave.formats.card_sources import card_sources
+from lorasave.formats.onnx.run import ONNX_NAME, OnnxDecoder, OnnxVerificationError, import_onnx, onnx_bytes_bound, onnx_generate, verify_onnx
 from lorasave.pipeline.manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
 from lorasave.pipeline.output import StagedOutput, align_generation_eos, carry_files, carry_plan, check_free_space, check_output_path, write_config
 from lorasave.sources import stamp as source_stamp
@@ -65,18 +66,6 @@ EXTERNAL_DATA_BYTES = 2 * 10**9
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16", "half": "float16"}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
-
-
-class OnnxVerificationError(LorasaveError, ArithmeticError):
-    """onnxruntime's logits differ from transformers' beyond the tolerance; nothing was written.
-
-    Attributes:
-        verification: the numbers (``verify_onnx``'s dict).
-    """
-
-    def __init__(self, message: str, *, verification: dict[str, Any]) -> None:
-        super().__init__(message)
-        self.verification = verification
 
 
 @dataclass
@@ -398,10 +387,8 @@ def _write_card(
     verification: dict[str, Any] | None,
 ) -> None:
     """The output's ``README.md`` (``lorasave.pipeline.cards.write_card``), with an onnxruntime snippet."""
-    from lorasave.pipeline.cards import hub_id, write_card
+    from lorasave.pipeline.cards import write_card
 
-    adapters = described.get("adapters") or []
-    base_id = ckpt.hub_id or next((hub_id(a.get("base_model_name_or_path")) for a in adapters if hub_id(a.get("base_model_name_or_path"))), None)
     snippet = (
         "from lorasave.formats.onnx.export import onnx_generate  # greedy, onnxruntime only\n\n"
         f'print(onnx_generate("{title}", "Once upon a time", max_new_tokens=20))\n\n'
@@ -418,16 +405,13 @@ def _write_card(
     write_card(
         folder,
         kind="onnx",
-        base_model=base_id,
-        architectures=ckpt.config.get("architectures"),
-        adapters=adapters,
+        **card_sources(ckpt, described.get("adapters") or []),
         settings={
             "format": f"ONNX (opset {opset}), decoder with KV cache in optimum's layout",
             "dtype": dtype,
             "quantization": "int8 dynamic (onnxruntime)" if quant else None,
             "cache": f"{geometry.n_layers} layers x (batch, {geometry.num_kv_heads} KV heads, seq, {geometry.head_dim})",
         },
-        base_dir=ckpt.root,
         load_snippet=snippet,
         verification=checked,
         title=title,

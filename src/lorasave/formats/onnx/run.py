@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from lorasave.errors import InvalidOptionError, SourceNotFoundError, UnsupportedModelError
+from lorasave.errors import InvalidOptionError, LorasaveError, SourceNotFoundError, UnsupportedModelError
 from lorasave.util.jsonio import read_json
 
 PathLike = str | os.PathLike[str]
@@ -164,6 +164,18 @@ def onnx_generate(onnx_dir: PathLike, prompt: str, max_new_tokens: int = 20, *, 
         ids = np.asarray([[token]], dtype=np.int64)
         mask = np.concatenate([mask, np.ones((1, 1), dtype=np.int64)], axis=1)
     return tokenizer.decode(new, skip_special_tokens=True)
+
+
+class OnnxVerificationError(LorasaveError, ArithmeticError):
+    """onnxruntime's logits differ from transformers' beyond the tolerance; nothing was written.
+
+    Attributes:
+        verification: the numbers (``verify_onnx``'s dict).
+    """
+
+    def __init__(self, message: str, *, verification: dict[str, Any]) -> None:
+        super().__init__(message)
+        self.verification = verification
 
 
 def verify_onnx(onnx_path: PathLike, model: Any, *, tolerance: float | None, seed: int = 0) -> dict[str, Any]:
