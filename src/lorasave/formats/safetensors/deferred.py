@@ -13,16 +13,15 @@ import hashlib
 import os
 import time
 from pathlib import Path
-from typing import BinaryIO
 
 from lorasave.formats.safetensors.header import layout, pread_exact, serialize_header
-from lorasave.formats.safetensors.writer import WriterProtocolError, WriterState
+from lorasave.formats.safetensors.writer import ShardFile, WriterProtocolError, WriterState
 from lorasave.util.dtypes import StDtype, nbytes
 
 _COPY = 16 << 20
 
 
-class DeferredShardWriter:
+class DeferredShardWriter(ShardFile):
     """Collects tensors in any order, writes ``path`` as ``safetensors.torch.save_file`` would at ``end``.
 
     Each tensor is first ``declare``d (dtype, shape), then its bytes arrive through one or more
@@ -34,14 +33,9 @@ class DeferredShardWriter:
     """
 
     def __init__(self, path: Path, metadata: dict[str, str] | None) -> None:
-        self.path = path
+        super().__init__(path)
         self.metadata = metadata
-        self.state = WriterState.NEW
-        self.sha256: str | None = None
-        self.hash_seconds = 0.0
-        self.write_seconds = 0.0
         self._scratch = path.with_name(path.name + ".scratch")
-        self._f: BinaryIO | None = None
         self._specs: dict[str, tuple[StDtype, tuple[int, ...]]] = {}
         self._spans: dict[str, list[int]] = {}  # name -> [begin, end) in the scratch file
         self._pos = 0
@@ -85,7 +79,7 @@ class DeferredShardWriter:
                 raise WriterProtocolError(f"{self.path.name}: {name!r} got {e - b} of {nbytes(dt, shape)} bytes")
         lay = layout((n, dt, shape) for n, (dt, shape) in self._specs.items())
         header = serialize_header(lay, self.metadata)
-        h = hashlib.sha256(header)
+        self._h = hashlib.sha256(header)
         buf = bytearray(_COPY)
         view = memoryview(buf)
         fd = os.open(self._scratch, os.O_RDONLY)
@@ -97,22 +91,11 @@ class DeferredShardWriter:
                     while b < e:
                         n = min(_COPY, e - b)
                         pread_exact(fd, n, b, view, self._scratch)
-                        t0 = time.perf_counter()
-                        h.update(view[:n])
-                        t1 = time.perf_counter()
-                        out.write(view[:n])
-                        self.write_seconds += time.perf_counter() - t1
-                        self.hash_seconds += t1 - t0
+                        self._hash_write(out, view[:n])
                         b += n
         finally:
             os.close(fd)
         os.unlink(self._scratch)
         self.state = WriterState.CLOSED
-        self.sha256 = h.hexdigest()
+        self.sha256 = self._h.hexdigest()
         return self.sha256
-
-    def abort(self) -> None:
-        """Close files after a failure (the staging folder is removed by the caller)."""
-        if self._f is not None and not self._f.closed:
-            self._f.close()
-        self.state = WriterState.FAILED

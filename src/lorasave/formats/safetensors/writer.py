@@ -34,7 +34,42 @@ class WriterProtocolError(LorasaveError, RuntimeError):
     """A writer was driven out of order (a bug in lorasave, not in the input)."""
 
 
-class SafetensorsShardWriter:
+class ShardFile:
+    """What both shard writers keep: the file, the protocol state, the running digest and the time spent.
+
+    Attributes:
+        path: the final file.
+        state: the writer's ``WriterState``.
+        sha256: hex digest of the final file, set by ``end``.
+        hash_seconds, write_seconds: time spent hashing and writing.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.state = WriterState.NEW
+        self.sha256: str | None = None
+        self.hash_seconds = 0.0
+        self.write_seconds = 0.0
+        self._f: BinaryIO | None = None
+        self._h = hashlib.sha256()
+
+    def _hash_write(self, out: BinaryIO, data: memoryview) -> None:
+        """Add ``data`` to the digest, then write it to ``out``, timing each."""
+        t0 = time.perf_counter()
+        self._h.update(data)
+        t1 = time.perf_counter()
+        out.write(data)
+        self.write_seconds += time.perf_counter() - t1
+        self.hash_seconds += t1 - t0
+
+    def abort(self) -> None:
+        """Close the file after a failure (the staging folder is removed by the caller)."""
+        if self._f is not None and not self._f.closed:
+            self._f.close()
+        self.state = WriterState.FAILED
+
+
+class SafetensorsShardWriter(ShardFile):
     """Writes one safetensors file from a precomputed header and ordered tensor bytes.
 
     Args:
@@ -51,18 +86,12 @@ class SafetensorsShardWriter:
     """
 
     def __init__(self, path: Path, header: bytes, layouts: list[TensorLayout], *, any_order: bool = False) -> None:
-        self.path = path
+        super().__init__(path)
         self.any_order = any_order
         self._filled: dict[str, int] = {}  # any_order: bytes written per tensor
         self.header = header
         self.layouts = layouts
-        self.state = WriterState.NEW
-        self.sha256: str | None = None
         self.bytes_written = 0
-        self.hash_seconds = 0.0
-        self.write_seconds = 0.0
-        self._f: BinaryIO | None = None
-        self._h = hashlib.sha256()
         self._i = 0  # index of the tensor being written
         self._pos = 0  # bytes of the data buffer written
         self._by_name: dict[str, TensorLayout] = {}
@@ -83,12 +112,7 @@ class SafetensorsShardWriter:
 
     def _emit(self, data: memoryview) -> None:
         assert self._f is not None
-        t0 = time.perf_counter()
-        self._h.update(data)
-        t1 = time.perf_counter()
-        self._f.write(data)
-        self.write_seconds += time.perf_counter() - t1
-        self.hash_seconds += t1 - t0
+        self._hash_write(self._f, data)
         self.bytes_written += len(data)
 
     def write(self, name: str, data: memoryview) -> None:
@@ -160,9 +184,3 @@ class SafetensorsShardWriter:
         self.state = WriterState.CLOSED
         self.sha256 = self._h.hexdigest()
         return self.sha256
-
-    def abort(self) -> None:
-        """Close the file after a failure (the staging folder is removed by the caller)."""
-        if self._f is not None and not self._f.closed:
-            self._f.close()
-        self.state = WriterState.FAILED
