@@ -76,6 +76,20 @@ class FamilySpec:
 
 _LAST = "{{- $last := eq (len (slice $.Messages $i)) 1 }}"
 
+
+def _turns_template(header: str, close: str, *, trim: bool = False) -> str:
+    """The Go template of a family whose every message is ``header`` (``{role}`` in it), the content and ``close``.
+
+    After the last message, unless it is the assistant's, the assistant's header opens the reply
+    (the generation prompt). ``trim`` writes that prompt's action as ``{{-``, dropping the newline
+    after ``close`` (Llama 3 renders none).
+    """
+    turn = header.format(role="{{ .Role }}") + "{{ .Content }}" + close
+    prompt = ("{{-" if trim else "{{") + ' if and $last (ne .Role "assistant") }}' + header.format(role="assistant")
+    lines = ["{{- range $i, $_ := .Messages }}", "{{- $last := eq (len (slice $.Messages $i)) 1 -}}", turn, prompt + "{{ end }}", "{{- end }}"]
+    return "\n".join(lines)
+
+
 #: Family -> markers, end-of-turn tokens and Go template. Checked in this order.
 FAMILIES: dict[ChatFamily, FamilySpec] = {
     # Qwen2 / Qwen2.5 / Qwen3 / SmolLM2: <|im_start|>role\ncontent<|im_end|>\n
@@ -86,15 +100,7 @@ FAMILIES: dict[ChatFamily, FamilySpec] = {
             r"<\|im_start\|>assistant\n$",
         ),
         end_of_turn=("<|im_end|>",),
-        template=(
-            "{{- range $i, $_ := .Messages }}\n"
-            "{{- $last := eq (len (slice $.Messages $i)) 1 -}}\n"
-            "<|im_start|>{{ .Role }}\n"
-            "{{ .Content }}<|im_end|>\n"
-            '{{ if and $last (ne .Role "assistant") }}<|im_start|>assistant\n'
-            "{{ end }}\n"
-            "{{- end }}"
-        ),
+        template=_turns_template("<|im_start|>{role}\n", "<|im_end|>"),
         system_re=r"^<\|im_start\|>system\n(.*?)<\|im_end\|>\n",
     ),
     # Llama 3 / 3.1 / 3.2: <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>
@@ -105,15 +111,7 @@ FAMILIES: dict[ChatFamily, FamilySpec] = {
             r"<\|start_header_id\|>assistant<\|end_header_id\|>\n\n$",
         ),
         end_of_turn=("<|eot_id|>", "<|eom_id|>"),
-        template=(
-            "{{- range $i, $_ := .Messages }}\n"
-            "{{- $last := eq (len (slice $.Messages $i)) 1 -}}\n"
-            "<|start_header_id|>{{ .Role }}<|end_header_id|>\n\n"
-            "{{ .Content }}<|eot_id|>\n"
-            '{{- if and $last (ne .Role "assistant") }}<|start_header_id|>assistant<|end_header_id|>\n\n'
-            "{{ end }}\n"
-            "{{- end }}"
-        ),
+        template=_turns_template("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", trim=True),
         system_re=r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>",
     ),
     # Gemma / Gemma 2 / Gemma 3: <start_of_turn>user|model\ncontent<end_of_turn>\n, system folded
@@ -149,15 +147,7 @@ FAMILIES: dict[ChatFamily, FamilySpec] = {
             r"<\|assistant\|>\n$",
         ),
         end_of_turn=("<|end|>",),
-        template=(
-            "{{- range $i, $_ := .Messages }}\n"
-            "{{- $last := eq (len (slice $.Messages $i)) 1 -}}\n"
-            "<|{{ .Role }}|>\n"
-            "{{ .Content }}<|end|>\n"
-            '{{ if and $last (ne .Role "assistant") }}<|assistant|>\n'
-            "{{ end }}\n"
-            "{{- end }}"
-        ),
+        template=_turns_template("<|{role}|>\n", "<|end|>"),
         system_re=r"^<\|system\|>\n(.*?)<\|end\|>\n",
     ),
     # Mistral instruct: [INST] (system\n\n)user [/INST]assistant</s>, system on the last user turn
