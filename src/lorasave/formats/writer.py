@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 from lorasave.merging.stream import Block, Timings
 
@@ -54,6 +54,10 @@ class OutputWriter(ABC):
         """The order that lets this writer stream without extra work, when it is the only writer."""
         return self.order()
 
+    def set_order(self, names: list[str]) -> None:
+        """Told by the pass, before ``begin``, the order tensors will come in (default: ignored)."""
+        return None
+
     @property
     @abstractmethod
     def needed_bytes(self) -> int:
@@ -78,7 +82,3 @@ class OutputWriter(ABC):
     @abstractmethod
     def abort(self) -> None:
         """Stop after a failure; files are left for the staging folder's removal."""
-
-    def facts(self) -> dict[str, Any]:
-        """What the manifest's ``result`` and the card record about this writer's files."""
-        return {}

@@ -339,20 +339,6 @@ def output_bytes(t: OutputTensor, block: Block, timings: Timings) -> memoryview:
     return _as_bytes(res)
 
 
-def stream_tensor(t: OutputTensor, ctx: ExecContext) -> Iterator[memoryview]:
-    """Yield the bytes of output tensor ``t`` in row blocks, in the output dtype.
-
-    Args:
-        t: the planned output tensor (shape ``(rows, ...)``, dtype ``t.dtype``).
-        ctx: reader, adapters, timings and converter.
-
-    Raises:
-        NonFiniteResultError: a merged value is NaN or Inf (after rounding to the output dtype).
-    """
-    for block in tensor_blocks(t, ctx):
-        yield output_bytes(t, block, ctx.timings)
-
-
 def quantized_tensors(t: OutputTensor, ctx: ExecContext) -> dict[str, torch.Tensor]:
     """The tensors a 4-bit output writes for ``t``: its merged float32 value quantized once.
 

@@ -89,8 +89,7 @@ def execute_pass(jobs: Sequence[PassJob], order: list[str] | None = None) -> Non
     order = pass_order(jobs) if order is None else order
     for job in jobs:
         for w, _ in job.writers:
-            if isinstance(w, SafetensorsOutput):
-                w.set_order(order)
+            w.set_order(order)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -1,6 +1,6 @@
 """The tensor-data half of a streamed GGUF: merge and encode on the main thread, write and hash behind.
 
-The main thread merges each tensor in row blocks (``merge_math.stream_tensor``, float32) and
+The main thread merges each tensor in row blocks (``merging.stream.tensor_blocks``, float32) and
 encodes every block while it is still in the cache (``gguf_encode``, byte for byte
 ``gguf.quants``) into the tensor's data buffer; a writer thread appends finished tensors to the
 file with ``GGUFWriter.write_tensor_data`` (in plan order: header, KV data and tensor infos are
@@ -22,9 +22,8 @@ import gguf
 import numpy as np
 import torch
 
-from lorasave.errors import UnsupportedModelError
 from lorasave.formats.gguf.encode import encode_into
-from lorasave.merging.stream import Block, ExecContext, Timings, check_finite, tensor_blocks
+from lorasave.merging.stream import Block, Timings, check_finite
 from lorasave.plan.merge_plan import OutputTensor
 
 
@@ -105,31 +104,6 @@ class EncodedTensor:
         if self._pos != self.nbytes:
             raise AssertionError(f"{self.t.name}: encoded {self._pos} bytes, expected {self.nbytes}")
         return self.out.reshape(self.n_rows, -1)
-
-
-def encoded_tensor(
-    t: OutputTensor,
-    qtype: gguf.GGMLQuantizationType,
-    nbytes: int,
-    ctx: ExecContext,
-    shift: float = 0.0,
-    rows: int | None = None,
-) -> torch.Tensor:
-    """The GGUF data of one planned tensor, merged and encoded on its own (:class:`EncodedTensor`).
-
-    Returns:
-        uint8 ``(rows, nbytes // rows)``.
-
-    Raises:
-        UnsupportedModelError: the tensor is not floating point.
-        NonFiniteResultError: a merged value is NaN or Inf.
-    """
-    if t.dtype.torch_dtype is not torch.float32:
-        raise UnsupportedModelError(f"tensor {t.name} has dtype {t.dtype.name}; GGUF export handles floating tensors only")
-    enc = EncodedTensor(t, qtype, nbytes, shift, rows)
-    for block in tensor_blocks(t, ctx):
-        enc.add(block, ctx.timings)
-    return enc.result()
 
 
 class HashingWriteBehind:

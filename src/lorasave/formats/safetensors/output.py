@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import torch
 from lorasave.formats.safetensors.deferred import DeferredShardWriter
 from lorasave.formats.safetensors.writer import SafetensorsShardWriter
 from lorasave.formats.writer import OutputWriter, TensorSink
-from lorasave.merging.stream import Block, output_bytes
+from lorasave.merging.stream import Block, check_finite, output_bytes
 from lorasave.plan.merge_plan import SHARD_METADATA, MergePlan, OutputTensor, Shard
 from lorasave.util.dtypes import st_dtype
 
@@ -113,16 +114,12 @@ class _QuantizedSink:
 
     def add(self, block: Block) -> None:
         if block.merged:
-            from lorasave.merging.stream import check_finite
-
             check_finite(self._t, block.values, block.start, block.stop)
         self._full[block.start : block.stop] = block.values
 
     def close(self) -> None:
         t = self._t
         assert t.quantize is not None and t.dtype.torch_dtype is not None
-        import time
-
         t0 = time.perf_counter()
         tensors = t.quantize.serialized(t.name, self._full, t.dtype.torch_dtype)
         self._out.timings.merge += time.perf_counter() - t0
@@ -166,7 +163,7 @@ class SafetensorsOutput(OutputWriter):
         return order
 
     def set_order(self, names: list[str]) -> None:
-        """Told by the pass the order tensors will come in (before ``begin``)."""
+        """In file order, shards stream header first; in any other order, tensors are written at their offsets."""
         self._in_order = [n for n in names if n in self._owner] == self.preferred_order()
 
     def begin(self, folder: Path) -> None:
