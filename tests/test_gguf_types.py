@@ -27,9 +27,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 import _models as M
 from lorasave.cli.main import GGUF_TYPE_CHOICES, main
 from lorasave.errors import LlamaCppNotInstalledError
-from lorasave.formats.gguf import export as gguf_export
 from lorasave.formats.gguf.export import GgufResult, export_gguf
 from lorasave.formats.gguf.quant import K_SUBSTITUTE, GgufType
+from lorasave.pipeline import run as pipeline_run
 from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -175,13 +175,13 @@ def test_q4_k_m_through_llama_cpp(tiny: dict[str, Any], monkeypatch: pytest.Monk
     """q4_k_m: llama.cpp's mix (Q4_K and Q6_K), the same types as llama-quantize of the f32 merge,
     the intermediate gone, the free-space check covering it, the manifest and card right."""
     needed: list[int] = []
-    real = gguf_export.check_free_space
+    real = pipeline_run.check_free_space
 
-    def spy(path: Path, nbytes: int) -> None:
+    def spy(path: Path, nbytes: int, **kw: Any) -> None:
         needed.append(nbytes)
-        real(path, nbytes)
+        real(path, nbytes, **kw)
 
-    monkeypatch.setattr(gguf_export, "check_free_space", spy)
+    monkeypatch.setattr(pipeline_run, "check_free_space", spy)  # every output's check is the pipeline's
     res = _ours(tiny, "q4_k_m")
     assert res.llama_cpp_quantized and {"Q4_K", "Q6_K"} <= set(res.tensor_types)
     ours = _tensors(res.gguf_file)
@@ -242,3 +242,43 @@ def test_no_modelfile_flag(tiny: dict[str, Any], tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in out.iterdir()) == ["README.md", "lorasave.json", "out-q4_0.gguf"]
     assert "ollama create" not in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("tiny", ["llama"], indirect=True)
+@pytest.mark.parametrize("types", [["q8_0", "q4_k_m", "f16"], ["q4_k_m", "q4_0"]], ids=["q8_0,q4_k_m,f16", "q4_k_m,q4_0"])
+def test_many_types_from_one_read(tiny: dict[str, Any], types: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--type a,b,c: one pass over the base, one 16-bit GGUF for every k-quant (the requested f16 file, or an
+    intermediate removed after), each file byte-identical to its single-type run, and the output verifies."""
+    passes: list[int] = []
+    real = pipeline_run.execute_pass
+
+    def counting(jobs: Any, *a: Any, **kw: Any) -> None:
+        passes.append(sum(len(j.writers) for j in jobs))
+        real(jobs, *a, **kw)
+
+    monkeypatch.setattr(pipeline_run, "execute_pass", counting)
+    out = tmp_path / "multi" / "m"
+    out.parent.mkdir()
+    r = CliRunner().invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(out), "--type", ",".join(types), "--verify", "--json"])
+    assert r.exit_code == 0, r.output
+    streamed = [t for t in types if GgufType.parse(t).streamed]
+    assert passes == [len(streamed) + (0 if "f16" in types else 1)], "one pass: a writer per streamed type (+ the intermediate)"
+    files = {f"m-{t}.gguf" for t in types}
+    assert {p.name for p in out.iterdir()} == files | {"README.md", "Modelfile", "lorasave.json"}, "no intermediate left"
+    doc = json.loads(r.output)
+    assert doc["types"] == types and [Path(p).name for p in doc["gguf_files"]] == [f"m-{t}.gguf" for t in types]
+    manifest = json.loads((out / "lorasave.json").read_text())
+    assert manifest["settings"]["type"] == ",".join(types) and set(manifest["result"]["gguf_files"]) == files
+    assert manifest["result"]["verification"]["ok"] and manifest["result"]["verification"]["tensors_exact"] > 0
+    for t in types:
+        single = export_gguf(tiny["base"], tiny["lora"], tmp_path / t / "m", type=t)
+        assert (out / f"m-{t}.gguf").read_bytes() == single.gguf_file.read_bytes(), t
+        assert manifest["result"]["gguf_files"][f"m-{t}.gguf"]["tensor_types"] == single.tensor_types
+        if t == types[0]:
+            assert (out / "Modelfile").read_bytes() == (single.output / "Modelfile").read_bytes()
+    card = (out / "README.md").read_text()
+    assert all(f"`m-{t}.gguf`" in card for t in types)
+    r = CliRunner().invoke(main, ["verify", str(out)])
+    assert r.exit_code == 0, r.output
+    bad = CliRunner().invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(tmp_path / "bad"), "--type", "q8_0,q9_9"])
+    assert bad.exit_code == 2 and "'q9_9' is not a GGUF type" in bad.output and not (tmp_path / "bad").exists()

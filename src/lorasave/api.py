@@ -16,8 +16,9 @@ import torch
 from lorasave.formats.bnb import Bnb4bitSpec, import_bnb
 from lorasave.formats.safetensors import SafetensorsShardWriter
 from lorasave.formats.safetensors.header import layout, read_header, serialize_header
+from lorasave.formats.safetensors.output import SafetensorsOutput
+from lorasave.merging.stream import Timings
 from lorasave.pipeline.cards import adapter_snippet, hub_id, merged_snippet, write_card
-from lorasave.pipeline.execute import execute
 from lorasave.pipeline.manifest import MANIFEST_NAME, SourceHasher, result_dict, sha256_file, write_manifest
 from lorasave.pipeline.output import (
     StagedOutput,
@@ -29,6 +30,7 @@ from lorasave.pipeline.output import (
     tokenizer_source,
     write_config,
 )
+from lorasave.pipeline.run import PlannedOutput, run_single
 from lorasave.plan.merge_plan import INDEX_NAME, MergePlan, build_plan
 from lorasave.sources import stamp as source_stamp
 from lorasave.sources.adapter import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_NAME, Adapter, load_adapter, load_adapters
@@ -107,7 +109,19 @@ def _describe_adapter(ad: Adapter, hashes: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def merge(
+def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], output: PathLike, **options: Any) -> MergeResult:
+    """Merge LoRA adapter(s) into a base checkpoint and write a sharded safetensors checkpoint.
+
+    ``plan_merge`` (its arguments and errors are these) run as one pass (``pipeline.run``).
+
+    Returns:
+        MergeResult.
+    """
+    result: MergeResult = run_single(plan_merge(base, adapters, output, **options))
+    return result
+
+
+def plan_merge(
     base: PathLike,
     adapters: PathLike | Sequence[PathLike],
     output: PathLike,
@@ -127,8 +141,8 @@ def merge(
     quantization_from: PathLike | None = None,
     weights: Sequence[float] | None = None,
     verify: bool = False,
-) -> MergeResult:
-    """Merge LoRA adapter(s) into a base checkpoint and write a sharded safetensors checkpoint.
+) -> PlannedOutput:
+    """Plan ``merge``: a sharded safetensors checkpoint of LoRA adapter(s) merged into a base.
 
     Streams tensor by tensor: W' = W0 + scaling * (B @ A) for every targeted weight
     (``(B @ A).T`` for GPT-2 ``Conv1D``), computed in float32 and rounded once to the output
@@ -166,10 +180,10 @@ def merge(
             the result goes into the manifest and the model card.
 
     Returns:
-        MergeResult.
+        The planned output; ``pipeline.run.run_single`` writes it and returns a MergeResult.
 
     Raises:
-        LorasaveError subclasses: SourceNotFoundError, NotAnAdapterError, CheckpointFormatError,
+        LorasaveError subclasses (planning: everything but the last three; writing: the rest): SourceNotFoundError, NotAnAdapterError, CheckpointFormatError,
         UnsafePathError, PickleRefusedError, AdapterMismatchError, UnsupportedAdapterError,
         UnsupportedModelError, OutputExistsError, InsufficientDiskError (DiskFullError when OUT's
         file system fills during the run), NonFiniteResultError, InvalidOptionError.
@@ -228,28 +242,27 @@ def merge(
             "tokenizer": str(tok_dir.resolve()),
         }
 
-    try:
-        return merge_sources(
-            ckpt,
-            ads,
-            final,
-            out_dtype=out_dtype,
-            shard_limit=shard_limit,
-            weights=weights,
-            method=method,
-            into=into,
-            spec=spec,
-            progress=progress,
-            side_files=side_files,
-            describe_sources=describe_sources,
-            extra_settings={"allow_pickle": allow_pickle},
-            t_start=t_start,
-            verify_output=verify,
-            overwrite=overwrite,
-            carried_bytes=carry.nbytes,
-        )
-    finally:
-        hasher.close()
+    planned = plan_merge_sources(
+        ckpt,
+        ads,
+        final,
+        out_dtype=out_dtype,
+        shard_limit=shard_limit,
+        weights=weights,
+        method=method,
+        into=into,
+        spec=spec,
+        progress=progress,
+        side_files=side_files,
+        describe_sources=describe_sources,
+        extra_settings={"allow_pickle": allow_pickle},
+        t_start=t_start,
+        verify_output=verify,
+        overwrite=overwrite,
+        carried_bytes=carry.nbytes,
+    )
+    planned.cleanup.append(hasher.close)
+    return planned
 
 
 def _card_settings(plan: MergePlan, method: SaveMethod, into: MergeInto, spec: Bnb4bitSpec | None, weights: Sequence[float] | None) -> dict[str, Any]:
@@ -270,11 +283,9 @@ def _verify_staged(folder: Path, files: dict[str, str]) -> dict[str, Any]:
     Raises:
         VerificationError: the output does not match its sources.
     """
-    from lorasave.verify.run import VerificationError, verify
+    from lorasave.pipeline.finalize import verify_staged
 
-    report = verify(folder)
-    if not report.ok:
-        raise VerificationError(f"the output failed verification, nothing was written: {report.summary()}", path=folder, failures=report.failures)
+    report = verify_staged(folder, folder)
     line = (
         f"`lorasave verify` (tensors level) passed before the output was written: {report.counts()} "
         f"(bit-equal: equal to the base or the adapter's full tensor; probed: LoRA-merged tensors within the rounding bound of "
@@ -289,7 +300,7 @@ def _verify_staged(folder: Path, files: dict[str, str]) -> dict[str, Any]:
     return {"level": "tensors", "ok": True, "summary": line, "max_probe_error": report.max_probe_error, "not_probed": len(report.not_probed)}
 
 
-def merge_sources(
+def plan_merge_sources(
     ckpt: Checkpoint,
     ads: list[Adapter],
     final: Path,
@@ -308,8 +319,8 @@ def merge_sources(
     verify_output: bool = False,
     overwrite: bool = False,
     carried_bytes: int = 0,
-) -> MergeResult:
-    """Plan, execute and finalize a merge of opened sources into ``final`` (shared by ``merge`` and the live API).
+) -> PlannedOutput:
+    """Plan a merge of opened sources into ``final`` (shared by ``merge``, ``batch`` and the live API).
 
     Args:
         side_files: writes config.json, tokenizer and other non-weight files into the staging
@@ -332,22 +343,27 @@ def merge_sources(
         merge_into=spec if into is MergeInto.DEQUANTIZED else None,
         quantize=spec if method is SaveMethod.MERGED_4BIT else None,
     )
-    check_free_space(final, plan.total_bytes, carried=carried_bytes)
     for note in plan.notes:
         logger.info("%s", note)
-    with StagedOutput(final, overwrite=overwrite, sources=source_stamp.record(ckpt, ads)) as stage, _progress(progress, plan.data_bytes) as bar:
-        files, timings = execute(plan, ads, stage.path, bar)
+    bar = _progress(progress, plan.data_bytes)
+    writer = SafetensorsOutput(plan, on_bytes=bar.update)
+
+    def finish(folder: Path, job_timings: Timings) -> MergeResult:
+        files = dict(writer.files)
+        timings = Timings(**vars(job_timings))
+        for phase in ("merge", "write", "hash"):
+            setattr(timings, phase, getattr(timings, phase) + getattr(writer.timings, phase))
         if plan.index is not None and any(sh.deferred for sh in plan.shards):  # 4-bit: sizes known only now
-            written = [read_header(stage.path / sh.filename) for sh in plan.shards]
+            written = [read_header(folder / sh.filename) for sh in plan.shards]
             plan.index["metadata"]["total_size"] = sum(e.nbytes for h in written for e in h.tensors.values())  # type: ignore[index]
         index = plan.index_bytes()
         if index is not None:
-            (stage.path / INDEX_NAME).write_bytes(index)
+            (folder / INDEX_NAME).write_bytes(index)
         quant = spec.quantization_config(plan.out_dtype) if method is SaveMethod.MERGED_4BIT and spec else None
-        written = side_files(stage.path, plan, quant)
-        for name in [INDEX_NAME if index is not None else None, *written]:
+        side = side_files(folder, plan, quant)
+        for name in [INDEX_NAME if index is not None else None, *side]:
             if name is not None:
-                files[name] = sha256_file(stage.path / name)
+                files[name] = sha256_file(folder / name)
         settings = {
             "dtype": dtype_name(plan.out_dtype),
             "max_shard_size": shard_limit,
@@ -365,25 +381,46 @@ def merge_sources(
             "notes": plan.notes,
         }
         sources = describe_sources()
-        write_manifest(stage.path, command="merge", sources=sources, settings=settings, result=summary, files=files)
+        write_manifest(folder, command="merge", sources=sources, settings=settings, result=summary, files=files)
         if verify_output:
-            summary["verification"] = _verify_staged(stage.path, files)
-            write_manifest(stage.path, command="merge", sources=sources, settings=settings, result=summary, files=files)
-        stage.commit()
-    result = MergeResult(
-        output=final,
-        files=sorted([*files, MANIFEST_NAME]),
-        n_tensors=len(plan.tensors),
-        n_merged=len(plan.merged),
-        total_bytes=plan.total_bytes,
-        dtype=dtype_name(plan.out_dtype),
-        seconds=round(time.perf_counter() - t_start, 3),
-        timings=timings.as_dict(),
-        notes=list(plan.notes),
-        quantization=f"{spec.quant_type} 4-bit" if spec and method is SaveMethod.MERGED_4BIT else None,
-        verification=summary.get("verification"),
+            summary["verification"] = _verify_staged(folder, files)
+            write_manifest(folder, command="merge", sources=sources, settings=settings, result=summary, files=files)
+        result = MergeResult(
+            output=final,
+            files=sorted([*files, MANIFEST_NAME]),
+            n_tensors=len(plan.tensors),
+            n_merged=len(plan.merged),
+            total_bytes=plan.total_bytes,
+            dtype=dtype_name(plan.out_dtype),
+            seconds=round(time.perf_counter() - t_start, 3),
+            timings=timings.as_dict(),
+            notes=list(plan.notes),
+            quantization=f"{spec.quant_type} 4-bit" if spec and method is SaveMethod.MERGED_4BIT else None,
+            verification=summary.get("verification"),
+        )
+        logger.debug("%s", result.summary())
+        return result
+
+    key = (tuple(weights) if weights is not None else None, into.value, repr(spec.describe()) if spec and into is MergeInto.DEQUANTIZED else None)
+    return PlannedOutput(
+        command="merge",
+        final=final,
+        overwrite=overwrite,
+        stamps=source_stamp.record(ckpt, ads),
+        plan=plan,
+        adapters=ads,
+        writers=[writer],
+        needed_bytes=plan.total_bytes,
+        finish=finish,
+        carried_bytes=carried_bytes,
+        merge_key=key,
+        cleanup=[bar.close],
     )
-    logger.debug("%s", result.summary())
+
+
+def merge_sources(ckpt: Checkpoint, ads: list[Adapter], final: Path, **options: Any) -> MergeResult:
+    """``plan_merge_sources`` run as one pass (the live API's path)."""
+    result: MergeResult = run_single(plan_merge_sources(ckpt, ads, final, **options))
     return result
 
 

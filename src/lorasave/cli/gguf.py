@@ -15,17 +15,37 @@ _GGUF_STREAMED = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 GGUF_TYPE_CHOICES = (*_GGUF_STREAMED, "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
 
 
-@main.command("gguf", short_help="Merge adapter(s) into a base; write one GGUF file (f16, q8_0, q4_k_m...).")
+class GgufTypeList(click.ParamType):
+    """One GGUF type or a comma-separated list of them (``q8_0,q4_k_m,f16``), each one of ``GGUF_TYPE_CHOICES``."""
+
+    name = "TYPE[,TYPE...]"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        parts = [p.strip().lower() for p in str(value).split(",")]
+        bad = [p for p in parts if p not in GGUF_TYPE_CHOICES]
+        if bad or not parts:
+            self.fail(
+                f"{', '.join(repr(b) for b in bad) or 'nothing'} is not a GGUF type; choose from {', '.join(GGUF_TYPE_CHOICES)} (or several, comma-separated)",
+                param,
+                ctx,
+            )
+        return ",".join(parts)
+
+
+@main.command("gguf", short_help="Merge adapter(s) into a base; write GGUF file(s) (f16, q8_0, q4_k_m...) from one read.")
 @click.argument("base")
 @click.argument("adapters", nargs=-1)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
 @click.option(
     "--type",
     "gguf_type",
-    type=click.Choice(GGUF_TYPE_CHOICES, case_sensitive=False),
+    type=GgufTypeList(),
     default="f16",
     show_default=True,
-    help="GGML type of the weights; k-quants (q*_k*) are made by llama.cpp's quantizer from a 16-bit intermediate (needs the llama.cpp runtime).",
+    help=(
+        "GGML type of the weights, or several comma-separated (q8_0,q4_k_m,f16: one file each, from one read and one merge); "
+        f"one of {', '.join(GGUF_TYPE_CHOICES)}. k-quants (q*_k*) are made by llama.cpp's quantizer from one 16-bit GGUF (needs the llama.cpp runtime)."
+    ),
 )
 @click.option("--no-modelfile", is_flag=True, help="Do not write an Ollama Modelfile (written when the model has a chat template).")
 @click.option("--name", default=None, help="general.name and file stem (default: the output folder's name).")
@@ -51,7 +71,7 @@ def gguf_cmd(
     as_json: bool,
     allow_pickle: bool,
 ) -> None:
-    """Merge ADAPTER(s) into BASE and write OUT/<name>-<type>.gguf for llama.cpp, streaming.
+    """Merge ADAPTER(s) into BASE and write OUT/<name>-<type>.gguf for llama.cpp (one per --type), streaming.
 
     With no ADAPTER, BASE is converted as it is. Llama (incl. Llama 3.1 RoPE), Mistral, Qwen2,
     Qwen3, Gemma 3 (text) and Phi-3; BPE, SentencePiece and tokenizer.json tokenizers. OUT also

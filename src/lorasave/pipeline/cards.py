@@ -181,6 +181,7 @@ def write_gguf_card(
     modelfile: bool,
     notes: list[str] | None = None,
     lora_adapter: bool = False,
+    more_files: list[tuple[str, str, dict[str, int]]] | None = None,
 ) -> Path:
     """Write ``folder/README.md`` for a GGUF output (``lorasave gguf``, or ``gguf-adapter`` with ``lora_adapter``).
 
@@ -202,6 +203,8 @@ def write_gguf_card(
         modelfile: whether ``folder/Modelfile`` exists.
         notes: facts worth knowing (fallbacks, the k-quant route), listed in the body.
         lora_adapter: the file is a GGUF LoRA adapter (run with ``--lora`` on the base's GGUF).
+        more_files: ``(file name, type, tensor_types)`` of the other files of a multi-type output
+            (``--type q8_0,q4_k_m``), listed in a table after the first file's.
 
     Returns:
         The card's path.
@@ -220,6 +223,16 @@ def write_gguf_card(
     card_data = ModelCardData(**{k: v for k, v in data.items() if v not in (None, [], "")})
     what = "LoRA adapter" if lora_adapter else "merged model"
     type_rows = ["| GGML type | tensors |", "|---|---|", *(f"| {k} | {n} |" for k, n in sorted(tensor_types.items()))]
+    if more_files:
+        files = [(gguf_file, type, tensor_types), *more_files]
+        type_rows += [
+            "",
+            "All the files of this folder, written from one read of the base and one merge:",
+            "",
+            "| file | type | tensors by GGML type |",
+            "|---|---|---|",
+            *(f"| `{f}` | {t} | {', '.join(f'{n} {k}' for k, n in sorted(c.items()))} |" for f, t, c in files),
+        ]
     run = ["```sh", f"llama-cli -m BASE.gguf --lora {gguf_file} -cnv" if lora_adapter else f"llama-cli -m {gguf_file} -cnv", "```"]
     if lora_adapter:
         run += ["", "`BASE.gguf` is the base model as GGUF, e.g. `lorasave gguf BASE -o base-gguf --type f16`."]

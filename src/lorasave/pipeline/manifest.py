@@ -65,10 +65,13 @@ class SourceHasher:
 
 
 def result_dict(result: Any) -> dict[str, Any]:
-    """JSON-ready form of a result dataclass (``--json``): ``dataclasses.asdict`` with its ``Path`` fields as strings."""
+    """JSON-ready form of a result dataclass (``--json``): ``dataclasses.asdict`` with its ``Path`` fields (and lists of them) as strings."""
     from dataclasses import asdict
 
-    return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(result).items()}
+    def plain(v: Any) -> Any:
+        return str(v) if isinstance(v, Path) else [plain(x) for x in v] if isinstance(v, list) else v
+
+    return {k: plain(v) for k, v in asdict(result).items()}
 
 
 def write_manifest(folder: Path, *, command: str, sources: dict[str, Any], settings: dict[str, Any], result: dict[str, Any], files: dict[str, str]) -> Path:

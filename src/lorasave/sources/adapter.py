@@ -343,11 +343,16 @@ def adapter_list(adapters: str | os.PathLike[str] | Sequence[str | os.PathLike[s
 def load_adapters(specs: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None, *, allow_pickle: bool = False) -> list[Adapter]:
     """``load_adapter`` for each of several adapters, refusing the same folder twice.
 
+    ``specs`` may also be already loaded :class:`Adapter` objects (a batch job's, shared by its outputs).
+
     Raises:
         InvalidOptionError: an adapter folder is given twice (use a weight instead).
         Everything ``load_adapter`` raises.
     """
-    ads = [load_adapter(a, allow_pickle=allow_pickle) for a in adapter_list(specs)]
+    if isinstance(specs, Sequence) and not isinstance(specs, str) and specs and all(isinstance(a, Adapter) for a in specs):
+        ads: list[Adapter] = list(specs)  # type: ignore[arg-type]  # loaded once by a batch job, shared by its outputs
+    else:
+        ads = [load_adapter(a, allow_pickle=allow_pickle) for a in adapter_list(specs)]
     roots = [os.path.realpath(a.root) for a in ads]
     if len(set(roots)) != len(roots):
         raise InvalidOptionError("the same adapter is given twice; to apply it with more weight, use weights (--weights 2)")

@@ -137,11 +137,13 @@ def check_gguf(out: Path, manifest: dict[str, Any], report: VerifyReport, checke
     ckpt = checker.ckpt
     inverse, rules = name_map(ckpt)
     result = manifest.get("result", {})
-    quantized_from = str(result.get("quantized_from") or result.get("intermediate") or "f32")
+    per_file = result.get("gguf_files") if isinstance(result.get("gguf_files"), dict) else {}
     for fname in manifest.get("files", {}):
         path = out / fname
         if not fname.endswith(".gguf") or not path.is_file():
             continue
+        facts = per_file.get(fname) if isinstance(per_file.get(fname), dict) else result  # one file per type (--type a,b)
+        quantized_from = str(facts.get("quantized_from") or facts.get("intermediate") or "f32")
         reader = open_gguf(path)
         for t in reader.tensors:
             hf = inverse.get(t.name)

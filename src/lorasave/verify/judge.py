@@ -239,17 +239,18 @@ def _gguf_adapter_logits(out: Path, manifest: dict[str, Any], base_dir: Path, id
     import shutil
     import tempfile
 
-    from lorasave.formats.gguf.export import export_gguf
+    from lorasave.formats.gguf.model import write_gguf_file
+    from lorasave.formats.gguf.quant import GgufType
     from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
     llama_cpp.require()
     lora = out / next(n for n in manifest.get("files", {}) if n.endswith(".gguf"))
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.lorasave-verify-", dir=out.parent))
-    export_log = logging.getLogger("lorasave.formats.gguf.export")
+    export_log = logging.getLogger("lorasave.formats.gguf.model")
     level = export_log.level
     export_log.setLevel(logging.WARNING)  # the helper base file's notes are not the user's business
     try:
-        base_gguf = export_gguf(base_dir, [], tmp / "base", type="f32", modelfile=False).gguf_file
+        base_gguf = write_gguf_file(base_dir, tmp / "base", GgufType.F32)
         logits = _llama_cpp_logits(base_gguf, ids, loras=[(lora, 1.0)])
     finally:
         export_log.setLevel(level)

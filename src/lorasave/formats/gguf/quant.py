@@ -420,8 +420,8 @@ def kquant_note(type: GgufType, intermediate: GgufType) -> str:
     )
 
 
-def llama_quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], type: GgufType) -> dict[str, int]:
-    """``llama_model_quantize`` ``src`` into ``dst`` as ``type``, then remove ``src``.
+def llama_quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], type: GgufType, *, remove_src: bool = True) -> dict[str, int]:
+    """``llama_model_quantize`` ``src`` into ``dst`` as ``type``, then remove ``src`` (unless ``remove_src=False``).
 
     Returns:
         GGML type name -> number of tensors in ``dst`` (read back).
@@ -432,7 +432,8 @@ def llama_quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], typ
     from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
     llama_cpp.quantize(src, dst, type.value)
-    os.unlink(src)
+    if remove_src:
+        os.unlink(src)
     return count_types(dst)
 
 

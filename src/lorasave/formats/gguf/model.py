@@ -1,0 +1,331 @@
+"""The GGUF model file of a merge: its tensors, types, metadata, and a writer for one type.
+
+What llama.cpp's ``convert_hf_to_gguf.py`` does to a merged checkpoint, done on the merge's
+float32 values directly (no 16-bit intermediate checkpoint):
+
+* tensor names through gguf-py's ``TensorNameMap`` (``gguf/tensor_mapping.py``);
+* Llama-family Q/K rows permuted from HF rotate-half order to interleaved RoPE pairs
+  (``conversion/llama.py`` ``LlamaModel.permute``), ``n_head_kv`` for ``k_proj``;
+* per-tensor GGML types as ``ModelBase.prepare_tensors`` (``conversion/base.py``) picks them:
+  1-D tensors, ``*_norm.weight`` and anything not ending in ``.weight`` (biases) are F32, the rest
+  follow the requested type, and Q8_0 falls back to F16 when a row is not a multiple of 32;
+* Gemma's RMSNorm weights ``+1`` and generated tensors such as Llama 3.1's ``rope_freqs``
+  (``formats.gguf.arch.ARCHITECTURES``);
+* the ``general.*`` (``gguf.Metadata``) / ``{arch}.*`` keys of ``set_gguf_parameters`` (``arch.py``);
+* the tokenizer: SentencePiece, SentencePiece-style or byte-level BPE (``vocab.py``).
+
+:class:`GgufModel` holds what every type of one export shares (plan, config, tokenizer, name) and
+builds one :class:`~lorasave.formats.gguf.output.GgufOutput` writer per streamed type; the header,
+metadata and tensor infos are written at the writer's ``begin``, then each tensor's data as the
+pass merges it. :func:`write_gguf_file` writes one file to a path with no staging or manifest
+(``verify`` uses it for the base GGUF a GGUF adapter is applied to). The command, its staging,
+side files and manifest are ``formats.gguf.export``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+
+from lorasave.errors import UnsupportedModelError
+from lorasave.formats.gguf import quant as gguf_quant
+from lorasave.formats.gguf.arch import GgufArch, Hparams, gguf_arch_for
+from lorasave.formats.gguf.output import GgufOutput
+from lorasave.formats.gguf.quant import GgufType, tensor_nbytes
+from lorasave.formats.gguf.vocab import add_tokenizer, embedding_rows
+from lorasave.plan.merge_plan import MergePlan, OutputTensor, build_plan
+from lorasave.sources.adapter import Adapter
+from lorasave.sources.architecture import inspect_architecture
+from lorasave.sources.checkpoint import Checkpoint
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GgufTensor:
+    """One tensor of the GGUF file.
+
+    Attributes:
+        src: the planned (HF-named) output tensor.
+        name: GGUF name (``blk.0.attn_q.weight``).
+        qtype: GGML type written.
+        nbytes: bytes of its data (without alignment padding).
+        permute_heads: ``(n_head, n_head_kv)`` for a Q/K permute, or None.
+        shift: added to every element after the merge (Gemma's RMSNorm ``+1``), or 0.
+        rows: only the first ``rows`` rows are written (Gemma 3's ``token_embd`` cut to the
+            tokenizer's size, ``gguf_vocab.embedding_rows``), or None for all of them.
+    """
+
+    src: OutputTensor
+    name: str
+    qtype: gguf.GGMLQuantizationType
+    nbytes: int
+    permute_heads: tuple[int, int] | None
+    shift: float = 0.0
+    rows: int | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The written shape, rows first: ``src.shape`` with the first dimension cut to ``rows``."""
+        shape = tuple(self.src.shape)
+        return shape if self.rows is None else (self.rows, *shape[1:])
+
+
+@dataclass(frozen=True)
+class ExtraTensor:
+    """A tensor the architecture generates rather than the checkpoint holds (``rope_freqs.weight``).
+
+    Attributes:
+        name: GGUF name.
+        data: float32 values, numpy shape (rows first).
+        qtype: GGML type written.
+        nbytes: bytes of its data.
+    """
+
+    name: str
+    data: np.ndarray
+    qtype: gguf.GGMLQuantizationType
+    nbytes: int
+
+
+def permute_qk(w: torch.Tensor, n_head: int, n_head_kv: int | None) -> torch.Tensor:
+    """llama.cpp ``LlamaModel.permute`` (``conversion/llama.py``): rotate-half rows -> interleaved pairs.
+
+    Args:
+        w: ``(n_head * head_dim, in)`` weight or ``(n_head * head_dim,)`` bias (or their encoded rows).
+        n_head: attention heads; replaced by ``n_head_kv`` when given and different (``k_proj``).
+
+    Returns:
+        Same shape; within each head, row ``j`` of the first half and row ``j`` of the second half
+        become rows ``2j`` and ``2j + 1``.
+    """
+    if n_head_kv is not None and n_head != n_head_kv:
+        n_head = n_head_kv
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def ggml_type(gguf_name: str, shape: tuple[int, ...], type: str) -> gguf.GGMLQuantizationType:
+    """The GGML type of one tensor, as ``ModelBase.prepare_tensors`` (``conversion/base.py``) picks it.
+
+    Args:
+        gguf_name: the tensor's GGUF name.
+        shape: its numpy/torch shape (rows first); ``shape[-1]`` is the ggml row length ``ne0``.
+        type: requested output type, a streamed :class:`GgufType` value (``"q8_0"``...).
+
+    Returns:
+        For the converter's types (``GgufType.converter``): F32 for 1-D tensors, ``*_norm.weight`` and
+        non-``.weight`` tensors (biases); otherwise the requested type, with Q8_0 falling back to
+        F16 when ``ne0`` is not a multiple of 32 (the converter catches ``gguf.QuantError`` and does
+        the same). For q4_0..q5_1, ``llama-quantize``'s choice for a model with ``output.weight``
+        (:func:`gguf_tensors` applies the tied-embedding rule). See ``gguf_quant``.
+    """
+    t = GgufType.parse(type)
+    if t.converter:
+        return gguf_quant.converter_type(gguf_name, shape, t.default_qtype)
+    want = gguf_quant.llama_cpp_type(gguf_name, shape, t, tied=False)
+    return gguf_quant.K_SUBSTITUTE.get(want, want)
+
+
+def gguf_tensors(
+    plan: MergePlan, config: dict[str, Any], rules: GgufArch, type: str | GgufType, tok_dir: Path | None = None, notes: list[str] | None = None
+) -> tuple[list[GgufTensor], list[str]]:
+    """Name, type, size and transform of every GGUF tensor from the checkpoint, in plan order.
+
+    Tensors in ``rules.drop`` are left out (Gemma's ``lm_head.weight``, as the converter's
+    ``filter_tensors``); ``*norm.weight`` get ``rules.norm_shift`` (``Gemma3Model.norm_shift``).
+    With ``tok_dir`` (the tokenizer the file gets), ``token_embd.weight`` keeps the rows
+    ``gguf_vocab.embedding_rows`` says the converter keeps (Gemma 3 cuts the rows past the
+    tokenizer's size; ``GgufTensor.rows``), with a note appended to ``notes``. Every tensor gets
+    the type llama.cpp would give it in a streamed file of ``type`` (``gguf_quant.tensor_types``,
+    which needs the whole list: whether ``output.weight`` exists decides the tied-embedding rule).
+
+    Returns:
+        The tensors, and notes on the F16 fallbacks and the K-type substitutions.
+
+    Raises:
+        UnsupportedModelError: a tensor has no GGUF name (``ValueError("Can not map tensor")`` in
+            llama.cpp), e.g. a vision tower or an unknown extra module.
+    """
+    hp = Hparams.of(config)
+    names = gguf.get_tensor_name_map(rules.arch, hp.n_layer)
+    n_head, n_kv = hp.heads
+    mapped = []  # (src, GGUF name, permute heads, shift, rows)
+    for t in plan.tensors.values():
+        if t.name in rules.drop:
+            continue
+        name = names.get_name(t.name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise UnsupportedModelError(f"cannot map tensor {t.name!r} to a GGUF {rules.name} tensor name")
+        heads = None
+        if rules.permute_qk and t.name.endswith(("q_proj.weight", "q_proj.bias")):
+            heads = (n_head, n_head)
+        elif rules.permute_qk and t.name.endswith(("k_proj.weight", "k_proj.bias")):
+            heads = (n_head, n_kv)
+        shift = rules.norm_shift if t.name.endswith("norm.weight") else 0.0
+        rows = None
+        if tok_dir is not None and name == "token_embd.weight" and t.shape:
+            keep = embedding_rows(tok_dir, rules, int(t.shape[0]), notes if notes is not None else [])
+            rows = keep if keep < t.shape[0] else None
+        mapped.append((t, name, heads, shift, rows))
+    shapes = [(name, tuple(t.shape) if rows is None else (rows, *t.shape[1:])) for t, name, _, _, rows in mapped]
+    gtype = GgufType.parse(type)
+    types = gguf_quant.tensor_types(shapes, gtype)
+    out = [
+        GgufTensor(t, name, tt.qtype, tensor_nbytes(shape, tt.qtype), heads, shift, rows)
+        for (t, name, heads, shift, rows), (_, shape), tt in zip(mapped, shapes, types, strict=True)
+    ]
+    return out, gguf_quant.type_notes(shapes, types, gtype)
+
+
+def extra_tensors(config: dict[str, Any], rules: GgufArch, type: str) -> list[ExtraTensor]:
+    """The architecture's generated tensors (``generate_extra_tensors`` in the converter), typed as the rest."""
+    out = []
+    for name, data in rules.extra_tensors(Hparams.of(config)):
+        qtype = ggml_type(name, data.shape, type)
+        out.append(ExtraTensor(name, data, qtype, tensor_nbytes(data.shape, qtype)))
+    return out
+
+
+def add_model_params(
+    writer: gguf.GGUFWriter, config: dict[str, Any], rules: GgufArch, name: str, type: str, model_dir: Path | None = None, n_params: int = 0
+) -> None:
+    """``general.*`` and ``{arch}.*`` keys (``ModelBase.prepare_metadata`` + ``set_gguf_parameters``).
+
+    Args:
+        model_dir: folder whose README.md / config.json ``gguf.Metadata.load`` reads (the base).
+        n_params: total parameter count of the file's tensors (``general.size_label``).
+    """
+    writer.add_type(gguf.GGUFType.MODEL)
+    meta = gguf.Metadata.load(None, model_dir, name, n_params)
+    if meta.size_label is None and n_params > 0:
+        meta.size_label = gguf.size_label(n_params, n_params, 0, 0)
+    meta.set_gguf_meta_model(writer)
+    for key, value, vtype in rules.params(Hparams.of(config)):
+        writer.add_key_value(key.format(arch=rules.name), value, vtype)
+    writer.add_file_type(GgufType.parse(type).file_type)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def vocab_size(ckpt: Checkpoint, plan: MergePlan, tensors: list[GgufTensor]) -> int:
+    """Rows of the token embedding (the config's ``vocab_size``, updated when an adapter resized it)."""
+    for g in tensors:
+        if g.name == "token_embd.weight":
+            return int(g.shape[0])
+    v = plan.config_updates.get("vocab_size", ckpt.config.get("vocab_size"))
+    return int(v)  # type: ignore[arg-type]
+
+
+def intermediate_type(ckpt: Checkpoint) -> GgufType:
+    """``gguf_quant.intermediate_type`` of the base's bytes per safetensors dtype."""
+    by_dtype: dict[str, int] = {}
+    for e in ckpt.tensors.values():
+        if (dt := getattr(e, "dtype", None)) is not None:
+            by_dtype[dt.name] = by_dtype.get(dt.name, 0) + e.nbytes
+    return gguf_quant.intermediate_type(by_dtype)
+
+
+@dataclass
+class GgufModel:
+    """What every GGUF type of one export shares, and the writer of each type.
+
+    Attributes:
+        ckpt: the base.
+        adapters: the adapters merged (may be empty).
+        plan: the float32 merge plan (one "shard", every tensor).
+        config: the base's config with the adapters' updates (``vocab_size``...).
+        rules: the architecture's GGUF rules.
+        tok_dir: the tokenizer folder the files get.
+        stem: ``general.name`` and the file stem.
+        notes: the plan's notes and the tokenizer's, appended to as writers are built.
+    """
+
+    ckpt: Checkpoint
+    adapters: list[Adapter]
+    plan: MergePlan
+    config: dict[str, Any]
+    rules: GgufArch
+    tok_dir: Path
+    stem: str
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def build(cls, ckpt: Checkpoint, ads: list[Adapter], tok_dir: Path, stem: str) -> GgufModel:
+        """Plan the merge of ``ads`` into ``ckpt`` for GGUF (float32 values, one block stream).
+
+        Raises:
+            UnsupportedModelError: a ``model_type`` the export does not handle (``arch.ARCHITECTURES``).
+            LorasaveError subclasses from planning (AdapterMismatchError...).
+        """
+        rules = gguf_arch_for(ckpt.config)
+        plan = build_plan(ckpt, ads, inspect_architecture(ckpt.config), out_dtype=torch.float32, max_shard_size=1 << 62)
+        config = json.loads(json.dumps(ckpt.config))
+        for key, value in plan.config_updates.items():
+            if "." not in key:
+                config[key] = value
+        return cls(ckpt, ads, plan, config, rules, tok_dir, stem, list(plan.notes))
+
+    def writer(
+        self, stream: GgufType, filename: str, permute: Callable[[torch.Tensor, int, int | None], torch.Tensor] = permute_qk
+    ) -> tuple[GgufOutput, list[str]]:
+        """The writer of ``filename``: this model with per-tensor types of streamed type ``stream``.
+
+        Returns:
+            ``(writer, type notes)``: the notes on F16 fallbacks and K-type substitutions.
+
+        Raises:
+            UnsupportedModelError: a tensor with no GGUF name (a vision tower, an unknown module).
+        """
+        tok_notes: list[str] = []
+        tensors, type_notes = gguf_tensors(self.plan, self.config, self.rules, stream, tok_dir=self.tok_dir, notes=tok_notes)
+        for n in tok_notes:
+            if n not in self.notes:
+                self.notes.append(n)
+        extras = extra_tensors(self.config, self.rules, stream.value)
+
+        def start(path: Path) -> gguf.GGUFWriter:  # header, metadata, tensor infos
+            w = gguf.GGUFWriter(None, self.rules.name)
+            add_model_params(w, self.config, self.rules, self.stem, stream.value, self.ckpt.root, out.n_params())
+            said: list[str] = []
+            add_tokenizer(w, self.tok_dir, vocab_size(self.ckpt, self.plan, tensors), self.rules, self.config, said)
+            self.notes.extend(n for n in said if n not in self.notes)  # every type's file says the same
+            for g in tensors:
+                w.add_tensor_info(g.name, g.shape, np.dtype(np.float32), g.nbytes, raw_dtype=g.qtype)
+            for e in extras:
+                w.add_tensor_info(e.name, e.data.shape, np.dtype(np.float32), e.nbytes, raw_dtype=e.qtype)
+            w.write_header_to_file(path)
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            return w
+
+        out = GgufOutput(filename, start, tensors, extras, permute)
+        return out, type_notes
+
+
+def write_gguf_file(base: Path, folder: Path, type: GgufType) -> Path:
+    """Write ``base`` (no adapter) as ``folder/<folder name>-<type>.gguf``; no staging, card or manifest.
+
+    For helpers (``verify`` applies a GGUF adapter to the base's f32 GGUF). ``folder`` is created.
+
+    Raises:
+        LorasaveError subclasses from opening and planning; write errors.
+    """
+    from lorasave.pipeline.execute import PassJob, execute_pass, raise_first
+    from lorasave.pipeline.output import tokenizer_source
+    from lorasave.sources.checkpoint import open_checkpoint
+
+    ckpt = open_checkpoint(base)
+    model = GgufModel.build(ckpt, [], tokenizer_source(None, [], ckpt.root), folder.name)
+    out, _ = model.writer(type, f"{folder.name}-{type.value}.gguf")
+    folder.mkdir(parents=True, exist_ok=False)
+    job = PassJob(model.plan, [], [(out, folder)])
+    execute_pass([job])
+    raise_first(job)
+    return folder / out.filename
