@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
 import lorasave
 from lorasave.errors import NonFiniteResultError
@@ -71,3 +72,37 @@ def test_a_failing_writer_does_not_stop_the_others(tmp_path: Path) -> None:
     assert sorted(b.files) == ["model.safetensors"] and _sha(tmp_path / "b" / "model.safetensors") == b.files["model.safetensors"]
     single = lorasave.merge(BASE, LORA, tmp_path / "single", dtype="bfloat16", weights=[1e9])
     assert _sha(single.output / "model.safetensors") == b.files["model.safetensors"]
+
+
+@pytest.mark.parametrize("kind", ["safetensors", "gguf"])
+def test_output_bytes_do_not_depend_on_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    """--threads 1, 2, 3: the same bytes; with more than one thread the merged blocks come from the pool.
+
+    The blocks are made small (4 KiB) so that every tiny tensor has several and the pool computes
+    them ahead and out of order; the block size is the same for every thread count."""
+    from lorasave.cli.main import main
+    from lorasave.merging import stream
+
+    monkeypatch.setattr(stream, "MERGE_BLOCK_BYTES", 4096)
+    pooled: list[str] = []
+    real = stream._pooled_blocks
+
+    def spy(t, *a):  # type: ignore[no-untyped-def]
+        pooled.append(t.name)
+        yield from real(t, *a)
+
+    monkeypatch.setattr(stream, "_pooled_blocks", spy)
+    digests = {}
+    for n in (1, 2, 3):
+        pooled.clear()
+        out = tmp_path / str(n) / "out"
+        args = (
+            ["merge", str(BASE), str(LORA), "-o", str(out), "--max-shard-size", "200KB"]
+            if kind == "safetensors"
+            else ["gguf", str(BASE), str(LORA), "-o", str(out), "--type", "q8_0,f16"]
+        )
+        r = CliRunner().invoke(main, [*args, "--threads", str(n), "--quiet"])
+        assert r.exit_code == 0, r.output
+        assert (len(pooled) > 0) == (n > 1), (n, pooled)
+        digests[n] = {p.name: _sha(p) for p in sorted(out.iterdir()) if p.name != "lorasave.json"}
+    assert len(digests[1]) > 2 and digests[1] == digests[2] == digests[3]

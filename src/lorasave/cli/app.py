@@ -79,7 +79,10 @@ def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: boo
         ctx.exit(code)
 
     try:
-        result = fn()
+        from lorasave.pipeline.threads import use_threads
+
+        with use_threads(ctx.obj.get("threads")):
+            result = fn()
     except LorasaveError as e:
         fail(f"error: {e}", e.exit_code)
     except OSError as e:  # disk full, permission denied, a source that vanished mid-run
@@ -120,6 +123,20 @@ def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if value:  # `lorasave COMMAND ... --debug` works like `lorasave --debug COMMAND ...`
         ctx.ensure_object(dict)["debug"] = True
 
+
+def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
+    ctx.ensure_object(dict)["threads"] = value
+
+
+#: ``--threads N`` of the commands that run a pass (``_run`` applies it: ``pipeline.threads.use_threads``).
+_threads_option = click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    expose_value=False,
+    callback=_set_threads,
+    help="Worker threads for the merge (default: the machine's cores); the output does not depend on it.",
+)
 
 #: The hidden ``--debug`` every command also accepts after its arguments.
 _debug_option = click.option("--debug", is_flag=True, hidden=True, expose_value=False, callback=_set_debug)

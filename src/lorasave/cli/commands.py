@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from lorasave.cli.app import _DTYPE, _common, _debug_option, _hub_quiet, _parse_weights, _push_options, _run, _save, main
+from lorasave.cli.app import _DTYPE, _common, _debug_option, _hub_quiet, _parse_weights, _push_options, _run, _save, _threads_option, main
 from lorasave.util.sizes import DEFAULT_MAX_SHARD_SIZE
 
 
@@ -48,6 +48,7 @@ from lorasave.util.sizes import DEFAULT_MAX_SHARD_SIZE
     help="dtype the base was in when it was quantized (--merge-into).",
 )
 @click.option("--quantization-from", type=click.Path(), default=None, help="Read the 4-bit settings from this 4-bit checkpoint's config.json.")
+@_threads_option
 @click.option("--weights", default=None, help="Comma-separated weight per adapter: W0 + Σ wᵢ·ΔWᵢ (default 1 each).")
 @click.option("--verify", "verify_output", is_flag=True, help="Verify the output (tensors level) before it is renamed into place.")
 @_push_options

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from lorasave.cli.app import _common, _debug_option, _push_options, _run, _save, main
+from lorasave.cli.app import _common, _debug_option, _push_options, _run, _save, _threads_option, main
 
 #: ``lorasave.formats.gguf.quant.GgufType`` values, listed here so that ``--help`` does not import gguf
 #: (tests/test_gguf_types.py checks they agree).
@@ -47,6 +47,7 @@ class GgufTypeList(click.ParamType):
         f"one of {', '.join(GGUF_TYPE_CHOICES)}. k-quants (q*_k*) are made by llama.cpp's quantizer from one 16-bit GGUF (needs the llama.cpp runtime)."
     ),
 )
+@_threads_option
 @click.option("--no-modelfile", is_flag=True, help="Do not write an Ollama Modelfile (written when the model has a chat template).")
 @click.option("--name", default=None, help="general.name and file stem (default: the output folder's name).")
 @click.option("--verify", "verify_output", is_flag=True, help="Probe the GGUF tensors against the sources before it is renamed into place.")

@@ -15,8 +15,11 @@ products over ``r`` of a row block are those of the full product (checked by the
 
 from __future__ import annotations
 
+import collections
+import itertools
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -66,6 +69,9 @@ class ExecContext:
         timings: accumulates seconds per phase.
         converter: runtime -> checkpoint tensors, for ``ExpertDelta``.
         expert_cache: the last runtime-parameter deltas, converted (siblings reuse them).
+        pool: worker threads that compute merged blocks ahead, in order (``pipeline.threads``);
+            None computes them here.
+        workers: the pool's threads.
     """
 
     reader: TensorReader
@@ -73,6 +79,8 @@ class ExecContext:
     timings: Timings
     converter: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
     expert_cache: dict[tuple[int, str], dict[str, torch.Tensor]] = field(default_factory=dict)
+    pool: ThreadPoolExecutor | None = None
+    workers: int = 1
 
     def expert_delta(self, op: ExpertDelta) -> torch.Tensor:
         """The piece of ``ΔP`` (float32, weight applied) that checkpoint tensor ``op.target`` receives."""
@@ -243,6 +251,9 @@ def _merged_blocks(t: OutputTensor, ctx: ExecContext) -> Iterator[tuple[int, int
     rows = t.shape[0] if t.shape else 1
     step = _rows_per_block(t, MERGE_BLOCK_BYTES, 4)
     full = torch.empty(t.shape, dtype=torch.float32) if ops.whole else None  # whole tensor only for column norms
+    if ctx.pool is not None and full is None and rows > step:
+        yield from _pooled_blocks(t, ctx, ops, rows_src, rows, step)
+        return
     for i in range(0, rows, step):
         j = min(rows, i + step)
         t0 = time.perf_counter()
@@ -261,6 +272,46 @@ def _merged_blocks(t: OutputTensor, ctx: ExecContext) -> Iterator[tuple[int, int
         timings.merge += time.perf_counter() - t1
         for i in range(0, rows, step):
             yield i, min(rows, i + step), full[i : i + step]
+
+
+def _pooled_blocks(t: OutputTensor, ctx: ExecContext, ops: _Ops, rows_src: _Rows, rows: int, step: int) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``_merged_blocks`` on ``ctx.pool``: up to two blocks per worker computed ahead, yielded in row order.
+
+    Each block reads its rows into a buffer of its own; the arithmetic is the sequential path's, so
+    the values do not depend on the number of workers.
+    """
+    assert ctx.pool is not None
+    timings = ctx.timings
+
+    def one(i: int, j: int) -> torch.Tensor:
+        t0 = time.perf_counter()
+        w = rows_src.get(i, j, reuse=False)
+        t1 = time.perf_counter()
+        acc = ops.apply(w.float().reshape((j - i, *t.shape[1:])), i, j, skip_cols_norm=False)
+        timings.read += t1 - t0
+        timings.merge += time.perf_counter() - t1
+        return acc
+
+    starts = iter(range(0, rows, step))
+    ahead = 2 * max(1, ctx.workers)
+    pending: collections.deque[tuple[int, int, Future[torch.Tensor]]] = collections.deque()
+
+    def submit(i: int) -> None:
+        j = min(rows, i + step)
+        pending.append((i, j, ctx.pool.submit(one, i, j)))  # type: ignore[union-attr]
+
+    try:
+        for i in itertools.islice(starts, ahead):
+            submit(i)
+        while pending:
+            i, j, fut = pending.popleft()
+            nxt = next(starts, None)
+            if nxt is not None:
+                submit(nxt)
+            yield i, j, fut.result()
+    finally:  # a failure or a closed generator: drop what was computed ahead
+        for _, _, fut in pending:
+            fut.cancel()
 
 
 def check_finite(t: OutputTensor, res: torch.Tensor, i: int, j: int) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -233,6 +234,7 @@ class TensorReader:
     def __init__(self) -> None:
         self._fds: dict[Path, int] = {}
         self.bytes_read = 0
+        self._lock = threading.Lock()  # the pass's worker threads open files through one reader
 
     def __enter__(self) -> TensorReader:
         return self
@@ -248,6 +250,14 @@ class TensorReader:
 
     def _fd(self, entry: TensorEntry) -> int:
         """The open file of ``entry``, checked against the stamp taken when its header was read."""
+        path = entry.file
+        fd = self._fds.get(path)
+        if fd is not None:
+            return fd
+        with self._lock:
+            return self._open(entry)
+
+    def _open(self, entry: TensorEntry) -> int:
         path = entry.file
         fd = self._fds.get(path)
         if fd is None:

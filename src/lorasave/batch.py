@@ -1,0 +1,321 @@
+"""``lorasave batch JOBS``: many jobs, many outputs; jobs that share a base run in one pass over it.
+
+A JOBS file (YAML or JSON) lists jobs; a job is adapters + merge options + outputs::
+
+    base: path/or/hub-id          # default for jobs that name none
+    jobs:
+      - adapters: [runs/checkpoint-500]
+        outputs:
+          - {format: safetensors, path: out/ck500, dtype: bfloat16}
+          - {format: gguf, types: [q8_0, q4_k_m], path: out/ck500-gguf}
+      - adapters: [runs/checkpoint-1000]
+        outputs: [{format: safetensors, path: out/ck1000}]
+
+Each output is planned by its command's own plan function (``outputs.FORMATS``), so its files are
+the single command's; the jobs of one base (at most ``max_jobs_per_pass`` at a time) are written
+by one ``pipeline.run.run_outputs``: each base tensor read once, merged once per job, handed to
+every writer of the job. Every output is atomic on its own; a job or output that fails is
+reported and the others go on. Relative paths in JOBS are relative to the JOBS file's folder; a
+``base`` that is no folder there is taken as given (an absolute path or a Hub id in the local cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from lorasave.errors import InvalidOptionError, LorasaveError
+from lorasave.outputs import FORMATS, plan_output
+from lorasave.pipeline.run import PlannedOutput, run_outputs
+
+logger = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike[str]
+
+#: JOBS files larger than this (bytes) are refused before they are parsed.
+MAX_JOBS_FILE_BYTES = 4 << 20
+#: At most this many jobs in one file, and outputs in one job.
+MAX_JOBS = 10_000
+MAX_OUTPUTS_PER_JOB = 64
+_JOB_KEYS = {"base", "adapters", "weights", "outputs"}
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    """One output of a job: ``format`` (a key of ``outputs.FORMATS``), ``path`` and that command's options."""
+
+    format: str
+    path: Path
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """One job: a base, its adapters, merge weights and outputs."""
+
+    index: int
+    base: str
+    adapters: list[str]
+    weights: list[float] | None
+    outputs: list[OutputSpec]
+
+
+@dataclass
+class OutputOutcome:
+    """What became of one output of a batch: ``result`` (the command's result) or ``error``."""
+
+    job: int
+    format: str
+    path: Path
+    result: Any = None
+    error: BaseException | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.result is not None
+
+
+@dataclass
+class BatchResult:
+    """What ``run_batch`` did.
+
+    Attributes:
+        outputs: every output of every job, in JOBS order.
+        passes: number of passes over a base (one per base and ``max_jobs_per_pass`` jobs).
+    """
+
+    outputs: list[OutputOutcome] = field(default_factory=list)
+    passes: int = 0
+
+    @property
+    def failed(self) -> list[OutputOutcome]:
+        return [o for o in self.outputs if not o.ok]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form (``--json``)."""
+        return {
+            "passes": self.passes,
+            "ok": not self.failed,
+            "outputs": [
+                {
+                    "job": o.job,
+                    "format": o.format,
+                    "path": str(o.path),
+                    "ok": o.ok,
+                    **({"result": o.result.to_dict()} if o.ok else {"error": _message(o.error)}),
+                }
+                for o in self.outputs
+            ],
+        }
+
+    def summary(self) -> str:
+        """One line per output, then a total."""
+        lines = [f"job {o.job + 1} {o.format} {o.path}: " + (f"ok ({o.result.summary()})" if o.ok else f"FAILED: {_message(o.error)}") for o in self.outputs]
+        n_ok = len(self.outputs) - len(self.failed)
+        failed = f"; {len(self.failed)} failed" if self.failed else ""
+        lines.append(f"{n_ok} of {len(self.outputs)} outputs written in {self.passes} pass(es) over the base(s){failed}")
+        return "\n".join(lines)
+
+
+class BatchFailedError(LorasaveError, RuntimeError):
+    """Some outputs of a batch failed (the others were written); the summary lists each."""
+
+    def __init__(self, result: BatchResult) -> None:
+        super().__init__(f"{len(result.failed)} of {len(result.outputs)} outputs failed")
+        self.result = result
+
+
+def _message(e: BaseException | None) -> str:
+    return "no result" if e is None else str(e) if isinstance(e, LorasaveError) else f"{type(e).__name__}: {e}"
+
+
+def load_jobs(path: PathLike) -> list[JobSpec]:
+    """Read and check a JOBS file (YAML or JSON; JSON is YAML too).
+
+    Returns:
+        The jobs in file order, paths resolved (module docstring).
+
+    Raises:
+        SourceNotFoundError: no such file.
+        InvalidOptionError: not YAML, too large, or a job/output that does not follow the format
+            (the message names the job and the key).
+    """
+    import yaml
+
+    from lorasave.errors import SourceNotFoundError
+
+    p = Path(path)
+    if not p.is_file():
+        raise SourceNotFoundError(f"jobs file {p} does not exist")
+    if p.stat().st_size > MAX_JOBS_FILE_BYTES:
+        raise InvalidOptionError(f"jobs file {p} is larger than {MAX_JOBS_FILE_BYTES >> 20} MiB")
+    try:
+        doc = yaml.safe_load(p.read_text(encoding="utf-8"))  # safe_load: plain data only, no Python objects
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise InvalidOptionError(f"jobs file {p} is not YAML or JSON: {str(e).splitlines()[0]}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
+        raise InvalidOptionError(f"jobs file {p} needs a top-level 'jobs:' list (see README, 'Many outputs in one pass')")
+    unknown = set(doc) - {"base", "jobs"}
+    if unknown:
+        raise InvalidOptionError(f"jobs file {p}: unknown top-level key(s) {', '.join(sorted(map(str, unknown)))}; expected base, jobs")
+    if len(doc["jobs"]) > MAX_JOBS:
+        raise InvalidOptionError(f"jobs file {p} has {len(doc['jobs'])} jobs; at most {MAX_JOBS}")
+    root = p.resolve().parent
+    default_base = doc.get("base")
+    return [_job(i, j, default_base, root) for i, j in enumerate(doc["jobs"])]
+
+
+def _str(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise InvalidOptionError(f"{what} must be a non-empty string")
+    return value
+
+
+def _source(value: str, root: Path) -> str:
+    """A relative path that exists beside JOBS, resolved; anything else as given (absolute or a Hub id)."""
+    return str(root / value) if not os.path.isabs(value) and (root / value).exists() else value
+
+
+def _job(i: int, job: Any, default_base: Any, root: Path) -> JobSpec:
+    where = f"job {i + 1}"
+    if not isinstance(job, dict):
+        raise InvalidOptionError(f"{where} must be a mapping with adapters and outputs")
+    unknown = set(job) - _JOB_KEYS
+    if unknown:
+        raise InvalidOptionError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; expected {', '.join(sorted(_JOB_KEYS))}")
+    base = job.get("base", default_base)
+    if base is None:
+        raise InvalidOptionError(f"{where} names no base and the jobs file has no top-level base")
+    adapters = job.get("adapters", [])
+    adapters = [adapters] if isinstance(adapters, str) else adapters
+    if not isinstance(adapters, list):
+        raise InvalidOptionError(f"{where}: adapters must be a list of adapter folders")
+    weights = job.get("weights")
+    if weights is not None and (not isinstance(weights, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)):
+        raise InvalidOptionError(f"{where}: weights must be a list of numbers, one per adapter")
+    outputs = job.get("outputs")
+    if not isinstance(outputs, list) or not outputs:
+        raise InvalidOptionError(f"{where}: outputs must be a non-empty list of {{format: ..., path: ...}}")
+    if len(outputs) > MAX_OUTPUTS_PER_JOB:
+        raise InvalidOptionError(f"{where} has {len(outputs)} outputs; at most {MAX_OUTPUTS_PER_JOB}")
+    specs = []
+    for k, out in enumerate(outputs):
+        w = f"{where}, output {k + 1}"
+        if not isinstance(out, dict):
+            raise InvalidOptionError(f"{w} must be a mapping {{format: ..., path: ...}}")
+        fmt = _str(out.get("format"), f"{w}: format")
+        if fmt not in FORMATS:
+            raise InvalidOptionError(f"{w}: format {fmt!r} is not one of {', '.join(FORMATS)}")
+        path = root / _str(out.get("path"), f"{w}: path")
+        specs.append(OutputSpec(fmt, path, {str(key): v for key, v in out.items() if key not in ("format", "path")}))
+    return JobSpec(
+        i,
+        _source(_str(base, f"{where}: base"), root),
+        [_source(_str(a, f"{where}: adapter"), root) for a in adapters],
+        [float(w) for w in weights] if weights is not None else None,
+        specs,
+    )
+
+
+def base_key(base: str) -> str:
+    """Jobs with equal keys share a pass: the real path of a folder, else the string (a Hub id)."""
+    return os.path.realpath(base) if os.path.isdir(base) else base
+
+
+def plan_job(job: JobSpec, *, overwrite: bool, allow_pickle: bool) -> list[tuple[OutputSpec, PlannedOutput | BaseException]]:
+    """Load the job's adapters once and plan each of its outputs; a failure is returned in place of its plan."""
+    from lorasave.sources.adapter import load_adapters
+
+    try:
+        ads = load_adapters(job.adapters, allow_pickle=allow_pickle) if job.adapters else []
+    except Exception as e:  # the whole job fails; the other jobs go on
+        return [(o, e) for o in job.outputs]
+    planned: list[tuple[OutputSpec, PlannedOutput | BaseException]] = []
+    for o in job.outputs:
+        try:
+            planned.append((o, plan_output(o.format, job.base, ads, o.path, weights=job.weights, overwrite=overwrite, allow_pickle=allow_pickle, **o.options)))
+        except Exception as e:
+            planned.append((o, e))
+    return planned
+
+
+def passes(jobs: Sequence[JobSpec], max_jobs_per_pass: int | None = None) -> list[list[JobSpec]]:
+    """Group jobs by base (first appearance order), each group cut into passes of ``max_jobs_per_pass`` jobs."""
+    if max_jobs_per_pass is not None and max_jobs_per_pass < 1:
+        raise InvalidOptionError("--max-jobs-per-pass must be at least 1")
+    groups: dict[str, list[JobSpec]] = {}
+    for job in jobs:
+        groups.setdefault(base_key(job.base), []).append(job)
+    step = max_jobs_per_pass or MAX_JOBS
+    return [group[i : i + step] for group in groups.values() for i in range(0, len(group), step)]
+
+
+def run_pass(jobs: Sequence[JobSpec], *, overwrite: bool = False, allow_pickle: bool = False) -> list[OutputOutcome]:
+    """Plan and write the outputs of ``jobs`` (one base) with one read of the base."""
+    outcomes: list[OutputOutcome] = []
+    planned: list[PlannedOutput] = []
+    slots: list[OutputOutcome] = []
+    for job in jobs:
+        for spec, plan in plan_job(job, overwrite=overwrite, allow_pickle=allow_pickle):
+            oc = OutputOutcome(job.index, spec.format, spec.path)
+            outcomes.append(oc)
+            if isinstance(plan, BaseException):
+                oc.error = plan
+            else:
+                planned.append(plan)
+                slots.append(oc)
+    if planned:
+        for oc, done in zip(slots, run_outputs(planned), strict=True):
+            oc.result, oc.error = done.result, done.error
+    return outcomes
+
+
+def run_batch(
+    jobs_file: PathLike,
+    *,
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    max_jobs_per_pass: int | None = None,
+    ray_address: str | None = None,
+    on_pass: Callable[[int, int], None] | None = None,
+) -> BatchResult:
+    """Run every job of ``jobs_file``; outputs of jobs sharing a base are written in one pass.
+
+    Args:
+        jobs_file: a JOBS file (module docstring; README "Many outputs in one pass").
+        overwrite: replace existing lorasave outputs at the outputs' paths.
+        allow_pickle: accept ``adapter_model.bin`` adapters.
+        max_jobs_per_pass: at most this many jobs share one pass (memory grows by the writers of
+            each job: a few blocks and a 64 MiB queue per writer).
+        ray_address: run the passes as Ray tasks on this cluster (``"auto"``: the running one;
+            ``pipeline.ray``); None runs them here, one after the other.
+        on_pass: called with ``(pass number, passes)`` before each pass (progress).
+
+    Returns:
+        BatchResult; it lists failed outputs, it does not raise for them.
+
+    Raises:
+        InvalidOptionError, SourceNotFoundError: the JOBS file itself is wrong (nothing is run).
+        RayNotInstalledError: ``ray_address`` without the ``ray`` package.
+    """
+    jobs = load_jobs(jobs_file)
+    groups = passes(jobs, max_jobs_per_pass)
+    result = BatchResult(passes=len(groups))
+    if ray_address is not None:
+        from lorasave.pipeline.ray import run_passes_on_ray
+
+        done = run_passes_on_ray(groups, ray_address, overwrite=overwrite, allow_pickle=allow_pickle)
+    else:
+        done = []
+        for n, group in enumerate(groups):
+            if on_pass is not None:
+                on_pass(n, len(groups))
+            logger.info("pass %d of %d: %d job(s) over %s", n + 1, len(groups), len(group), group[0].base)
+            done.append(run_pass(group, overwrite=overwrite, allow_pickle=allow_pickle))
+    by_job = sorted((o for outs in done for o in outs), key=lambda o: o.job)
+    result.outputs = by_job
+    return result

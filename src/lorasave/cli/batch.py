@@ -1,0 +1,60 @@
+"""``lorasave batch JOBS``: registered on :data:`lorasave.cli.main.main`; same thin-shell rules."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from lorasave.cli.app import _debug_option, _run, _threads_option, main
+
+#: Exit code when the batch ran but some outputs failed (the summary lists them).
+EXIT_SOME_FAILED = 1
+
+
+@main.command("batch", short_help="Run a JOBS file: many adapters and outputs, one read of each base.")
+@click.argument("jobs_file", metavar="JOBS", type=click.Path())
+@click.option("--max-jobs-per-pass", type=click.IntRange(min=1), default=None, help="At most this many jobs share one pass over a base (bounds memory).")
+@click.option(
+    "--ray",
+    "ray_address",
+    is_flag=False,
+    flag_value="auto",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run the passes as tasks on a Ray cluster (default address: auto, the running one); needs lorasave[ray].",
+)
+@_threads_option
+@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
+@click.option("--quiet", "-q", is_flag=True, help="No notes or summary.")
+@click.option("--overwrite", is_flag=True, help="Replace existing lorasave outputs (each only once its new version is complete).")
+@click.option("--allow-pickle", is_flag=True, help="Accept .bin pickle adapter weights, loaded with torch.load(weights_only=True).")
+@_debug_option
+@click.pass_context
+def batch_cmd(
+    ctx: click.Context,
+    jobs_file: str,
+    max_jobs_per_pass: int | None,
+    ray_address: str | None,
+    as_json: bool,
+    quiet: bool,
+    overwrite: bool,
+    allow_pickle: bool,
+) -> None:
+    """Run every job of JOBS (YAML or JSON); jobs that share a base are written in one pass over it.
+
+    Each output is atomic on its own and byte-identical to what its single command writes; a job that
+    fails does not stop the others. The summary lists every output; the exit code is 1 if any failed.
+    See README, "Many outputs in one pass", for the JOBS format.
+    """
+    from lorasave.batch import run_batch
+
+    done: list[Any] = []
+
+    def go() -> Any:
+        done.append(run_batch(jobs_file, overwrite=overwrite, allow_pickle=allow_pickle, max_jobs_per_pass=max_jobs_per_pass, ray_address=ray_address))
+        return done[0]
+
+    _run(ctx, go, quiet=quiet, as_json=as_json)
+    if done and done[0].failed:
+        ctx.exit(EXIT_SOME_FAILED)

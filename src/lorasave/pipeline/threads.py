@@ -1,0 +1,49 @@
+"""How many worker threads a pass uses (``--threads N``).
+
+A pass computes the merged row blocks of a tensor on a pool of ``N`` threads (a few blocks ahead of
+the writers, in order), while each writer converts, hashes and writes behind on a thread of its own.
+Torch runs one intra-op thread in each (``execute_pass``): the pool is the parallelism, so cores
+are not oversubscribed by OpenMP threads spinning beside the workers. Block boundaries and the
+arithmetic of a block do not depend on ``N``: the output bytes are the same for every ``N``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+from lorasave.errors import InvalidOptionError
+
+_THREADS: ContextVar[int | None] = ContextVar("lorasave_threads", default=None)
+
+
+def machine_threads() -> int:
+    """The cores this process may run on (``os.sched_getaffinity``; ``os.cpu_count`` elsewhere)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_threads() -> int:
+    """Threads of the pass pool: the value set by :func:`use_threads`, else :func:`machine_threads`."""
+    n = _THREADS.get()
+    return machine_threads() if n is None else n
+
+
+@contextlib.contextmanager
+def use_threads(n: int | None) -> Iterator[None]:
+    """Run passes with ``n`` worker threads inside the block (None: the machine's cores).
+
+    Raises:
+        InvalidOptionError: ``n`` < 1.
+    """
+    if n is not None and n < 1:
+        raise InvalidOptionError(f"threads must be at least 1, not {n}")
+    token = _THREADS.set(n)
+    try:
+        yield
+    finally:
+        _THREADS.reset(token)
