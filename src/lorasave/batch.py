@@ -254,8 +254,10 @@ def passes(jobs: Sequence[JobSpec], max_jobs_per_pass: int | None = None) -> lis
     return [group[i : i + step] for group in groups.values() for i in range(0, len(group), step)]
 
 
-def run_pass(jobs: Sequence[JobSpec], *, overwrite: bool = False, allow_pickle: bool = False) -> list[OutputOutcome]:
-    """Plan and write the outputs of ``jobs`` (one base) with one read of the base."""
+def run_pass(
+    jobs: Sequence[JobSpec], *, overwrite: bool = False, allow_pickle: bool = False, on_staged: Callable[[], None] | None = None
+) -> list[OutputOutcome]:
+    """Plan and write the outputs of ``jobs`` (one base) with one read of the base (``on_staged``: ``run_outputs``'s)."""
     outcomes: list[OutputOutcome] = []
     planned: list[PlannedOutput] = []
     slots: list[OutputOutcome] = []
@@ -269,7 +271,7 @@ def run_pass(jobs: Sequence[JobSpec], *, overwrite: bool = False, allow_pickle: 
                 planned.append(plan)
                 slots.append(oc)
     if planned:
-        for oc, done in zip(slots, run_outputs(planned), strict=True):
+        for oc, done in zip(slots, run_outputs(planned, on_staged), strict=True):
             oc.result, oc.error = done.result, done.error
     return outcomes
 
@@ -307,8 +309,10 @@ def run_batch(
     result = BatchResult(passes=len(groups))
     if ray_address is not None:
         from lorasave.pipeline.ray import run_passes_on_ray
+        from lorasave.pipeline.threads import requested_threads
 
-        done = run_passes_on_ray(groups, ray_address, overwrite=overwrite, allow_pickle=allow_pickle)
+        cpus = requested_threads() or 1  # a task per pass; --threads N reserves N CPUs for each
+        done = run_passes_on_ray(groups, ray_address, overwrite=overwrite, allow_pickle=allow_pickle, cpus_per_pass=cpus)
     else:
         done = []
         for n, group in enumerate(groups):

@@ -40,6 +40,8 @@ _INSTALL_HINTS = {
     "onnxscript": "pip install 'lorasave[onnx]'",
     "bitsandbytes": "pip install 'lorasave[bnb]'",
     "peft": "pip install 'lorasave[verify]'",
+    "ray": "pip install 'lorasave[ray]'",
+    "yaml": "pip install pyyaml",
 }
 
 

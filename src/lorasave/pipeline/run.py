@@ -81,8 +81,11 @@ def _jobs(outputs: Sequence[PlannedOutput]) -> list[tuple[PassJob, list[int]]]:
     return list(groups.values())
 
 
-def run_outputs(outputs: Sequence[PlannedOutput]) -> list[Outcome]:
+def run_outputs(outputs: Sequence[PlannedOutput], on_staged: Callable[[], None] | None = None) -> list[Outcome]:
     """Write every planned output (all sharing one base) with one read of the base.
+
+    Args:
+        on_staged: called once the staging folders exist, before the pass (a Ray task's test hook).
 
     Returns:
         One :class:`Outcome` per output, in order. ``KeyboardInterrupt`` and other non-``Exception``
@@ -110,6 +113,8 @@ def run_outputs(outputs: Sequence[PlannedOutput]) -> list[Outcome]:
                         job.writers.append((w, stages[i].path))
             if job.writers:
                 live.append((job, where))
+        if on_staged is not None:
+            on_staged()
         if live:
             execute_pass([job for job, _ in live])
         for job, where in live:

@@ -27,6 +27,11 @@ def machine_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def requested_threads() -> int | None:
+    """The value set by :func:`use_threads` (None: not set)."""
+    return _THREADS.get()
+
+
 def worker_threads() -> int:
     """Threads of the pass pool: the value set by :func:`use_threads`, else :func:`machine_threads`."""
     n = _THREADS.get()

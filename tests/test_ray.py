@@ -1,0 +1,114 @@
+"""``lorasave batch --ray``: passes as tasks on a real local Ray cluster, outputs equal to local runs.
+
+The fixture starts a head node (``ray start --head --num-cpus 2`` with a small object store) and
+always stops it (``ray stop`` in a finalizer, like a shell trap). The second test kills the task's
+worker mid-pass (the task writes its pid, then waits; the test kills that pid) and checks that Ray
+retried the pass and that no partial output ever appeared under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+
+from lorasave.cli.main import main
+
+ray = pytest.importorskip("ray") if not os.environ.get("CI") else __import__("ray")
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+BASE, LORA = EXAMPLES / "tiny-llama", EXAMPLES / "tiny-llama-lora"
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+    start = [RAY, "start", "--head", "--num-cpus", "2", "--object-store-memory", str(100 * 10**6), "--include-dashboard=false", "--disable-usage-stats"]
+    r = subprocess.run(start, env=env, capture_output=True, text=True, timeout=300)
+    try:
+        assert r.returncode == 0, r.stdout + r.stderr
+        yield "auto"
+    finally:
+        subprocess.run([RAY, "stop", "--force"], env=env, capture_output=True, timeout=120)
+
+
+def _jobs(root: Path) -> Path:
+    shutil.copytree(LORA, root / "runs" / "ck1")
+    doc = {
+        "base": str(BASE),
+        "jobs": [
+            {
+                "adapters": ["runs/ck1"],
+                "outputs": [
+                    {"format": "safetensors", "path": "out/st", "max_shard_size": "200KB"},
+                    {"format": "gguf", "types": ["q8_0", "f16"], "path": "out/gguf"},
+                ],
+            },
+            {"adapters": ["runs/ck1"], "weights": [0.5], "outputs": [{"format": "safetensors", "path": "out/half"}]},
+        ],
+    }
+    (root / "jobs.yaml").write_text(json.dumps(doc))
+    return root / "jobs.yaml"
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "lorasave.json"}
+
+
+def test_batch_on_ray_equals_local(cluster: str, tmp_path: Path) -> None:
+    jobs = _jobs(tmp_path)
+    r = CliRunner().invoke(main, ["batch", str(jobs), "--ray", cluster, "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.output)
+    assert doc["ok"] and len(doc["outputs"]) == 3
+    shutil.move(tmp_path / "out", tmp_path / "ray-out")
+    r = CliRunner().invoke(main, ["batch", str(jobs), "--quiet"])
+    assert r.exit_code == 0, r.output
+    for name in ("st", "gguf", "half"):
+        assert _files(tmp_path / "ray-out" / name) == _files(tmp_path / "out" / name), name
+    r = CliRunner().invoke(main, ["verify", str(tmp_path / "ray-out" / "st")])
+    assert r.exit_code == 0, r.output
+
+
+def test_killed_task_is_retried_without_partial_output(cluster: str, tmp_path: Path) -> None:
+    from lorasave.batch import load_jobs, passes
+    from lorasave.pipeline.ray import run_passes_on_ray
+
+    jobs = _jobs(tmp_path)
+    groups = passes(load_jobs(jobs))
+    pid_file = tmp_path / "task.pid"
+    out: list[Any] = []
+    driver = threading.Thread(target=lambda: out.append(run_passes_on_ray(groups, cluster, max_retries=1, pid_file=str(pid_file))))
+    driver.start()
+    deadline = time.monotonic() + 240
+    while not pid_file.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pid_file.exists(), "the task never started"
+    first = int(pid_file.read_text())
+    staged = [p.name for p in (tmp_path / "out").iterdir()]
+    assert staged and all(".lorasave-tmp-" in n or ".lorasave-lock-" in n for n in staged), staged  # mid-pass: staged, nothing final
+    os.kill(first, signal.SIGKILL)
+    driver.join(timeout=300)
+    assert not driver.is_alive() and out, "the retried pass did not finish"
+    outcomes = out[0][0]
+    assert all(o.ok for o in outcomes), [str(o.error) for o in outcomes]
+    assert int(pid_file.read_text()) != first, "the second attempt ran in another worker"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gguf", "half", "st"], "the dead attempt's staging folders were swept"
+    shutil.move(tmp_path / "out", tmp_path / "ray-out")
+    r = CliRunner().invoke(main, ["batch", str(jobs), "--quiet"])
+    assert r.exit_code == 0, r.output
+    for name in ("st", "gguf", "half"):
+        assert _files(tmp_path / "ray-out" / name) == _files(tmp_path / "out" / name), name
