@@ -35,7 +35,8 @@ class PlannedOutput:
         final: OUT.
         overwrite: replace a lorasave output (or an empty folder) at OUT at commit.
         stamps: source file stamps, checked again at commit (``sources.stamp.record``).
-        plan: the merge plan whose recipes the pass runs for this output's job.
+        plan: the merge plan whose recipes the pass runs for this output's job; None for an output
+            that takes no part in the pass (ONNX, the GGUF adapter: ``finish`` writes everything).
         adapters: the adapters the recipes index into.
         writers: the weight-file writers; they write into the staging folder.
         needed_bytes: bytes its files take (free-space check), carried files excluded.
@@ -51,11 +52,11 @@ class PlannedOutput:
     final: Path
     overwrite: bool
     stamps: dict[Path, Stamp]
-    plan: MergePlan
-    adapters: list[Adapter]
-    writers: list[OutputWriter]
     needed_bytes: int
     finish: Callable[[Path, Timings], Any]
+    plan: MergePlan | None = None
+    adapters: list[Adapter] = field(default_factory=list)
+    writers: list[OutputWriter] = field(default_factory=list)
     carried_bytes: int = 0
     merge_key: tuple[Any, ...] = ()
     cleanup: list[Callable[[], None]] = field(default_factory=list)
@@ -74,6 +75,8 @@ def _jobs(outputs: Sequence[PlannedOutput]) -> list[tuple[PassJob, list[int]]]:
     """Group outputs that share adapters and merge options into one pass job each."""
     groups: dict[tuple[Any, ...], tuple[PassJob, list[int]]] = {}
     for i, out in enumerate(outputs):
+        if out.plan is None or not out.writers:
+            continue
         key = (tuple(id(a) for a in out.adapters), out.merge_key)
         if key not in groups:
             groups[key] = (PassJob(out.plan, out.adapters, []), [])
@@ -126,7 +129,7 @@ def run_outputs(outputs: Sequence[PlannedOutput], on_staged: Callable[[], None] 
             if stage is None or outcomes[i].error is not None:
                 continue
             try:
-                timings = next(job.timings for job, where in live if any(j == i for j, _ in where))
+                timings = next((job.timings for job, where in live if any(j == i for j, _ in where)), Timings())
                 outcomes[i].result = out.finish(stage.path, timings)
                 stage.commit()
             except Exception as e:

@@ -193,9 +193,21 @@ def parse_types(type: str | Sequence[str]) -> list[GgufType]:
     return out
 
 
-def export_gguf(
-    base: PathLike,
-    adapters: PathLike | Sequence[PathLike],
+def export_gguf(base: PathLike, adapters: PathLike | Sequence[PathLike], output_dir: PathLike, **options: Any) -> GgufResult:
+    """Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<name>-<type>.gguf`` (one per type) plus ``lorasave.json``.
+
+    ``plan_gguf`` (its arguments and errors are these) run as one pass (``pipeline.run``).
+
+    Returns:
+        GgufResult.
+    """
+    result: GgufResult = run_single(plan_gguf(base, adapters, output_dir, **options))
+    return result
+
+
+def plan_gguf(
+    base: PathLike | Checkpoint,
+    adapters: PathLike | Sequence[PathLike] | Sequence[Adapter],
     output_dir: PathLike,
     *,
     type: str | Sequence[str] = "f16",
@@ -205,7 +217,7 @@ def export_gguf(
     allow_pickle: bool = False,
     verify: bool = False,
     modelfile: bool = True,
-) -> GgufResult:
+) -> PlannedOutput:
     """Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<name>-<type>.gguf`` (one per type) plus ``lorasave.json``.
 
     Each tensor's merged float32 value W0 + Σ scaling·(B @ A) is computed once, row block by row
@@ -235,7 +247,7 @@ def export_gguf(
             chat template (``ollama.write_modelfile``).
 
     Returns:
-        GgufResult.
+        The planned output; ``pipeline.run.run_single`` writes it and returns a GgufResult.
 
     Raises:
         InvalidOptionError: unknown ``type``, or a ``name`` that is not a plain file name (``names.check_file_name``).
@@ -247,37 +259,6 @@ def export_gguf(
         (AdapterMismatchError, OutputExistsError, UnsafePathError, InsufficientDiskError,
         NonFiniteResultError, VerificationError, ...).
     """
-    result: GgufResult = run_single(
-        plan_gguf(
-            base,
-            adapters,
-            output_dir,
-            type=type,
-            overwrite=overwrite,
-            name=name,
-            tokenizer=tokenizer,
-            allow_pickle=allow_pickle,
-            verify=verify,
-            modelfile=modelfile,
-        )
-    )
-    return result
-
-
-def plan_gguf(
-    base: PathLike | Checkpoint,
-    adapters: PathLike | Sequence[PathLike] | Sequence[Adapter],
-    output_dir: PathLike,
-    *,
-    type: str | Sequence[str] = "f16",
-    overwrite: bool = False,
-    name: str | None = None,
-    tokenizer: PathLike | None = None,
-    allow_pickle: bool = False,
-    verify: bool = False,
-    modelfile: bool = True,
-) -> PlannedOutput:
-    """Plan :func:`export_gguf` (same arguments and planning errors); ``pipeline.run`` writes it."""
     t_start = time.perf_counter()
     if name is not None:
         check_file_name(name, "name")

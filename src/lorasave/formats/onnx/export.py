@@ -39,8 +39,10 @@ import torch
 from lorasave.errors import InvalidOptionError, UnsupportedModelError
 from lorasave.formats.card_sources import card_sources
 from lorasave.formats.onnx.run import ONNX_NAME, OnnxDecoder, OnnxVerificationError, import_onnx, onnx_bytes_bound, onnx_generate, verify_onnx
+from lorasave.merging.stream import Timings
 from lorasave.pipeline.manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
-from lorasave.pipeline.output import StagedOutput, align_generation_eos, carry_files, carry_plan, check_free_space, check_output_path, write_config
+from lorasave.pipeline.output import StagedOutput, align_generation_eos, carry_files, carry_plan, check_output_path, write_config
+from lorasave.pipeline.run import PlannedOutput, run_single
 from lorasave.sources import stamp as source_stamp
 from lorasave.sources.adapter import adapter_list
 from lorasave.util.jsonio import read_json
@@ -484,10 +486,11 @@ def export_onnx(
     tok_dir = Path(tokenizer) if tokenizer is not None else ckpt.root  # the merge picks its own tokenizer: counted alike
     carry = carry_plan(ckpt.root, tok_dir)
     n_elements = sum(math.prod(e.shape) for e in ckpt.tensors.values())
-    check_free_space(final, onnx_bytes_bound(n_elements, merged=bool(ads), dtype=dtype_name, quantize=quant), carried=2 * carry.nbytes)  # merge + OUT
+    needed = onnx_bytes_bound(n_elements, merged=bool(ads), dtype=dtype_name, quantize=quant)
     timings: dict[str, float] = {}
-    with StagedOutput(final, overwrite=overwrite, sources=source_stamp.record(ckpt)) as stage:
-        work = stage.path / ".work"
+
+    def finish(folder: Path, _: Timings) -> OnnxResult:
+        work = folder / ".work"
         work.mkdir()
         if ads:
             from lorasave.api import merge
@@ -511,7 +514,7 @@ def export_onnx(
         with _timed(timings, "load"), _quiet():
             model = load_causal_lm(model_dir)
             geometry = cache_geometry(model)
-        graph = stage.path / ONNX_NAME
+        graph = folder / ONNX_NAME
         with _timed(timings, "export"):
             exported = model if dtype_name == "float32" else copy.deepcopy(model).to(_TORCH_DTYPES[dtype_name])
             if quant:
@@ -538,17 +541,17 @@ def export_onnx(
                 )
         del model
         if ads:
-            _side_files(model_dir, stage.path, dtype_name)
+            _side_files(model_dir, folder, dtype_name)
         else:
-            carry_files(ckpt.root, tok_dir, stage.path, carry)
-            write_config(ckpt.config, stage.path / "config.json", dtype=_TORCH_DTYPES[dtype_name])
+            carry_files(ckpt.root, tok_dir, folder, carry)
+            write_config(ckpt.config, folder / "config.json", dtype=_TORCH_DTYPES[dtype_name])
             if tok_dir.resolve() != ckpt.root.resolve():
-                align_generation_eos(stage.path, tok_dir)
-        _write_card(stage.path, final.name, ckpt, described, dtype_name, quant, opset, geometry, verification)
+                align_generation_eos(folder, tok_dir)
+        _write_card(folder, final.name, ckpt, described, dtype_name, quant, opset, geometry, verification)
         shutil.rmtree(work)
-        names = sorted(p.name for p in stage.path.iterdir() if p.is_file() and p.name != StagedOutput.LOCK)
-        files = {n: sha256_file(stage.path / n) for n in names}
-        onnx_bytes = sum((stage.path / n).stat().st_size for n in names if n.startswith(ONNX_NAME))
+        names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != StagedOutput.LOCK)
+        files = {n: sha256_file(folder / n) for n in names}
+        onnx_bytes = sum((folder / n).stat().st_size for n in names if n.startswith(ONNX_NAME))
         settings = {
             "dtype": dtype_name,
             "quantize": quant,
@@ -566,21 +569,32 @@ def export_onnx(
             "verification": verification,
             "merge": merge_summary,
         }
-        write_manifest(stage.path, command="onnx", sources=described, settings=settings, result=summary, files=files)
-        stage.commit()
-    result = OnnxResult(
-        output=final,
-        files=sorted([*files, MANIFEST_NAME]),
-        verification=verification,
-        seconds=round(time.perf_counter() - t_start, 3),
-        dtype=dtype_name,
-        quantize=quant,
-        opset=opset,
-        n_layers=geometry.n_layers,
-        num_kv_heads=geometry.num_kv_heads,
-        head_dim=geometry.head_dim,
-        total_bytes=onnx_bytes,
-        timings=timings,
+        write_manifest(folder, command="onnx", sources=described, settings=settings, result=summary, files=files)
+        result = OnnxResult(
+            output=final,
+            files=sorted([*files, MANIFEST_NAME]),
+            verification=verification,
+            seconds=round(time.perf_counter() - t_start, 3),
+            dtype=dtype_name,
+            quantize=quant,
+            opset=opset,
+            n_layers=geometry.n_layers,
+            num_kv_heads=geometry.num_kv_heads,
+            head_dim=geometry.head_dim,
+            total_bytes=onnx_bytes,
+            timings=timings,
+        )
+        logger.debug("%s", result.summary())
+        return result
+
+    planned = PlannedOutput(
+        command="onnx",
+        final=final,
+        overwrite=overwrite,
+        stamps=source_stamp.record(ckpt),
+        needed_bytes=needed,
+        carried_bytes=2 * carry.nbytes,  # merge + OUT
+        finish=finish,
     )
-    logger.debug("%s", result.summary())
+    result: OnnxResult = run_single(planned)
     return result
