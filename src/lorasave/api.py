@@ -21,11 +21,9 @@ from lorasave.merging.stream import Timings
 from lorasave.pipeline.cards import adapter_snippet, hub_id, merged_snippet, write_card
 from lorasave.pipeline.manifest import MANIFEST_NAME, SourceHasher, result_dict, sha256_file, write_manifest
 from lorasave.pipeline.output import (
-    StagedOutput,
     align_generation_eos,
     carry_files,
     carry_plan,
-    check_free_space,
     check_output_path,
     tokenizer_source,
     write_config,
@@ -491,20 +489,20 @@ def save_adapter(
             tensors[k] = t.contiguous()
     lay = layout((k, st_dtype(t.dtype), tuple(t.shape)) for k, t in tensors.items())
     header = serialize_header(lay, {"format": "pt"})
-    check_free_space(final, len(header) + (lay[-1].end if lay else 0), carried=(ad.root / ADAPTER_CONFIG_NAME).stat().st_size)
-    files: dict[str, str] = {}
-    with StagedOutput(final, overwrite=overwrite, sources=source_stamp.record(None, [ad])) as stage:
-        writer = SafetensorsShardWriter(stage.path / ADAPTER_SAFE_NAME, header, lay)
+
+    def finish(folder: Path, _: Timings) -> AdapterResult:
+        files: dict[str, str] = {}
+        writer = SafetensorsShardWriter(folder / ADAPTER_SAFE_NAME, header, lay)
         writer.begin()
         for entry in lay:
             t = tensors[entry.name]
             writer.write(entry.name, memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B"))
         files[ADAPTER_SAFE_NAME] = writer.end()
-        shutil.copyfile(ad.root / ADAPTER_CONFIG_NAME, stage.path / ADAPTER_CONFIG_NAME)
-        files[ADAPTER_CONFIG_NAME] = sha256_file(stage.path / ADAPTER_CONFIG_NAME)
+        shutil.copyfile(ad.root / ADAPTER_CONFIG_NAME, folder / ADAPTER_CONFIG_NAME)
+        files[ADAPTER_CONFIG_NAME] = sha256_file(folder / ADAPTER_CONFIG_NAME)
         base_name = ad.config.get("base_model_name_or_path")
         write_card(
-            stage.path,
+            folder,
             kind="adapter",
             base_model=base_name,
             architectures=None,
@@ -514,15 +512,26 @@ def save_adapter(
             load_snippet=adapter_snippet(str(base_name or "BASE"), final.name),
             title=final.name,
         )
-        files["README.md"] = sha256_file(stage.path / "README.md")
+        files["README.md"] = sha256_file(folder / "README.md")
         hashes = {p.name: sha256_file(p) for p in ad.source_files()}
         write_manifest(
-            stage.path,
+            folder,
             command="adapter",
             sources={"adapters": [_describe_adapter(ad, hashes)]},
             settings={"dtype": dtype_name(out_dtype) if out_dtype else "as-is", "allow_pickle": allow_pickle},
             result={"n_tensors": len(tensors)},
             files=files,
         )
-        stage.commit()
-    return AdapterResult(final, sorted([*files, MANIFEST_NAME]), len(tensors), dtype_name(out_dtype) if out_dtype else "as-is")
+        return AdapterResult(final, sorted([*files, MANIFEST_NAME]), len(tensors), dtype_name(out_dtype) if out_dtype else "as-is")
+
+    planned = PlannedOutput(
+        command="adapter",
+        final=final,
+        overwrite=overwrite,
+        stamps=source_stamp.record(None, [ad]),
+        needed_bytes=len(header) + (lay[-1].end if lay else 0),
+        carried_bytes=(ad.root / ADAPTER_CONFIG_NAME).stat().st_size,
+        finish=finish,
+    )
+    result: AdapterResult = run_single(planned)
+    return result

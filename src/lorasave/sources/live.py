@@ -34,7 +34,8 @@ from lorasave.errors import InvalidOptionError, UnsupportedModelError
 from lorasave.formats.bnb import check_quant_method, group_quantized
 from lorasave.pipeline.cards import hub_id, merged_snippet, write_card
 from lorasave.pipeline.manifest import MANIFEST_NAME, sha256_file, write_manifest
-from lorasave.pipeline.output import StagedOutput, check_free_space, check_output_path, set_generation_eos, write_config
+from lorasave.pipeline.output import check_free_space, check_output_path, set_generation_eos, write_config
+from lorasave.pipeline.run import PlannedOutput, run_single
 from lorasave.sources.adapter import KEY_PREFIX, Adapter, TunerType, _check_config, _resolve_modules
 from lorasave.sources.checkpoint import Checkpoint, MemoryEntry
 from lorasave.util.dtypes import FLOAT_DTYPES, parse_output_dtype
@@ -280,23 +281,26 @@ def _base_folder(base: Any, ckpt: Checkpoint) -> dict[str, Any] | None:
 
 def _save_lora(model: Any, final: Path, tokenizer: Any, overwrite: bool) -> Path:
     check_output_path(final, [], overwrite)
-    with StagedOutput(final, overwrite=overwrite) as stage:
-        model.save_pretrained(stage.path, safe_serialization=True)
+
+    def finish(folder: Path, _: Any) -> Path:
+        model.save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:
-            tokenizer.save_pretrained(stage.path)
+            tokenizer.save_pretrained(folder)
         check_free_space(final, 0)
-        files = {p.name: sha256_file(p) for p in sorted(stage.path.iterdir()) if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(".")}
+        files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(".")}
         cfg = model.peft_config[_active_adapter(model)]
         write_manifest(
-            stage.path,
+            folder,
             command="adapter",
             sources={"live_model": {"class": type(model.get_base_model()).__name__}},
             settings={"save_method": "lora"},
             result={"peft_type": str(getattr(cfg, "peft_type", ""))},
             files=files,
         )
-        stage.commit()
-    return final
+        return final
+
+    saved: Path = run_single(PlannedOutput(command="adapter", final=final, overwrite=overwrite, stamps={}, needed_bytes=0, finish=finish))
+    return saved
 
 
 def attach(model: Any) -> Any:
