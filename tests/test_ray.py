@@ -84,14 +84,14 @@ def test_batch_on_ray_equals_local(cluster: str, tmp_path: Path) -> None:
 
 
 def test_killed_task_is_retried_without_partial_output(cluster: str, tmp_path: Path) -> None:
-    from lorasave.batch import load_jobs, passes
+    from lorasave.batch import from_record, load_jobs, pass_records, passes
     from lorasave.pipeline.ray import run_passes_on_ray
 
     jobs = _jobs(tmp_path)
     groups = passes(load_jobs(jobs))
     pid_file = tmp_path / "task.pid"
     out: list[Any] = []
-    driver = threading.Thread(target=lambda: out.append(run_passes_on_ray(groups, cluster, max_retries=1, pid_file=str(pid_file))))
+    driver = threading.Thread(target=lambda: out.append(run_passes_on_ray(pass_records, groups, cluster, max_retries=1, pid_file=str(pid_file))))
     driver.start()
     deadline = time.monotonic() + 240
     while not pid_file.exists() and time.monotonic() < deadline:
@@ -103,7 +103,7 @@ def test_killed_task_is_retried_without_partial_output(cluster: str, tmp_path: P
     os.kill(first, signal.SIGKILL)
     driver.join(timeout=300)
     assert not driver.is_alive() and out, "the retried pass did not finish"
-    outcomes = out[0][0]
+    outcomes = [from_record(r) for r in out[0][0]]
     assert all(o.ok for o in outcomes), [str(o.error) for o in outcomes]
     assert int(pid_file.read_text()) != first, "the second attempt ran in another worker"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gguf", "half", "st"], "the dead attempt's staging folders were swept"

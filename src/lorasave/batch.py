@@ -276,6 +276,47 @@ def run_pass(
     return outcomes
 
 
+class RemoteOutputError(LorasaveError, RuntimeError):
+    """An output failed in a Ray task; the message is the task's one-line error."""
+
+
+@dataclass(frozen=True)
+class RemoteResult:
+    """A command's result as a Ray task returned it (its ``summary()`` line and ``to_dict()``)."""
+
+    line: str
+    data: dict[str, Any]
+
+    def summary(self) -> str:
+        return self.line
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.data
+
+
+def pass_records(jobs: Sequence[JobSpec], *, on_staged: Callable[[], None] | None = None, **options: Any) -> list[dict[str, Any]]:
+    """:func:`run_pass` with each outcome as a small record (what a Ray task returns: no tensor, no exception object)."""
+    out = []
+    for o in run_pass(jobs, on_staged=on_staged, **options):
+        rec: dict[str, Any] = {"job": o.job, "format": o.format, "path": str(o.path)}
+        if o.ok:
+            rec.update(summary=o.result.summary(), result=o.result.to_dict())
+        else:
+            rec["error"] = _message(o.error)
+        out.append(rec)
+    return out
+
+
+def from_record(rec: dict[str, Any]) -> OutputOutcome:
+    """The :class:`OutputOutcome` of a :func:`pass_records` record."""
+    oc = OutputOutcome(rec["job"], rec["format"], Path(rec["path"]))
+    if "error" in rec:
+        oc.error = RemoteOutputError(rec["error"])
+    else:
+        oc.result = RemoteResult(rec["summary"], rec["result"])
+    return oc
+
+
 def run_batch(
     jobs_file: PathLike,
     *,
@@ -312,7 +353,8 @@ def run_batch(
         from lorasave.pipeline.threads import requested_threads
 
         cpus = requested_threads() or 1  # a task per pass; --threads N reserves N CPUs for each
-        done = run_passes_on_ray(groups, ray_address, overwrite=overwrite, allow_pickle=allow_pickle, cpus_per_pass=cpus)
+        records = run_passes_on_ray(pass_records, groups, ray_address, options={"overwrite": overwrite, "allow_pickle": allow_pickle}, cpus_per_pass=cpus)
+        done = [[from_record(r) for r in recs] for recs in records]
     else:
         done = []
         for n, group in enumerate(groups):

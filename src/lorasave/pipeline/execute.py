@@ -23,7 +23,6 @@ from typing import Any
 
 import torch
 
-from lorasave.formats.safetensors.output import SafetensorsOutput
 from lorasave.formats.writer import OutputWriter, TensorSink
 from lorasave.merging.stream import ExecContext, Timings, tensor_blocks
 from lorasave.pipeline.threads import worker_threads
@@ -170,29 +169,3 @@ def raise_first(job: PassJob) -> None:
     """Raise the job's first failure (the single-output API's behaviour)."""
     if job.failures:
         raise job.failures[min(job.failures)]
-
-
-def execute(plan: MergePlan, adapters: list[Adapter], folder: Path, bar: Any) -> tuple[dict[str, str], Timings]:
-    """Write every shard of ``plan`` into ``folder`` (a pass with one job and one safetensors output).
-
-    Args:
-        plan: the merge plan.
-        adapters: the adapters its recipes index into.
-        folder: the staging folder.
-        bar: a tqdm-like progress bar, advanced by bytes of tensor data.
-
-    Returns:
-        ``({shard file name: sha256}, timings)``.
-
-    Raises:
-        NonFiniteResultError and reader errors; write errors from the writer thread.
-    """
-    out = SafetensorsOutput(plan, on_bytes=bar.update)
-    job = PassJob(plan, adapters, [(out, folder)])
-    execute_pass([job])
-    raise_first(job)
-    timings = job.timings
-    timings.merge += out.timings.merge
-    timings.write += out.timings.write
-    timings.hash += out.timings.hash
-    return out.files, timings

@@ -19,52 +19,15 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lorasave.batch import JobSpec, OutputOutcome, run_pass
-from lorasave.errors import LorasaveError
 from lorasave.pipeline.threads import use_threads
 
 logger = logging.getLogger(__name__)
 
 #: How many times Ray runs a pass again after its worker died.
 MAX_RETRIES = 2
-
-
-class RemoteOutputError(LorasaveError, RuntimeError):
-    """An output failed in a Ray task; the message is the task's one-line error."""
-
-
-@dataclass(frozen=True)
-class RemoteResult:
-    """A command's result as a Ray task returned it (its ``summary()`` line and ``to_dict()``)."""
-
-    line: str
-    data: dict[str, Any]
-
-    def summary(self) -> str:
-        return self.line
-
-    def to_dict(self) -> dict[str, Any]:
-        return self.data
-
-
-def _record(o: OutputOutcome) -> dict[str, Any]:
-    if o.ok:
-        return {"job": o.job, "format": o.format, "path": str(o.path), "summary": o.result.summary(), "result": o.result.to_dict()}
-    err = o.error
-    return {"job": o.job, "format": o.format, "path": str(o.path), "error": str(err) if isinstance(err, LorasaveError) else f"{type(err).__name__}: {err}"}
-
-
-def _outcome(rec: dict[str, Any]) -> OutputOutcome:
-    oc = OutputOutcome(rec["job"], rec["format"], Path(rec["path"]))
-    if "error" in rec:
-        oc.error = RemoteOutputError(rec["error"])
-    else:
-        oc.result = RemoteResult(rec["summary"], rec["result"])
-    return oc
 
 
 def _pause_first_attempt(pid_file: str) -> Callable[[], None]:
@@ -80,34 +43,37 @@ def _pause_first_attempt(pid_file: str) -> Callable[[], None]:
     return hook
 
 
-def pass_task(jobs: list[JobSpec], overwrite: bool, allow_pickle: bool, threads: int, pid_file: str | None = None) -> list[dict[str, Any]]:
-    """One pass, run in a Ray worker; returns one record per output (``_record``)."""
+def pass_task(fn: Callable[..., list[dict[str, Any]]], group: list[Any], threads: int, pid_file: str | None, options: dict[str, Any]) -> list[dict[str, Any]]:
+    """One pass, run in a Ray worker: ``fn(group, on_staged=..., **options)`` with ``threads`` worker threads."""
     hook = _pause_first_attempt(pid_file) if pid_file else None
     with use_threads(threads):
-        return [_record(o) for o in run_pass(jobs, overwrite=overwrite, allow_pickle=allow_pickle, on_staged=hook)]
+        return fn(group, on_staged=hook, **options)
 
 
 def run_passes_on_ray(
-    groups: Sequence[Sequence[JobSpec]],
+    fn: Callable[..., list[dict[str, Any]]],
+    groups: Sequence[Sequence[Any]],
     address: str,
     *,
-    overwrite: bool = False,
-    allow_pickle: bool = False,
+    options: dict[str, Any] | None = None,
     cpus_per_pass: int = 1,
     max_retries: int = MAX_RETRIES,
     pid_file: str | None = None,
-) -> list[list[OutputOutcome]]:
-    """Run each group of jobs (one pass) as a Ray task on the cluster at ``address``.
+) -> list[list[dict[str, Any]]]:
+    """Run ``fn`` on each group of jobs (one pass) as a Ray task on the cluster at ``address``.
 
     Args:
-        groups: the passes (``batch.passes``).
+        fn: the pass (``batch.pass_records``): a module-level function, shipped to the workers by
+            reference; it returns one small JSON-like record per output.
+        groups: the passes (``batch.passes``): job descriptions, paths and options only.
         address: a Ray address (``"auto"``: the cluster this machine belongs to, ``ray://host:10001``...).
+        options: keyword arguments for ``fn``.
         cpus_per_pass: CPUs each task reserves and the worker threads it runs.
         max_retries: Ray runs a task again this many times after its worker died.
         pid_file: test hook (``_pause_first_attempt``).
 
     Returns:
-        The outcomes of each pass, in order.
+        The records of each pass, in order.
 
     Raises:
         ModuleNotFoundError: ``ray`` is not installed (``pip install 'lorasave[ray]'``).
@@ -120,9 +86,9 @@ def run_passes_on_ray(
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
     try:
         task = ray.remote(num_cpus=cpus_per_pass, max_retries=max_retries, retry_exceptions=False)(pass_task)
-        refs = [task.remote(list(g), overwrite, allow_pickle, cpus_per_pass, pid_file) for g in groups]
+        refs = [task.remote(fn, list(g), cpus_per_pass, pid_file, options or {}) for g in groups]
         logger.info("%d pass(es) submitted to the Ray cluster at %s", len(refs), address)
-        return [[_outcome(r) for r in ray.get(ref)] for ref in refs]
+        return [list(ray.get(ref)) for ref in refs]
     finally:
         if started:
             ray.shutdown()
