@@ -343,8 +343,7 @@ def plan_merge_sources(
     )
     for note in plan.notes:
         logger.info("%s", note)
-    bar = _progress(progress, plan.data_bytes)
-    writer = SafetensorsOutput(plan, on_bytes=bar.update)
+    writer = SafetensorsOutput(plan)
 
     def finish(folder: Path, job_timings: Timings) -> MergeResult:
         files = dict(writer.files)
@@ -412,7 +411,7 @@ def plan_merge_sources(
         finish=finish,
         carried_bytes=carried_bytes,
         merge_key=key,
-        cleanup=[bar.close],
+        progress=progress,
     )
 
 
@@ -420,12 +419,6 @@ def merge_sources(ckpt: Checkpoint, ads: list[Adapter], final: Path, **options: 
     """``plan_merge_sources`` run as one pass (the live API's path)."""
     result: MergeResult = run_single(plan_merge_sources(ckpt, ads, final, **options))
     return result
-
-
-def _progress(enabled: bool, total: int) -> Any:
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1000, disable=not enabled, desc="merge", leave=False)
 
 
 @dataclass

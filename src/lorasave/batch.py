@@ -255,7 +255,7 @@ def passes(jobs: Sequence[JobSpec], max_jobs_per_pass: int | None = None) -> lis
 
 
 def run_pass(
-    jobs: Sequence[JobSpec], *, overwrite: bool = False, allow_pickle: bool = False, on_staged: Callable[[], None] | None = None
+    jobs: Sequence[JobSpec], *, overwrite: bool = False, allow_pickle: bool = False, on_staged: Callable[[], None] | None = None, progress: bool = False
 ) -> list[OutputOutcome]:
     """Plan and write the outputs of ``jobs`` (one base) with one read of the base (``on_staged``: ``run_outputs``'s)."""
     outcomes: list[OutputOutcome] = []
@@ -271,7 +271,7 @@ def run_pass(
                 planned.append(plan)
                 slots.append(oc)
     if planned:
-        for oc, done in zip(slots, run_outputs(planned, on_staged), strict=True):
+        for oc, done in zip(slots, run_outputs(planned, on_staged, progress=progress), strict=True):
             oc.result, oc.error = done.result, done.error
     return outcomes
 
@@ -324,7 +324,7 @@ def run_batch(
     allow_pickle: bool = False,
     max_jobs_per_pass: int | None = None,
     ray_address: str | None = None,
-    on_pass: Callable[[int, int], None] | None = None,
+    progress: bool = False,
 ) -> BatchResult:
     """Run every job of ``jobs_file``; outputs of jobs sharing a base are written in one pass.
 
@@ -336,7 +336,7 @@ def run_batch(
             each job: a few blocks and a 64 MiB queue per writer).
         ray_address: run the passes as Ray tasks on this cluster (``"auto"``: the running one;
             ``pipeline.ray``); None runs them here, one after the other.
-        on_pass: called with ``(pass number, passes)`` before each pass (progress).
+        progress: a progress bar per local pass on stderr (``pipeline.progress``).
 
     Returns:
         BatchResult; it lists failed outputs, it does not raise for them.
@@ -358,10 +358,8 @@ def run_batch(
     else:
         done = []
         for n, group in enumerate(groups):
-            if on_pass is not None:
-                on_pass(n, len(groups))
             logger.info("pass %d of %d: %d job(s) over %s", n + 1, len(groups), len(group), group[0].base)
-            done.append(run_pass(group, overwrite=overwrite, allow_pickle=allow_pickle))
+            done.append(run_pass(group, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress))
     by_job = sorted((o for outs in done for o in outs), key=lambda o: o.job)
     result.outputs = by_job
     return result

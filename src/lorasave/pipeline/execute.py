@@ -15,7 +15,7 @@ returns the failures; the single-output API raises the first one.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,13 +76,14 @@ def pass_order(jobs: Sequence[PassJob]) -> list[str]:
     return order
 
 
-def execute_pass(jobs: Sequence[PassJob], order: list[str] | None = None) -> None:
+def execute_pass(jobs: Sequence[PassJob], order: list[str] | None = None, on_tensor: Callable[[str], None] | None = None) -> None:
     """Run every job of a pass; failures are recorded in each job's ``failures`` (see module doc).
 
     Args:
         jobs: the jobs; their plans share one base.
         order: tensor names in the order to produce them (default :func:`pass_order`); a writer
             that needs another order fails.
+        on_tensor: called with each tensor's name once every job handed it on (the progress bar).
 
     Merged blocks are computed on a pool of ``pipeline.threads.worker_threads()`` threads (none for
     1), each writer converts and writes on its own thread, and torch runs with one intra-op thread
@@ -106,6 +107,8 @@ def execute_pass(jobs: Sequence[PassJob], order: list[str] | None = None) -> Non
             for name in order:
                 for job, ctx in zip(jobs, ctxs, strict=True):
                     _tensor(job, ctx, name)
+                if on_tensor is not None:
+                    on_tensor(name)
             for job in jobs:
                 for k, (w, _) in enumerate(job.writers):
                     _guard(job, k, w, w.end)

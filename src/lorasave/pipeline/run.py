@@ -19,6 +19,7 @@ from lorasave.formats.writer import OutputWriter
 from lorasave.merging.stream import Timings
 from lorasave.pipeline.execute import PassJob, execute_pass
 from lorasave.pipeline.output import StagedOutput, check_free_space
+from lorasave.pipeline.progress import pass_bar
 from lorasave.plan.merge_plan import MergePlan
 from lorasave.sources.adapter import Adapter
 from lorasave.sources.stamp import Stamp
@@ -45,7 +46,8 @@ class PlannedOutput:
             ``merge_into``); the key never contains paths of the output.
         finish: ``finish(staging folder, job timings)`` writes the side files, the manifest and
             runs verify, then returns the command's result object; raises to fail the output.
-        cleanup: called once the output is done, whatever happened (progress bars, hashers).
+        cleanup: called once the output is done, whatever happened (hashers).
+        progress: show the pass's progress bar (``pipeline.progress``).
     """
 
     command: str
@@ -60,6 +62,7 @@ class PlannedOutput:
     carried_bytes: int = 0
     merge_key: tuple[Any, ...] = ()
     cleanup: list[Callable[[], None]] = field(default_factory=list)
+    progress: bool = False
 
 
 @dataclass
@@ -84,11 +87,12 @@ def _jobs(outputs: Sequence[PlannedOutput]) -> list[tuple[PassJob, list[int]]]:
     return list(groups.values())
 
 
-def run_outputs(outputs: Sequence[PlannedOutput], on_staged: Callable[[], None] | None = None) -> list[Outcome]:
+def run_outputs(outputs: Sequence[PlannedOutput], on_staged: Callable[[], None] | None = None, *, progress: bool | None = None) -> list[Outcome]:
     """Write every planned output (all sharing one base) with one read of the base.
 
     Args:
         on_staged: called once the staging folders exist, before the pass (a Ray task's test hook).
+        progress: show the pass's bar (``pipeline.progress``); default: if any output asks for it.
 
     Returns:
         One :class:`Outcome` per output, in order. ``KeyboardInterrupt`` and other non-``Exception``
@@ -119,7 +123,12 @@ def run_outputs(outputs: Sequence[PlannedOutput], on_staged: Callable[[], None] 
         if on_staged is not None:
             on_staged()
         if live:
-            execute_pass([job for job, _ in live])
+            show = any(out.progress for out in outputs) if progress is None else progress
+            advance, close = pass_bar([job.plan for job, _ in live], enabled=show)
+            try:
+                execute_pass([job for job, _ in live], on_tensor=advance)
+            finally:
+                close()
         for job, where in live:
             for i, k in where:
                 if k in job.failures and outcomes[i].error is None:

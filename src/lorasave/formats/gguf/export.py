@@ -217,6 +217,7 @@ def plan_gguf(
     allow_pickle: bool = False,
     verify: bool = False,
     modelfile: bool = True,
+    progress: bool = False,
 ) -> PlannedOutput:
     """Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<name>-<type>.gguf`` (one per type) plus ``lorasave.json``.
 
@@ -245,6 +246,7 @@ def plan_gguf(
         verify: run ``lorasave verify`` on the staged output before the rename; a failure leaves nothing.
         modelfile: write an Ollama ``Modelfile`` (for the first type's file) when the tokenizer has a
             chat template (``ollama.write_modelfile``).
+        progress: show the pass's progress bar on stderr (``pipeline.progress``).
 
     Returns:
         The planned output; ``pipeline.run.run_single`` writes it and returns a GgufResult.
@@ -406,4 +408,5 @@ def plan_gguf(
         needed_bytes=needed,
         finish=finish,
         merge_key=(None, "base", None),
+        progress=progress,
     )
