@@ -28,7 +28,7 @@ from lorasave.pipeline.output import (
     tokenizer_source,
     write_config,
 )
-from lorasave.pipeline.run import PlannedOutput, run_single
+from lorasave.pipeline.run import PlannedOutput, run_single, single_output
 from lorasave.plan.merge_plan import INDEX_NAME, MergePlan, build_plan
 from lorasave.sources import stamp as source_stamp
 from lorasave.sources.adapter import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_NAME, Adapter, load_adapter, load_adapters
@@ -105,18 +105,6 @@ def _describe_adapter(ad: Adapter, hashes: dict[str, str]) -> dict[str, Any]:
         "base_model_name_or_path": cfg.get("base_model_name_or_path"),
         "modules": len(ad.lora),
     }
-
-
-def merge(base: PathLike, adapters: PathLike | Sequence[PathLike], output: PathLike, **options: Any) -> MergeResult:
-    """Merge LoRA adapter(s) into a base checkpoint and write a sharded safetensors checkpoint.
-
-    ``plan_merge`` (its arguments and errors are these) run as one pass (``pipeline.run``).
-
-    Returns:
-        MergeResult.
-    """
-    result: MergeResult = run_single(plan_merge(base, adapters, output, **options))
-    return result
 
 
 def plan_merge(
@@ -261,6 +249,9 @@ def plan_merge(
     )
     planned.cleanup.append(hasher.close)
     return planned
+
+
+merge = single_output(plan_merge, "merge", "Merge LoRA adapter(s) into a base checkpoint and write a sharded safetensors checkpoint.", "MergeResult")
 
 
 def _card_settings(plan: MergePlan, method: SaveMethod, into: MergeInto, spec: Bnb4bitSpec | None, weights: Sequence[float] | None) -> dict[str, Any]:

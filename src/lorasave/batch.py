@@ -121,14 +121,6 @@ class BatchResult:
         return "\n".join(lines)
 
 
-class BatchFailedError(LorasaveError, RuntimeError):
-    """Some outputs of a batch failed (the others were written); the summary lists each."""
-
-    def __init__(self, result: BatchResult) -> None:
-        super().__init__(f"{len(result.failed)} of {len(result.outputs)} outputs failed")
-        self.result = result
-
-
 def _message(e: BaseException | None) -> str:
     return "no result" if e is None else str(e) if isinstance(e, LorasaveError) else f"{type(e).__name__}: {e}"
 
@@ -276,7 +268,7 @@ def run_pass(
     return outcomes
 
 
-class RemoteOutputError(LorasaveError, RuntimeError):
+class RemoteOutputError(LorasaveError):
     """An output failed in a Ray task; the message is the task's one-line error."""
 
 

@@ -11,6 +11,7 @@ Modelled on ``huggingface_hub.errors``.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from lorasave.util.printable import escape
 
@@ -20,14 +21,22 @@ class LorasaveError(Exception):
 
     Attributes:
         path: the file or folder the error is about, when there is one.
+
+    A subclass declares its own attributes as class annotations, takes them as keyword-only
+    arguments and passes them on as ``details``; a detail its classes do not declare is a TypeError.
     """
 
     exit_code: int = 1
 
-    def __init__(self, message: str, *, path: str | Path | None = None) -> None:
+    def __init__(self, message: str, *, path: str | Path | None = None, **details: Any) -> None:
+        declared = {name for cls in type(self).__mro__ for name in vars(cls).get("__annotations__", {})}
+        unknown = sorted(set(details) - declared)
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no attribute {', '.join(unknown)} to set")
         super().__init__(message)
         self.message = message
         self.path = Path(path) if path is not None else None
+        vars(self).update(details)
 
     def __str__(self) -> str:
         # names from files (tensors, modules, patterns) may hold newlines or terminal controls
@@ -47,11 +56,12 @@ class NotAnAdapterError(LorasaveError, FileNotFoundError):
         found: adapter folders found below it (named adapters, ``checkpoint-N``), possibly empty.
     """
 
+    found: list[str]
+
     exit_code = 2
 
     def __init__(self, message: str, *, path: str | Path | None = None, found: list[str] | None = None) -> None:
-        super().__init__(message, path=path)
-        self.found = list(found or [])
+        super().__init__(message, path=path, found=list(found or []))
 
 
 class CheckpointFormatError(LorasaveError, ValueError):
@@ -77,9 +87,10 @@ class AdapterMismatchError(LorasaveError, ValueError):
         module: the first module name concerned, when there is one.
     """
 
-    def __init__(self, message: str, *, path: str | Path | None = None, module: str | None = None) -> None:
-        super().__init__(message, path=path)
-        self.module = module
+    module: str | None
+
+    def __init__(self, message: str, *, path: str | Path | None = None, module: str | None = None, **details: Any) -> None:
+        super().__init__(message, path=path, module=module, **details)
 
 
 class PatternError(AdapterMismatchError):
@@ -94,10 +105,11 @@ class PatternTimeoutError(PatternError):
         budget_s: the budget, in seconds.
     """
 
+    pattern: str
+    budget_s: float
+
     def __init__(self, message: str, *, path: str | Path | None = None, pattern: str, budget_s: float) -> None:
-        super().__init__(message, path=path)
-        self.pattern = pattern
-        self.budget_s = budget_s
+        super().__init__(message, path=path, pattern=pattern, budget_s=budget_s)
 
 
 class UnsupportedAdapterError(LorasaveError, NotImplementedError):
@@ -115,9 +127,10 @@ class NonFiniteResultError(LorasaveError, ArithmeticError):
         tensor: name of the output tensor.
     """
 
+    tensor: str
+
     def __init__(self, message: str, *, tensor: str) -> None:
-        super().__init__(message)
-        self.tensor = tensor
+        super().__init__(message, tensor=tensor)
 
 
 class OutputExistsError(LorasaveError, FileExistsError):
@@ -134,10 +147,11 @@ class InsufficientDiskError(LorasaveError, OSError):
         free_bytes: bytes free on the target file system.
     """
 
-    def __init__(self, message: str, *, path: str | Path, needed_bytes: int, free_bytes: int) -> None:
-        super().__init__(message, path=path)
-        self.needed_bytes = needed_bytes
-        self.free_bytes = free_bytes
+    needed_bytes: int
+    free_bytes: int
+
+    def __init__(self, message: str, *, path: str | Path, needed_bytes: int, free_bytes: int, **details: Any) -> None:
+        super().__init__(message, path=path, needed_bytes=needed_bytes, free_bytes=free_bytes, **details)
 
 
 class DiskFullError(InsufficientDiskError):
@@ -147,9 +161,10 @@ class DiskFullError(InsufficientDiskError):
         filesystem: OUT's file system in words (mount point and device).
     """
 
+    filesystem: str
+
     def __init__(self, message: str, *, path: str | Path, filesystem: str, free_bytes: int, needed_bytes: int = 0) -> None:
-        super().__init__(message, path=path, needed_bytes=needed_bytes, free_bytes=free_bytes)
-        self.filesystem = filesystem
+        super().__init__(message, path=path, needed_bytes=needed_bytes, free_bytes=free_bytes, filesystem=filesystem)
 
 
 class InvalidOptionError(LorasaveError, ValueError):
@@ -171,12 +186,13 @@ class HubError(LorasaveError, ConnectionError):
         status: the HTTP status code, or None when no response came back.
     """
 
+    repo_id: str | None
+    status: int | None
+
     exit_code = EXIT_HUB
 
     def __init__(self, message: str, *, repo_id: str | None = None, status: int | None = None, path: str | Path | None = None) -> None:
-        super().__init__(message, path=path)
-        self.repo_id = repo_id
-        self.status = status
+        super().__init__(message, path=path, repo_id=repo_id, status=status)
 
 
 class HubAuthError(HubError, PermissionError):
@@ -198,9 +214,10 @@ class FolderMismatchError(LorasaveError, ValueError):
         file: the file name, relative to the folder.
     """
 
+    file: str
+
     def __init__(self, message: str, *, path: str | Path | None = None, file: str) -> None:
-        super().__init__(message, path=path)
-        self.file = file
+        super().__init__(message, path=path, file=file)
 
 
 # --- llama.cpp runtime (optional; lorasave.runtimes.llama_cpp.lib) ---
@@ -232,10 +249,11 @@ class UnsupportedDtypeError(LorasaveError, TypeError):
         dtype: its safetensors dtype (``"I32"``, ``"F4"``...).
     """
 
+    tensor: str
+    dtype: str
+
     def __init__(self, message: str, *, path: str | Path | None = None, tensor: str, dtype: str) -> None:
-        super().__init__(message, path=path)
-        self.tensor = tensor
-        self.dtype = dtype
+        super().__init__(message, path=path, tensor=tensor, dtype=dtype)
 
 
 class Fp8WeightsError(UnsupportedDtypeError):
@@ -250,9 +268,10 @@ class ChatTemplateBudgetError(LorasaveError, ValueError):
         limit: the budget exceeded: ``"time"``, ``"memory"`` or ``"output"``.
     """
 
+    limit: str
+
     def __init__(self, message: str, *, limit: str, path: str | Path | None = None) -> None:
-        super().__init__(message, path=path)
-        self.limit = limit
+        super().__init__(message, path=path, limit=limit)
 
 
 # --- verify ---

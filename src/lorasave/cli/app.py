@@ -7,12 +7,14 @@ summary (or ``--json``), and map errors to one line on stderr and a non-zero exi
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import signal
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import click
@@ -183,6 +185,79 @@ def _push_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+#: ``-o/--output OUT`` of every saving command.
+_output_option = click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
+
+
+def _tokenizer_option(verb: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--tokenizer FOLDER`` of the commands that write a tokenizer; ``verb`` (``"Copy"``, ``"Take"``) says how it is used."""
+    return click.option(
+        "--tokenizer", type=click.Path(), default=None, help=f"{verb} the tokenizer from this folder (default: the adapter's, else the base's)."
+    )
+
+
+def _choice_option(flag: str, choices: Sequence[str], help_text: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``flag`` taking one of ``choices``, the first by default (shown in ``--help``)."""
+    return click.option(flag, type=click.Choice(list(choices)), default=choices[0], show_default=True, help=help_text)
+
+
+def _progress(*, quiet: bool, as_json: bool) -> bool:
+    """Whether to show a progress display: neither ``--quiet`` nor ``--json``, and stderr is a terminal."""
+    return not (quiet or as_json) and sys.stderr.isatty()
+
+
+@dataclass(frozen=True)
+class _SaveOptions:
+    """The options every saving command shares (:func:`_save_options`): ``_push_options`` and ``_common``; :meth:`save` runs the command."""
+
+    push_to_hub: str | None
+    private: bool
+    overwrite: bool
+    quiet: bool
+    as_json: bool
+    allow_pickle: bool
+
+    @property
+    def progress(self) -> bool:
+        """Whether to show a progress display (:func:`_progress`)."""
+        return _progress(quiet=self.quiet, as_json=self.as_json)
+
+    def save(self, ctx: click.Context, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> None:
+        """Run the command: ``fn(*args, **kwargs)`` with ``overwrite`` and ``allow_pickle``, then the push when ``--push-to-hub`` was given."""
+        if self.push_to_hub:
+            _hub_quiet(ctx.obj["debug"])
+        save = functools.partial(fn, *args, overwrite=self.overwrite, allow_pickle=self.allow_pickle, **kwargs)
+        _run(ctx, _save_then_push(save, self.push_to_hub, private=self.private, progress=self.progress), quiet=self.quiet, as_json=self.as_json)
+
+
+def _gather(keyword: str, names: Sequence[str], make: Callable[..., Any] = dict) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Hand the command the values of its parameters ``names`` as one keyword: ``keyword=make(name=value, ...)``.
+
+    Apply it below the options it gathers (click adds them to the function it returns).
+    """
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)
+        def gathered(*args: Any, **kwargs: Any) -> Any:
+            kwargs[keyword] = make(**{n: kwargs.pop(n) for n in names})
+            return f(*args, **kwargs)
+
+        return gathered
+
+    return decorate
+
+
+def _save_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``_push_options`` and ``_common`` for a saving command, handed to ``f`` as one keyword ``opts: _SaveOptions``."""
+    return _push_options(_common(_gather("opts", [fl.name for fl in fields(_SaveOptions)], _SaveOptions)(f)))
+
+
+def _weights_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``--weights`` of the commands that merge adapters, handed to ``f`` parsed (:func:`_parse_weights`)."""
+    f = _gather("weights", ["weights"], lambda weights: _parse_weights(weights))(f)
+    return click.option("--weights", default=None, help="Comma-separated weight per adapter: W0 + Σ wᵢ·ΔWᵢ (default 1 each).")(f)
+
+
 def _hub_quiet(debug: bool) -> None:
     # huggingface_hub has its own stderr handler (e.g. "No files have been modified since last commit"):
     # lorasave's summary says it in one line already
@@ -211,14 +286,6 @@ def _save_then_push(save: Callable[[], Any], repo_id: str | None, *, private: bo
         return _SavedAndPushed(saved, pushed)
 
     return go
-
-
-def _save(ctx: click.Context, save: Callable[[], Any], push_to_hub: str | None, *, private: bool, quiet: bool, as_json: bool) -> None:
-    """Run a saving command: the save, then the push when ``--push-to-hub`` was given."""
-    if push_to_hub:
-        _hub_quiet(ctx.obj["debug"])
-    progress = not (quiet or as_json) and sys.stderr.isatty()
-    _run(ctx, _save_then_push(save, push_to_hub, private=private, progress=progress), quiet=quiet, as_json=as_json)
 
 
 def run() -> None:

@@ -2,19 +2,54 @@
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Callable
 from typing import Any
 
 import click
 
-from lorasave.cli.app import _DTYPE, _common, _debug_option, _hub_quiet, _parse_weights, _push_options, _run, _save, _threads_option, main
+from lorasave.cli.app import (
+    _DTYPE,
+    _choice_option,
+    _debug_option,
+    _gather,
+    _hub_quiet,
+    _output_option,
+    _progress,
+    _run,
+    _save_options,
+    _SaveOptions,
+    _threads_option,
+    _tokenizer_option,
+    _weights_option,
+    main,
+)
 from lorasave.util.sizes import DEFAULT_MAX_SHARD_SIZE
+
+#: ``merge``'s 4-bit settings, named as ``lorasave.api.merge``'s keywords and as their options (``--quant-type``...).
+_QUANT_PARAMS = ("quant_type", "blocksize", "double_quant", "quant_input_dtype", "quantization_from")
+
+
+def _method_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``merge``'s ``--save-method``, ``--merge-into`` and 4-bit options, handed to ``f`` as one keyword ``method``.
+
+    ``method`` is a dict keyed by ``save_method``, ``merge_into`` and :data:`_QUANT_PARAMS`: ``lorasave.api.merge``'s keywords.
+    """
+    f = _gather("method", ("save_method", "merge_into", *_QUANT_PARAMS))(f)
+    f = click.option("--quantization-from", type=click.Path(), default=None, help="Read the 4-bit settings from this 4-bit checkpoint's config.json.")(f)
+    f = _choice_option("--quant-input-dtype", ["bfloat16", "float16", "float32"], "dtype the base was in when it was quantized (--merge-into).")(f)
+    f = click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="Quantize the block scales too.")(f)
+    f = click.option("--blocksize", type=int, default=64, show_default=True, help="4-bit block size in elements.")(f)
+    f = _choice_option("--quant-type", ["nf4", "fp4"], "4-bit data type.")(f)
+    into = "dequantized: round-trip each targeted weight of a 16-bit BASE through the 4-bit quantization QLoRA trained on."
+    f = _choice_option("--merge-into", ["base", "dequantized"], into)(f)
+    method = "merged_16bit: plain checkpoint in --dtype; merged_4bit: Linear weights as bitsandbytes 4-bit."
+    return _choice_option("--save-method", ["merged_16bit", "merged_4bit"], method)(f)
 
 
 @main.command("merge", short_help="Merge adapter(s) into a base; write a sharded checkpoint.")
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
+@_output_option
 @click.option("--dtype", type=_DTYPE, default="auto", show_default=True, help="Floating dtype of the output; auto = the base's.")
 @click.option(
     "--max-shard-size",
@@ -22,37 +57,12 @@ from lorasave.util.sizes import DEFAULT_MAX_SHARD_SIZE
     show_default=True,
     help=f"Largest shard, decimal units as transformers ({DEFAULT_MAX_SHARD_SIZE:,} bytes = 5GB; transformers 5 defaults to 50GB).",
 )
-@click.option("--tokenizer", type=click.Path(), default=None, help="Copy the tokenizer from this folder (default: the adapter's, else the base's).")
-@click.option(
-    "--save-method",
-    type=click.Choice(["merged_16bit", "merged_4bit"]),
-    default="merged_16bit",
-    show_default=True,
-    help="merged_16bit: plain checkpoint in --dtype; merged_4bit: Linear weights as bitsandbytes 4-bit.",
-)
-@click.option(
-    "--merge-into",
-    type=click.Choice(["base", "dequantized"]),
-    default="base",
-    show_default=True,
-    help="dequantized: round-trip each targeted weight of a 16-bit BASE through the 4-bit quantization QLoRA trained on.",
-)
-@click.option("--quant-type", type=click.Choice(["nf4", "fp4"]), default="nf4", show_default=True, help="4-bit data type.")
-@click.option("--blocksize", type=int, default=64, show_default=True, help="4-bit block size in elements.")
-@click.option("--double-quant/--no-double-quant", default=True, show_default=True, help="Quantize the block scales too.")
-@click.option(
-    "--quant-input-dtype",
-    type=click.Choice(["bfloat16", "float16", "float32"]),
-    default="bfloat16",
-    show_default=True,
-    help="dtype the base was in when it was quantized (--merge-into).",
-)
-@click.option("--quantization-from", type=click.Path(), default=None, help="Read the 4-bit settings from this 4-bit checkpoint's config.json.")
+@_tokenizer_option("Copy")
+@_method_options
 @_threads_option
-@click.option("--weights", default=None, help="Comma-separated weight per adapter: W0 + Σ wᵢ·ΔWᵢ (default 1 each).")
+@_weights_option
 @click.option("--verify", "verify_output", is_flag=True, help="Verify the output (tensors level) before it is renamed into place.")
-@_push_options
-@_common
+@_save_options
 @click.pass_context
 def merge_cmd(
     ctx: click.Context,
@@ -62,21 +72,10 @@ def merge_cmd(
     dtype: str,
     max_shard_size: str,
     tokenizer: str | None,
-    save_method: str,
-    merge_into: str,
-    quant_type: str,
-    blocksize: int,
-    double_quant: bool,
-    quant_input_dtype: str,
-    quantization_from: str | None,
-    weights: str | None,
+    method: dict[str, Any],
+    weights: list[float] | None,
     verify_output: bool,
-    push_to_hub: str | None,
-    private: bool,
-    overwrite: bool,
-    quiet: bool,
-    as_json: bool,
-    allow_pickle: bool,
+    opts: _SaveOptions,
 ) -> None:
     """Merge ADAPTER(s) into BASE and write a sharded safetensors checkpoint to OUT.
 
@@ -84,85 +83,43 @@ def merge_cmd(
     """
     from lorasave.api import merge
 
-    parsed_weights = _parse_weights(weights)
-    quant_flags = [
-        f
-        for f, given in (
-            ("--quant-type", ctx.get_parameter_source("quant_type")),
-            ("--blocksize", ctx.get_parameter_source("blocksize")),
-            ("--double-quant", ctx.get_parameter_source("double_quant")),
-            ("--quant-input-dtype", ctx.get_parameter_source("quant_input_dtype")),
-            ("--quantization-from", ctx.get_parameter_source("quantization_from")),
-        )
-        if given is click.core.ParameterSource.COMMANDLINE
-    ]
-    if quant_flags and save_method != "merged_4bit" and merge_into != "dequantized":
-        click.echo(f"note: {', '.join(quant_flags)} only apply with --save-method merged_4bit or --merge-into dequantized; ignored", err=True)
-    _save(
+    given = [n for n in _QUANT_PARAMS if ctx.get_parameter_source(n) is click.core.ParameterSource.COMMANDLINE]
+    if given and method["save_method"] != "merged_4bit" and method["merge_into"] != "dequantized":
+        flags = ", ".join("--" + n.replace("_", "-") for n in given)
+        click.echo(f"note: {flags} only apply with --save-method merged_4bit or --merge-into dequantized; ignored", err=True)
+    opts.save(
         ctx,
-        lambda: merge(
-            base,
-            list(adapters),
-            output,
-            dtype=dtype,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            tokenizer=tokenizer,
-            allow_pickle=allow_pickle,
-            progress=not (quiet or as_json) and sys.stderr.isatty(),
-            save_method=save_method,
-            merge_into=merge_into,
-            quant_type=quant_type,
-            blocksize=blocksize,
-            double_quant=double_quant,
-            quant_input_dtype=quant_input_dtype,
-            quantization_from=quantization_from,
-            weights=parsed_weights,
-            verify=verify_output,
-        ),
-        push_to_hub,
-        private=private,
-        quiet=quiet,
-        as_json=as_json,
+        merge,
+        base,
+        list(adapters),
+        output,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+        tokenizer=tokenizer,
+        weights=weights,
+        verify=verify_output,
+        progress=opts.progress,
+        **method,
     )
 
 
 @main.command("adapter", short_help="Re-save a PEFT adapter as safetensors.")
 @click.argument("adapter")
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
+@_output_option
 @click.option("--dtype", type=_DTYPE, default="auto", show_default=True, help="Cast floating tensors; auto keeps them.")
-@_push_options
-@_common
+@_save_options
 @click.pass_context
-def adapter_cmd(
-    ctx: click.Context,
-    adapter: str,
-    output: str,
-    dtype: str,
-    push_to_hub: str | None,
-    private: bool,
-    overwrite: bool,
-    quiet: bool,
-    as_json: bool,
-    allow_pickle: bool,
-) -> None:
+def adapter_cmd(ctx: click.Context, adapter: str, output: str, dtype: str, opts: _SaveOptions) -> None:
     """Re-save ADAPTER as PEFT safetensors (adapter_config.json + adapter_model.safetensors)."""
     from lorasave.api import save_adapter
 
-    _save(
-        ctx,
-        lambda: save_adapter(adapter, output, dtype=dtype, overwrite=overwrite, allow_pickle=allow_pickle),
-        push_to_hub,
-        private=private,
-        quiet=quiet,
-        as_json=as_json,
-    )
+    opts.save(ctx, save_adapter, adapter, output, dtype=dtype)
 
 
 @main.command("onnx", short_help="Merge and export an ONNX decoder with KV cache.")
 @click.argument("base")
 @click.argument("adapters", nargs=-1)
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
+@_output_option
 @click.option(
     "--dtype", type=click.Choice(["float32", "float16"], case_sensitive=False), default="float32", show_default=True, help="Weights, KV cache and logits."
 )
@@ -174,10 +131,9 @@ def adapter_cmd(
     show_default=True,
     help="Compare onnxruntime with transformers; refuse the output beyond tolerance.",
 )
-@click.option("--weights", default=None, help="Comma-separated weight per adapter: W0 + Σ wᵢ·ΔWᵢ (default 1 each).")
-@click.option("--tokenizer", type=click.Path(), default=None, help="Copy the tokenizer from this folder (default: the adapter's, else the base's).")
-@_push_options
-@_common
+@_weights_option
+@_tokenizer_option("Copy")
+@_save_options
 @click.pass_context
 def onnx_cmd(
     ctx: click.Context,
@@ -188,14 +144,9 @@ def onnx_cmd(
     quantize: str | None,
     opset: int,
     verify: bool,
-    weights: str | None,
+    weights: list[float] | None,
     tokenizer: str | None,
-    push_to_hub: str | None,
-    private: bool,
-    overwrite: bool,
-    quiet: bool,
-    as_json: bool,
-    allow_pickle: bool,
+    opts: _SaveOptions,
 ) -> None:
     """Merge ADAPTER(s) into BASE in float32 and export an ONNX decoder with KV cache to OUT.
 
@@ -203,27 +154,7 @@ def onnx_cmd(
     """
     from lorasave.formats.onnx.export import export_onnx
 
-    parsed_weights = _parse_weights(weights)
-    _save(
-        ctx,
-        lambda: export_onnx(
-            base,
-            list(adapters),
-            output,
-            dtype=dtype,
-            quantize=quantize,
-            opset=opset,
-            overwrite=overwrite,
-            verify=verify,
-            weights=parsed_weights,
-            tokenizer=tokenizer,
-            allow_pickle=allow_pickle,
-        ),
-        push_to_hub,
-        private=private,
-        quiet=quiet,
-        as_json=as_json,
-    )
+    opts.save(ctx, export_onnx, base, list(adapters), output, dtype=dtype, quantize=quantize, opset=opset, verify=verify, weights=weights, tokenizer=tokenizer)
 
 
 @main.command("verify", short_help="Check an output against its manifest and sources.")
@@ -315,7 +246,7 @@ def push_cmd(
             revision=revision,
             commit_message=commit_message,
             create_pr=create_pr,
-            progress=not (quiet or as_json) and sys.stderr.isatty(),
+            progress=_progress(quiet=quiet, as_json=as_json),
         ),
         quiet=quiet,
         as_json=as_json,

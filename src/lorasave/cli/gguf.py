@@ -7,12 +7,16 @@ from __future__ import annotations
 
 import click
 
-from lorasave.cli.app import _common, _debug_option, _push_options, _run, _save, _threads_option, main
+from lorasave.cli.app import _debug_option, _output_option, _run, _save_options, _SaveOptions, _threads_option, _tokenizer_option, main
 
 #: ``lorasave.formats.gguf.quant.GgufType`` values, listed here so that ``--help`` does not import gguf
 #: (tests/test_gguf_types.py checks they agree).
 _GGUF_STREAMED = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
 GGUF_TYPE_CHOICES = (*_GGUF_STREAMED, "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+
+
+#: ``--name`` of the GGUF commands.
+_name_option = click.option("--name", default=None, help="general.name and file stem (default: the output folder's name).")
 
 
 class GgufTypeList(click.ParamType):
@@ -35,7 +39,7 @@ class GgufTypeList(click.ParamType):
 @main.command("gguf", short_help="Merge adapter(s) into a base; write GGUF file(s) (f16, q8_0, q4_k_m...) from one read.")
 @click.argument("base")
 @click.argument("adapters", nargs=-1)
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
+@_output_option
 @click.option(
     "--type",
     "gguf_type",
@@ -49,11 +53,10 @@ class GgufTypeList(click.ParamType):
 )
 @_threads_option
 @click.option("--no-modelfile", is_flag=True, help="Do not write an Ollama Modelfile (written when the model has a chat template).")
-@click.option("--name", default=None, help="general.name and file stem (default: the output folder's name).")
+@_name_option
 @click.option("--verify", "verify_output", is_flag=True, help="Probe the GGUF tensors against the sources before it is renamed into place.")
-@click.option("--tokenizer", type=click.Path(), default=None, help="Take the tokenizer from this folder (default: the adapter's, else the base's).")
-@_push_options
-@_common
+@_tokenizer_option("Take")
+@_save_options
 @click.pass_context
 def gguf_cmd(
     ctx: click.Context,
@@ -65,12 +68,7 @@ def gguf_cmd(
     name: str | None,
     verify_output: bool,
     tokenizer: str | None,
-    push_to_hub: str | None,
-    private: bool,
-    overwrite: bool,
-    quiet: bool,
-    as_json: bool,
-    allow_pickle: bool,
+    opts: _SaveOptions,
 ) -> None:
     """Merge ADAPTER(s) into BASE and write OUT/<name>-<type>.gguf for llama.cpp (one per --type), streaming.
 
@@ -80,50 +78,18 @@ def gguf_cmd(
     """
     from lorasave.formats.gguf.export import export_gguf
 
-    _save(
-        ctx,
-        lambda: export_gguf(
-            base,
-            list(adapters),
-            output,
-            type=gguf_type,
-            name=name,
-            tokenizer=tokenizer,
-            overwrite=overwrite,
-            allow_pickle=allow_pickle,
-            verify=verify_output,
-            modelfile=not no_modelfile,
-        ),
-        push_to_hub,
-        private=private,
-        quiet=quiet,
-        as_json=as_json,
-    )
+    opts.save(ctx, export_gguf, base, list(adapters), output, type=gguf_type, name=name, tokenizer=tokenizer, verify=verify_output, modelfile=not no_modelfile)
 
 
 @main.command("gguf-adapter", short_help="Write a LoRA adapter as a GGUF adapter for llama.cpp --lora.")
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER")
-@click.option("-o", "--output", required=True, type=click.Path(), help="Output folder (created atomically).")
+@_output_option
 @click.option("--type", "gguf_type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True, help="GGML type of lora_a/lora_b.")
-@click.option("--name", default=None, help="general.name and file stem (default: the output folder's name).")
-@_push_options
-@_common
+@_name_option
+@_save_options
 @click.pass_context
-def gguf_adapter_cmd(
-    ctx: click.Context,
-    base: str,
-    adapters: tuple[str, ...],
-    output: str,
-    gguf_type: str,
-    name: str | None,
-    push_to_hub: str | None,
-    private: bool,
-    overwrite: bool,
-    quiet: bool,
-    as_json: bool,
-    allow_pickle: bool,
-) -> None:
+def gguf_adapter_cmd(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str, gguf_type: str, name: str | None, opts: _SaveOptions) -> None:
     """Write ADAPTER (trained on BASE) as OUT/<name>-lora-<type>.gguf, loaded by llama.cpp with --lora on BASE's GGUF.
 
     PEFT's scaling (rsLoRA, rank/alpha patterns) is kept exactly. DoRA, modules_to_save, new tokens and
@@ -131,14 +97,7 @@ def gguf_adapter_cmd(
     """
     from lorasave.formats.gguf.adapter import export_gguf_adapter
 
-    _save(
-        ctx,
-        lambda: export_gguf_adapter(base, list(adapters), output, type=gguf_type, name=name, overwrite=overwrite, allow_pickle=allow_pickle),
-        push_to_hub,
-        private=private,
-        quiet=quiet,
-        as_json=as_json,
-    )
+    opts.save(ctx, export_gguf_adapter, base, list(adapters), output, type=gguf_type, name=name)
 
 
 @main.command("install-llama-cpp", short_help="Install the optional llama.cpp runtime (k-quants, checks in llama.cpp).")

@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import wraps
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 from lorasave.formats.writer import OutputWriter
 from lorasave.merging.stream import Timings
@@ -25,6 +26,8 @@ from lorasave.sources.adapter import Adapter
 from lorasave.sources.stamp import Stamp
 
 logger = logging.getLogger(__name__)
+
+P = ParamSpec("P")
 
 
 @dataclass
@@ -170,3 +173,20 @@ def run_single(out: PlannedOutput) -> Any:
     if outcome.error is not None:
         raise outcome.error
     return outcome.result
+
+
+def single_output(plan: Callable[P, PlannedOutput], name: str, summary: str, returns: str) -> Callable[P, Any]:
+    """The one-output command ``name`` of a plan function: ``run_single(plan(*args, **kwargs))``.
+
+    ``lorasave.merge`` is ``single_output(plan_merge, ...)``, ``export_gguf`` is ``single_output(plan_gguf, ...)``:
+    the arguments and errors are the plan function's, the result (``returns``, a class name) its ``finish``'s.
+    ``summary`` is the first line of the command's docstring.
+    """
+
+    @wraps(plan)
+    def command(*args: P.args, **kwargs: P.kwargs) -> Any:
+        return run_single(plan(*args, **kwargs))
+
+    command.__doc__ = f"{summary}\n\n``{plan.__name__}`` (its arguments and errors are these) run as one pass (``pipeline.run``).\n\nReturns:\n    {returns}.\n"
+    command.__name__ = command.__qualname__ = name
+    return command

@@ -13,11 +13,17 @@ from lorasave.util.dtypes import StDtype
 
 
 @dataclass(frozen=True)
-class AdapterTensor:
-    """A full tensor stored in an adapter (``modules_to_save``, ``base_layer`` weights) used as W0."""
+class _AdapterKey:
+    """What names one tensor of an adapter: the adapter's index and the tensor's key in it (the first fields of its subclasses)."""
 
     adapter: int
     key: str
+
+
+@dataclass(frozen=True)
+class AdapterTensor(_AdapterKey):
+    """A full tensor stored in an adapter (``modules_to_save``, ``base_layer`` weights) used as W0."""
+
     shape: tuple[int, ...]
     dtype: StDtype
 
@@ -73,35 +79,29 @@ class LycorisDelta:
 
 
 @dataclass(frozen=True)
-class VectorDelta:
+class VectorDelta(_AdapterKey):
     """``+ weight * scaling * v`` for a 1-D tensor: ``lora_bias`` (peft ``lora.Linear``, lora_B's bias)."""
 
-    adapter: int
-    key: str
     scaling: float
     weight: float = 1.0
 
 
 @dataclass(frozen=True)
-class Scale:
+class Scale(_AdapterKey):
     """``* l`` broadcast over the weight: IA3 (peft ``tuners/ia3/layer.py``: ``(out, 1)`` rows, ``(1, in)`` columns)."""
 
-    adapter: int
-    key: str
     axis: Axis
 
 
 @dataclass(frozen=True)
-class SetRows:
+class SetRows(_AdapterKey):
     """Rows ``indices`` replaced by the adapter's values: trainable tokens (peft ``TrainableTokensLayer``)."""
 
-    adapter: int
-    key: str
     indices: tuple[int, ...]
 
 
 @dataclass(frozen=True)
-class DoraNorm:
+class DoraNorm(_AdapterKey):
     """DoRA: ``W' = m / ||W + ΔW|| * (W + ΔW)``, the norm along ``axis`` (Liu et al. 2024, arXiv:2402.09353).
 
     peft ``tuners/lora/variants.py`` ``DoraLinearVariant.merge`` (norm of each output row),
@@ -109,8 +109,6 @@ class DoraNorm:
     (norm of each output channel). Applied after the LoRA delta of the same adapter.
     """
 
-    adapter: int
-    key: str
     axis: Axis
 
 

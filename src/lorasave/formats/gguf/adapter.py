@@ -82,21 +82,14 @@ EMBEDDING_NAMES = ("token_embd.weight", "output.weight")
 
 @dataclass
 class GgufAdapterResult:
-    """What ``export_gguf_adapter`` wrote.
+    """What ``export_gguf_adapter`` wrote: the fields of :class:`lorasave.formats.gguf.export.GgufResult` that one adapter file has, and its LoRA facts.
 
     Attributes:
-        output: the output folder.
-        gguf_file: the ``.gguf`` file inside it.
-        files: names of the files written, manifest included.
+        output, gguf_file, files, type, tensor_types, total_bytes, seconds, notes: as in ``GgufResult`` (``type`` one of ``ADAPTER_TYPES``).
         n_tensors: tensors in the GGUF file (two per adapted module).
         n_modules: adapted modules.
-        type: the requested type (``"f16"``...).
         alpha: ``adapter.lora.alpha`` written.
         folded: modules whose B carries an extra factor (rsLoRA, patterns), by GGUF name.
-        tensor_types: GGML type name -> number of tensors of that type.
-        total_bytes: size of the GGUF file in bytes.
-        seconds: wall time of the call.
-        notes: fallbacks taken and facts worth knowing.
     """
 
     output: Path
@@ -308,17 +301,8 @@ def _write_card(folder: Path, title: str, filename: str, type: str, counts: dict
     from lorasave.pipeline.cards import write_gguf_card
 
     keys = ("peft_type", "r", "lora_alpha", "target_modules", "base_model_name_or_path")
-    write_gguf_card(
-        folder,
-        title=title,
-        gguf_file=filename,
-        type=type,
-        tensor_types=counts,
-        **card_sources(ckpt, [{"path": str(ad.root.resolve()), **{k: ad.config.get(k) for k in keys}}]),
-        modelfile=False,
-        notes=notes,
-        lora_adapter=True,
-    )
+    sources = card_sources(ckpt, [{"path": str(ad.root.resolve()), **{k: ad.config.get(k) for k in keys}}])
+    write_gguf_card(folder, title=title, gguf_file=filename, type=type, tensor_types=counts, modelfile=False, notes=notes, lora_adapter=True, **sources)
 
 
 def export_gguf_adapter(

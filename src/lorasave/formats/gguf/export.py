@@ -38,7 +38,7 @@ from lorasave.formats.gguf.quant import GgufType
 from lorasave.merging.stream import Timings
 from lorasave.pipeline.manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
 from lorasave.pipeline.output import check_output_path, tokenizer_source
-from lorasave.pipeline.run import PlannedOutput, run_single
+from lorasave.pipeline.run import PlannedOutput, single_output
 from lorasave.sources import stamp as source_stamp
 from lorasave.sources.adapter import Adapter, load_adapters
 from lorasave.sources.checkpoint import Checkpoint, open_checkpoint
@@ -191,18 +191,6 @@ def parse_types(type: str | Sequence[str]) -> list[GgufType]:
     if not out:
         raise InvalidOptionError("no GGUF type given; e.g. --type q8_0 or --type q8_0,q4_k_m,f16")
     return out
-
-
-def export_gguf(base: PathLike, adapters: PathLike | Sequence[PathLike], output_dir: PathLike, **options: Any) -> GgufResult:
-    """Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<name>-<type>.gguf`` (one per type) plus ``lorasave.json``.
-
-    ``plan_gguf`` (its arguments and errors are these) run as one pass (``pipeline.run``).
-
-    Returns:
-        GgufResult.
-    """
-    result: GgufResult = run_single(plan_gguf(base, adapters, output_dir, **options))
-    return result
 
 
 def plan_gguf(
@@ -410,3 +398,8 @@ def plan_gguf(
         merge_key=(None, "base", None),
         progress=progress,
     )
+
+
+export_gguf = single_output(
+    plan_gguf, "export_gguf", "Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<name>-<type>.gguf`` (one per type) plus ``lorasave.json``.", "GgufResult"
+)

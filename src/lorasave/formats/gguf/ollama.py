@@ -90,29 +90,36 @@ def _turns_template(header: str, close: str, *, trim: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _turns_family(
+    header: str, close: str, *, trim: bool = False, reply: str = "", anchored: bool = True, end_of_turn: tuple[str, ...] | None = None
+) -> FamilySpec:
+    """The spec of a family whose every message is ``header`` (``{role}`` in it), the content and ``close``.
+
+    The markers and ``system_re`` match those turns in the rendered sample; a turn ends with
+    ``close`` and, unless ``trim``, a newline (see :func:`_turns_template`). ``reply`` is a regex the
+    assistant's content may start with; ``anchored``: the system turn opens the rendered text (no BOS
+    rendered before it). ``end_of_turn`` defaults to ``close``.
+    """
+
+    def head(role: str) -> str:
+        return re.escape(header.format(role=role)).replace("\\\n", r"\n")
+
+    end = re.escape(close) + ("" if trim else r"\n")
+    return FamilySpec(
+        markers=(rf"{head('user')}{USER_1}{end}", rf"{head('assistant')}{reply}{ASSISTANT_1}{end}", rf"{head('assistant')}$"),
+        end_of_turn=end_of_turn or (close,),
+        template=_turns_template(header, close, trim=trim),
+        system_re=("^" if anchored else "") + rf"{head('system')}(.*?){end}",
+    )
+
+
 #: Family -> markers, end-of-turn tokens and Go template. Checked in this order.
 FAMILIES: dict[ChatFamily, FamilySpec] = {
     # Qwen2 / Qwen2.5 / Qwen3 / SmolLM2: <|im_start|>role\ncontent<|im_end|>\n
-    ChatFamily.CHATML: FamilySpec(
-        markers=(
-            rf"<\|im_start\|>user\n{USER_1}<\|im_end\|>\n",
-            rf"<\|im_start\|>assistant\n(?:<think>\s*</think>\s*)?{ASSISTANT_1}<\|im_end\|>\n",
-            r"<\|im_start\|>assistant\n$",
-        ),
-        end_of_turn=("<|im_end|>",),
-        template=_turns_template("<|im_start|>{role}\n", "<|im_end|>"),
-        system_re=r"^<\|im_start\|>system\n(.*?)<\|im_end\|>\n",
-    ),
-    # Llama 3 / 3.1 / 3.2: <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>
-    ChatFamily.LLAMA3: FamilySpec(
-        markers=(
-            rf"<\|start_header_id\|>user<\|end_header_id\|>\n\n{USER_1}<\|eot_id\|>",
-            rf"<\|start_header_id\|>assistant<\|end_header_id\|>\n\n{ASSISTANT_1}<\|eot_id\|>",
-            r"<\|start_header_id\|>assistant<\|end_header_id\|>\n\n$",
-        ),
-        end_of_turn=("<|eot_id|>", "<|eom_id|>"),
-        template=_turns_template("<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", trim=True),
-        system_re=r"<\|start_header_id\|>system<\|end_header_id\|>\n\n(.*?)<\|eot_id\|>",
+    ChatFamily.CHATML: _turns_family("<|im_start|>{role}\n", "<|im_end|>", reply=r"(?:<think>\s*</think>\s*)?"),
+    # Llama 3 / 3.1 / 3.2: <|start_header_id|>role<|end_header_id|>\n\ncontent<|eot_id|>, after <|begin_of_text|>
+    ChatFamily.LLAMA3: _turns_family(
+        "<|start_header_id|>{role}<|end_header_id|>\n\n", "<|eot_id|>", trim=True, anchored=False, end_of_turn=("<|eot_id|>", "<|eom_id|>")
     ),
     # Gemma / Gemma 2 / Gemma 3: <start_of_turn>user|model\ncontent<end_of_turn>\n, system folded
     # into the first user turn
@@ -140,16 +147,7 @@ FAMILIES: dict[ChatFamily, FamilySpec] = {
         ),
     ),
     # Phi-3 / Phi-3.5: <|role|>\ncontent<|end|>\n
-    ChatFamily.PHI3: FamilySpec(
-        markers=(
-            rf"<\|user\|>\n{USER_1}<\|end\|>\n",
-            rf"<\|assistant\|>\n{ASSISTANT_1}<\|end\|>\n",
-            r"<\|assistant\|>\n$",
-        ),
-        end_of_turn=("<|end|>",),
-        template=_turns_template("<|{role}|>\n", "<|end|>"),
-        system_re=r"^<\|system\|>\n(.*?)<\|end\|>\n",
-    ),
+    ChatFamily.PHI3: _turns_family("<|{role}|>\n", "<|end|>"),
     # Mistral instruct: [INST] (system\n\n)user [/INST]assistant</s>, system on the last user turn
     ChatFamily.MISTRAL: FamilySpec(
         markers=(

@@ -167,27 +167,23 @@ QUANT_TYPES: dict[str, LlamaFtype] = {
 }
 
 
+def _fields(ctype: Any, *names: str) -> list[tuple[str, Any]]:
+    """``_fields_`` entries of consecutive struct fields of one C type, in order (as ``bool a, b, c;``)."""
+    return [(name, ctype) for name in names]
+
+
 class llama_model_params(ctypes.Structure):
     """``struct llama_model_params`` (llama.h)."""
 
     _fields_ = [
-        ("devices", c_void_p),  # ggml_backend_dev_t *
-        ("tensor_buft_overrides", c_void_p),  # const struct llama_model_tensor_buft_override *
+        *_fields(c_void_p, "devices", "tensor_buft_overrides"),  # ggml_backend_dev_t *, const struct llama_model_tensor_buft_override *
         ("n_gpu_layers", c_int32),
-        ("split_mode", _enum),  # enum llama_split_mode
-        ("load_mode", _enum),  # enum llama_load_mode
-        ("lazy_mode", _enum),  # enum llama_lazy_mode
+        *_fields(_enum, "split_mode", "load_mode", "lazy_mode"),  # enum llama_split_mode, llama_load_mode, llama_lazy_mode
         ("main_gpu", c_int32),
         ("tensor_split", POINTER(c_float)),
         ("progress_callback", llama_progress_callback),
-        ("progress_callback_user_data", c_void_p),
-        ("kv_overrides", c_void_p),  # const struct llama_model_kv_override *
-        ("vocab_only", c_bool),
-        ("check_tensors", c_bool),
-        ("use_extra_bufts", c_bool),
-        ("no_host", c_bool),
-        ("no_alloc", c_bool),
-        ("load_mtp", c_bool),
+        *_fields(c_void_p, "progress_callback_user_data", "kv_overrides"),  # kv_overrides: const struct llama_model_kv_override *
+        *_fields(c_bool, "vocab_only", "check_tensors", "use_extra_bufts", "no_host", "no_alloc", "load_mtp"),
     ]
 
 
@@ -195,40 +191,19 @@ class llama_context_params(ctypes.Structure):
     """``struct llama_context_params`` (llama.h)."""
 
     _fields_ = [
-        ("n_ctx", c_uint32),
-        ("n_batch", c_uint32),
-        ("n_ubatch", c_uint32),
-        ("n_seq_max", c_uint32),
-        ("n_rs_seq", c_uint32),
-        ("n_outputs_max", c_uint32),
-        ("n_outputs_max_per_seq", c_uint32),
-        ("n_threads", c_int32),
-        ("n_threads_batch", c_int32),
-        ("ctx_type", _enum),  # enum llama_context_type
-        ("rope_scaling_type", _enum),  # enum llama_rope_scaling_type
-        ("pooling_type", _enum),  # enum llama_pooling_type
-        ("attention_type", _enum),  # enum llama_attention_type
-        ("flash_attn_type", _enum),  # enum llama_flash_attn_type
-        ("rope_freq_base", c_float),
-        ("rope_freq_scale", c_float),
-        ("yarn_ext_factor", c_float),
-        ("yarn_attn_factor", c_float),
-        ("yarn_beta_fast", c_float),
-        ("yarn_beta_slow", c_float),
+        *_fields(c_uint32, "n_ctx", "n_batch", "n_ubatch", "n_seq_max", "n_rs_seq", "n_outputs_max", "n_outputs_max_per_seq"),
+        *_fields(c_int32, "n_threads", "n_threads_batch"),
+        # enum llama_context_type, llama_rope_scaling_type, llama_pooling_type, llama_attention_type, llama_flash_attn_type
+        *_fields(_enum, "ctx_type", "rope_scaling_type", "pooling_type", "attention_type", "flash_attn_type"),
+        *_fields(c_float, "rope_freq_base", "rope_freq_scale", "yarn_ext_factor", "yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow"),
         ("yarn_orig_ctx", c_uint32),
         ("defrag_thold", c_float),
         ("cb_eval", ggml_backend_sched_eval_callback),
         ("cb_eval_user_data", c_void_p),
-        ("type_k", _enum),  # enum ggml_type
-        ("type_v", _enum),  # enum ggml_type
+        *_fields(_enum, "type_k", "type_v"),  # enum ggml_type
         ("abort_callback", ggml_abort_callback),
         ("abort_callback_data", c_void_p),
-        ("embeddings", c_bool),
-        ("offload_kqv", c_bool),
-        ("no_perf", c_bool),
-        ("op_offload", c_bool),
-        ("swa_full", c_bool),
-        ("kv_unified", c_bool),
+        *_fields(c_bool, "embeddings", "offload_kqv", "no_perf", "op_offload", "swa_full", "kv_unified"),
         ("samplers", c_void_p),  # struct llama_sampler_seq_config *
         ("n_samplers", c_size_t),
         ("ctx_other", c_void_p),  # struct llama_context *
@@ -254,18 +229,10 @@ class llama_model_quantize_params(ctypes.Structure):
 
     _fields_ = [
         ("nthread", c_int32),
-        ("ftype", _enum),  # enum llama_ftype
-        ("output_tensor_type", _enum),  # enum ggml_type
-        ("token_embedding_type", _enum),  # enum ggml_type
-        ("allow_requantize", c_bool),
-        ("quantize_output_tensor", c_bool),
-        ("only_copy", c_bool),
-        ("pure", c_bool),
-        ("keep_split", c_bool),
-        ("dry_run", c_bool),
-        ("imatrix", c_void_p),  # const struct llama_model_imatrix_data *
-        ("kv_overrides", c_void_p),  # const struct llama_model_kv_override *
-        ("tt_overrides", c_void_p),  # const struct llama_model_tensor_override *
+        *_fields(_enum, "ftype", "output_tensor_type", "token_embedding_type"),  # enum llama_ftype, ggml_type, ggml_type
+        *_fields(c_bool, "allow_requantize", "quantize_output_tensor", "only_copy", "pure", "keep_split", "dry_run"),
+        # const struct llama_model_imatrix_data *, llama_model_kv_override *, llama_model_tensor_override *
+        *_fields(c_void_p, "imatrix", "kv_overrides", "tt_overrides"),
         ("prune_layers", POINTER(c_int32)),
         ("max_buf_size", c_size_t),
     ]
