@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from lorasave.cli.app import _debug_option, _run, _threads_option, main
+from lorasave.cli.app import _debug_option, _progress, _run, _threads_option, main
 
 #: Exit code when the batch ran but some outputs failed (the summary lists them).
 EXIT_SOME_FAILED = 1
@@ -52,7 +52,12 @@ def batch_cmd(
     done: list[Any] = []
 
     def go() -> Any:
-        done.append(run_batch(jobs_file, overwrite=overwrite, allow_pickle=allow_pickle, max_jobs_per_pass=max_jobs_per_pass, ray_address=ray_address))
+        progress = _progress(quiet=quiet, as_json=as_json)
+        done.append(
+            run_batch(
+                jobs_file, overwrite=overwrite, allow_pickle=allow_pickle, max_jobs_per_pass=max_jobs_per_pass, ray_address=ray_address, progress=progress
+            )
+        )
         return done[0]
 
     _run(ctx, go, quiet=quiet, as_json=as_json)

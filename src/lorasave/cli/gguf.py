@@ -78,7 +78,19 @@ def gguf_cmd(
     """
     from lorasave.formats.gguf.export import export_gguf
 
-    opts.save(ctx, export_gguf, base, list(adapters), output, type=gguf_type, name=name, tokenizer=tokenizer, verify=verify_output, modelfile=not no_modelfile)
+    opts.save(
+        ctx,
+        export_gguf,
+        base,
+        list(adapters),
+        output,
+        type=gguf_type,
+        name=name,
+        tokenizer=tokenizer,
+        verify=verify_output,
+        modelfile=not no_modelfile,
+        progress=opts.progress,
+    )
 
 
 @main.command("gguf-adapter", short_help="Write a LoRA adapter as a GGUF adapter for llama.cpp --lora.")

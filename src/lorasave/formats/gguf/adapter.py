@@ -55,8 +55,10 @@ from lorasave.formats.gguf.arch import GgufArch, gguf_arch_for
 from lorasave.formats.gguf.export import ggml_type, gguf_tensors, permute_qk
 from lorasave.formats.gguf.quant import GgufType, encode, tensor_nbytes
 from lorasave.formats.safetensors.header import TensorEntry
+from lorasave.merging.stream import Timings
 from lorasave.pipeline.manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
-from lorasave.pipeline.output import StagedOutput, check_free_space, check_output_path
+from lorasave.pipeline.output import check_output_path
+from lorasave.pipeline.run import PlannedOutput, run_single
 from lorasave.plan.merge_plan import build_plan
 from lorasave.plan.recipes import LoraDelta
 from lorasave.sources import stamp as source_stamp
@@ -364,7 +366,6 @@ def export_gguf_adapter(
     alpha = _file_alpha(ad)
     pairs = plan_pairs(ckpt, ad, rules, type, alpha)
     nbytes = sum(tensor_nbytes(p.a_shape, p.a_type) + tensor_nbytes(p.b_shape, p.b_type) for p in pairs)
-    check_free_space(final, nbytes + (1 << 20))
     notes: list[str] = []
     folded = {p.name: p.fold for p in pairs if p.fold != 1.0}
     if folded:
@@ -375,7 +376,8 @@ def export_gguf_adapter(
 
     filename = f"{stem}-lora-{type}.gguf"
     counts: dict[str, int] = {}
-    with StagedOutput(final, overwrite=overwrite, sources=source_stamp.record(ckpt, [ad])) as stage:
+
+    def finish(folder: Path, _: Timings) -> GgufAdapterResult:
         writer = gguf.GGUFWriter(None, rules.name)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_name(stem)
@@ -386,7 +388,7 @@ def export_gguf_adapter(
             for suffix, shape, qtype in ((".lora_a", p.a_shape, p.a_type), (".lora_b", p.b_shape, p.b_type)):
                 writer.add_tensor_info(p.name + suffix, shape, np.dtype(np.float32), tensor_nbytes(shape, qtype), raw_dtype=qtype)
                 counts[qtype.name] = counts.get(qtype.name, 0) + 1
-        writer.write_header_to_file(stage.path / filename)
+        writer.write_header_to_file(folder / filename)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
         with TensorReader() as reader:
@@ -395,8 +397,8 @@ def export_gguf_adapter(
                 writer.write_tensor_data(encode(a, p.a_type))
                 writer.write_tensor_data(encode(b, p.b_type))
         writer.close()
-        _write_card(stage.path, final.name, filename, type, counts, notes, ckpt, ad)
-        files = {filename: sha256_file(stage.path / filename), "README.md": sha256_file(stage.path / "README.md")}
+        _write_card(folder, final.name, filename, type, counts, notes, ckpt, ad)
+        files = {filename: sha256_file(folder / filename), "README.md": sha256_file(folder / "README.md")}
         sources = {
             "base": {"path": str(ckpt.root.resolve()), "hub_id": ckpt.hub_id, "files": {"config.json": sha256_source(ckpt.root / "config.json")}},
             "adapters": [{"path": str(ad.root.resolve()), "files": {str(f.relative_to(ad.root)): sha256_source(f) for f in ad.source_files()}}],
@@ -411,24 +413,34 @@ def export_gguf_adapter(
             "notes": notes,
         }
         settings = {"type": type, "name": stem, "allow_pickle": allow_pickle}
-        write_manifest(stage.path, command="gguf-adapter", sources=sources, settings=settings, result=result, files=files)
-        total = (stage.path / filename).stat().st_size
-        stage.commit()
-    res = GgufAdapterResult(
-        output=final,
-        gguf_file=final / filename,
-        files=sorted([filename, "README.md", MANIFEST_NAME]),
-        n_tensors=2 * len(pairs),
-        n_modules=len(pairs),
-        type=type,
-        alpha=alpha,
-        folded=folded,
-        tensor_types=counts,
-        total_bytes=total,
-        seconds=round(time.perf_counter() - t_start, 3),
-        notes=notes,
+        write_manifest(folder, command="gguf-adapter", sources=sources, settings=settings, result=result, files=files)
+        total = (folder / filename).stat().st_size
+        res = GgufAdapterResult(
+            output=final,
+            gguf_file=final / filename,
+            files=sorted([filename, "README.md", MANIFEST_NAME]),
+            n_tensors=2 * len(pairs),
+            n_modules=len(pairs),
+            type=type,
+            alpha=alpha,
+            folded=folded,
+            tensor_types=counts,
+            total_bytes=total,
+            seconds=round(time.perf_counter() - t_start, 3),
+            notes=notes,
+        )
+        for note in notes:
+            logger.info("%s", note)
+        logger.debug("%s", res.summary())
+        return res
+
+    planned = PlannedOutput(
+        command="gguf-adapter",
+        final=final,
+        overwrite=overwrite,
+        stamps=source_stamp.record(ckpt, [ad]),
+        needed_bytes=nbytes + (1 << 20),
+        finish=finish,
     )
-    for note in notes:
-        logger.info("%s", note)
-    logger.debug("%s", res.summary())
-    return res
+    result: GgufAdapterResult = run_single(planned)
+    return result
