@@ -106,3 +106,24 @@ def test_output_bytes_do_not_depend_on_threads(tmp_path: Path, monkeypatch: pyte
         assert (len(pooled) > 0) == (n > 1), (n, pooled)
         digests[n] = {p.name: _sha(p) for p in sorted(out.iterdir()) if p.name != "lorasave.json"}
     assert len(digests[1]) > 2 and digests[1] == digests[2] == digests[3]
+
+
+def test_shard_task_rewrites_a_dead_attempts_files(tmp_path: Path) -> None:
+    """A retried Ray task of a split merge first removes the partial files of its own shards (``xb`` would refuse
+    them), writes only its shards, and they equal the local merge's; other shards' files are left alone."""
+    from lorasave.api import plan_merge
+    from lorasave.pipeline.ray import shard_task
+
+    single = lorasave.merge(BASE, LORA, tmp_path / "single", max_shard_size=100_000)
+    shards = sorted(n for n in single.files if n.endswith(".safetensors"))
+    assert len(shards) >= 3
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / shards[0]).write_bytes(b"half a shard from the attempt that was killed")
+    (staging / shards[1]).write_bytes(b"another task's file")
+    args = (str(BASE), [str(LORA)], str(tmp_path / "out"))
+    rec = shard_task(plan_merge, args, {"max_shard_size": 100_000}, [shards[0], shards[2]], str(staging), 1)
+    assert sorted(rec["files"]) == [shards[0], shards[2]]
+    for name in (shards[0], shards[2]):
+        assert _sha(staging / name) == _sha(single.output / name) == rec["files"][name]
+    assert (staging / shards[1]).read_bytes() == b"another task's file"

@@ -112,3 +112,18 @@ def test_killed_task_is_retried_without_partial_output(cluster: str, tmp_path: P
     assert r.exit_code == 0, r.output
     for name in ("st", "gguf", "half"):
         assert _files(tmp_path / "ray-out" / name) == _files(tmp_path / "out" / name), name
+
+
+def test_one_merge_split_over_ray_tasks_equals_local(cluster: str, tmp_path: Path) -> None:
+    """merge --ray: the shards written by several tasks into the driver's staging folder; the driver
+    writes index, config, card and manifest; every file byte-identical to a local merge, and it verifies."""
+    args = ["merge", str(BASE), str(LORA), "--max-shard-size", "200KB", "--dtype", "float32", "--verify", "--json"]
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "ray" / "m"), "--ray", cluster])
+    assert r.exit_code == 0, r.output
+    r2 = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "local" / "m")])
+    assert r2.exit_code == 0, r2.output
+    ray_files, local_files = _files(tmp_path / "ray" / "m"), _files(tmp_path / "local" / "m")
+    assert sum(n.endswith(".safetensors") for n in ray_files) >= 3, sorted(ray_files)
+    assert ray_files == local_files
+    doc = json.loads((tmp_path / "ray" / "m" / "lorasave.json").read_text())
+    assert doc["result"]["verification"]["ok"] and doc["files"] == json.loads((tmp_path / "local" / "m" / "lorasave.json").read_text())["files"]

@@ -403,6 +403,8 @@ def plan_merge_sources(
         carried_bytes=carried_bytes,
         merge_key=key,
         progress=progress,
+        parts=[sh.filename for sh in plan.shards],
+        split=lambda names: SafetensorsOutput(plan, shards=names),
     )
 
 

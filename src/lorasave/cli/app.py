@@ -128,6 +128,19 @@ def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
         ctx.ensure_object(dict)["debug"] = True
 
 
+def _ray_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``--ray [ADDRESS]`` (``ray_address``; alone: ``auto``, the running cluster); ``what`` ends its help."""
+    return click.option(
+        "--ray",
+        "ray_address",
+        is_flag=False,
+        flag_value="auto",
+        default=None,
+        metavar="[ADDRESS]",
+        help=f"Run on a Ray cluster (address default: auto, the running one; needs lorasave[ray]): {what}",
+    )
+
+
 def _set_threads(ctx: click.Context, param: click.Parameter, value: int | None) -> None:
     ctx.ensure_object(dict)["threads"] = value
 

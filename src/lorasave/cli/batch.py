@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from lorasave.cli.app import _debug_option, _progress, _run, _threads_option, main
+from lorasave.cli.app import _debug_option, _progress, _ray_option, _run, _threads_option, main
 
 #: Exit code when the batch ran but some outputs failed (the summary lists them).
 EXIT_SOME_FAILED = 1
@@ -15,15 +15,7 @@ EXIT_SOME_FAILED = 1
 @main.command("batch", short_help="Run a JOBS file: many adapters and outputs, one read of each base.")
 @click.argument("jobs_file", metavar="JOBS", type=click.Path())
 @click.option("--max-jobs-per-pass", type=click.IntRange(min=1), default=None, help="At most this many jobs share one pass over a base (bounds memory).")
-@click.option(
-    "--ray",
-    "ray_address",
-    is_flag=False,
-    flag_value="auto",
-    default=None,
-    metavar="[ADDRESS]",
-    help="Run the passes as tasks on a Ray cluster (default address: auto, the running one); needs lorasave[ray].",
-)
+@_ray_option("each pass is a task.")
 @_threads_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @click.option("--quiet", "-q", is_flag=True, help="No notes or summary.")

@@ -15,6 +15,7 @@ from lorasave.cli.app import (
     _hub_quiet,
     _output_option,
     _progress,
+    _ray_option,
     _run,
     _save_options,
     _SaveOptions,
@@ -60,6 +61,7 @@ def _method_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @_tokenizer_option("Copy")
 @_method_options
 @_threads_option
+@_ray_option("the shards are split over tasks, the driver writes the index, card and manifest.")
 @_weights_option
 @click.option("--verify", "verify_output", is_flag=True, help="Verify the output (tensors level) before it is renamed into place.")
 @_save_options
@@ -73,6 +75,7 @@ def merge_cmd(
     max_shard_size: str,
     tokenizer: str | None,
     method: dict[str, Any],
+    ray_address: str | None,
     weights: list[float] | None,
     verify_output: bool,
     opts: _SaveOptions,
@@ -87,6 +90,13 @@ def merge_cmd(
     if given and method["save_method"] != "merged_4bit" and method["merge_into"] != "dequantized":
         flags = ", ".join("--" + n.replace("_", "-") for n in given)
         click.echo(f"note: {flags} only apply with --save-method merged_4bit or --merge-into dequantized; ignored", err=True)
+    if ray_address is not None:
+        from lorasave.api import plan_merge
+        from lorasave.pipeline.ray import run_split
+
+        def merge(*args: Any, **kwargs: Any) -> Any:  # the same arguments, the shards written by Ray tasks
+            return run_split(plan_merge, args, {**kwargs, "progress": False}, ray_address)
+
     opts.save(
         ctx,
         merge,

@@ -79,6 +79,14 @@ class OutputWriter(ABC):
             The write errors of its thread (``OSError``, ``DiskFullError`` is mapped by the caller).
         """
 
+    def adopt(self, files: dict[str, str], timings: Timings) -> None:
+        """Take the files other processes wrote for it (the Ray tasks of a split output: ``pipeline.ray``).
+
+        Raises:
+            NotImplementedError: this writer's output cannot be split (the default).
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be split over tasks")
+
     @abstractmethod
     def abort(self) -> None:
         """Stop after a failure; files are left for the staging folder's removal."""

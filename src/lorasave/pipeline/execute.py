@@ -44,6 +44,7 @@ class PassJob:
         writers: ``(writer, staging folder)`` of each output of the job.
         timings: reading and merging seconds of this job (the writers keep their own).
         failures: writer index -> the error that stopped it.
+        files: writer index -> ``{file name: sha256}`` its ``end`` returned.
     """
 
     plan: MergePlan
@@ -51,6 +52,7 @@ class PassJob:
     writers: list[tuple[OutputWriter, Path]]
     timings: Timings = field(default_factory=Timings)
     failures: dict[int, BaseException] = field(default_factory=dict)
+    files: dict[int, dict[str, str]] = field(default_factory=dict)
 
 
 def pass_order(jobs: Sequence[PassJob]) -> list[str]:
@@ -111,7 +113,7 @@ def execute_pass(jobs: Sequence[PassJob], order: list[str] | None = None, on_ten
                     on_tensor(name)
             for job in jobs:
                 for k, (w, _) in enumerate(job.writers):
-                    _guard(job, k, w, w.end)
+                    _guard(job, k, w, lambda job=job, k=k, w=w: job.files.__setitem__(k, w.end()))
     except BaseException as e:  # interrupted, or a bug: stop every writer
         for job in jobs:
             for k, (w, _) in enumerate(job.writers):

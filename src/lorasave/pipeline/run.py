@@ -10,7 +10,7 @@ output's failure never stops another's; :func:`run_single` raises it for the one
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from functools import wraps
 from pathlib import Path
@@ -51,6 +51,8 @@ class PlannedOutput:
             runs verify, then returns the command's result object; raises to fail the output.
         cleanup: called once the output is done, whatever happened (hashers).
         progress: show the pass's progress bar (``pipeline.progress``).
+        parts: the names of the files its one writer writes, when it can be split (shards).
+        split: a writer of only some ``parts``: a Ray task's share of a split output (``pipeline.ray``).
     """
 
     command: str
@@ -66,6 +68,8 @@ class PlannedOutput:
     merge_key: tuple[Any, ...] = ()
     cleanup: list[Callable[[], None]] = field(default_factory=list)
     progress: bool = False
+    parts: list[str] = field(default_factory=list)
+    split: Callable[[Collection[str]], OutputWriter] | None = None
 
 
 @dataclass
@@ -90,12 +94,19 @@ def _jobs(outputs: Sequence[PlannedOutput]) -> list[tuple[PassJob, list[int]]]:
     return list(groups.values())
 
 
-def run_outputs(outputs: Sequence[PlannedOutput], on_staged: Callable[[], None] | None = None, *, progress: bool | None = None) -> list[Outcome]:
+def run_outputs(
+    outputs: Sequence[PlannedOutput],
+    on_staged: Callable[[], None] | None = None,
+    *,
+    progress: bool | None = None,
+    execute: Callable[[Sequence[PassJob]], None] | None = None,
+) -> list[Outcome]:
     """Write every planned output (all sharing one base) with one read of the base.
 
     Args:
         on_staged: called once the staging folders exist, before the pass (a Ray task's test hook).
         progress: show the pass's bar (``pipeline.progress``); default: if any output asks for it.
+        execute: runs the jobs instead of a local ``execute_pass`` (``pipeline.ray.split_executor``).
 
     Returns:
         One :class:`Outcome` per output, in order. ``KeyboardInterrupt`` and other non-``Exception``
@@ -129,7 +140,10 @@ def run_outputs(outputs: Sequence[PlannedOutput], on_staged: Callable[[], None] 
             show = any(out.progress for out in outputs) if progress is None else progress
             advance, close = pass_bar([job.plan for job, _ in live], enabled=show)
             try:
-                execute_pass([job for job, _ in live], on_tensor=advance)
+                if execute is None:
+                    execute_pass([job for job, _ in live], on_tensor=advance)
+                else:
+                    execute([job for job, _ in live])
             finally:
                 close()
         for job, where in live:
@@ -167,9 +181,9 @@ def _exit(stage: StagedOutput, error: BaseException | None) -> None:
     stage.__exit__(type(error) if error else None, error, error.__traceback__ if error else None)
 
 
-def run_single(out: PlannedOutput) -> Any:
-    """Run one planned output; returns its result or raises its error."""
-    (outcome,) = run_outputs([out])
+def run_single(out: PlannedOutput, execute: Callable[[Sequence[PassJob]], None] | None = None) -> Any:
+    """Run one planned output (``execute``: ``run_outputs``'s); returns its result or raises its error."""
+    (outcome,) = run_outputs([out], execute=execute)
     if outcome.error is not None:
         raise outcome.error
     return outcome.result

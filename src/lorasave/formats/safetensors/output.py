@@ -16,6 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ import torch
 from lorasave.formats.safetensors.deferred import DeferredShardWriter
 from lorasave.formats.safetensors.writer import SafetensorsShardWriter
 from lorasave.formats.writer import OutputWriter, TensorSink
-from lorasave.merging.stream import Block, check_finite, output_bytes
+from lorasave.merging.stream import Block, Timings, check_finite, output_bytes
 from lorasave.plan.merge_plan import SHARD_METADATA, MergePlan, OutputTensor, Shard
 from lorasave.util.dtypes import st_dtype
 
@@ -135,18 +136,21 @@ class SafetensorsOutput(OutputWriter):
     Args:
         plan: the merge plan of this output (its dtype, shard size, 4-bit settings).
         on_bytes: called with the bytes of tensor data written (a progress bar), or None.
+        shards: write only the shards of these file names (a Ray task's part of a split output,
+            ``pipeline.ray``); default every shard.
 
     Attributes:
         files: ``{shard file name: sha256}`` after ``end``.
     """
 
-    def __init__(self, plan: MergePlan, on_bytes: Any = None) -> None:
+    def __init__(self, plan: MergePlan, on_bytes: Any = None, shards: Collection[str] | None = None) -> None:
         super().__init__()
         self.plan = plan
         self._on_bytes = on_bytes
-        self._owner: dict[str, Shard] = {n: sh for sh in plan.shards for n in sh.outputs}
+        self.shards = [sh for sh in plan.shards if shards is None or sh.filename in shards]
+        self._owner: dict[str, Shard] = {n: sh for sh in self.shards for n in sh.outputs}
         self._writers: dict[str, ShardWriter] = {}
-        self._left: dict[str, int] = {sh.filename: len(sh.outputs) for sh in plan.shards}
+        self._left: dict[str, int] = {sh.filename: len(sh.outputs) for sh in self.shards}
         self.behind: WriteBehind
         self._in_order = False
         self.files: dict[str, str] = {}
@@ -158,7 +162,7 @@ class SafetensorsOutput(OutputWriter):
     def preferred_order(self) -> list[str]:
         """File order: shard by shard, each in its layout order (4-bit shards: their outputs' order)."""
         order: list[str] = []
-        for sh in self.plan.shards:
+        for sh in self.shards:
             order.extend(sh.outputs if sh.deferred else dict.fromkeys(lay.name for lay in sh.layouts))
         return order
 
@@ -168,7 +172,7 @@ class SafetensorsOutput(OutputWriter):
 
     def begin(self, folder: Path) -> None:
         self.behind = WriteBehind(self._on_bytes)
-        for sh in self.plan.shards:
+        for sh in self.shards:
             w: ShardWriter
             if sh.deferred:
                 w = DeferredShardWriter(folder / sh.filename, SHARD_METADATA)
@@ -205,6 +209,12 @@ class SafetensorsOutput(OutputWriter):
             self.timings.hash += w.hash_seconds
         self.files = files
         return files
+
+    def adopt(self, files: dict[str, str], timings: Timings) -> None:
+        """The shards the Ray tasks of a split output wrote (``pipeline.ray``): their hashes and seconds."""
+        self.files = {sh.filename: files[sh.filename] for sh in self.shards}
+        for phase in ("merge", "write", "hash"):
+            setattr(self.timings, phase, getattr(self.timings, phase) + getattr(timings, phase))
 
     def abort(self) -> None:
         if hasattr(self, "behind"):
