@@ -130,6 +130,17 @@ def test_batch_max_jobs_per_pass_and_json_jobs(jobs: Path, monkeypatch: pytest.M
         ("jobs: [{adapters: [a], outputs: [{format: gguf, path: o}]}]", "job 1 names no base"),
         ("base: x\njobs: [{adapters: [a], outputs: [{path: o}]}]", "job 1, output 1: format must be a non-empty string"),
         ("!!python/object/apply:os.system ['true']", "is not YAML or JSON"),
+        ("jobs: " + "[" * 5000 + "]" * 5000, "nests deeper than 100 levels"),
+        (
+            "a: &a [x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b]\n"
+            "base: x\njobs: [{adapters: *c, outputs: [{format: safetensors, path: o}]}]",
+            "unknown top-level key(s) a, b, c",
+        ),
+        (
+            "base: x\njobs: [{adapters: [a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, "
+            "a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a], outputs: [{format: gguf, path: o}]}]",
+            "job 1 has 65 adapters; at most 64",
+        ),
     ],
 )
 def test_bad_jobs_files_one_line(tmp_path: Path, text: str, message: str) -> None:

@@ -38,9 +38,10 @@ PathLike = str | os.PathLike[str]
 
 #: JOBS files larger than this (bytes) are refused before they are parsed.
 MAX_JOBS_FILE_BYTES = 4 << 20
-#: At most this many jobs in one file, and outputs in one job.
+#: At most this many jobs in one file, and outputs and adapters in one job (YAML aliases can multiply lists).
 MAX_JOBS = 10_000
 MAX_OUTPUTS_PER_JOB = 64
+MAX_ADAPTERS_PER_JOB = 64
 _JOB_KEYS = {"base", "adapters", "weights", "outputs"}
 
 
@@ -146,7 +147,9 @@ def load_jobs(path: PathLike) -> list[JobSpec]:
     if p.stat().st_size > MAX_JOBS_FILE_BYTES:
         raise InvalidOptionError(f"jobs file {p} is larger than {MAX_JOBS_FILE_BYTES >> 20} MiB")
     try:
-        doc = yaml.safe_load(p.read_text(encoding="utf-8"))  # safe_load: plain data only, no Python objects
+        text = p.read_text(encoding="utf-8")
+        _check_nesting(text, p)
+        doc = yaml.safe_load(text)  # safe_load: plain data only, no Python objects
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         raise InvalidOptionError(f"jobs file {p} is not YAML or JSON: {str(e).splitlines()[0]}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
@@ -159,6 +162,28 @@ def load_jobs(path: PathLike) -> list[JobSpec]:
     root = p.resolve().parent
     default_base = doc.get("base")
     return [_job(i, j, default_base, root) for i, j in enumerate(doc["jobs"])]
+
+
+def _check_nesting(text: str, path: Path) -> None:
+    """Refuse YAML nested deeper than ``jsonio.MAX_DEPTH`` before PyYAML's recursive composer sees it.
+
+    ``yaml.parse`` yields events from a state machine (no recursion), so the depth is counted safely.
+
+    Raises:
+        InvalidOptionError: too deep. yaml.YAMLError: not YAML.
+    """
+    import yaml
+
+    from lorasave.util.jsonio import MAX_DEPTH
+
+    depth = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise InvalidOptionError(f"jobs file {path} nests deeper than {MAX_DEPTH} levels")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
 
 
 def _str(value: Any, what: str) -> str:
@@ -186,6 +211,8 @@ def _job(i: int, job: Any, default_base: Any, root: Path) -> JobSpec:
     adapters = [adapters] if isinstance(adapters, str) else adapters
     if not isinstance(adapters, list):
         raise InvalidOptionError(f"{where}: adapters must be a list of adapter folders")
+    if len(adapters) > MAX_ADAPTERS_PER_JOB:
+        raise InvalidOptionError(f"{where} has {len(adapters)} adapters; at most {MAX_ADAPTERS_PER_JOB}")
     weights = job.get("weights")
     if weights is not None and (not isinstance(weights, list) or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in weights)):
         raise InvalidOptionError(f"{where}: weights must be a list of numbers, one per adapter")

@@ -179,11 +179,13 @@ def parse_types(type: str | Sequence[str]) -> list[GgufType]:
     Raises:
         InvalidOptionError: an unknown type, or an empty list.
     """
-    names = [p.strip() for p in (type.split(",") if isinstance(type, str) else type)]
+    names = [p.strip() if isinstance(p, str) else p for p in (type.split(",") if isinstance(type, str) else type)]
+    if len(names) > len(GgufType):
+        raise InvalidOptionError(f"{len(names)} GGUF types given; there are {len(GgufType)}")
     out: list[GgufType] = []
     for n in names:
         try:
-            t = GgufType.parse(n)
+            t = GgufType.parse(str(n))
         except ValueError:
             raise InvalidOptionError(f"GGUF type {n!r} is not supported; choose one of {', '.join(t.value for t in GgufType)}") from None
         if t not in out:
