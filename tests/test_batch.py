@@ -80,7 +80,7 @@ def test_batch_one_pass_outputs_equal_single_commands(jobs: Path, monkeypatch: p
     r = CliRunner().invoke(main, ["batch", str(jobs), "--json"])
     assert r.exit_code == 1, r.output  # one job failed: non-zero, the others written
     doc = json.loads(r.output)
-    assert [(o["job"], o["ok"]) for o in doc["outputs"]] == [(0, True), (0, True), (1, True), (2, False)]
+    assert [(o["job"], o["ok"]) for o in doc["outputs"]] == [(1, True), (1, True), (2, True), (3, False)]  # jobs numbered from 1, as in the summary
     assert "runs/missing" in doc["outputs"][3]["error"] and not (root / "out" / "missing").exists()
     assert passes == [2], "the two jobs that share the base: one pass, one job each (a job's outputs share its merge)"
     gguf_types = json.loads((root / "out" / "ck500-gguf" / "lorasave.json").read_text())["settings"]["type"]
@@ -150,18 +150,48 @@ def test_bad_jobs_files_one_line(tmp_path: Path, text: str, message: str) -> Non
     assert message in r.output and len(r.output.strip().splitlines()) == 1 and "Traceback" not in r.output
 
 
-def test_bad_output_option_fails_that_output_only(jobs: Path) -> None:
+def test_failing_output_fails_only_itself(jobs: Path) -> None:
+    """An output whose planning fails (a tokenizer folder that is not there) is reported; its job's other output is written."""
     root = jobs.parent
     doc = f"""
 base: {BASE}
 jobs:
   - adapters: [runs/checkpoint-500]
     outputs:
-      - {{format: gguf, path: o/bad, dtype: float16}}
+      - {{format: gguf, path: o/bad, tokenizer: no-such-tokenizer}}
       - {{format: safetensors, path: o/good}}
 """
     (root / "j.yaml").write_text(doc)
     r = CliRunner().invoke(main, ["batch", str(root / "j.yaml")])
     assert r.exit_code == 1
-    assert "a gguf output takes no option dtype" in r.output and "1 of 2 outputs written" in r.output
+    assert "job 1 gguf" in r.output and "FAILED" in r.output and "no-such-tokenizer" in r.output and "1 of 2 outputs written" in r.output
     assert (root / "o" / "good" / "lorasave.json").is_file() and not (root / "o" / "bad").exists()
+
+
+def test_jobs_file_checked_before_any_pass(jobs: Path) -> None:
+    """A typo in an output option or a GGUF type fails the whole file at once (exit 2), before any output is written."""
+    root = jobs.parent
+    for bad, message in (
+        ("{format: safetensors, path: o/b, dtpye: bfloat16}", "job 2, output 1: a safetensors output takes no option dtpye"),
+        ("{format: gguf, path: o/b, types: [q4_k_n]}", "job 2, output 1: type: GGUF type 'q4_k_n' is not supported"),
+        ("{format: safetensors, path: o/b, max_shard_size: lots}", "job 2, output 1: max_shard_size:"),
+    ):
+        (root / "j.yaml").write_text(
+            f"base: {BASE}\njobs:\n  - adapters: [runs/checkpoint-500]\n    outputs: [{{format: safetensors, path: o/a}}]\n"
+            f"  - adapters: [runs/checkpoint-500]\n    outputs: [{bad}]\n"
+        )
+        r = CliRunner().invoke(main, ["batch", str(root / "j.yaml"), "--max-jobs-per-pass", "1"])
+        assert r.exit_code == 2 and message in r.output, r.output
+        assert not (root / "o").exists()
+
+
+def test_quiet_batch_still_names_failures_and_paths_are_never_cwd_relative(jobs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = jobs.parent
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(LORA, elsewhere / "runs" / "only-here")
+    (root / "j.yaml").write_text(f"base: {BASE}\njobs:\n  - adapters: [runs/only-here]\n    outputs: [{{format: safetensors, path: o/a}}]\n")
+    monkeypatch.chdir(elsewhere)  # runs/only-here exists relative to the current folder, not beside j.yaml
+    r = CliRunner().invoke(main, ["batch", str(root / "j.yaml"), "-q"])
+    assert r.exit_code == 1
+    assert r.output.startswith("error: job 1 safetensors") and str(root / "runs" / "only-here") in r.output, r.output
+    assert not (root / "o" / "a").exists()

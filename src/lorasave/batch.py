@@ -15,8 +15,8 @@ Each output is planned by its command's own plan function (``outputs.FORMATS``),
 the single command's; the jobs of one base (at most ``max_jobs_per_pass`` at a time) are written
 by one ``pipeline.run.run_outputs``: each base tensor read once, merged once per job, handed to
 every writer of the job. Every output is atomic on its own; a job or output that fails is
-reported and the others go on. Relative paths in JOBS are relative to the JOBS file's folder; a
-``base`` that is no folder there is taken as given (an absolute path or a Hub id in the local cache).
+reported and the others go on. Relative paths in JOBS are relative to the JOBS file's folder, never
+to the current folder; a base or adapter that is no folder there may be a Hub id in the local cache.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from lorasave.errors import InvalidOptionError, LorasaveError
-from lorasave.outputs import FORMATS, plan_output
+from lorasave.outputs import FORMATS, check_options, plan_output
 from lorasave.pipeline.run import PlannedOutput, run_outputs
 
 logger = logging.getLogger(__name__)
@@ -43,6 +43,8 @@ MAX_JOBS = 10_000
 MAX_OUTPUTS_PER_JOB = 64
 MAX_ADAPTERS_PER_JOB = 64
 _JOB_KEYS = {"base", "adapters", "weights", "outputs"}
+#: Output options that name folders (resolved beside JOBS like every other relative path).
+PATH_OPTIONS = {"tokenizer", "quantization_from"}
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,11 @@ class OutputOutcome:
     def ok(self) -> bool:
         return self.error is None and self.result is not None
 
+    @property
+    def message(self) -> str:
+        """The one-line error of a failed output."""
+        return _message(self.error)
+
 
 @dataclass
 class BatchResult:
@@ -103,7 +110,7 @@ class BatchResult:
             "ok": not self.failed,
             "outputs": [
                 {
-                    "job": o.job,
+                    "job": o.job + 1,
                     "format": o.format,
                     "path": str(o.path),
                     "ok": o.ok,
@@ -123,6 +130,10 @@ class BatchResult:
 
 
 def _message(e: BaseException | None) -> str:
+    from lorasave.util.hints import missing_package_message
+
+    if isinstance(e, ModuleNotFoundError):
+        return missing_package_message(e)
     return "no result" if e is None else str(e) if isinstance(e, LorasaveError) else f"{type(e).__name__}: {e}"
 
 
@@ -151,7 +162,10 @@ def load_jobs(path: PathLike) -> list[JobSpec]:
         _check_nesting(text, p)
         doc = yaml.safe_load(text)  # safe_load: plain data only, no Python objects
     except (yaml.YAMLError, UnicodeDecodeError) as e:
-        raise InvalidOptionError(f"jobs file {p} is not YAML or JSON: {str(e).splitlines()[0]}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise InvalidOptionError(f"jobs file {p} is not YAML or JSON: {what}{where}") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("jobs"), list):
         raise InvalidOptionError(f"jobs file {p} needs a top-level 'jobs:' list (see README, 'Many outputs in one pass')")
     unknown = set(doc) - {"base", "jobs"}
@@ -193,8 +207,17 @@ def _str(value: Any, what: str) -> str:
 
 
 def _source(value: str, root: Path) -> str:
-    """A relative path that exists beside JOBS, resolved; anything else as given (absolute or a Hub id)."""
-    return str(root / value) if not os.path.isabs(value) and (root / value).exists() else value
+    """A base or adapter of JOBS: an absolute path as given; a relative one beside JOBS; else a Hub id in the
+    local cache; else the path beside JOBS (the error then names it). Never relative to the current folder."""
+    from lorasave.sources.checkpoint import cached_hub_folder
+
+    value = os.path.expanduser(value)
+    if os.path.isabs(value):
+        return value
+    local = root / value
+    if local.exists() or cached_hub_folder(value) is None:
+        return str(local)
+    return value
 
 
 def _job(i: int, job: Any, default_base: Any, root: Path) -> JobSpec:
@@ -230,7 +253,14 @@ def _job(i: int, job: Any, default_base: Any, root: Path) -> JobSpec:
         if fmt not in FORMATS:
             raise InvalidOptionError(f"{w}: format {fmt!r} is not one of {', '.join(FORMATS)}")
         path = root / _str(out.get("path"), f"{w}: path")
-        specs.append(OutputSpec(fmt, path, {str(key): v for key, v in out.items() if key not in ("format", "path")}))
+        options = {str(key): v for key, v in out.items() if key not in ("format", "path")}
+        for key in PATH_OPTIONS & set(options):  # folders named in options: beside JOBS too
+            options[key] = str(root / os.path.expanduser(_str(options[key], f"{w}: {key}")))
+        try:
+            check_options(fmt, options)  # a typo fails the JOBS file now, not hours into an earlier pass
+        except InvalidOptionError as e:
+            raise InvalidOptionError(f"{w}: {e}") from None
+        specs.append(OutputSpec(fmt, path, options))
     return JobSpec(
         i,
         _source(_str(base, f"{where}: base"), root),

@@ -41,12 +41,22 @@ def plan_function(fmt: str) -> Callable[..., PlannedOutput]:
     return fn
 
 
-def plan_output(fmt: str, base: str, ads: Sequence[Adapter], path: os.PathLike[str], **options: Any) -> PlannedOutput:
-    """Plan one output of ``fmt`` with its command's options (``weights`` only when not None).
+def _value_checks() -> dict[str, Callable[[Any], object]]:
+    """Option -> its parser, run on a JOBS file before any pass (the plan functions parse them again)."""
+    from lorasave.formats.gguf.export import parse_types
+    from lorasave.util.dtypes import parse_output_dtype
+    from lorasave.util.names import check_file_name
+    from lorasave.util.sizes import parse_size
+
+    return {"type": parse_types, "dtype": parse_output_dtype, "max_shard_size": parse_size, "name": lambda v: check_file_name(v, "name")}
+
+
+def check_options(fmt: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The options of one ``fmt`` output, checked before anything runs: names, then the values that
+    have a parser (types, dtype, sizes, names). Returns them under the plan function's names.
 
     Raises:
-        InvalidOptionError: an unknown format, or an option that format does not take.
-        Everything the format's plan function raises.
+        InvalidOptionError: an unknown format, an option that format does not take, a bad value.
     """
     fn = plan_function(fmt)
     options = {ALIASES.get(k, k): v for k, v in options.items() if not (k == "weights" and v is None)}
@@ -55,4 +65,21 @@ def plan_output(fmt: str, base: str, ads: Sequence[Adapter], path: os.PathLike[s
     unknown = sorted(set(options) - set(takes) - _FROM_BATCH)
     if unknown:
         raise InvalidOptionError(f"a {fmt} output takes no option {', '.join(unknown)}; it takes {', '.join(takes)}")
-    return fn(base, ads, path, **options)
+    checks = _value_checks()
+    for key, value in options.items():
+        if key in checks:
+            try:
+                checks[key](value)
+            except (TypeError, ValueError, AttributeError) as e:
+                raise InvalidOptionError(f"{key}: {e}") from None
+    return options
+
+
+def plan_output(fmt: str, base: str, ads: Sequence[Adapter], path: os.PathLike[str], **options: Any) -> PlannedOutput:
+    """Plan one output of ``fmt`` with its command's options (``weights`` only when not None).
+
+    Raises:
+        InvalidOptionError: an unknown format, or an option that format does not take.
+        Everything the format's plan function raises.
+    """
+    return plan_function(fmt)(base, ads, path, **check_options(fmt, options))

@@ -8,6 +8,7 @@ summary (or ``--json``), and map errors to one line on stderr and a non-zero exi
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import logging
 import signal
@@ -33,20 +34,6 @@ def _sigterm(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-#: Optional packages -> the install command that brings them (``[project.optional-dependencies]``).
-_INSTALL_HINTS = {
-    "gguf": "pip install 'lorasave[gguf]'",
-    "sentencepiece": "pip install 'lorasave[gguf]'",
-    "onnx": "pip install 'lorasave[onnx]'",
-    "onnxruntime": "pip install 'lorasave[onnx]'",
-    "onnxscript": "pip install 'lorasave[onnx]'",
-    "bitsandbytes": "pip install 'lorasave[bnb]'",
-    "peft": "pip install 'lorasave[verify]'",
-    "ray": "pip install 'lorasave[ray]'",
-    "yaml": "pip install pyyaml",
-}
-
-
 class _OneLineFormatter(logging.Formatter):
     """Log lines with names from files escaped (a newline in a tensor name cannot fake another line)."""
 
@@ -60,7 +47,7 @@ def _hub_handlers() -> list[logging.Handler]:
 
 
 def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: bool) -> None:
-    from lorasave.util.hints import INVOKED_AS
+    from lorasave.util.hints import INVOKED_AS, missing_package_message
     from lorasave.util.redact import add_filter, remove_filter, scrub
 
     debug = ctx.obj.get("debug", False)
@@ -95,9 +82,7 @@ def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: boo
     except KeyboardInterrupt:
         fail("error: interrupted; no output was written", EXIT_INTERRUPTED, trace=False)
     except ModuleNotFoundError as e:  # an optional dependency this command needs
-        root = (e.name or "").split(".")[0]
-        hint = _INSTALL_HINTS.get(root, f"pip install {root}") if root else "install lorasave's optional dependencies"
-        fail(f"error: this command needs the {root or 'missing'} package; install it with: {hint}", 2)
+        fail(f"error: {missing_package_message(e)}", 2)
     except Exception as e:  # a bug: still one line unless --debug
         fail(f"error: internal error ({type(e).__name__}: {e}); rerun with --debug and report it", EXIT_INTERNAL)
     finally:
@@ -126,6 +111,15 @@ def main(ctx: click.Context, debug: bool) -> None:
 def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
     if value:  # `lorasave COMMAND ... --debug` works like `lorasave --debug COMMAND ...`
         ctx.ensure_object(dict)["debug"] = True
+
+
+def _deferred(module: str, name: str) -> Callable[..., Any]:
+    """``module.name``, imported when called: inside ``_run``, so a missing optional package (gguf, onnx) is one line."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    return call
 
 
 def _ray_option(what: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:

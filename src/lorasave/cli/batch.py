@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from lorasave.cli.app import _debug_option, _progress, _ray_option, _run, _threads_option, main
+from lorasave.util.printable import escape
 
 #: Exit code when the batch ran but some outputs failed (the summary lists them).
 EXIT_SOME_FAILED = 1
@@ -54,4 +55,7 @@ def batch_cmd(
 
     _run(ctx, go, quiet=quiet, as_json=as_json)
     if done and done[0].failed:
+        if quiet:  # the summary was not printed: the failures still get their one line each
+            for o in done[0].failed:
+                click.echo(escape(f"error: job {o.job + 1} {o.format} {o.path}: {o.message}"), err=True)
         ctx.exit(EXIT_SOME_FAILED)

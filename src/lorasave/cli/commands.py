@@ -11,6 +11,7 @@ from lorasave.cli.app import (
     _DTYPE,
     _choice_option,
     _debug_option,
+    _deferred,
     _gather,
     _hub_quiet,
     _output_option,
@@ -162,9 +163,19 @@ def onnx_cmd(
 
     optimum's layout, run by onnxruntime. With no ADAPTER, BASE itself is exported. Needs pip install 'lorasave[onnx]'.
     """
-    from lorasave.formats.onnx.export import export_onnx
-
-    opts.save(ctx, export_onnx, base, list(adapters), output, dtype=dtype, quantize=quantize, opset=opset, verify=verify, weights=weights, tokenizer=tokenizer)
+    opts.save(
+        ctx,
+        _deferred("lorasave.formats.onnx.export", "export_onnx"),
+        base,
+        list(adapters),
+        output,
+        dtype=dtype,
+        quantize=quantize,
+        opset=opset,
+        verify=verify,
+        weights=weights,
+        tokenizer=tokenizer,
+    )
 
 
 @main.command("verify", short_help="Check an output against its manifest and sources.")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import click
 
-from lorasave.cli.app import _debug_option, _output_option, _run, _save_options, _SaveOptions, _threads_option, _tokenizer_option, main
+from lorasave.cli.app import _debug_option, _deferred, _output_option, _run, _save_options, _SaveOptions, _threads_option, _tokenizer_option, main
 
 #: ``lorasave.formats.gguf.quant.GgufType`` values, listed here so that ``--help`` does not import gguf
 #: (tests/test_gguf_types.py checks they agree).
@@ -76,11 +76,9 @@ def gguf_cmd(
     Qwen3, Gemma 3 (text) and Phi-3; BPE, SentencePiece and tokenizer.json tokenizers. OUT also
     gets README.md and, when the model has a chat template, an Ollama Modelfile.
     """
-    from lorasave.formats.gguf.export import export_gguf
-
     opts.save(
         ctx,
-        export_gguf,
+        _deferred("lorasave.formats.gguf.export", "export_gguf"),
         base,
         list(adapters),
         output,
@@ -107,9 +105,7 @@ def gguf_adapter_cmd(ctx: click.Context, base: str, adapters: tuple[str, ...], o
     PEFT's scaling (rsLoRA, rank/alpha patterns) is kept exactly. DoRA, modules_to_save, new tokens and
     non-LoRA tuners are refused: use `lorasave gguf BASE ADAPTER` for a merged GGUF.
     """
-    from lorasave.formats.gguf.adapter import export_gguf_adapter
-
-    opts.save(ctx, export_gguf_adapter, base, list(adapters), output, type=gguf_type, name=name)
+    opts.save(ctx, _deferred("lorasave.formats.gguf.adapter", "export_gguf_adapter"), base, list(adapters), output, type=gguf_type, name=name)
 
 
 @main.command("install-llama-cpp", short_help="Install the optional llama.cpp runtime (k-quants, checks in llama.cpp).")

@@ -223,7 +223,10 @@ def write_gguf_card(
     card_data = ModelCardData(**{k: v for k, v in data.items() if v not in (None, [], "")})
     what = "LoRA adapter" if lora_adapter else "merged model"
     type_rows = ["| GGML type | tensors |", "|---|---|", *(f"| {k} | {n} |" for k, n in sorted(tensor_types.items()))]
+    files_line, types_line = f"`{gguf_file}`, type `{type}`", type
     if more_files:
+        files_line = "one file per type: " + ", ".join(f"`{f}`" for f in [gguf_file, *(m[0] for m in more_files)])
+        types_line = ", ".join([type, *(m[1] for m in more_files)])
         files = [(gguf_file, type, tensor_types), *more_files]
         type_rows += [
             "",
@@ -241,12 +244,12 @@ def write_gguf_card(
     lines = [
         f"# {title}",
         "",
-        f"A {what} in GGUF format (`{gguf_file}`, type `{type}`) written by [lorasave](https://pypi.org/project/lorasave/) {__version__}.",
+        f"A {what} in GGUF format ({files_line}) written by [lorasave](https://pypi.org/project/lorasave/) {__version__}.",
         "",
         "## How it was made",
         "",
         f"- Base model: {hub_id(base_model) or 'a local checkpoint'}",
-        f"- Type: {type}",
+        f"- Type: {types_line}",
         "",
         _settings_table(adapters),
         "",

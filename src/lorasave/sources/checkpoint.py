@@ -56,18 +56,28 @@ def resolve_source(spec: str | os.PathLike[str], what: str) -> tuple[Path, str |
         raise SourceNotFoundError(f"{what} {spec} is a file; give the folder that holds config.json and the weights", path=path)
     text = str(spec)
     if _HUB_ID.match(text) and not text.startswith((".", "/")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            folder = snapshot_download(text, local_files_only=True)
-            return Path(folder), text
-        except Exception:
+        folder = cached_hub_folder(text)
+        if folder is not None:
+            return folder, text
+        if folder is None:
             raise SourceNotFoundError(
                 f"{what} {spec!r} is not a folder, and not a Hub id in the local Hugging Face cache; "
                 f"download it first (hf download {text}) or give a local folder",
                 path=path,
-            ) from None
+            )
     raise SourceNotFoundError(f"{what} folder {spec} does not exist", path=path)
+
+
+def cached_hub_folder(hub_id: str) -> Path | None:
+    """The local Hugging Face cache's snapshot folder of ``hub_id`` (no network), or None when it is not there."""
+    if not _HUB_ID.match(hub_id) or hub_id.startswith((".", "/")):
+        return None
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(hub_id, local_files_only=True))
+    except Exception:
+        return None
 
 
 def _check_plain_name(index_path: Path, name: object) -> str:
