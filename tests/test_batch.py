@@ -134,7 +134,7 @@ def test_batch_max_jobs_per_pass_and_json_jobs(jobs: Path, monkeypatch: pytest.M
         (
             "a: &a [x, x, x, x, x, x, x, x]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a]\nc: &c [*b, *b, *b, *b, *b, *b, *b, *b]\n"
             "base: x\njobs: [{adapters: *c, outputs: [{format: safetensors, path: o}]}]",
-            "unknown top-level key(s) a, b, c",
+            "uses a YAML alias (*a, line 2)",
         ),
         (
             "base: x\njobs: [{adapters: [a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, a, "
@@ -195,3 +195,34 @@ def test_quiet_batch_still_names_failures_and_paths_are_never_cwd_relative(jobs:
     assert r.exit_code == 1
     assert r.output.startswith("error: job 1 safetensors") and str(root / "runs" / "only-here") in r.output, r.output
     assert not (root / "o" / "a").exists()
+
+
+@pytest.mark.parametrize(
+    ("outputs", "message"),
+    [
+        ("[{format: safetensors, path: o/x}, {format: gguf, path: o/x}]", "is also, or lies inside, job 2 safetensors output"),
+        ("[{format: safetensors, path: o/x}, {format: safetensors, path: o/x/inner}]", "is also, or lies inside"),
+        ("[{format: safetensors, path: runs/checkpoint-1000/merged}]", "overlaps the source folder"),
+        ("[{format: safetensors, path: runs/checkpoint-1000}]", "overlaps the source folder"),
+        ("[{format: safetensors, path: o/y, overwrite: true}]", "overwrite is not an output option; give it to the batch command (--overwrite)"),
+        ("[{format: gguf, path: o/y, verify: 'no'}]", "verify must be true or false, not 'no'"),
+        ("[{format: safetensors, path: o/y, dtype: [" + ", ".join(["bfloat16"] * 400) + "]}]", "characters)"),
+    ],
+)
+def test_outputs_checked_against_each_other_and_every_source(jobs: Path, outputs: str, message: str) -> None:
+    """Two outputs at one path (or one inside another), an output in any job's source folder, batch options
+    in an output, a string for a true/false option: refused before anything runs; long values cut short."""
+    root = jobs.parent
+    (root / "j.yaml").write_text(
+        f"base: {BASE}\njobs:\n  - adapters: [runs/checkpoint-1000]\n    outputs: [{{format: safetensors, path: o/first}}]\n"
+        f"  - adapters: [runs/checkpoint-500]\n    outputs: {outputs}\n"
+    )
+    r = CliRunner().invoke(main, ["batch", str(root / "j.yaml"), "--overwrite"])
+    unsafe = "overlaps" in message or "lies inside" in message  # UnsafePathError: exit 1, option errors: 2
+    assert r.exit_code == (1 if unsafe else 2) and message in r.output and len(r.output) < 1200, r.output
+    assert not (root / "o").exists() and sorted(p.name for p in (root / "runs" / "checkpoint-1000").iterdir()) == sorted(p.name for p in LORA.iterdir())
+
+
+def test_jobs_file_that_is_a_folder(tmp_path: Path) -> None:
+    r = CliRunner().invoke(main, ["batch", str(tmp_path)])
+    assert r.exit_code == 2 and "is a folder; give the YAML or JSON file" in r.output

@@ -127,3 +127,34 @@ def test_one_merge_split_over_ray_tasks_equals_local(cluster: str, tmp_path: Pat
     assert ray_files == local_files
     doc = json.loads((tmp_path / "ray" / "m" / "lorasave.json").read_text())
     assert doc["result"]["verification"]["ok"] and doc["files"] == json.loads((tmp_path / "local" / "m" / "lorasave.json").read_text())["files"]
+
+
+def test_ray_errors_are_one_line(cluster: str, tmp_path: Path) -> None:
+    """Nothing listening at the address: one line at once (Ray itself retries for minutes). An output that fails
+    in a task (NaN merge, relative paths planned again on the worker): its own one-line error, no remote traceback.
+    --threads beyond any node's CPUs: capped, not a task that waits forever."""
+    from safetensors.torch import load_file, save_file
+
+    t0 = time.monotonic()
+    r = CliRunner().invoke(main, ["batch", str(_jobs(tmp_path)), "--ray", "127.0.0.1:1"])
+    assert r.exit_code == 1 and "no Ray cluster at 127.0.0.1:1" in r.output and time.monotonic() - t0 < 30, r.output
+    nan = tmp_path / "nan"
+    shutil.copytree(LORA, nan)
+    f = nan / "adapter_model.safetensors"
+    tensors = load_file(f)
+    key = next(k for k in tensors if "lora_B" in k)
+    tensors[key] = tensors[key].clone().fill_(float("nan"))
+    save_file(tensors, f, metadata={"format": "pt"})
+    r = CliRunner().invoke(main, ["merge", str(BASE), str(nan), "-o", str(tmp_path / "m"), "--max-shard-size", "100KB", "--ray", cluster])
+    errors = [line for line in r.output.splitlines() if not line.startswith("note:")]
+    assert r.exit_code == 1 and len(errors) == 1 and "NaN or Inf" in errors[0] and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "m").exists()
+    cwd = os.getcwd()
+    try:
+        os.chdir(tmp_path)
+        r = CliRunner().invoke(main, ["merge", os.path.relpath(BASE), os.path.relpath(LORA), "-o", "rel", "--max-shard-size", "100KB", "--ray", cluster])
+    finally:
+        os.chdir(cwd)
+    assert r.exit_code == 0 and (tmp_path / "rel" / "lorasave.json").is_file(), r.output
+    r = CliRunner().invoke(main, ["batch", str(tmp_path / "jobs.yaml"), "--ray", cluster, "--threads", "4", "--overwrite", "--quiet"])
+    assert r.exit_code == 0, r.output

@@ -112,3 +112,17 @@ def test_merged_4bit_any_shard_size(tmp_path: Path, size: str) -> None:
                 t = h.get_tensor(k)
                 total += t.numel() * t.element_size()
     assert index["metadata"]["total_size"] == total
+
+
+def test_folder_named_like_a_staging_folder_is_not_swept(tmp_path: Path) -> None:
+    """A folder that only has a staging or -old- name (no lock file lorasave made before it) is the user's: kept."""
+    import lorasave
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    for name in (".d.lorasave-tmp-mine", ".d.lorasave-old-mine"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "notes.txt").write_text("mine")
+    lorasave.merge(examples / "tiny-llama", examples / "tiny-llama-lora", tmp_path / "d")
+    for name in (".d.lorasave-tmp-mine", ".d.lorasave-old-mine"):
+        assert (tmp_path / name / "notes.txt").read_text() == "mine"
+    assert (tmp_path / "d" / "lorasave.json").is_file()

@@ -42,6 +42,8 @@ MAX_JOBS_FILE_BYTES = 4 << 20
 MAX_JOBS = 10_000
 MAX_OUTPUTS_PER_JOB = 64
 MAX_ADAPTERS_PER_JOB = 64
+#: At most this many outputs in one file.
+MAX_OUTPUTS = 10_000
 _JOB_KEYS = {"base", "adapters", "weights", "outputs"}
 #: Output options that name folders (resolved beside JOBS like every other relative path).
 PATH_OPTIONS = {"tokenizer", "quantization_from"}
@@ -153,6 +155,8 @@ def load_jobs(path: PathLike) -> list[JobSpec]:
     from lorasave.errors import SourceNotFoundError
 
     p = Path(path)
+    if p.is_dir():
+        raise InvalidOptionError(f"jobs file {p} is a folder; give the YAML or JSON file")
     if not p.is_file():
         raise SourceNotFoundError(f"jobs file {p} does not exist")
     if p.stat().st_size > MAX_JOBS_FILE_BYTES:
@@ -175,16 +179,48 @@ def load_jobs(path: PathLike) -> list[JobSpec]:
         raise InvalidOptionError(f"jobs file {p} has {len(doc['jobs'])} jobs; at most {MAX_JOBS}")
     root = p.resolve().parent
     default_base = doc.get("base")
-    return [_job(i, j, default_base, root) for i, j in enumerate(doc["jobs"])]
+    jobs = [_job(i, j, default_base, root) for i, j in enumerate(doc["jobs"])]
+    if sum(len(j.outputs) for j in jobs) > MAX_OUTPUTS:
+        raise InvalidOptionError(f"jobs file {p} has more than {MAX_OUTPUTS} outputs")
+    check_paths(jobs)
+    return jobs
+
+
+def check_paths(jobs: Sequence[JobSpec]) -> None:
+    """Every output path once, none inside another, none overlapping any job's base, adapter or tokenizer.
+
+    A batch runs jobs in passes: one job's output must not land in (or replace) another job's source.
+
+    Raises:
+        UnsafePathError: the first overlap found.
+    """
+    from lorasave.errors import UnsafePathError
+
+    outs: list[tuple[str, Path]] = []
+    for job in jobs:
+        for o in job.outputs:
+            outs.append((f"job {job.index + 1} {o.format} output", Path(os.path.realpath(o.path))))
+    sources = [Path(os.path.realpath(s)) for job in jobs for s in [job.base, *job.adapters] if os.path.exists(s)]
+    sources += [Path(os.path.realpath(o.options[k])) for job in jobs for o in job.outputs for k in PATH_OPTIONS & set(o.options)]
+    seen: dict[Path, str] = {}
+    for what, path in sorted(outs, key=lambda x: len(x[1].parts)):
+        for other, taken in seen.items():
+            if path == other or other in path.parents:
+                raise UnsafePathError(f"{what} {path} is also, or lies inside, {taken} {other}; give every output its own folder", path=path)
+        for src in sources:
+            if path == src or src in path.parents or path in src.parents:
+                raise UnsafePathError(f"{what} {path} overlaps the source folder {src}; choose an output folder outside every job's sources", path=path)
+        seen[path] = what
 
 
 def _check_nesting(text: str, path: Path) -> None:
-    """Refuse YAML nested deeper than ``jsonio.MAX_DEPTH`` before PyYAML's recursive composer sees it.
+    """Refuse YAML nested deeper than ``jsonio.MAX_DEPTH`` or with aliases, before PyYAML's recursive composer sees it.
 
     ``yaml.parse`` yields events from a state machine (no recursion), so the depth is counted safely.
+    Aliases (``*name``) are refused: they let a few bytes stand for an exponential structure.
 
     Raises:
-        InvalidOptionError: too deep. yaml.YAMLError: not YAML.
+        InvalidOptionError: too deep, or an alias. yaml.YAMLError: not YAML.
     """
     import yaml
 
@@ -192,6 +228,9 @@ def _check_nesting(text: str, path: Path) -> None:
 
     depth = 0
     for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, yaml.AliasEvent):  # *name repeats a value: a few bytes can stand for gigabytes
+            mark = event.start_mark
+            raise InvalidOptionError(f"jobs file {path} uses a YAML alias (*{event.anchor}, line {mark.line + 1}); write the values out")
         if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
             depth += 1
             if depth > MAX_DEPTH:
@@ -256,8 +295,8 @@ def _job(i: int, job: Any, default_base: Any, root: Path) -> JobSpec:
         options = {str(key): v for key, v in out.items() if key not in ("format", "path")}
         for key in PATH_OPTIONS & set(options):  # folders named in options: beside JOBS too
             options[key] = str(root / os.path.expanduser(_str(options[key], f"{w}: {key}")))
-        try:
-            check_options(fmt, options)  # a typo fails the JOBS file now, not hours into an earlier pass
+        try:  # a typo fails the JOBS file now, not hours into an earlier pass
+            check_options(fmt, {**options, "weights": [float(x) for x in weights] if weights is not None else None})
         except InvalidOptionError as e:
             raise InvalidOptionError(f"{w}: {e}") from None
         specs.append(OutputSpec(fmt, path, options))
@@ -325,10 +364,6 @@ def run_pass(
     return outcomes
 
 
-class RemoteOutputError(LorasaveError):
-    """An output failed in a Ray task; the message is the task's one-line error."""
-
-
 @dataclass(frozen=True)
 class RemoteResult:
     """A command's result as a Ray task returned it (its ``summary()`` line and ``to_dict()``)."""
@@ -360,6 +395,8 @@ def from_record(rec: dict[str, Any]) -> OutputOutcome:
     """The :class:`OutputOutcome` of a :func:`pass_records` record."""
     oc = OutputOutcome(rec["job"], rec["format"], Path(rec["path"]))
     if "error" in rec:
+        from lorasave.pipeline.ray import RemoteOutputError
+
         oc.error = RemoteOutputError(rec["error"])
     else:
         oc.result = RemoteResult(rec["summary"], rec["result"])
@@ -409,6 +446,8 @@ def run_batch(
         for n, group in enumerate(groups):
             logger.info("pass %d of %d: %d job(s) over %s", n + 1, len(groups), len(group), group[0].base)
             done.append(run_pass(group, overwrite=overwrite, allow_pickle=allow_pickle, progress=progress))
+            for o in done[-1]:
+                logger.info("pass %d of %d: job %d %s %s: %s", n + 1, len(groups), o.job + 1, o.format, o.path, "written" if o.ok else "FAILED")
     by_job = sorted((o for outs in done for o in outs), key=lambda o: o.job)
     result.outputs = by_job
     return result

@@ -62,24 +62,39 @@ def check_options(fmt: str, options: dict[str, Any]) -> dict[str, Any]:
     options = {ALIASES.get(k, k): v for k, v in options.items() if not (k == "weights" and v is None)}
     params = inspect.signature(fn).parameters
     takes = sorted(k for k, p in params.items() if p.kind is p.KEYWORD_ONLY and k not in _FROM_BATCH | {"progress"})
-    unknown = sorted(set(options) - set(takes) - _FROM_BATCH)
+    given = sorted(set(options) & _FROM_BATCH)
+    if given:
+        raise InvalidOptionError(f"{', '.join(given)} is not an output option; give it to the batch command (--{given[0].replace('_', '-')})")
+    if "weights" in options and "weights" not in params:
+        raise InvalidOptionError(f"a {fmt} output takes no adapter weights; drop the job's weights or write safetensors")
+    unknown = sorted(set(options) - set(takes))
     if unknown:
-        raise InvalidOptionError(f"a {fmt} output takes no option {', '.join(unknown)}; it takes {', '.join(takes)}")
+        raise InvalidOptionError(f"a {fmt} output takes no option {_short(', '.join(map(str, unknown)))}; it takes {', '.join(takes)}")
     checks = _value_checks()
     for key, value in options.items():
+        if params[key].annotation in ("bool", bool) and not isinstance(value, bool):  # YAML "no" is a string
+            raise InvalidOptionError(f"{key} must be true or false, not {_short(repr(value))}")
         if key in checks:
             try:
                 checks[key](value)
             except (TypeError, ValueError, AttributeError) as e:
-                raise InvalidOptionError(f"{key}: {e}") from None
+                raise InvalidOptionError(f"{key}: {_short(str(e))}") from None
     return options
 
 
-def plan_output(fmt: str, base: str, ads: Sequence[Adapter], path: os.PathLike[str], **options: Any) -> PlannedOutput:
-    """Plan one output of ``fmt`` with its command's options (``weights`` only when not None).
+def _short(text: str, limit: int = 200) -> str:
+    """``text`` cut to ``limit`` characters: a value from a JOBS file can be any size."""
+    return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
+
+
+def plan_output(
+    fmt: str, base: str, ads: Sequence[Adapter], path: os.PathLike[str], *, overwrite: bool, allow_pickle: bool, **options: Any
+) -> PlannedOutput:
+    """Plan one output of ``fmt`` with its command's options (``weights`` only when not None) and the batch's own.
 
     Raises:
         InvalidOptionError: an unknown format, or an option that format does not take.
         Everything the format's plan function raises.
     """
-    return plan_function(fmt)(base, ads, path, **check_options(fmt, options))
+    checked = check_options(fmt, options)
+    return plan_function(fmt)(base, ads, path, overwrite=overwrite, allow_pickle=allow_pickle, **checked)

@@ -46,7 +46,7 @@ def _hub_handlers() -> list[logging.Handler]:
     return list(logging.getLogger("huggingface_hub").handlers) if "huggingface_hub" in sys.modules else []
 
 
-def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: bool) -> None:
+def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: bool, interrupted: str = "no output was written") -> None:
     from lorasave.util.hints import INVOKED_AS, missing_package_message
     from lorasave.util.redact import add_filter, remove_filter, scrub
 
@@ -80,7 +80,7 @@ def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: boo
         where = f": {e.filename}" if getattr(e, "filename", None) else ""
         fail(f"error: {e.strerror or e}{where}; no output was written", 1)
     except KeyboardInterrupt:
-        fail("error: interrupted; no output was written", EXIT_INTERRUPTED, trace=False)
+        fail(f"error: interrupted; {interrupted}", EXIT_INTERRUPTED, trace=False)
     except ModuleNotFoundError as e:  # an optional dependency this command needs
         fail(f"error: {missing_package_message(e)}", 2)
     except Exception as e:  # a bug: still one line unless --debug

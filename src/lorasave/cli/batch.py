@@ -53,7 +53,7 @@ def batch_cmd(
         )
         return done[0]
 
-    _run(ctx, go, quiet=quiet, as_json=as_json)
+    _run(ctx, go, quiet=quiet, as_json=as_json, interrupted="nothing partial was written; the outputs of passes that finished (noted above) are in place")
     if done and done[0].failed:
         if quiet:  # the summary was not printed: the failures still get their one line each
             for o in done[0].failed:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -95,7 +96,13 @@ def merge_cmd(
         from lorasave.api import plan_merge
         from lorasave.pipeline.ray import run_split
 
-        def merge(*args: Any, **kwargs: Any) -> Any:  # the same arguments, the shards written by Ray tasks
+        def merge(base: str, adapters: list[str], output: str, **kwargs: Any) -> Any:  # the shards written by Ray tasks
+            # the tasks plan again in other processes, maybe on other nodes: local paths made absolute
+            here = [os.path.abspath(p) if os.path.exists(p) else p for p in (base, *adapters)]
+            for key in ("tokenizer", "quantization_from"):
+                if kwargs.get(key) is not None:
+                    kwargs[key] = os.path.abspath(kwargs[key])
+            args = (here[0], here[1:], os.path.abspath(output))
             return run_split(plan_merge, args, {**kwargs, "progress": False}, ray_address)
 
     opts.save(

@@ -256,7 +256,10 @@ def _lock_free(lock: Path) -> bool:
 def sweep_dead_runs(final: Path) -> list[Path]:
     """Remove staging folders, half-replaced old outputs and lock files of OUT left by runs that died.
 
-    A run's folders are touched only when its lock is free or gone (see ``StagedOutput``). An
+    A run's folders are touched only when nobody holds its lock (see ``StagedOutput``). When the lock
+    file is gone (lorasave makes it first), nothing is lost: an empty folder is removed, a lorasave
+    output (``lorasave.json``) in an ``-old-`` folder is put back as a missing OUT, and anything else
+    that merely has such a name is the user's and is left alone. An
     ``-old-`` folder left by a run killed between the two renames of a replace is put back as
     OUT when OUT is missing, removed when OUT is there.
 
@@ -266,7 +269,18 @@ def sweep_dead_runs(final: Path) -> list[Path]:
     done = []
     prefix = f".{glob.escape(final.name)}.lorasave-"
     for p in sorted(final.parent.glob(prefix + "tmp-*")) + sorted(final.parent.glob(prefix + "old-*")):
-        if not p.is_dir() or not _lock_free(lock_path_for(p)):
+        lock = lock_path_for(p)
+        if not p.is_dir() or not _lock_free(lock):
+            continue
+        if not lock.is_file():  # lorasave makes the lock before the folder: without it, nothing is lost
+            if ".lorasave-old-" in p.name and not final.exists() and (p / "lorasave.json").is_file():
+                os.replace(p, final)  # a lorasave output put back where it was
+                logger.info("restored %s from %s, left by a run that did not finish", final, p)
+                done.append(p)
+            else:
+                with contextlib.suppress(OSError):
+                    p.rmdir()  # only an empty folder
+                    done.append(p)
             continue
         if ".lorasave-old-" in p.name and not final.exists():
             os.replace(p, final)  # killed between the two renames of a replace: put the old OUT back

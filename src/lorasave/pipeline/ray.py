@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from lorasave.errors import InvalidOptionError
+from lorasave.errors import InvalidOptionError, LorasaveError
 from lorasave.merging.stream import Timings
 from lorasave.pipeline.execute import PassJob, execute_pass, raise_first
 from lorasave.pipeline.run import PlannedOutput, run_single
 from lorasave.pipeline.threads import use_threads
+from lorasave.util.printable import escape
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +60,70 @@ def pass_task(fn: Callable[..., list[dict[str, Any]]], group: list[Any], threads
     hook = _pause_first_attempt(pid_file) if pid_file else None
     with use_threads(threads):
         return fn(group, on_staged=hook, **options)
+
+
+class RemoteOutputError(LorasaveError):
+    """An output failed in a Ray task; the message is the task's one-line error."""
+
+
+class RayTaskError(LorasaveError, ConnectionError):
+    """A Ray task failed (its worker died more than ``max_retries`` times, or the cluster went away)."""
+
+
+def _connect(address: str) -> bool:
+    """``ray.init(address)`` unless connected; returns whether this call connected (then shut down after).
+
+    A ``host:port`` address is tried with a plain TCP connection first (5 s): Ray itself retries an
+    unreachable cluster for minutes.
+
+    Raises:
+        RayTaskError: nothing listens at ``address``, or Ray cannot connect.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return False
+    host, sep, port = address.rpartition(":")
+    if sep and port.isdigit() and "://" not in address:
+        try:
+            socket.create_connection((host or "127.0.0.1", int(port)), timeout=5).close()
+        except OSError as e:
+            raise RayTaskError(f"no Ray cluster at {address} ({e.strerror or e}); start one with ray start --head, or give its address") from None
+    try:
+        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        raise RayTaskError(f"cannot connect to a Ray cluster at {address}: {str(e).splitlines()[0][:200]}; start one with ray start --head") from None
+    return True
+
+
+def _cpus(wanted: int) -> int:
+    """``wanted`` CPUs per task, at most the largest node's: a task no node can hold would wait forever."""
+    import ray
+
+    largest = max((int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+    if wanted > largest:
+        logger.info("each task asks for %d CPUs; the largest node has %d: using %d", wanted, largest, largest)
+    return max(1, min(wanted, largest))
+
+
+def _gather(refs: list[Any]) -> list[Any]:
+    """``ray.get`` of each ref, in order; Ctrl-C cancels every task (their staging folders are swept by the next run).
+
+    Raises:
+        RayTaskError: a task failed in Ray itself (one line; the outputs' own errors come back as records).
+    """
+    import ray
+    from ray.exceptions import RayError
+
+    try:
+        return [ray.get(ref) for ref in refs]
+    except KeyboardInterrupt:
+        for ref in refs:
+            ray.cancel(ref, force=True)
+        raise
+    except RayError as e:
+        first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise RayTaskError(f"a Ray task failed: {type(e).__name__}: {escape(first)[:300]}") from None
 
 
 def run_passes_on_ray(
@@ -87,18 +153,17 @@ def run_passes_on_ray(
 
     Raises:
         ModuleNotFoundError: ``ray`` is not installed (``pip install 'lorasave[ray]'``).
-        ConnectionError: no Ray cluster at ``address`` (Ray's own error).
+        RayTaskError: no Ray cluster at ``address``, or a task failed in Ray itself.
     """
     import ray
 
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
+    started = _connect(address)
     try:
-        task = ray.remote(num_cpus=cpus_per_pass, max_retries=max_retries, retry_exceptions=False)(pass_task)
-        refs = [task.remote(fn, list(g), cpus_per_pass, pid_file, options or {}) for g in groups]
+        cpus = _cpus(cpus_per_pass)
+        task = ray.remote(num_cpus=cpus, max_retries=max_retries, retry_exceptions=False)(pass_task)
+        refs = [task.remote(fn, list(g), cpus, pid_file, options or {}) for g in groups]
         logger.info("%d pass(es) submitted to the Ray cluster at %s", len(refs), address)
-        return [list(ray.get(ref)) for ref in refs]
+        return [list(recs) for recs in _gather(refs)]
     finally:
         if started:
             ray.shutdown()
@@ -116,6 +181,15 @@ def shard_task(
     for name in parts:  # a retried attempt: the dead one's files of these parts (lorasave's, in lorasave's staging folder)
         for leftover in (staging / name, staging / (name + ".scratch")):
             leftover.unlink(missing_ok=True)
+    try:
+        return _write_parts(plan, args, kwargs, parts, staging, threads)
+    except Exception as e:  # back as a record: the error class may not unpickle on the driver
+        return {"error": str(e) if isinstance(e, LorasaveError) else f"{type(e).__name__}: {e}"}
+
+
+def _write_parts(
+    plan: Callable[..., PlannedOutput], args: tuple[Any, ...], kwargs: dict[str, Any], parts: list[str], staging: Path, threads: int
+) -> dict[str, Any]:
     with use_threads(threads):
         planned = plan(*args, **kwargs)
         try:
@@ -160,20 +234,23 @@ def run_split(
     planned = plan(*args, **kwargs)
     if planned.split is None or not planned.parts:
         raise InvalidOptionError(f"a {planned.command} output cannot be split over Ray tasks; run it as a batch pass instead (lorasave batch --ray)")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING, configure_logging=False)
+    started = _connect(address)
 
     def execute(jobs: Sequence[PassJob]) -> None:
         ((writer, folder),) = jobs[0].writers
         n = tasks or max(1, int(ray.cluster_resources().get("CPU", 1)) // cpus_per_task)
         groups = [planned.parts[i :: min(n, len(planned.parts))] for i in range(min(n, len(planned.parts)))]
-        task = ray.remote(num_cpus=cpus_per_task, max_retries=max_retries, retry_exceptions=False)(shard_task)
-        refs = [task.remote(plan, args, kwargs, g, str(folder), cpus_per_task) for g in groups]
+        cpus = _cpus(cpus_per_task)
+        task = ray.remote(num_cpus=cpus, max_retries=max_retries, retry_exceptions=False)(shard_task)
+        refs = [task.remote(plan, args, kwargs, g, str(folder), cpus) for g in groups]
         logger.info("%d file(s) of %s split over %d Ray task(s)", len(planned.parts), planned.final, len(refs))
         files: dict[str, str] = {}
         timings = Timings()
-        for rec in ray.get(refs):
+        records = _gather(refs)
+        failed = [r["error"] for r in records if "error" in r]
+        if failed:
+            raise RemoteOutputError(failed[0])
+        for rec in records:
             files.update(rec["files"])
             for phase, sec in rec["timings"].items():
                 setattr(timings, phase, getattr(timings, phase) + sec)
