@@ -87,9 +87,7 @@ def _short(text: str, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit] + f"... ({len(text)} characters)"
 
 
-def plan_output(
-    fmt: str, base: str, ads: Sequence[Adapter], path: os.PathLike[str], *, overwrite: bool, allow_pickle: bool, **options: Any
-) -> PlannedOutput:
+def plan_output(fmt: str, base: str, ads: Sequence[Adapter], path: os.PathLike[str], *, overwrite: bool, allow_pickle: bool, **options: Any) -> PlannedOutput:
     """Plan one output of ``fmt`` with its command's options (``weights`` only when not None) and the batch's own.
 
     Raises:

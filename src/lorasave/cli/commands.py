@@ -170,19 +170,8 @@ def onnx_cmd(
 
     optimum's layout, run by onnxruntime. With no ADAPTER, BASE itself is exported. Needs pip install 'lorasave[onnx]'.
     """
-    opts.save(
-        ctx,
-        _deferred("lorasave.formats.onnx.export", "export_onnx"),
-        base,
-        list(adapters),
-        output,
-        dtype=dtype,
-        quantize=quantize,
-        opset=opset,
-        verify=verify,
-        weights=weights,
-        tokenizer=tokenizer,
-    )
+    export = _deferred("lorasave.formats.onnx.export", "export_onnx")
+    opts.save(ctx, export, base, list(adapters), output, dtype=dtype, quantize=quantize, opset=opset, verify=verify, weights=weights, tokenizer=tokenizer)
 
 
 @main.command("verify", short_help="Check an output against its manifest and sources.")

@@ -76,19 +76,8 @@ def gguf_cmd(
     Qwen3, Gemma 3 (text) and Phi-3; BPE, SentencePiece and tokenizer.json tokenizers. OUT also
     gets README.md and, when the model has a chat template, an Ollama Modelfile.
     """
-    opts.save(
-        ctx,
-        _deferred("lorasave.formats.gguf.export", "export_gguf"),
-        base,
-        list(adapters),
-        output,
-        type=gguf_type,
-        name=name,
-        tokenizer=tokenizer,
-        verify=verify_output,
-        modelfile=not no_modelfile,
-        progress=opts.progress,
-    )
+    options = {"type": gguf_type, "name": name, "tokenizer": tokenizer, "verify": verify_output, "modelfile": not no_modelfile}
+    opts.save(ctx, _deferred("lorasave.formats.gguf.export", "export_gguf"), base, list(adapters), output, progress=opts.progress, **options)
 
 
 @main.command("gguf-adapter", short_help="Write a LoRA adapter as a GGUF adapter for llama.cpp --lora.")

@@ -434,13 +434,6 @@ def export_gguf_adapter(
         logger.debug("%s", res.summary())
         return res
 
-    planned = PlannedOutput(
-        command="gguf-adapter",
-        final=final,
-        overwrite=overwrite,
-        stamps=source_stamp.record(ckpt, [ad]),
-        needed_bytes=nbytes + (1 << 20),
-        finish=finish,
-    )
+    planned = PlannedOutput("gguf-adapter", final, overwrite, source_stamp.record(ckpt, [ad]), nbytes + (1 << 20), finish)
     result: GgufAdapterResult = run_single(planned)
     return result

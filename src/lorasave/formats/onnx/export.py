@@ -587,14 +587,6 @@ def export_onnx(
         logger.debug("%s", result.summary())
         return result
 
-    planned = PlannedOutput(
-        command="onnx",
-        final=final,
-        overwrite=overwrite,
-        stamps=source_stamp.record(ckpt),
-        needed_bytes=needed,
-        carried_bytes=2 * carry.nbytes,  # merge + OUT
-        finish=finish,
-    )
+    planned = PlannedOutput("onnx", final, overwrite, source_stamp.record(ckpt), needed, finish, carried_bytes=2 * carry.nbytes)  # merge + OUT
     result: OnnxResult = run_single(planned)
     return result
