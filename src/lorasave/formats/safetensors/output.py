@@ -29,8 +29,9 @@ from lorasave.merging.stream import Block, Timings, check_finite, output_bytes
 from lorasave.plan.merge_plan import SHARD_METADATA, MergePlan, OutputTensor, Shard
 from lorasave.util.dtypes import st_dtype
 
-#: Most blocks waiting to be written (each at most ``merging.stream.COPY_BLOCK_BYTES``).
-QUEUE_BLOCKS = 6
+#: Most blocks waiting to be written (each at most ``merging.stream.COPY_BLOCK_BYTES``, 16 MiB): at
+#: most 64 MiB per writer, so a batch pass's memory grows by that much per output.
+QUEUE_BLOCKS = 4
 _END = object()
 
 ShardWriter = SafetensorsShardWriter | DeferredShardWriter
