@@ -226,3 +226,23 @@ def test_outputs_checked_against_each_other_and_every_source(jobs: Path, outputs
 def test_jobs_file_that_is_a_folder(tmp_path: Path) -> None:
     r = CliRunner().invoke(main, ["batch", str(tmp_path)])
     assert r.exit_code == 2 and "is a folder; give the YAML or JSON file" in r.output
+
+
+def test_free_space_is_shared_by_the_outputs_of_a_pass(jobs: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outputs of one pass on one file system share its free space: with room for about two, the first two are
+    written and the third is refused before anything is written (not all three failing when the disk fills)."""
+    from collections import namedtuple
+
+    from lorasave.pipeline import output as pipeline_output
+
+    root = jobs.parent
+    single = CliRunner().invoke(main, ["merge", str(BASE), str(LORA), "-o", str(root / "probe"), "--json"])
+    size = sum(p.stat().st_size for p in (root / "probe").iterdir())
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(pipeline_output.shutil, "disk_usage", lambda p: usage(10**12, 0, int(size * 2.5)))
+    outs = ", ".join(f"{{format: safetensors, path: o/{k}}}" for k in "abc")
+    (root / "j.yaml").write_text(f"base: {BASE}\njobs:\n  - adapters: [runs/checkpoint-500]\n    outputs: [{outs}]\n")
+    r = CliRunner().invoke(main, ["batch", str(root / "j.yaml")])
+    assert single.exit_code == 0 and r.exit_code == 1, r.output
+    assert "needed by the outputs before it in this pass" in r.output and "2 of 3 outputs written" in r.output, r.output
+    assert (root / "o" / "a" / "lorasave.json").is_file() and (root / "o" / "b" / "lorasave.json").is_file() and not (root / "o" / "c").exists()

@@ -83,7 +83,7 @@ def check_output_path(out: Path, sources: list[Path], overwrite: bool) -> Path:
     return final
 
 
-def check_free_space(final: Path, needed_bytes: int, *, carried: int = 0) -> None:
+def check_free_space(final: Path, needed_bytes: int, *, carried: int = 0, reserved: dict[int, int] | None = None) -> None:
     """Refuse before writing when OUT's file system has less free space than the plan needs.
 
     Args:
@@ -91,21 +91,29 @@ def check_free_space(final: Path, needed_bytes: int, *, carried: int = 0) -> Non
         needed_bytes: bytes the plan writes (weights, headers, index).
         carried: bytes of the files copied from the sources (``CarryPlan.nbytes``: licenses,
             tokenizer, generation config).
+        reserved: bytes already promised to earlier outputs of the same pass, by device
+            (``st_dev``); this output's bytes are added when it fits.
 
     Raises:
-        InsufficientDiskError: ``needed_bytes + carried`` (plus 1% margin) exceeds the free bytes.
+        InsufficientDiskError: ``needed_bytes + carried`` (plus 1% margin) exceeds the free bytes
+            left by the earlier outputs.
     """
     parent = _existing_parent(final)
     free = shutil.disk_usage(parent).free
+    device = os.stat(parent).st_dev
+    taken = reserved.get(device, 0) if reserved is not None else 0
     total = needed_bytes + carried
-    if total * 1.01 > free:
+    if total * 1.01 > free - taken:
         what = f"{total:,} bytes ({carried:,} of them files carried from the sources)" if carried else f"{total:,} bytes"
+        others = f", {taken:,} of them needed by the outputs before it in this pass" if taken else ""
         raise InsufficientDiskError(
-            f"the output needs {what} but {parent} has {free:,} bytes free (on {filesystem_of(parent)}); free some space or write elsewhere",
+            f"the output needs {what} but {parent} has {free:,} bytes free{others} (on {filesystem_of(parent)}); free some space or write elsewhere",
             path=final,
             needed_bytes=total,
             free_bytes=free,
         )
+    if reserved is not None:
+        reserved[device] = taken + int(total * 1.01)
 
 
 def _existing_parent(final: Path) -> Path:

@@ -114,10 +114,11 @@ def run_outputs(
     """
     outcomes = [Outcome(out) for out in outputs]
     stages: dict[int, StagedOutput] = {}
+    reserved: dict[int, int] = {}  # device -> bytes promised to the outputs before (they share its free space)
     try:
         for i, out in enumerate(outputs):
             try:
-                check_free_space(out.final, out.needed_bytes, carried=out.carried_bytes)
+                check_free_space(out.final, out.needed_bytes, carried=out.carried_bytes, reserved=reserved)
                 stage = StagedOutput(out.final, overwrite=out.overwrite, sources=out.stamps)
                 stage.__enter__()
                 stages[i] = stage
