@@ -280,5 +280,7 @@ def test_many_types_from_one_read(tiny: dict[str, Any], types: list[str], tmp_pa
     assert all(f"`m-{t}.gguf`" in card for t in types)
     r = CliRunner().invoke(main, ["verify", str(out)])
     assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["inspect", str(out)])
+    assert r.exit_code == 0 and all(f"m-{t}.gguf" in r.output for t in types), r.output
     bad = CliRunner().invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(tmp_path / "bad"), "--type", "q8_0,q9_9"])
     assert bad.exit_code == 2 and "'q9_9' is not a GGUF type" in bad.output and not (tmp_path / "bad").exists()

@@ -77,7 +77,7 @@ def _numel(shape: tuple[int, ...]) -> int:
 
 def inspect_path(path: str | os.PathLike[str]) -> Inspection:
     """Describe a checkpoint folder, a ``.safetensors`` file, a PEFT adapter folder, a ``.gguf`` file or a
-    folder holding one ``.gguf`` file (a ``lorasave gguf`` output).
+    folder of ``.gguf`` files (a ``lorasave gguf`` output: the first described, the others noted).
 
     Raises:
         SourceNotFoundError: nothing there.
@@ -103,8 +103,13 @@ def inspect_path(path: str | os.PathLike[str]) -> Inspection:
     if p.is_dir() and (p / "model.onnx").is_file():
         return _with_manifest(p, _onnx(p))
     ggufs = sorted(p.glob("*.gguf")) if p.is_dir() and not (p / "config.json").is_file() else []
-    if len(ggufs) == 1:  # a `lorasave gguf` / `gguf-adapter` output folder
-        return _with_manifest(p, _gguf(ggufs[0]))
+    if ggufs:  # a `lorasave gguf` / `gguf-adapter` output folder: one file, or one per --type
+        ins = _gguf(ggufs[0])
+        for other in ggufs[1:]:
+            more = _gguf(other)
+            ins.files.update(more.files)
+            ins.notes.append(f"also {other.name}: {', '.join(f'{n} {k}' for k, n in sorted(more.dtype_bytes.items()))} bytes by GGML type")
+        return _with_manifest(p, ins)
     if p.is_dir():
         return _with_manifest(p, _checkpoint(p))
     raise CheckpointFormatError(f"{p}: not a model folder, adapter folder, .safetensors or .gguf file", path=p)
