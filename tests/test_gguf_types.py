@@ -44,6 +44,7 @@ CHATML = (
 )
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STREAMED = ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
+KQUANTS = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -124,7 +125,9 @@ def _file_type(path: Path) -> int:
 
 def test_cli_choices_are_the_enum() -> None:
     assert tuple(t.value for t in GgufType) == GGUF_TYPE_CHOICES
-    assert [t.value for t in GgufType if t.streamed] == ["f32", *STREAMED]
+    assert all(t.streamed for t in GgufType)
+    assert [t.value for t in GgufType if not t.needs_runtime] == ["f32", *STREAMED]
+    assert [t.value for t in GgufType if t.needs_runtime] == KQUANTS
 
 
 @pytest.mark.parametrize("type", STREAMED)
@@ -284,3 +287,73 @@ def test_many_types_from_one_read(tiny: dict[str, Any], types: list[str], tmp_pa
     assert r.exit_code == 0 and all(f"m-{t}.gguf" in r.output for t in types), r.output
     bad = CliRunner().invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(tmp_path / "bad"), "--type", "q8_0,q9_9"])
     assert bad.exit_code == 2 and "'q9_9' is not a GGUF type" in bad.output and not (tmp_path / "bad").exists()
+
+
+# --------------------------------------------------------------------------- k-quants in the stream
+
+
+def _make_kquant(root: Path, kind: str) -> dict[str, Any]:
+    """A tiny Llama whose rows are all multiples of 256 (hidden 256, intermediate 512) and a LoRA with
+    random non-zero B on every projection: ``untied`` has 8 layers and GQA 2, ``tied`` 4 layers, tied
+    embeddings and GQA 4 (q2_k's attn_v rule)."""
+    torch.manual_seed(1)
+    tok = _tokenizer()
+    tied = kind == "tied"
+    cfg = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4 if tied else 8,
+        num_attention_heads=8 if tied else 4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    model = LlamaForCausalLM(cfg)
+    base, lora = root / "base", root / "lora"
+    model.save_pretrained(base)
+    tok.save_pretrained(base)
+    peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=TARGETS, init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model.save_pretrained(lora)
+    m = {"kind": kind, "base": base, "lora": lora, "root": root, "ours": {}, "llama": {}}
+    m["f32"] = export_gguf(base, lora, root / "out-f32", type="f32", modelfile=False)
+    return m
+
+
+@pytest.fixture(scope="module", params=["untied", "tied"])
+def tiny256(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    need_llama_cpp()
+    return _make_kquant(tmp_path_factory.mktemp(f"k-{request.param}"), request.param)
+
+
+def _kquant_matches(m: dict[str, Any], type: str) -> GgufResult:
+    """Every tensor's type and bytes equal llama_model_quantize's of the f32 GGUF of the same merge."""
+    res = export_gguf(m["base"], m["lora"], m["root"] / f"out-{type}", type=type, modelfile=False)
+    ours = _tensors(res.gguf_file)
+    theirs = _tensors(_llama_quantized(m, type))
+    assert set(ours) == set(theirs)
+    for name, t in ours.items():
+        assert t.tensor_type == theirs[name].tensor_type, (type, name, t.tensor_type.name, theirs[name].tensor_type.name)
+        assert np.asarray(t.data).tobytes() == np.asarray(theirs[name].data).tobytes(), (type, name, t.tensor_type.name)
+    assert _file_type(res.gguf_file) == _file_type(_llama_quantized(m, type)) == int(GgufType(type).file_type)
+    assert res.llama_cpp_quantized and not [p for p in res.output.iterdir() if p.suffix == ".gguf" and p != res.gguf_file]
+    return res
+
+
+@pytest.mark.parametrize("type", KQUANTS)
+def test_kquants_streamed_bit_identical(tiny256: dict[str, Any], type: str) -> None:
+    """Rows of 256: the k-quant mix itself (use_more_bits layers, attn_v / ffn_down / attn_output promotions,
+    the Q6_K output or tied token embedding), every byte as llama.cpp's own quantizer writes it."""
+    res = _kquant_matches(tiny256, type)
+    assert GgufType(type).default_qtype.name in res.tensor_types, res.tensor_types
+    manifest = json.loads((res.output / "lorasave.json").read_text())
+    assert manifest["result"]["quantized_from"] == "f32" and "intermediate" not in manifest["result"]
+
+
+@pytest.mark.parametrize("type", KQUANTS)
+def test_kquants_fallbacks_bit_identical(tiny: dict[str, Any], type: str) -> None:
+    """The small-row models (ffn_down rows of 272): tensor_type_fallback's F16, the rest of the mix, byte for byte."""
+    res = _kquant_matches(tiny, type)
+    assert _tensors(res.gguf_file)["blk.0.ffn_down.weight"].tensor_type == Q.F16

@@ -2,10 +2,9 @@
 
 The model file itself (names, types, metadata, the writer) is ``formats.gguf.model``; this module
 plans the command as one output of the pipeline (``pipeline.run``): one :class:`GgufModel`, one
-writer per streamed type, all fed by one read and one merge of the base; k-quants are written
-afterwards by llama.cpp's ``llama_model_quantize`` from one 16-bit GGUF (the requested f16/bf16
-file when there is one, else a hidden intermediate removed after), then the Modelfile, the card and
-``lorasave.json``, verification, and the atomic rename.
+writer per type, all fed by one read and one merge of the base (the k-quants' blocks encoded by
+llama.cpp's ``ggml_quantize_chunk`` in the same pass, no intermediate file), then the Modelfile,
+the card and ``lorasave.json``, verification, and the atomic rename.
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from lorasave.formats.gguf.model import (
     extra_tensors,
     ggml_type,
     gguf_tensors,
-    intermediate_type,
     permute_qk,
 )
 from lorasave.formats.gguf.output import GgufOutput
@@ -81,7 +79,8 @@ class GgufResult:
         verification: the ``verify`` result, when ``verify=True`` was asked.
         modelfile: the Ollama ``Modelfile``, when one was written.
         chat_template_family: the chat template family its ``TEMPLATE`` was taken from, if known.
-        llama_cpp_quantized: the file was written by llama.cpp's ``llama_model_quantize`` (k-quants).
+        llama_cpp_quantized: the first file's blocks were encoded by llama.cpp's own quantizer
+            (``ggml_quantize_chunk``, the k-quants), in the streaming pass.
         gguf_files: every ``.gguf`` written, one per requested type, in the order asked
             (``gguf_file`` is the first; the other fields describe it).
         types: the requested types, in order.
@@ -113,7 +112,7 @@ class GgufResult:
         types = ", ".join(f"{n} {k}" for k, n in sorted(self.tensor_types.items()))
         verified = "; verified" if self.verification and self.verification.get("ok") else ""
         size = f"{self.total_bytes / 1e6:.1f} MB"
-        how = "; quantized by llama.cpp from a 16-bit intermediate GGUF (removed)" if self.llama_cpp_quantized else ""
+        how = "; blocks encoded by llama.cpp's quantizer in the stream" if self.llama_cpp_quantized else ""
         ollama = "; Modelfile for Ollama" if self.modelfile else ""
         if len(self.gguf_files) > 1:
             names = ", ".join(p.name for p in self.gguf_files)
@@ -222,12 +221,12 @@ def plan_gguf(
         output_dir: the folder to create.
         type: a :class:`gguf_quant.GgufType` value, or several (a list or a comma-separated string,
             ``"q8_0,q4_k_m,f16"``): all written from one read of the base. ``"f32"``, ``"f16"``,
-            ``"bf16"``, ``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"q5_0"``, ``"q5_1"`` are streamed with
-            per-tensor types as llama.cpp picks them (``gguf_quant``); the k-quants (``"q4_k_m"``...)
-            are written by llama.cpp's ``llama_model_quantize`` from one 16-bit GGUF (F16, BF16 for
-            a bfloat16 base: the requested file of that type, else an intermediate streamed into the
-            staging folder and removed after); they need the llama.cpp runtime
-            (``lorasave install-llama-cpp``).
+            ``"bf16"``, ``"q8_0"``, ``"q4_0"``, ``"q4_1"``, ``"q5_0"``, ``"q5_1"`` are encoded with
+            gguf-py's arithmetic, per-tensor types as llama.cpp picks them (``gguf_quant``); the
+            k-quants (``"q4_k_m"``...) are encoded in the same pass by llama.cpp's own
+            ``ggml_quantize_chunk`` with ``llama-quant.cpp``'s type mix, byte for byte what
+            ``llama_model_quantize`` writes from an f32 GGUF of the merge; they need the llama.cpp
+            runtime (``lorasave install-llama-cpp``).
         overwrite: replace an existing ``output_dir`` written by lorasave.
         name: ``general.name`` and file stem, a plain file name (no path separator, ``..``, NUL); default:
             the output folder's name, sanitised (``names.safe_file_name``).
@@ -244,7 +243,7 @@ def plan_gguf(
     Raises:
         InvalidOptionError: unknown ``type``, or a ``name`` that is not a plain file name (``names.check_file_name``).
         LlamaCppNotInstalledError: a k-quant ``type`` without the llama.cpp runtime (nothing is written).
-        LlamaCppError: llama.cpp failed to quantize.
+        LlamaCppError: llama.cpp's library does not load.
         UnsupportedModelError: a ``model_type``, tensor, RoPE scaling or tokenizer the export does
             not handle (see ``gguf_arch.ARCHITECTURES``).
         LorasaveError subclasses from loading the sources, planning and the output path checks
@@ -255,7 +254,7 @@ def plan_gguf(
     if name is not None:
         check_file_name(name, "name")
     types = parse_types(type)
-    if any(not t.streamed for t in types):
+    if any(t.needs_runtime for t in types):
         from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
         llama_cpp.require()
@@ -265,18 +264,10 @@ def plan_gguf(
     final = check_output_path(Path(output_dir), [ckpt.root, *(a.root for a in ads), tok_dir], overwrite)
     stem = name if name is not None else safe_file_name(final.name)
     model = GgufModel.build(ckpt, ads, tok_dir, stem)
-    kquants = [t for t in types if not t.streamed]
-    # what is streamed: each streamed type, and the 16-bit file llama_model_quantize reads
-    inter = intermediate_type(ckpt) if kquants else None
-    streams = [t for t in types if t.streamed] + ([inter] if inter is not None and inter not in types else [])
     writers: dict[GgufType, tuple[GgufOutput, list[str]]] = {}
-    for st in streams:
-        fname = f"{stem}-{st.value}.gguf" if st in types else f".{stem}-{st.value}.intermediate.gguf"
-        writers[st] = model.writer(st, fname, permute_qk)
+    for st in types:
+        writers[st] = model.writer(st, f"{stem}-{st.value}.gguf", permute_qk)
     needed = sum(w.needed_bytes for w, _ in writers.values())
-    if inter is not None:
-        bound = gguf_quant.kquant_size_bound([(g.name, g.shape) for g in writers[inter][0].tensors], inter)
-        needed += bound * len(kquants)
 
     def finish(folder: Path, job_timings: Timings) -> GgufResult:
         timings = Timings(**vars(job_timings))
@@ -287,32 +278,22 @@ def plan_gguf(
         notes = list(model.notes)
         files: dict[str, str] = {}
         for t in types:
-            if t.streamed:
-                w, type_notes = writers[t]
-                assert w.sha256 is not None
-                fname, counts = w.filename, w.counts()
-                files[fname] = w.sha256
-                notes.extend(n for n in type_notes if n not in notes)
-            else:
-                assert inter is not None
-                fname = f"{stem}-{t.value}.gguf"
-                notes.append(gguf_quant.kquant_note(t, inter))
-                t0 = time.perf_counter()
-                counts = gguf_quant.llama_quantize(folder / writers[inter][0].filename, folder / fname, t, remove_src=False)
-                timings.write += time.perf_counter() - t0
+            w, type_notes = writers[t]
+            assert w.sha256 is not None
+            fname, counts = w.filename, w.counts()
+            files[fname] = w.sha256
+            notes.extend(n for n in type_notes if n not in notes)
+            if t.needs_runtime:
+                notes.append(gguf_quant.kquant_note(t))
                 if t.default_qtype.name not in counts:
                     block = gguf.GGML_QUANT_SIZES[t.default_qtype][0]
                     used = ", ".join(sorted(counts))
-                    notes.append(f"no tensor is {t.default_qtype.name}: no row length is a multiple of {block}, so llama.cpp used its fallbacks ({used})")
+                    notes.append(f"no tensor is {t.default_qtype.name}: no row length is a multiple of {block}, so llama.cpp's fallbacks are used ({used})")
             entry: dict[str, Any] = {"type": t.value, "tensor_types": counts}
-            if not t.streamed:
-                entry["intermediate"] = inter.value if inter is not None else None
             if t.default_qtype not in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16):
                 # the precision of the values handed to the quantizer: verify re-quantizes the merge at it
-                entry["quantized_from"] = "f32" if t.streamed else inter.value if inter is not None else None
+                entry["quantized_from"] = "f32"
             per_file[fname] = entry
-        if inter is not None and inter not in types:
-            os.unlink(folder / writers[inter][0].filename)
         first, first_entry = next(iter(per_file.items()))
         more = [(f, e["type"], e["tensor_types"]) for f, e in list(per_file.items())[1:]]
         side = _side_files(folder, final.name, first, types[0], first_entry["tensor_types"], notes, ckpt, ads, tok_dir, modelfile, more)
@@ -330,7 +311,7 @@ def plan_gguf(
             "adapters": [{"path": str(a.root.resolve()), "files": {str(p.relative_to(a.root)): sha256_source(p) for p in a.source_files()}} for a in ads],
             "tokenizer": str(tok_dir.resolve()),
         }
-        n_tensors = len(writers[streams[0]][0].tensors) + len(writers[streams[0]][0].extras)
+        n_tensors = len(writers[types[0]][0].tensors) + len(writers[types[0]][0].extras)
         result: dict[str, Any] = {
             "n_tensors": n_tensors,
             "n_merged": len(model.plan.merged),
@@ -342,9 +323,8 @@ def plan_gguf(
         }
         if side.family is not None:
             result["chat_template_family"] = side.family
-        for key in ("intermediate", "quantized_from"):
-            if key in first_entry:
-                result[key] = first_entry[key]
+        if "quantized_from" in first_entry:
+            result["quantized_from"] = first_entry["quantized_from"]
         if len(types) > 1:
             result["gguf_files"] = per_file
         type_setting = types[0].value if len(types) == 1 else ",".join(t.value for t in types)
@@ -378,7 +358,7 @@ def plan_gguf(
             verification=result.get("verification"),
             modelfile=final / side.modelfile if side.modelfile else None,
             chat_template_family=side.family,
-            llama_cpp_quantized=not types[0].streamed,
+            llama_cpp_quantized=types[0].needs_runtime,
             gguf_files=[final / f for f in per_file],
             types=[t.value for t in types],
         )

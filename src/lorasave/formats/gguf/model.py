@@ -8,7 +8,8 @@ float32 values directly (no 16-bit intermediate checkpoint):
   (``conversion/llama.py`` ``LlamaModel.permute``), ``n_head_kv`` for ``k_proj``;
 * per-tensor GGML types as ``ModelBase.prepare_tensors`` (``conversion/base.py``) picks them:
   1-D tensors, ``*_norm.weight`` and anything not ending in ``.weight`` (biases) are F32, the rest
-  follow the requested type, and Q8_0 falls back to F16 when a row is not a multiple of 32;
+  follow the requested type, and Q8_0 falls back to F16 when a row is not a multiple of 32; for
+  the types ``llama-quantize`` makes, its choice (``formats.gguf.quant``: the k-quant mix too);
 * Gemma's RMSNorm weights ``+1`` and generated tensors such as Llama 3.1's ``rope_freqs``
   (``formats.gguf.arch.ARCHITECTURES``);
 * the ``general.*`` (``gguf.Metadata``) / ``{arch}.*`` keys of ``set_gguf_parameters`` (``arch.py``);
@@ -130,6 +131,8 @@ def ggml_type(gguf_name: str, shape: tuple[int, ...], type: str) -> gguf.GGMLQua
     t = GgufType.parse(type)
     if t.converter:
         return gguf_quant.converter_type(gguf_name, shape, t.default_qtype)
+    if t.kquant:  # one tensor alone: no layer counters (the generated tensors are 1-D, never quantized)
+        return gguf_quant.tensor_types([(gguf_name, shape)], t)[0].qtype
     want = gguf_quant.llama_cpp_type(gguf_name, shape, t, tied=False)
     return gguf_quant.K_SUBSTITUTE.get(want, want)
 
@@ -177,7 +180,8 @@ def gguf_tensors(
         mapped.append((t, name, heads, shift, rows))
     shapes = [(name, tuple(t.shape) if rows is None else (rows, *t.shape[1:])) for t, name, _, _, rows in mapped]
     gtype = GgufType.parse(type)
-    types = gguf_quant.tensor_types(shapes, gtype)
+    facts = gguf_quant.ModelFacts(rules.name, hp.n_layer, n_head, n_kv, int(hp.find(("num_local_experts", "num_experts", "n_routed_experts"), 0) or 0))
+    types = gguf_quant.tensor_types(shapes, gtype, facts)
     out = [
         GgufTensor(t, name, tt.qtype, tensor_nbytes(shape, tt.qtype), heads, shift, rows)
         for (t, name, heads, shift, rows), (_, shape), tt in zip(mapped, shapes, types, strict=True)
@@ -221,15 +225,6 @@ def vocab_size(ckpt: Checkpoint, plan: MergePlan, tensors: list[GgufTensor]) -> 
             return int(g.shape[0])
     v = plan.config_updates.get("vocab_size", ckpt.config.get("vocab_size"))
     return int(v)  # type: ignore[arg-type]
-
-
-def intermediate_type(ckpt: Checkpoint) -> GgufType:
-    """``gguf_quant.intermediate_type`` of the base's bytes per safetensors dtype."""
-    by_dtype: dict[str, int] = {}
-    for e in ckpt.tensors.values():
-        if (dt := getattr(e, "dtype", None)) is not None:
-            by_dtype[dt.name] = by_dtype.get(dt.name, 0) + e.nbytes
-    return gguf_quant.intermediate_type(by_dtype)
 
 
 @dataclass
@@ -305,7 +300,7 @@ class GgufModel:
             w.write_ti_data_to_file()
             return w
 
-        out = GgufOutput(filename, start, tensors, extras, permute)
+        out = GgufOutput(filename, start, tensors, extras, permute, ggml=stream.needs_runtime)
         return out, type_notes
 
 

@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 class _Sink:
     def __init__(self, out: GgufOutput, g: Any) -> None:
         self._out, self._g = out, g
-        self._enc = EncodedTensor(g.src, g.qtype, g.nbytes, g.shift, g.rows)
+        self._enc = EncodedTensor(g.src, g.qtype, g.nbytes, g.shift, g.rows, ggml=out.ggml)
 
     def add(self, block: Block) -> None:
         self._enc.add(block, self._out.timings)
@@ -53,6 +53,8 @@ class GgufOutput(OutputWriter):
         tensors: the checkpoint tensors (``GgufTensor``), in tensor-info order.
         extras: the generated tensors (``ExtraTensor``), written last.
         permute: the Q/K row permutation (``formats.gguf.export.permute_qk``) applied to encoded rows.
+        ggml: encode with llama.cpp's ``ggml_quantize_chunk`` (a k-quant file: every tensor but the
+            F32 ones, so that each is byte for byte what ``llama_model_quantize`` writes).
 
     Attributes:
         sha256, length: of the finished file, after ``end``.
@@ -65,8 +67,10 @@ class GgufOutput(OutputWriter):
         tensors: list[Any],
         extras: list[Any],
         permute: Callable[[torch.Tensor, int, int | None], torch.Tensor],
+        ggml: bool = False,
     ) -> None:
         super().__init__()
+        self.ggml = ggml
         self.permute = permute
         self.filename = filename
         self._start = start
@@ -96,7 +100,7 @@ class GgufOutput(OutputWriter):
 
     def end(self) -> dict[str, str]:
         for e in self.extras:
-            self.behind.put(encode(e.data, e.qtype))
+            self.behind.put(encode(e.data, e.qtype, ggml=self.ggml))
         digest, length = self.behind.finish()
         assert self._writer is not None and self._path is not None
         self._writer.close()

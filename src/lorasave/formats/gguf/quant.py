@@ -1,13 +1,16 @@
 """GGUF output types and the GGML type of every tensor, as llama.cpp v0.5.0 chooses them.
 
-Two ways to a file, picked by :class:`GgufType`:
+Every type is written in one streaming pass, tensor by tensor, from the float32 merge; no
+intermediate file:
 
-* **streamed** (``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``): each
-  merged tensor is encoded with gguf-py's numpy quantizers (``gguf.quants``) and written before the
-  next one is read; no intermediate file.
-* **k-quants** (``q2_k`` ... ``q6_k``): gguf-py cannot encode K blocks, so a 16-bit GGUF is streamed
-  first (F16, or BF16 when the base is bfloat16) and llama.cpp's own ``llama_model_quantize``
-  (through :func:`lorasave.runtimes.llama_cpp.lib.quantize`) writes the final file; the intermediate is removed.
+* ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``: each merged tensor is
+  encoded with gguf-py's arithmetic (``gguf.quants``, through ``formats.gguf.encode``); the
+  llama.cpp runtime is not needed.
+* the k-quants (``q2_k`` ... ``q6_k``, :attr:`GgufType.needs_runtime`): every row block is encoded by
+  llama.cpp's own ``ggml_quantize_chunk`` (``runtimes.llama_cpp.ggml``, the pinned runtime's
+  libggml-base), every tensor of the file included (the Q8_0/F16 fallbacks too), with the per-tensor
+  type mix of ``llama-quant.cpp`` (:func:`kquant_types`), so that each tensor's bytes are those
+  ``llama_model_quantize`` writes from an F32 GGUF of the same merge.
 
 Per-tensor types of the streamed files:
 
@@ -26,7 +29,7 @@ Per-tensor types of the streamed files:
   a 32-block type -> F16).
 
 **The substitution rule.** Where llama.cpp picks a K type that gguf-py cannot encode (for the
-streamed types this is only the Q6_K of the output / tied embedding), the file gets the type
+gguf-py types this is only the Q6_K of the output / tied embedding), the file gets the type
 llama.cpp itself falls back to for that K type in ``tensor_type_fallback`` (Q2_K/Q3_K -> Q4_0,
 Q4_K -> Q5_0, Q5_K -> Q5_1, Q6_K -> Q8_0): never fewer bits than llama.cpp's choice, so never less
 accurate, at a slightly larger size. Every substitution is listed in the result notes. Ask for a
@@ -37,7 +40,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
@@ -86,8 +89,18 @@ class GgufType(Enum):
 
     @property
     def streamed(self) -> bool:
-        """Whether gguf-py writes it in one pass (False: a 16-bit file, then ``llama_model_quantize``)."""
-        return self.spec.default_qtype in WRITABLE
+        """Whether it is written in the streaming pass: every type is (the k-quants through ``ggml_quantize_chunk``)."""
+        return True
+
+    @property
+    def needs_runtime(self) -> bool:
+        """Whether its blocks are encoded by llama.cpp's ``ggml_quantize_chunk`` (the k-quants), so the runtime is required."""
+        return self.spec.default_qtype not in WRITABLE
+
+    @property
+    def kquant(self) -> bool:
+        """A k-quant file type (``q2_k`` ... ``q6_k``): llama-quant.cpp's per-tensor mix (:func:`kquant_types`)."""
+        return self.needs_runtime
 
     @property
     def converter(self) -> bool:
@@ -275,24 +288,25 @@ def llama_cpp_type(name: str, shape: tuple[int, ...], type: GgufType, *, tied: b
     """The GGML type llama.cpp gives a tensor for ``type``: the converter's choice for converter
     types, ``llama-quantize``'s (on the converter's F16 file) for the others.
 
-    Covers the streamed types only; the k-quant mixes (``use_more_bits`` per layer...) are left to
-    llama.cpp itself.
+    For the k-quants only the tensors llama.cpp does not quantize are answered here: the others
+    depend on their place among the file's tensors (``use_more_bits`` per layer...), see
+    :func:`kquant_types`.
 
     Args:
         name: GGUF tensor name.
         shape: numpy shape, rows first; ``shape[-1]`` is ``ne0``.
-        type: a streamed output type.
+        type: an output type.
         tied: the model has no ``output.weight`` (``token_embd.weight`` is also the output).
 
     Raises:
-        ValueError: ``type`` is a k-quant.
+        ValueError: ``type`` is a k-quant and the tensor is quantized (use :func:`tensor_types`).
     """
-    if not type.streamed:
-        raise ValueError(f"{type.value} is chosen by llama_model_quantize, not here")
     if type.converter:
         return converter_type(name, shape, type.default_qtype)
     if not allows_quantization(name, shape):
         return converter_type(name, shape, Q.F16)
+    if type.kquant:
+        raise ValueError(f"the {type.value} type of {name} depends on the whole file: use tensor_types")
     new = type.default_qtype
     ne0 = shape[-1]
     # llama_tensor_get_type_impl: the output (or the tied token embedding) gets more bits
@@ -301,28 +315,219 @@ def llama_cpp_type(name: str, shape: tuple[int, ...], type: GgufType, *, tied: b
     return _fallback(ne0, new)
 
 
+# --- the k-quant mix -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What ``llama-quant.cpp`` reads of the model besides the tensor names and shapes.
+
+    Attributes:
+        arch: GGUF architecture name (``"llama"``, ``"qwen2"``...).
+        n_layer: ``{arch}.block_count`` (``hparams.n_layer_all``: the ``n_ffn_down`` counter).
+        n_head, n_head_kv: heads of layer 0 (``n_gqa() = n_head / n_head_kv``, 0 without KV heads).
+        n_expert: ``{arch}.expert_count`` (0 for a dense model).
+    """
+
+    arch: str
+    n_layer: int
+    n_head: int = 1
+    n_head_kv: int = 1
+    n_expert: int = 0
+
+    @property
+    def n_gqa(self) -> int:
+        """``llama_hparams::n_gqa``."""
+        return self.n_head // self.n_head_kv if self.n_head_kv else 0
+
+    @property
+    def is_70b(self) -> bool:
+        """``model.type == LLM_TYPE_70B`` (``load_arch_hparams`` of ``src/models/<arch>.cpp``; only this type matters for quantization)."""
+        if self.arch == "llama" and (self.n_expert == 8 or self.n_head == self.n_head_kv):
+            return False  # 8x7B / 8x22B, and 65B (no GQA)
+        return _SEVENTY_B_LAYERS.get(self.arch) == self.n_layer
+
+
+#: Architectures whose ``load_arch_hparams`` sets ``LLM_TYPE_70B``, and at how many layers.
+_SEVENTY_B_LAYERS = {"llama": 80, "qwen2": 80, "deci": 80, "olmo": 80, "jais2": 68}
+
+
+#: ``tensor_get_category``: the first name fragment found decides (``output`` and ``token_embd`` are exact names).
+_CATEGORIES = (
+    ("attn_qkv.weight", "attn_v"),  # category_is_attn_v: ATTENTION_QKV, ATTENTION_KV_B and ATTENTION_V count as one
+    ("attn_kv_b.weight", "attn_v"),
+    ("attn_v.weight", "attn_v"),
+    ("attn_k.weight", "attn_k"),
+    ("attn_q.weight", "attn_q"),
+    ("attn_output.weight", "attn_output"),
+    ("ffn_up", "ffn_up"),
+    ("ffn_gate", "ffn_gate"),
+    ("ffn_down", "ffn_down"),
+)
+
+
+def _category(name: str) -> str:
+    if name == "output.weight":
+        return "output"
+    if name in ("token_embd.weight", "per_layer_token_embd.weight"):
+        return "token_embd"
+    return next((cat for frag, cat in _CATEGORIES if frag in name), "other")
+
+
+def _c_div(a: int, b: int) -> int:
+    """C integer division (toward zero)."""
+    q = abs(a) // abs(b)
+    return q if (a >= 0) == (b >= 0) else -q
+
+
+def use_more_bits(i_layer: int, n_layers: int) -> bool:
+    """``use_more_bits`` of ``llama_tensor_get_type_impl``: the first and last eighth of the layers, and every third one between."""
+    e = _c_div(n_layers, 8)
+    d = i_layer - e
+    return i_layer < e or i_layer >= _c_div(7 * n_layers, 8) or (d - _c_div(d, 3) * 3) == 2
+
+
+@dataclass(frozen=True)
+class _At:
+    """Where a tensor stands, for a rule: its counter and the model facts."""
+
+    i: int  # i_attention_wv or the FFN layer (layer_info)
+    n: int  # n_attention_wv or n_layer
+    m: ModelFacts
+
+    @property
+    def falcon(self) -> bool:
+        return self.m.arch == "falcon"
+
+    @property
+    def more(self) -> bool:
+        return use_more_bits(self.i, self.n)
+
+
+_Rule = Callable[[_At], "gguf.GGMLQuantizationType | None"]
+
+#: ``llama_tensor_get_type_impl`` (``src/llama-quant.cpp`` of llama.cpp v0.5.0), the k-quant file types only:
+#: (category, type) -> the tensor's type before ``tensor_type_fallback``, or None for the file's
+#: default type. ``attn_v`` rules see ``i = i_attention_wv`` (the rank of the tensor among the
+#: file's attn_v / attn_qkv / attn_kv_b tensors in llama.cpp's order) and ``n = n_attention_wv``;
+#: ``ffn_down`` rules the layer and ``n_layer``. Every other (category, type) keeps the default.
+#: Applied after these: an ``attn_v`` Q3_K / Q4_K of a 70B model becomes Q5_K, an 8-expert model's
+#: ``attn_v`` / ``attn_k`` Q8_0 (:func:`_kquant_type`). The ATTENTION_QKV branch of the C++ is
+#: unreachable (``category_is_attn_v`` is tested first) and is left out.
+KQUANT_RULES: dict[tuple[str, GgufType], _Rule] = {
+    ("attn_v", GgufType.Q2_K): lambda a: Q.Q4_K if a.m.n_gqa >= 4 else Q.Q3_K,
+    ("attn_v", GgufType.Q3_K_M): lambda a: Q.Q5_K if a.i < 2 else Q.Q4_K,
+    ("attn_v", GgufType.Q3_K_L): lambda a: Q.Q5_K,
+    ("attn_v", GgufType.Q4_K_M): lambda a: Q.Q6_K if a.more else None,
+    ("attn_v", GgufType.Q5_K_M): lambda a: Q.Q6_K if a.more else None,
+    ("attn_v", GgufType.Q4_K_S): lambda a: Q.Q5_K if a.i < 4 else None,
+    ("ffn_down", GgufType.Q2_K): lambda a: Q.Q3_K,
+    ("ffn_down", GgufType.Q3_K_M): lambda a: Q.Q5_K if a.i < _c_div(a.n, 16) else Q.Q4_K if not a.falcon or a.more else Q.Q3_K,
+    ("ffn_down", GgufType.Q3_K_L): lambda a: Q.Q4_K if a.falcon else Q.Q5_K,
+    ("ffn_down", GgufType.Q4_K_M): lambda a: (Q.Q6_K if a.i < _c_div(a.n, 16) else Q.Q5_K if a.more else Q.Q4_K) if a.falcon else (Q.Q6_K if a.more else None),
+    ("ffn_down", GgufType.Q5_K_M): lambda a: Q.Q6_K if a.more else None,
+    ("ffn_down", GgufType.Q4_K_S): lambda a: Q.Q5_K if not a.falcon and a.i < _c_div(a.n, 8) else None,
+    # attn_output: falcon only changes q3_k_l; an 8-expert model takes Q5_K for q2_k, q3_k_s, q3_k_m, q4_k_s, q4_k_m
+    ("attn_output", GgufType.Q2_K): lambda a: None if a.falcon else Q.Q5_K if a.m.n_expert == 8 else Q.Q3_K,
+    ("attn_output", GgufType.Q3_K_M): lambda a: None if a.falcon else Q.Q5_K if a.m.n_expert == 8 else Q.Q4_K,
+    ("attn_output", GgufType.Q3_K_L): lambda a: Q.Q4_K if a.falcon else None if a.m.n_expert == 8 else Q.Q5_K,
+    ("attn_output", GgufType.Q3_K_S): lambda a: Q.Q5_K if a.m.n_expert == 8 and not a.falcon else None,
+    ("attn_output", GgufType.Q4_K_S): lambda a: Q.Q5_K if a.m.n_expert == 8 and not a.falcon else None,
+    ("attn_output", GgufType.Q4_K_M): lambda a: Q.Q5_K if a.m.n_expert == 8 and not a.falcon else None,
+}
+
+
+def _layer(name: str) -> int:
+    """The ``blk.%d.`` number of a name, or -1 (``weight_name_comparer``)."""
+    m = re.match(r"blk\.([+-]?\d+)", name)
+    return int(m.group(1)) if m else -1
+
+
+def llama_cpp_order(names: Sequence[str]) -> list[int]:
+    """Indices of ``names`` in the order ``llama_model_quantize`` visits them (``weights_map``'s
+    ``weight_name_comparer``: by ``blk.N`` number, names without one first, then by name)."""
+    return sorted(range(len(names)), key=lambda i: (_layer(names[i]), names[i].encode()))
+
+
+def kquant_types(tensors: Sequence[tuple[str, tuple[int, ...]]], type: GgufType, model: ModelFacts) -> list[gguf.GGMLQuantizationType]:
+    """``llama_tensor_get_type`` for every tensor of a k-quant file, in the order given.
+
+    llama.cpp visits the tensors in :func:`llama_cpp_order`; ``i_attention_wv`` and ``i_ffn_down``
+    count the quantized tensors of their category seen so far (the layer of ``ffn_down`` is that
+    counter for a dense model, the ``blk.N`` number for a MoE one). A tensor llama.cpp does not
+    quantize keeps the converter's F16-file type (as the gguf-py types do). The output tensor (and
+    the token embedding when tied: no ``output.weight``) gets Q6_K, Q8_0 when its row is not a
+    multiple of the default type's block (or for Falcon); then ``tensor_type_fallback``.
+    """
+    names = [n for n, _ in tensors]
+    tied = "output.weight" not in names
+    n_wv = sum(1 for n in names if _category(n) == "attn_v")
+    counters = {"attn_v": 0, "ffn_down": 0}
+    out: list[gguf.GGMLQuantizationType | None] = [None] * len(tensors)
+    default = type.default_qtype
+    for idx in llama_cpp_order(names):
+        name, shape = tensors[idx]
+        if not allows_quantization(name, shape):
+            out[idx] = converter_type(name, shape, Q.F16)
+            continue
+        cat = _category(name)
+        new = default
+        ne0 = shape[-1]
+        if cat == "output" or (tied and cat == "token_embd"):
+            new = Q.Q8_0 if model.arch == "falcon" or ne0 % block_size(default) else Q.Q6_K
+        elif cat in counters:
+            if cat == "attn_v":
+                at = _At(counters[cat], n_wv, model)
+            else:
+                i = _layer(name) if model.n_expert > 1 else counters[cat]
+                if model.n_expert > 1 and not 0 <= i < model.n_layer:
+                    raise ValueError(f"bad layer {i} for tensor {name}")
+                at = _At(i, model.n_layer, model)
+            rule = KQUANT_RULES.get((cat, type))
+            new = (rule(at) if rule else None) or default
+            if cat == "attn_v":
+                if model.is_70b and new in (Q.Q3_K, Q.Q4_K):
+                    new = Q.Q5_K
+                if model.n_expert == 8:
+                    new = Q.Q8_0
+            counters[cat] += 1
+        elif cat == "attn_k" and model.n_expert == 8:
+            new = Q.Q8_0
+        else:
+            rule = KQUANT_RULES.get((cat, type))
+            new = (rule(_At(0, 0, model)) if rule else None) or default
+        out[idx] = _fallback(ne0, new)
+    return [t for t in out if t is not None]
+
+
 @dataclass(frozen=True)
 class TensorType:
     """The type of one tensor of a streamed file.
 
     Attributes:
         qtype: the GGML type written.
-        llama_cpp: the type llama.cpp would write; differs from ``qtype`` only for a K type
-            (see :data:`K_SUBSTITUTE`).
+        llama_cpp: the type llama.cpp would write; differs from ``qtype`` only for a K type in a
+            gguf-py file (see :data:`K_SUBSTITUTE`).
     """
 
     qtype: gguf.GGMLQuantizationType
     llama_cpp: gguf.GGMLQuantizationType
 
 
-def tensor_types(tensors: Sequence[tuple[str, tuple[int, ...]]], type: GgufType) -> list[TensorType]:
-    """Types of every tensor of a streamed file, in order.
+def tensor_types(tensors: Sequence[tuple[str, tuple[int, ...]]], type: GgufType, model: ModelFacts | None = None) -> list[TensorType]:
+    """Types of every tensor of a file, in order.
 
     Args:
         tensors: ``(gguf_name, numpy shape)`` of every tensor of the file (all of them: whether
-            ``output.weight`` exists decides the tied-embedding rule).
-        type: a streamed output type.
+            ``output.weight`` exists decides the tied-embedding rule, the k-quants count layers).
+        type: an output type.
+        model: what llama.cpp reads of the hyperparameters (k-quants); default: ``n_layer`` from the
+            ``blk.N`` names, one KV head per head, no experts, arch ``"llama"``.
     """
+    if type.kquant:
+        if model is None:
+            model = ModelFacts("llama", max((_layer(n) for n, _ in tensors), default=-1) + 1)
+        return [TensorType(t, t) for t in kquant_types(tensors, type, model)]
     tied = not any(n == "output.weight" for n, _ in tensors)
     out = []
     for name, shape in tensors:
@@ -351,28 +556,13 @@ def type_notes(tensors: Sequence[tuple[str, tuple[int, ...]]], types: Sequence[T
     return notes
 
 
-def kquant_size_bound(tensors: Sequence[tuple[str, tuple[int, ...]]], intermediate: GgufType) -> int:
-    """An upper bound (bytes) of the tensor data ``llama_model_quantize`` writes for any k-quant type.
-
-    Every k-quant choice is at most 8.5 bits per weight (Q8_0) where the row fits a 32-block and
-    F16 where it does not; tensors llama.cpp does not quantize keep the intermediate's type.
-    """
-    total = 0
-    for name, shape in tensors:
-        kept = converter_type(name, shape, intermediate.default_qtype)
-        if allows_quantization(name, shape):
-            total += min(tensor_nbytes(shape, kept), tensor_nbytes(shape, converter_type(name, shape, Q.Q8_0)))
-        else:
-            total += tensor_nbytes(shape, kept)
-    return total
-
-
-def encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+def encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType, *, ggml: bool = False) -> np.ndarray:
     """Encode a float32 array for ``GGUFWriter.write_tensor_data``.
 
     Args:
         w: float32, numpy shape (rows first); ``w.shape[-1]`` must be a multiple of the block size.
-        qtype: a type of :data:`WRITABLE`.
+        qtype: a type of :data:`WRITABLE`, or any type ``ggml_quantize_chunk`` encodes with ``ggml``.
+        ggml: encode every type but F32 with llama.cpp's ``ggml_quantize_chunk`` (k-quant files).
 
     Returns:
         F32/F16: the values as float32/float16 of the same shape; BF16 and the block types: uint8
@@ -382,11 +572,16 @@ def encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     Raises:
         ValueError: ``qtype`` is not one gguf-py can encode, or a row is not a whole number of blocks.
     """
-    if qtype not in WRITABLE:
+    if qtype not in WRITABLE and not ggml:
         raise ValueError(f"gguf-py cannot encode {qtype.name}")
     w = np.ascontiguousarray(w, dtype=np.float32)
     if qtype is Q.F32:
         return w
+    if ggml:
+        from lorasave.runtimes.llama_cpp import ggml as ggml_quant
+
+        rows = w.reshape(-1, w.shape[-1] if w.ndim else 1)
+        return ggml_quant.quantize(rows, qtype).reshape(*w.shape[:-1], -1) if w.ndim else ggml_quant.quantize(rows, qtype).reshape(-1)
     if w.ndim and w.shape[-1] % block_size(qtype):
         raise ValueError(f"rows of {w.shape[-1]} values are not a multiple of the {qtype.name} block ({block_size(qtype)})")
     import torch
@@ -399,42 +594,14 @@ def encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     return data.reshape(gguf.quants.quant_shape_to_byte_shape(w.shape, qtype))
 
 
-def intermediate_type(dtype_bytes: dict[str, int]) -> GgufType:
-    """The 16-bit type a k-quant is made from: BF16 when most of the base's bytes are bfloat16, else F16.
-
-    Args:
-        dtype_bytes: safetensors dtype name (``"BF16"``...) -> bytes of the base's tensors.
-
-    (``convert_hf_to_gguf.py --outtype auto`` picks BF16 for a bfloat16 checkpoint the same way.)
-    """
-    return GgufType.BF16 if dtype_bytes and max(dtype_bytes, key=dtype_bytes.__getitem__) == "BF16" else GgufType.F16
-
-
-def kquant_note(type: GgufType, intermediate: GgufType) -> str:
+def kquant_note(type: GgufType) -> str:
     """The result note saying how a k-quant file was made."""
     from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
     return (
-        f"{type.value}: written by llama.cpp's own quantizer (llama_model_quantize, llama.cpp {llama_cpp.LLAMA_CPP_TAG}) from a "
-        f"{intermediate.value.upper()} GGUF streamed first into the staging folder and then removed"
+        f"{type.value}: every block encoded in the streaming pass by llama.cpp's own quantizer (ggml_quantize_chunk, llama.cpp "
+        f"{llama_cpp.LLAMA_CPP_TAG}) from the float32 merge, with llama-quant.cpp's per-tensor type mix; no intermediate file"
     )
-
-
-def llama_quantize(src: str | os.PathLike[str], dst: str | os.PathLike[str], type: GgufType, *, remove_src: bool = True) -> dict[str, int]:
-    """``llama_model_quantize`` ``src`` into ``dst`` as ``type``, then remove ``src`` (unless ``remove_src=False``).
-
-    Returns:
-        GGML type name -> number of tensors in ``dst`` (read back).
-
-    Raises:
-        LlamaCppNotInstalledError, LlamaCppError: from ``lorasave.runtimes.llama_cpp.lib.quantize``.
-    """
-    from lorasave.runtimes.llama_cpp import lib as llama_cpp
-
-    llama_cpp.quantize(src, dst, type.value)
-    if remove_src:
-        os.unlink(src)
-    return count_types(dst)
 
 
 def count_types(path: str | os.PathLike[str]) -> dict[str, int]:

@@ -60,12 +60,17 @@ class EncodedTensor:
         nbytes: bytes of the encoded tensor (``formats.gguf.quant.tensor_nbytes``).
         shift: added to every value (Gemma's RMSNorm ``+1``), or 0.
         rows: only the first ``rows`` rows are encoded (``GgufTensor.rows``), or None for all.
+        ggml: encode with llama.cpp's ``ggml_quantize_chunk`` (``runtimes.llama_cpp.ggml``) rather
+            than gguf-py's arithmetic (every type but F32; the k-quant files). Without an importance
+            matrix it encodes each row on its own, so each block of whole rows is encoded as it comes.
 
     """
 
-    def __init__(self, t: OutputTensor, qtype: gguf.GGMLQuantizationType, nbytes: int, shift: float = 0.0, rows: int | None = None) -> None:
+    def __init__(self, t: OutputTensor, qtype: gguf.GGMLQuantizationType, nbytes: int, shift: float = 0.0, rows: int | None = None, ggml: bool = False) -> None:
         self.t = t
         self.qtype = qtype
+        self.ggml = ggml and qtype is not gguf.GGMLQuantizationType.F32
+        self._ne0 = int(t.shape[-1]) if t.shape else 1
         self.nbytes = nbytes
         self.shift = shift
         self._block = gguf.GGML_QUANT_SIZES[qtype][0]
@@ -95,7 +100,12 @@ class EncodedTensor:
         if self.shift:
             x = x + self.shift  # Gemma RMSNorm: HF computes x * (1 + w), llama.cpp x * w
         n = x.numel() // self._block * self._size
-        encode_into(x, self.qtype, self.out[self._pos : self._pos + n])
+        if self.ggml:  # whole rows: blocks are row blocks of the tensor
+            from lorasave.runtimes.llama_cpp import ggml as ggml_quant
+
+            ggml_quant.quantize_into(x.contiguous().numpy().reshape(-1, self._ne0), self.qtype, self.out[self._pos : self._pos + n].numpy())
+        else:
+            encode_into(x, self.qtype, self.out[self._pos : self._pos + n])
         self._pos += n
         timings.merge += time.perf_counter() - t0
 

@@ -1,9 +1,10 @@
 """llama.cpp's own quantizer, ``ggml_quantize_chunk``, from the pinned runtime's libggml-base.
 
-``verify`` uses it as the reference for the GGML types gguf-py cannot encode (the k-quants):
-``llama_model_quantize`` converts each tensor of its 16-bit input to float32 and calls
-``ggml_quantize_chunk(type, src, dst, 0, nrows, n_per_row, imatrix=NULL)`` (``src/llama-quant.cpp``),
-which is what :func:`quantize` does here.
+The GGUF writer encodes the k-quant files with it, row block by row block, and ``verify`` uses it
+as the reference for the GGML types gguf-py cannot encode: ``llama_model_quantize`` converts each
+tensor of its input to float32 and calls ``ggml_quantize_chunk(type, src, dst, start, nrows,
+n_per_row, imatrix=NULL)`` on slabs of whole rows (``src/llama-quant.cpp``); without an importance
+matrix every row is encoded on its own, so slabs of any size give the same bytes.
 """
 
 from __future__ import annotations
@@ -69,12 +70,34 @@ def quantize(x: np.ndarray, qtype: Any) -> np.ndarray:
     block, size = gguf.GGML_QUANT_SIZES[qtype]
     x = np.ascontiguousarray(x, dtype=np.float32)
     n_per_row = int(x.shape[-1]) if x.ndim else 1
+    out = np.empty((*x.shape[:-1], n_per_row // block * size), dtype=np.uint8)
+    quantize_into(x, qtype, out)
+    return out
+
+
+def quantize_into(x: np.ndarray, qtype: Any, out: np.ndarray) -> None:
+    """:func:`quantize` into ``out`` (uint8, C-contiguous, ``x.size // block * type_size`` bytes).
+
+    ``x`` is float32, C-contiguous, rows of ``x.shape[-1]`` values. The call releases the GIL.
+
+    Raises:
+        LlamaCppNotInstalledError, LlamaCppError: as :func:`ggml_base`.
+        ValueError: a row is not a whole number of blocks, or ``out`` has the wrong size.
+    """
+    import gguf
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    if x.dtype != np.float32 or not x.flags.c_contiguous or not out.flags.c_contiguous or out.dtype != np.uint8:
+        raise ValueError("quantize_into takes C-contiguous float32 values and a C-contiguous uint8 output")
+    n_per_row = int(x.shape[-1]) if x.ndim else 1
     if n_per_row % block:
         raise ValueError(f"rows of {n_per_row} values are not a multiple of the {qtype.name} block ({block})")
     nrows = x.size // n_per_row
-    out = np.empty((*x.shape[:-1], n_per_row // block * size), dtype=np.uint8)
+    if out.size != nrows * (n_per_row // block) * size:
+        raise ValueError(f"{out.size} bytes cannot hold {nrows} rows of {n_per_row} values as {qtype.name}")
+    if nrows == 0:
+        return
     lib = ggml_base()
     written = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, None)
     if written != out.size:
         raise ValueError(f"ggml_quantize_chunk wrote {written} bytes of {qtype.name}, expected {out.size}")
-    return out
