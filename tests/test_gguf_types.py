@@ -1,6 +1,7 @@
 """GGUF output types: per-tensor GGML types against llama.cpp's own quantizer, tensor bytes against
-gguf-py's quantizers on the f32 merge, logits in llama.cpp against transformers, the k-quant route
-through ``llama_model_quantize``, the model card and the ``--no-modelfile`` switch.
+gguf-py's quantizers on the f32 merge, logits in llama.cpp against transformers, the k-quants
+streamed through ``ggml_quantize_chunk`` (bit-identical to ``llama_model_quantize`` of the f32
+merge), the model card and the ``--no-modelfile`` switch.
 
 Models: a tiny Llama (untied ``output.weight``) and a tiny Qwen2 (tied embeddings, q/k/v biases),
 hidden size 256 so that llama.cpp's Q6_K for the output fits its 256-block, and intermediate size
@@ -174,9 +175,9 @@ def test_logits_in_llama_cpp(tiny: dict[str, Any], type: str) -> None:
     assert agree >= 0.95
 
 
-def test_q4_k_m_through_llama_cpp(tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_q4_k_m_streamed(tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
     """q4_k_m: llama.cpp's mix (Q4_K and Q6_K), the same types as llama-quantize of the f32 merge,
-    the intermediate gone, the free-space check covering it, the manifest and card right."""
+    no intermediate file, the free-space check the file's own size, the manifest and card right."""
     needed: list[int] = []
     real = pipeline_run.check_free_space
 
@@ -196,19 +197,21 @@ def test_q4_k_m_through_llama_cpp(tiny: dict[str, Any], monkeypatch: pytest.Monk
     manifest = json.loads((res.output / "lorasave.json").read_text())
     assert set(manifest["files"]) == {"Modelfile", "README.md", res.gguf_file.name}
     assert manifest["files"][res.gguf_file.name]["bytes"] == res.gguf_file.stat().st_size
-    assert manifest["result"]["intermediate"] == "f16" and manifest["result"]["tensor_types"] == res.tensor_types
-    assert any("llama_model_quantize" in n for n in manifest["result"]["notes"]) and "llama.cpp" in res.summary()
-    f16_bytes = _ours(tiny, "f16").gguf_file.stat().st_size
-    assert needed and needed[0] >= f16_bytes + res.gguf_file.stat().st_size
+    assert manifest["result"]["quantized_from"] == "f32" and manifest["result"]["tensor_types"] == res.tensor_types
+    assert "intermediate" not in manifest["result"]
+    assert any("ggml_quantize_chunk" in n for n in manifest["result"]["notes"]) and "llama.cpp" in res.summary()
+    size = res.gguf_file.stat().st_size  # the file only: no 16-bit intermediate to make room for
+    assert needed and size <= needed[0] <= size + (16 << 20)
 
 
-def test_bf16_base_quantizes_from_bf16(tiny: dict[str, Any], tmp_path: Path) -> None:
+def test_bf16_base_quantizes_from_the_f32_merge(tiny: dict[str, Any], tmp_path: Path) -> None:
+    """A bfloat16 base: the k-quant blocks are encoded from the float32 merge (no BF16 intermediate any more)."""
     base = tmp_path / "bf16-base"
     AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.bfloat16).save_pretrained(base)
     PreTrainedTokenizerFast.from_pretrained(tiny["base"]).save_pretrained(base)
     res = export_gguf(base, tiny["lora"], tmp_path / "out", type="q6_k", modelfile=False)
     manifest = json.loads((res.output / "lorasave.json").read_text())
-    assert manifest["result"]["intermediate"] == "bf16" and set(res.tensor_types) <= {"F32", "Q6_K", "Q8_0", "F16"}
+    assert manifest["result"]["quantized_from"] == "f32" and set(res.tensor_types) <= {"F32", "Q6_K", "Q8_0", "F16"}
     assert sorted(p.name for p in res.output.iterdir()) == ["README.md", "lorasave.json", "out-q6_k.gguf"]
 
 
@@ -250,8 +253,8 @@ def test_no_modelfile_flag(tiny: dict[str, Any], tmp_path: Path) -> None:
 @pytest.mark.parametrize("tiny", ["llama"], indirect=True)
 @pytest.mark.parametrize("types", [["q8_0", "q4_k_m", "f16"], ["q4_k_m", "q4_0"]], ids=["q8_0,q4_k_m,f16", "q4_k_m,q4_0"])
 def test_many_types_from_one_read(tiny: dict[str, Any], types: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """--type a,b,c: one pass over the base, one 16-bit GGUF for every k-quant (the requested f16 file, or an
-    intermediate removed after), each file byte-identical to its single-type run, and the output verifies."""
+    """--type a,b,c: one pass over the base, a writer per type (k-quants included: no intermediate file),
+    each file byte-identical to its single-type run, and the output verifies."""
     passes: list[int] = []
     real = pipeline_run.execute_pass
 
@@ -264,8 +267,7 @@ def test_many_types_from_one_read(tiny: dict[str, Any], types: list[str], tmp_pa
     out.parent.mkdir()
     r = CliRunner().invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(out), "--type", ",".join(types), "--verify", "--json"])
     assert r.exit_code == 0, r.output
-    streamed = [t for t in types if GgufType.parse(t).streamed]
-    assert passes == [len(streamed) + (0 if "f16" in types else 1)], "one pass: a writer per streamed type (+ the intermediate)"
+    assert passes == [len(types)], "one pass: a writer per type"
     files = {f"m-{t}.gguf" for t in types}
     assert {p.name for p in out.iterdir()} == files | {"README.md", "Modelfile", "lorasave.json"}, "no intermediate left"
     doc = json.loads(r.output)
@@ -330,7 +332,7 @@ def tiny256(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
 
 def _kquant_matches(m: dict[str, Any], type: str) -> GgufResult:
     """Every tensor's type and bytes equal llama_model_quantize's of the f32 GGUF of the same merge."""
-    res = export_gguf(m["base"], m["lora"], m["root"] / f"out-{type}", type=type, modelfile=False)
+    res = export_gguf(m["base"], m["lora"], m["root"] / f"kq-{type}", type=type, modelfile=False)
     ours = _tensors(res.gguf_file)
     theirs = _tensors(_llama_quantized(m, type))
     assert set(ours) == set(theirs)

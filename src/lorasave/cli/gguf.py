@@ -48,7 +48,7 @@ class GgufTypeList(click.ParamType):
     show_default=True,
     help=(
         "GGML type of the weights, or several comma-separated (q8_0,q4_k_m,f16: one file each, from one read and one merge); "
-        f"one of {', '.join(GGUF_TYPE_CHOICES)}. k-quants (q*_k*) are made by llama.cpp's quantizer from one 16-bit GGUF (needs the llama.cpp runtime)."
+        f"one of {', '.join(GGUF_TYPE_CHOICES)}. k-quants (q*_k*) are encoded in the same pass by llama.cpp's own quantizer (needs the llama.cpp runtime)."
     ),
 )
 @_threads_option

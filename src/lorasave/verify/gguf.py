@@ -9,10 +9,11 @@ Merged models (``lorasave gguf``):
   rounding of their type (``verify._Checker``);
 - quantized tensors must be bit for bit the reference quantizer's encoding of the merge, at the
   precision lorasave handed to the quantizer (``result.quantized_from`` in ``lorasave.json``:
-  float32 for the types gguf-py writes in one pass, the 16-bit intermediate for the k-quants):
+  float32 for every type written now; the 16-bit intermediate of the k-quants for outputs of
+  lorasave versions that made them through ``llama_model_quantize``):
   the merge is recomputed here from the sources as PEFT defines it (``W0 + (B @ A) · s`` in
   float32), Gemma's norm ``+1`` added, Q/K rows permuted as llama.cpp's converter does, rounded
-  to the intermediate precision, and encoded by gguf-py's ``gguf.quants.quantize`` where it
+  to that precision, and encoded by gguf-py's ``gguf.quants.quantize`` where it
   supports the type, else by llama.cpp's own ``ggml_quantize_chunk`` (:mod:`ggml_quant`; without
   the runtime those tensors are reported not checkable). Tensors whose merge is not a plain LoRA
   sum (DoRA, IA3, weighted combinations) are probed within the type's error bound instead.
