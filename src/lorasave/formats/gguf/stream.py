@@ -103,7 +103,7 @@ class EncodedTensor:
         if self.ggml:  # whole rows: blocks are row blocks of the tensor
             from lorasave.runtimes.llama_cpp import ggml as ggml_quant
 
-            ggml_quant.quantize_into(x.contiguous().numpy().reshape(-1, self._ne0), self.qtype, self.out[self._pos : self._pos + n].numpy())
+            ggml_quant.quantize_into(x.contiguous().numpy().reshape(-1, self._ne0), self.qtype, self.out[self._pos : self._pos + n].numpy(), _encode_threads())
         else:
             encode_into(x, self.qtype, self.out[self._pos : self._pos + n])
         self._pos += n
@@ -222,3 +222,15 @@ class HashingWriteBehind:
         """Stop after a failure in the main thread; queued tensors are dropped."""
         self._abandoned = True
         self._stop()
+
+
+def _encode_threads() -> int:
+    """Threads for ggml's encoding of one block: the pass's ``--threads`` (default the cores), at most the cores.
+
+    The encoding runs on the pass thread while the writer thread waits for the tensor, so it may use
+    every core (llama_model_quantize uses them all too).
+    """
+    from lorasave.pipeline.threads import machine_threads, requested_threads
+
+    cores = machine_threads()
+    return max(1, min(requested_threads() or cores, cores))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -75,10 +76,13 @@ def quantize(x: np.ndarray, qtype: Any) -> np.ndarray:
     return out
 
 
-def quantize_into(x: np.ndarray, qtype: Any, out: np.ndarray) -> None:
+def quantize_into(x: np.ndarray, qtype: Any, out: np.ndarray, threads: int = 1) -> None:
     """:func:`quantize` into ``out`` (uint8, C-contiguous, ``x.size // block * type_size`` bytes).
 
-    ``x`` is float32, C-contiguous, rows of ``x.shape[-1]`` values. The call releases the GIL.
+    ``x`` is float32, C-contiguous, rows of ``x.shape[-1]`` values. The call releases the GIL; with
+    ``threads`` > 1 the rows are cut into that many runs quantized at once, each its own
+    ``ggml_quantize_chunk(start=first row * n_per_row)``, as ``llama_model_quantize``'s workers do
+    (``llama_tensor_quantize_impl``): rows are independent, so the bytes are the same.
 
     Raises:
         LlamaCppNotInstalledError, LlamaCppError: as :func:`ggml_base`.
@@ -98,6 +102,22 @@ def quantize_into(x: np.ndarray, qtype: Any, out: np.ndarray) -> None:
     if nrows == 0:
         return
     lib = ggml_base()
-    written = lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, 0, nrows, n_per_row, None)
+    parts = max(1, min(threads, nrows // 16))  # at least 16 rows a run: fewer are not worth a thread
+
+    def run(k: int) -> int:
+        r0, r1 = nrows * k // parts, nrows * (k + 1) // parts
+        return int(lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, r0 * n_per_row, r1 - r0, n_per_row, None))
+
+    written = run(0) if parts == 1 else sum(_pool(parts).map(run, range(parts)))
     if written != out.size:
         raise ValueError(f"ggml_quantize_chunk wrote {written} bytes of {qtype.name}, expected {out.size}")
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    """A process-wide pool of ``n`` threads for :func:`quantize_into` (made once per size)."""
+    if n not in _POOLS:
+        _POOLS[n] = ThreadPoolExecutor(n, thread_name_prefix="lorasave-ggml")
+    return _POOLS[n]
