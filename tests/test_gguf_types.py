@@ -47,6 +47,8 @@ CHATML = (
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STREAMED = ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 KQUANTS = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
+#: The i-quants whose llama-quant.cpp mix needs no importance matrix.
+IQUANTS = ["iq4_nl", "iq4_xs", "iq3_s", "iq3_m"]
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -129,7 +131,7 @@ def test_cli_choices_are_the_enum() -> None:
     assert tuple(t.value for t in GgufType) == GGUF_TYPE_CHOICES
     assert all(t.streamed for t in GgufType)
     assert [t.value for t in GgufType if not t.needs_runtime] == ["f32", *STREAMED]
-    assert [t.value for t in GgufType if t.needs_runtime] == KQUANTS
+    assert [t.value for t in GgufType if t.needs_runtime] == [*KQUANTS, *IQUANTS]
 
 
 @pytest.mark.parametrize("type", STREAMED)
@@ -458,3 +460,26 @@ def test_cli_options(tiny256: dict[str, Any]) -> None:
         assert t.tensor_type == theirs[name].tensor_type and np.asarray(t.data).tobytes() == np.asarray(theirs[name].data).tobytes(), name
     settings = json.loads((out / "lorasave.json").read_text())["settings"]
     assert (settings["pure"], settings["output_tensor_type"], settings["token_embedding_type"]) == (True, "q8_0", "q6_k")
+
+
+# --------------------------------------------------------------------------- i-quants without an importance matrix
+
+
+@pytest.mark.parametrize("type", IQUANTS)
+def test_iquants_streamed_bit_identical(tiny256: dict[str, Any], type: str) -> None:
+    """iq4_nl / iq4_xs / iq3_s / iq3_m: llama-quant.cpp's mix without an imatrix (attn_v Q5_K/Q4_K at
+    GQA 4, the first eighth of ffn_down, iq3_m's attn_output), every byte as llama_model_quantize writes it."""
+    res = _kquant_matches(tiny256, type)
+    assert GgufType(type).default_qtype.name in res.tensor_types, res.tensor_types
+
+
+@pytest.mark.parametrize("type", ["iq4_xs", "iq3_m"])
+def test_iquants_fallbacks_bit_identical(tiny: dict[str, Any], type: str) -> None:
+    """Rows of 272: IQ4_XS / IQ3_S fall back to IQ4_NL, then F16, as tensor_type_fallback does."""
+    res = _kquant_matches(tiny, type)
+    assert _tensors(res.gguf_file)["blk.0.ffn_down.weight"].tensor_type == Q.F16
+
+
+@pytest.mark.parametrize(("type", "opts"), [("iq4_xs", {"pure": True, "output_tensor_type": "iq4_nl"}), ("q4_k_m", {"token_embedding_type": "iq3_s"})])
+def test_iquant_options_bit_identical(tiny256: dict[str, Any], type: str, opts: dict[str, Any]) -> None:
+    _options_match(tiny256, type, **opts)

@@ -12,10 +12,25 @@ from lorasave.cli.app import _debug_option, _deferred, _output_option, _run, _sa
 #: ``lorasave.formats.gguf.quant.GgufType`` values, listed here so that ``--help`` does not import gguf
 #: (tests/test_gguf_types.py checks they agree).
 _GGUF_STREAMED = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-GGUF_TYPE_CHOICES = (*_GGUF_STREAMED, "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+GGUF_TYPE_CHOICES = (
+    *_GGUF_STREAMED,
+    "q2_k",
+    "q3_k_s",
+    "q3_k_m",
+    "q3_k_l",
+    "q4_k_s",
+    "q4_k_m",
+    "q5_k_s",
+    "q5_k_m",
+    "q6_k",
+    "iq4_nl",
+    "iq4_xs",
+    "iq3_s",
+    "iq3_m",
+)
 #: ``lorasave.formats.gguf.quant.OVERRIDE_TYPES`` names, lower case (``--output-tensor-type``,
 #: ``--token-embedding-type``; tests/test_gguf_types.py checks they agree).
-GGML_OVERRIDE_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k")
+GGML_OVERRIDE_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "iq3_s")
 
 
 #: ``--name`` of the GGUF commands.
@@ -51,7 +66,7 @@ class GgufTypeList(click.ParamType):
     show_default=True,
     help=(
         "GGML type of the weights, or several comma-separated (q8_0,q4_k_m,f16: one file each, from one read and one merge); "
-        f"one of {', '.join(GGUF_TYPE_CHOICES)}. k-quants (q*_k*) are encoded in the same pass by llama.cpp's own quantizer (needs the llama.cpp runtime)."
+        f"one of {', '.join(GGUF_TYPE_CHOICES)}. k-quants (q*_k*) and i-quants (iq*): encoded in the pass by llama.cpp's own quantizer (needs the runtime)."
     ),
 )
 @click.option("--pure", is_flag=True, help="llama-quantize's --pure: every quantized tensor the type's default GGML type, no per-tensor mix (q4_0 ... q6_k).")

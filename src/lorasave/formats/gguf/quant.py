@@ -6,7 +6,8 @@ intermediate file:
 * ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``: each merged tensor is
   encoded with gguf-py's arithmetic (``gguf.quants``, through ``formats.gguf.encode``); the
   llama.cpp runtime is not needed.
-* the k-quants (``q2_k`` ... ``q6_k``, :attr:`GgufType.needs_runtime`): every row block is encoded by
+* the k-quants (``q2_k`` ... ``q6_k``) and the i-quants that need no importance matrix (``iq4_nl``,
+  ``iq4_xs``, ``iq3_s``, ``iq3_m``), :attr:`GgufType.needs_runtime`: every row block is encoded by
   llama.cpp's own ``ggml_quantize_chunk`` (``runtimes.llama_cpp.ggml``, the pinned runtime's
   libggml-base), every tensor of the file included (the Q8_0/F16 fallbacks too), with the per-tensor
   type mix of ``llama-quant.cpp`` (:func:`kquant_types`), so that each tensor's bytes are those
@@ -71,6 +72,10 @@ class GgufType(Enum):
     Q5_K_S = "q5_k_s"
     Q5_K_M = "q5_k_m"
     Q6_K = "q6_k"
+    IQ4_NL = "iq4_nl"
+    IQ4_XS = "iq4_xs"
+    IQ3_S = "iq3_s"
+    IQ3_M = "iq3_m"
 
     @property
     def spec(self) -> TypeSpec:
@@ -99,7 +104,8 @@ class GgufType(Enum):
 
     @property
     def kquant(self) -> bool:
-        """A k-quant file type (``q2_k`` ... ``q6_k``): llama-quant.cpp's per-tensor mix (:func:`kquant_types`)."""
+        """A k-quant or i-quant file type (``q2_k`` ... ``q6_k``, ``iq4_nl``...): llama-quant.cpp's
+        per-tensor mix (:func:`kquant_types`), every block encoded by ``ggml_quantize_chunk``."""
         return self.needs_runtime
 
     @property
@@ -154,6 +160,13 @@ TYPES: dict[GgufType, TypeSpec] = {
     GgufType.Q5_K_S: TypeSpec(F.MOSTLY_Q5_K_S, Q.Q5_K, False),
     GgufType.Q5_K_M: TypeSpec(F.MOSTLY_Q5_K_M, Q.Q5_K, False),
     GgufType.Q6_K: TypeSpec(F.MOSTLY_Q6_K, Q.Q6_K, False),
+    # the i-quants whose llama-quant.cpp mix needs no importance matrix (``tensor_requires_imatrix``
+    # is false for every tensor they give without one): IQ3_XXS / IQ3_XS put IQ2_S / IQ3_XXS on
+    # attn_q/attn_k/ffn_gate/ffn_up, the IQ2 / IQ1 types and Q2_K_S need one throughout
+    GgufType.IQ4_NL: TypeSpec(F.MOSTLY_IQ4_NL, Q.IQ4_NL, False),
+    GgufType.IQ4_XS: TypeSpec(F.MOSTLY_IQ4_XS, Q.IQ4_XS, False),
+    GgufType.IQ3_S: TypeSpec(F.MOSTLY_IQ3_S, Q.IQ3_S, False),
+    GgufType.IQ3_M: TypeSpec(F.MOSTLY_IQ3_M, Q.IQ3_S, False),
 }
 
 #: GGML types gguf-py 0.19 can encode (``gguf.quants`` classes overriding ``quantize_blocks``, plus
@@ -280,6 +293,7 @@ def allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
 #: type chosen for it does not divide its row (``ne0``); a 32-block type maps to itself (then F16).
 FALLBACK: dict[gguf.GGMLQuantizationType, gguf.GGMLQuantizationType] = {
     **K_SUBSTITUTE,
+    Q.IQ3_S: Q.IQ4_NL,
     Q.IQ4_XS: Q.IQ4_NL,
 }
 
@@ -342,6 +356,9 @@ OVERRIDE_TYPES: tuple[gguf.GGMLQuantizationType, ...] = (
     Q.Q4_K,
     Q.Q5_K,
     Q.Q6_K,
+    Q.IQ4_NL,
+    Q.IQ4_XS,
+    Q.IQ3_S,
 )
 
 
@@ -499,7 +516,8 @@ class _At:
 
 _Rule = Callable[[_At], "gguf.GGMLQuantizationType | None"]
 
-#: ``llama_tensor_get_type_impl`` (``src/llama-quant.cpp`` of llama.cpp v0.5.0), the k-quant file types only:
+#: ``llama_tensor_get_type_impl`` (``src/llama-quant.cpp`` of llama.cpp v0.5.0), the k-quant file types
+#: and the i-quants that need no importance matrix (their rules without one):
 #: (category, type) -> the tensor's type before ``tensor_type_fallback``, or None for the file's
 #: default type. ``attn_v`` rules see ``i = i_attention_wv`` (the rank of the tensor among the
 #: file's attn_v / attn_qkv / attn_kv_b tensors in llama.cpp's order) and ``n = n_attention_wv``;
@@ -527,6 +545,18 @@ KQUANT_RULES: dict[tuple[str, GgufType], _Rule] = {
     ("attn_output", GgufType.Q3_K_S): lambda a: Q.Q5_K if a.m.n_expert == 8 and not a.falcon else None,
     ("attn_output", GgufType.Q4_K_S): lambda a: Q.Q5_K if a.m.n_expert == 8 and not a.falcon else None,
     ("attn_output", GgufType.Q4_K_M): lambda a: Q.Q5_K if a.m.n_expert == 8 and not a.falcon else None,
+    # the i-quants without an importance matrix (``qs.has_imatrix`` false)
+    ("attn_v", GgufType.IQ4_NL): lambda a: Q.Q5_K if a.m.n_gqa >= 4 else None,
+    ("attn_v", GgufType.IQ4_XS): lambda a: Q.Q5_K if a.m.n_gqa >= 4 else None,
+    ("attn_v", GgufType.IQ3_S): lambda a: Q.Q4_K if a.m.n_gqa >= 4 else None,
+    ("attn_v", GgufType.IQ3_M): lambda a: Q.Q4_K,
+    ("ffn_down", GgufType.IQ4_NL): lambda a: Q.Q5_K if a.i < _c_div(a.n, 8) else None,
+    ("ffn_down", GgufType.IQ4_XS): lambda a: Q.Q5_K if a.i < _c_div(a.n, 8) else None,
+    ("ffn_down", GgufType.IQ3_M): lambda a: Q.Q4_K if a.i < _c_div(a.n, 8) or (a.m.n_expert == 8 and a.more) else None,
+    ("attn_output", GgufType.IQ4_NL): lambda a: Q.Q5_K if a.m.n_expert == 8 and not a.falcon else None,
+    ("attn_output", GgufType.IQ4_XS): lambda a: Q.Q5_K if a.m.n_expert == 8 and not a.falcon else None,
+    ("attn_output", GgufType.IQ3_S): lambda a: Q.Q5_K if a.m.n_expert == 8 and not a.falcon else None,
+    ("attn_output", GgufType.IQ3_M): lambda a: None if a.falcon else Q.Q5_K if a.m.n_expert == 8 else Q.Q4_K,
 }
 
 
