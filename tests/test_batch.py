@@ -174,6 +174,8 @@ def test_jobs_file_checked_before_any_pass(jobs: Path) -> None:
     for bad, message in (
         ("{format: safetensors, path: o/b, dtpye: bfloat16}", "job 2, output 1: a safetensors output takes no option dtpye"),
         ("{format: gguf, path: o/b, types: [q4_k_n]}", "job 2, output 1: type: GGUF type 'q4_k_n' is not supported"),
+        ("{format: gguf, path: o/b, types: [q4_k_m], output_tensor_type: q7_k}", "job 2, output 1: output_tensor_type: GGML type 'q7_k' is not supported"),
+        ("{format: gguf, path: o/b, types: [q4_k_m], pure: 'yes'}", "job 2, output 1: pure must be true or false"),
         ("{format: safetensors, path: o/b, max_shard_size: lots}", "job 2, output 1: max_shard_size:"),
     ):
         (root / "j.yaml").write_text(

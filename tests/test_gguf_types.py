@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 import _models as M
 from lorasave.cli.main import GGUF_TYPE_CHOICES, main
 from lorasave.errors import LlamaCppNotInstalledError
+from lorasave.formats.gguf import quant as gguf_quant
 from lorasave.formats.gguf.export import GgufResult, export_gguf
 from lorasave.formats.gguf.quant import K_SUBSTITUTE, GgufType
 from lorasave.pipeline import run as pipeline_run
@@ -46,6 +47,8 @@ CHATML = (
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 STREAMED = ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 KQUANTS = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
+#: The i-quants whose llama-quant.cpp mix needs no importance matrix.
+IQUANTS = ["iq4_nl", "iq4_xs", "iq3_s", "iq3_m"]
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -128,7 +131,7 @@ def test_cli_choices_are_the_enum() -> None:
     assert tuple(t.value for t in GgufType) == GGUF_TYPE_CHOICES
     assert all(t.streamed for t in GgufType)
     assert [t.value for t in GgufType if not t.needs_runtime] == ["f32", *STREAMED]
-    assert [t.value for t in GgufType if t.needs_runtime] == KQUANTS
+    assert [t.value for t in GgufType if t.needs_runtime] == [*KQUANTS, *IQUANTS]
 
 
 @pytest.mark.parametrize("type", STREAMED)
@@ -359,3 +362,124 @@ def test_kquants_fallbacks_bit_identical(tiny: dict[str, Any], type: str) -> Non
     """The small-row models (ffn_down rows of 272): tensor_type_fallback's F16, the rest of the mix, byte for byte."""
     res = _kquant_matches(tiny, type)
     assert _tensors(res.gguf_file)["blk.0.ffn_down.weight"].tensor_type == Q.F16
+
+
+# --------------------------------------------------------------------------- llama-quantize's options
+
+
+def _llama_quantized_with(m: dict[str, Any], type: str, **params: Any) -> Path:
+    """``llama_model_quantize`` of the f32 GGUF to ``type`` with the same ``llama_model_quantize_params`` fields."""
+    key = (type, *sorted(params.items()))
+    if key not in m["llama"]:
+        dst = m["root"] / f"llama-{type}-{len(m['llama'])}.gguf"
+        llama_cpp.quantize(m["f32"].gguf_file, dst, type, **params)
+        m["llama"][key] = dst
+    return m["llama"][key]
+
+
+def _options_match(m: dict[str, Any], type: str, **opts: Any) -> GgufResult:
+    """Types and bytes of every tensor equal llama_model_quantize's with the same params."""
+    out = m["root"] / f"opt-{type}-{'-'.join(f'{k}={v}' for k, v in sorted(opts.items()))}"
+    res = export_gguf(m["base"], m["lora"], out, type=type, modelfile=False, **opts)
+    ours, theirs_path = _tensors(res.gguf_file), _llama_quantized_with(m, type, **opts)
+    theirs = _tensors(theirs_path)
+    assert set(ours) == set(theirs)
+    for name, t in ours.items():
+        assert t.tensor_type == theirs[name].tensor_type, (type, opts, name, t.tensor_type.name, theirs[name].tensor_type.name)
+        assert np.asarray(t.data).tobytes() == np.asarray(theirs[name].data).tobytes(), (type, opts, name, t.tensor_type.name)
+    assert _file_type(res.gguf_file) == _file_type(theirs_path) == int(GgufType(type).file_type)
+    assert res.llama_cpp_quantized
+    settings = json.loads((res.output / "lorasave.json").read_text())["settings"]
+    assert settings["pure"] is bool(opts.get("pure", False))
+    for k in ("output_tensor_type", "token_embedding_type"):
+        assert settings[k] == (opts[k].lower() if opts.get(k) else None)
+    return res
+
+
+OPTION_CASES = [
+    ("q4_k_m", {"pure": True}),
+    ("q3_k_m", {"pure": True}),
+    ("q4_0", {"pure": True}),
+    ("q5_k_m", {"output_tensor_type": "q8_0", "token_embedding_type": "q4_k"}),
+    ("q4_0", {"output_tensor_type": "q4_k"}),
+    ("q3_k_l", {"token_embedding_type": "f16"}),
+    ("q6_k", {"pure": True, "output_tensor_type": "F16"}),
+    ("q2_k", {"output_tensor_type": "q5_k"}),
+]
+
+
+@pytest.mark.parametrize(("type", "opts"), OPTION_CASES, ids=[f"{t}-{'-'.join(o)}" for t, o in OPTION_CASES])
+def test_kquants_options_bit_identical(tiny256: dict[str, Any], type: str, opts: dict[str, Any]) -> None:
+    """--pure / --output-tensor-type / --token-embedding-type: every tensor's type and bytes as
+    llama_model_quantize writes them with the same params (a tied token embedding follows
+    output_tensor_type through the mix, unless pure or its own override)."""
+    res = _options_match(tiny256, type, **opts)
+    default = GgufType(type).default_qtype.name
+    if opts.get("pure"):
+        assert set(res.tensor_types) - {"F32", default} <= {opts.get("output_tensor_type", "").upper()} - {""}, res.tensor_types
+        assert any("--pure" in n for n in res.notes)
+
+
+@pytest.mark.parametrize(("type", "opts"), [("q4_k_m", {"pure": True}), ("q5_0", {"output_tensor_type": "q8_0"})])
+def test_kquants_options_fallbacks_bit_identical(tiny: dict[str, Any], type: str, opts: dict[str, Any]) -> None:
+    """The small-row models: tensor_type_fallback still applies under --pure; the overrides are taken as they are."""
+    _options_match(tiny, type, **opts)
+
+
+def test_options_refused_where_they_do_not_apply(tiny: dict[str, Any], tmp_path: Path) -> None:
+    from lorasave.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match=r"--pure apply to llama-quantize's types .* not to f16"):
+        export_gguf(tiny["base"], tiny["lora"], tmp_path / "a", type="q4_k_m,f16", pure=True)
+    with pytest.raises(InvalidOptionError, match="GGML type 'q7_k' is not supported"):
+        export_gguf(tiny["base"], tiny["lora"], tmp_path / "b", type="q4_k_m", output_tensor_type="q7_k")
+    assert not any((tmp_path / n).exists() for n in "ab")
+    # rows not a multiple of the override's block: llama.cpp takes an override as it is (no fallback), so it is refused
+    shapes = [("token_embd.weight", (100, 288)), ("blk.0.attn_v.weight", (256, 288)), ("output.weight", (100, 288))]
+    with pytest.raises(InvalidOptionError, match=r"--token-embedding-type q4_k: token_embd\.weight has rows of 288 values"):
+        gguf_quant.tensor_types(shapes, GgufType.Q4_0, options=gguf_quant.QuantOptions(token_embedding_type=Q.Q4_K))
+    pure = gguf_quant.tensor_types(shapes, GgufType.Q4_K_M, options=gguf_quant.QuantOptions(pure=True, output_tensor_type=Q.F16))
+    assert [t.qtype for t in pure] == [Q.Q5_0, Q.Q5_0, Q.F16]  # tensor_type_fallback under --pure; the override as it is
+    bad = CliRunner().invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(tmp_path / "d"), "--type", "q8_0", "--pure"])
+    assert bad.exit_code == 2 and "not to q8_0" in bad.output and not (tmp_path / "d").exists(), bad.output
+
+
+def test_cli_options(tiny256: dict[str, Any]) -> None:
+    """The CLI flags reach export_gguf; the override choices are quant.OVERRIDE_TYPES."""
+    from lorasave.cli.gguf import GGML_OVERRIDE_CHOICES
+    from lorasave.formats.gguf.quant import OVERRIDE_TYPES
+
+    assert tuple(t.name.lower() for t in OVERRIDE_TYPES) == GGML_OVERRIDE_CHOICES
+    out = tiny256["root"] / "cli-opts"
+    args = ["gguf", str(tiny256["base"]), str(tiny256["lora"]), "-o", str(out), "--type", "q4_k_s", "--pure", "--output-tensor-type", "Q8_0"]
+    r = CliRunner().invoke(main, [*args, "--token-embedding-type", "q6_k", "--no-modelfile"])
+    assert r.exit_code == 0, r.output
+    ours = _tensors(next(out.glob("*.gguf")))
+    theirs = _tensors(_llama_quantized_with(tiny256, "q4_k_s", pure=True, output_tensor_type="q8_0", token_embedding_type="q6_k"))
+    for name, t in ours.items():
+        assert t.tensor_type == theirs[name].tensor_type and np.asarray(t.data).tobytes() == np.asarray(theirs[name].data).tobytes(), name
+    settings = json.loads((out / "lorasave.json").read_text())["settings"]
+    assert (settings["pure"], settings["output_tensor_type"], settings["token_embedding_type"]) == (True, "q8_0", "q6_k")
+
+
+# --------------------------------------------------------------------------- i-quants without an importance matrix
+
+
+@pytest.mark.parametrize("type", IQUANTS)
+def test_iquants_streamed_bit_identical(tiny256: dict[str, Any], type: str) -> None:
+    """iq4_nl / iq4_xs / iq3_s / iq3_m: llama-quant.cpp's mix without an imatrix (attn_v Q5_K/Q4_K at
+    GQA 4, the first eighth of ffn_down, iq3_m's attn_output), every byte as llama_model_quantize writes it."""
+    res = _kquant_matches(tiny256, type)
+    assert GgufType(type).default_qtype.name in res.tensor_types, res.tensor_types
+
+
+@pytest.mark.parametrize("type", ["iq4_xs", "iq3_m"])
+def test_iquants_fallbacks_bit_identical(tiny: dict[str, Any], type: str) -> None:
+    """Rows of 272: IQ4_XS / IQ3_S fall back to IQ4_NL, then F16, as tensor_type_fallback does."""
+    res = _kquant_matches(tiny, type)
+    assert _tensors(res.gguf_file)["blk.0.ffn_down.weight"].tensor_type == Q.F16
+
+
+@pytest.mark.parametrize(("type", "opts"), [("iq4_xs", {"pure": True, "output_tensor_type": "iq4_nl"}), ("q4_k_m", {"token_embedding_type": "iq3_s"})])
+def test_iquant_options_bit_identical(tiny256: dict[str, Any], type: str, opts: dict[str, Any]) -> None:
+    _options_match(tiny256, type, **opts)

@@ -44,11 +44,19 @@ def plan_function(fmt: str) -> Callable[..., PlannedOutput]:
 def _value_checks() -> dict[str, Callable[[Any], object]]:
     """Option -> its parser, run on a JOBS file before any pass (the plan functions parse them again)."""
     from lorasave.formats.gguf.export import parse_types
+    from lorasave.formats.gguf.quant import parse_ggml_type
     from lorasave.util.dtypes import parse_output_dtype
     from lorasave.util.names import check_file_name
     from lorasave.util.sizes import parse_size
 
-    return {"type": parse_types, "dtype": parse_output_dtype, "max_shard_size": parse_size, "name": lambda v: check_file_name(v, "name")}
+    return {
+        "type": parse_types,
+        "dtype": parse_output_dtype,
+        "max_shard_size": parse_size,
+        "name": lambda v: check_file_name(v, "name"),
+        "output_tensor_type": lambda v: v is None or parse_ggml_type(v),
+        "token_embedding_type": lambda v: v is None or parse_ggml_type(v),
+    }
 
 
 def check_options(fmt: str, options: dict[str, Any]) -> dict[str, Any]:

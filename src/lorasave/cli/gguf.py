@@ -12,7 +12,25 @@ from lorasave.cli.app import _debug_option, _deferred, _output_option, _run, _sa
 #: ``lorasave.formats.gguf.quant.GgufType`` values, listed here so that ``--help`` does not import gguf
 #: (tests/test_gguf_types.py checks they agree).
 _GGUF_STREAMED = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-GGUF_TYPE_CHOICES = (*_GGUF_STREAMED, "q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k")
+GGUF_TYPE_CHOICES = (
+    *_GGUF_STREAMED,
+    "q2_k",
+    "q3_k_s",
+    "q3_k_m",
+    "q3_k_l",
+    "q4_k_s",
+    "q4_k_m",
+    "q5_k_s",
+    "q5_k_m",
+    "q6_k",
+    "iq4_nl",
+    "iq4_xs",
+    "iq3_s",
+    "iq3_m",
+)
+#: ``lorasave.formats.gguf.quant.OVERRIDE_TYPES`` names, lower case (``--output-tensor-type``,
+#: ``--token-embedding-type``; tests/test_gguf_types.py checks they agree).
+GGML_OVERRIDE_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "iq3_s")
 
 
 #: ``--name`` of the GGUF commands.
@@ -48,8 +66,21 @@ class GgufTypeList(click.ParamType):
     show_default=True,
     help=(
         "GGML type of the weights, or several comma-separated (q8_0,q4_k_m,f16: one file each, from one read and one merge); "
-        f"one of {', '.join(GGUF_TYPE_CHOICES)}. k-quants (q*_k*) are encoded in the same pass by llama.cpp's own quantizer (needs the llama.cpp runtime)."
+        f"one of {', '.join(GGUF_TYPE_CHOICES)}. k-quants (q*_k*) and i-quants (iq*): encoded in the pass by llama.cpp's own quantizer (needs the runtime)."
     ),
+)
+@click.option("--pure", is_flag=True, help="llama-quantize's --pure: every quantized tensor the type's default GGML type, no per-tensor mix (q4_0 ... q6_k).")
+@click.option(
+    "--output-tensor-type",
+    type=click.Choice(GGML_OVERRIDE_CHOICES, case_sensitive=False),
+    default=None,
+    help="llama-quantize's --output-tensor-type: GGML type of output.weight (q4_0 ... q6_k files; needs the llama.cpp runtime).",
+)
+@click.option(
+    "--token-embedding-type",
+    type=click.Choice(GGML_OVERRIDE_CHOICES, case_sensitive=False),
+    default=None,
+    help="llama-quantize's --token-embedding-type: GGML type of token_embd.weight (q4_0 ... q6_k files; needs the llama.cpp runtime).",
 )
 @_threads_option
 @click.option("--no-modelfile", is_flag=True, help="Do not write an Ollama Modelfile (written when the model has a chat template).")
@@ -64,6 +95,9 @@ def gguf_cmd(
     adapters: tuple[str, ...],
     output: str,
     gguf_type: str,
+    pure: bool,
+    output_tensor_type: str | None,
+    token_embedding_type: str | None,
     no_modelfile: bool,
     name: str | None,
     verify_output: bool,
@@ -77,6 +111,8 @@ def gguf_cmd(
     gets README.md and, when the model has a chat template, an Ollama Modelfile.
     """
     options = {"type": gguf_type, "name": name, "tokenizer": tokenizer, "verify": verify_output, "modelfile": not no_modelfile}
+    if pure or output_tensor_type or token_embedding_type:
+        options.update(pure=pure, output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type)
     opts.save(ctx, _deferred("lorasave.formats.gguf.export", "export_gguf"), base, list(adapters), output, progress=opts.progress, **options)
 
 

@@ -207,6 +207,9 @@ def plan_gguf(
     verify: bool = False,
     modelfile: bool = True,
     progress: bool = False,
+    pure: bool = False,
+    output_tensor_type: str | None = None,
+    token_embedding_type: str | None = None,
 ) -> PlannedOutput:
     """Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<name>-<type>.gguf`` (one per type) plus ``lorasave.json``.
 
@@ -236,12 +239,27 @@ def plan_gguf(
         modelfile: write an Ollama ``Modelfile`` (for the first type's file) when the tokenizer has a
             chat template (``ollama.write_modelfile``).
         progress: show the pass's progress bar on stderr (``pipeline.progress``).
+        pure: llama-quantize's ``--pure``: every quantized tensor gets the type's default GGML type
+            (Q4_K for q4_k_m...), no per-tensor mix; ``tensor_type_fallback`` still applies.
+        output_tensor_type: llama-quantize's ``--output-tensor-type``: a GGML type name
+            (``"q8_0"``, ``"q6_k"``, ``"f16"``... ``gguf_quant.OVERRIDE_TYPES``) for ``output.weight``
+            (and a tied ``token_embd.weight`` unless ``pure`` or ``token_embedding_type``).
+        token_embedding_type: llama-quantize's ``--token-embedding-type``: a GGML type name for
+            ``token_embd.weight``.
+
+            With any of these three, each llama-quantize type (q4_0 ... q6_k) is written with
+            ``llama_tensor_get_type``'s exact types and encoded by ``ggml_quantize_chunk``, byte for
+            byte what ``llama_model_quantize`` writes with the same parameters from an f32 GGUF of
+            the merge: the llama.cpp runtime is needed. They are refused for f32/f16/bf16/q8_0
+            (the converter's types, no mix).
 
     Returns:
         The planned output; ``pipeline.run.run_single`` writes it and returns a GgufResult.
 
     Raises:
-        InvalidOptionError: unknown ``type``, or a ``name`` that is not a plain file name (``names.check_file_name``).
+        InvalidOptionError: unknown ``type``, or a ``name`` that is not a plain file name (``names.check_file_name``);
+            ``pure`` / ``output_tensor_type`` / ``token_embedding_type`` with a converter type, an
+            unknown GGML type name, or an override type whose block does not divide its tensor's rows.
         LlamaCppNotInstalledError: a k-quant ``type`` without the llama.cpp runtime (nothing is written).
         LlamaCppError: llama.cpp's library does not load.
         UnsupportedModelError: a ``model_type``, tensor, RoPE scaling or tokenizer the export does
@@ -254,7 +272,13 @@ def plan_gguf(
     if name is not None:
         check_file_name(name, "name")
     types = parse_types(type)
-    if any(t.needs_runtime for t in types):
+    options = gguf_quant.QuantOptions(
+        bool(pure),
+        gguf_quant.parse_ggml_type(output_tensor_type) if output_tensor_type is not None else None,
+        gguf_quant.parse_ggml_type(token_embedding_type) if token_embedding_type is not None else None,
+    )
+    gguf_quant.check_options(types, options)
+    if any(gguf_quant.uses_ggml(t, options) for t in types):
         from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
         llama_cpp.require()
@@ -266,7 +290,7 @@ def plan_gguf(
     model = GgufModel.build(ckpt, ads, tok_dir, stem)
     writers: dict[GgufType, tuple[GgufOutput, list[str]]] = {}
     for st in types:
-        writers[st] = model.writer(st, f"{stem}-{st.value}.gguf", permute_qk)
+        writers[st] = model.writer(st, f"{stem}-{st.value}.gguf", permute_qk, options)
     needed = sum(w.needed_bytes for w, _ in writers.values())
 
     def finish(folder: Path, job_timings: Timings) -> GgufResult:
@@ -283,8 +307,8 @@ def plan_gguf(
             fname, counts = w.filename, w.counts()
             files[fname] = w.sha256
             notes.extend(n for n in type_notes if n not in notes)
-            if t.needs_runtime:
-                notes.append(gguf_quant.kquant_note(t))
+            if gguf_quant.uses_ggml(t, options):
+                notes.append(gguf_quant.kquant_note(t, options))
                 if t.default_qtype.name not in counts:
                     block = gguf.GGML_QUANT_SIZES[t.default_qtype][0]
                     used = ", ".join(sorted(counts))
@@ -328,7 +352,7 @@ def plan_gguf(
         if len(types) > 1:
             result["gguf_files"] = per_file
         type_setting = types[0].value if len(types) == 1 else ",".join(t.value for t in types)
-        settings = {"type": type_setting, "name": stem, "allow_pickle": allow_pickle, "modelfile": modelfile}
+        settings = {"type": type_setting, "name": stem, "allow_pickle": allow_pickle, "modelfile": modelfile, **options.settings()}
         write_manifest(folder, command="gguf", sources=sources, settings=settings, result=result, files=files)
         if verify:
             from lorasave.pipeline.finalize import verify_staged
@@ -358,7 +382,7 @@ def plan_gguf(
             verification=result.get("verification"),
             modelfile=final / side.modelfile if side.modelfile else None,
             chat_template_family=side.family,
-            llama_cpp_quantized=types[0].needs_runtime,
+            llama_cpp_quantized=gguf_quant.uses_ggml(types[0], options),
             gguf_files=[final / f for f in per_file],
             types=[t.value for t in types],
         )

@@ -138,7 +138,13 @@ def ggml_type(gguf_name: str, shape: tuple[int, ...], type: str) -> gguf.GGMLQua
 
 
 def gguf_tensors(
-    plan: MergePlan, config: dict[str, Any], rules: GgufArch, type: str | GgufType, tok_dir: Path | None = None, notes: list[str] | None = None
+    plan: MergePlan,
+    config: dict[str, Any],
+    rules: GgufArch,
+    type: str | GgufType,
+    tok_dir: Path | None = None,
+    notes: list[str] | None = None,
+    options: gguf_quant.QuantOptions | None = None,
 ) -> tuple[list[GgufTensor], list[str]]:
     """Name, type, size and transform of every GGUF tensor from the checkpoint, in plan order.
 
@@ -148,7 +154,8 @@ def gguf_tensors(
     ``gguf_vocab.embedding_rows`` says the converter keeps (Gemma 3 cuts the rows past the
     tokenizer's size; ``GgufTensor.rows``), with a note appended to ``notes``. Every tensor gets
     the type llama.cpp would give it in a streamed file of ``type`` (``gguf_quant.tensor_types``,
-    which needs the whole list: whether ``output.weight`` exists decides the tied-embedding rule).
+    which needs the whole list: whether ``output.weight`` exists decides the tied-embedding rule),
+    with llama-quantize's ``options`` (``--pure``...) when given.
 
     Returns:
         The tensors, and notes on the F16 fallbacks and the K-type substitutions.
@@ -181,7 +188,7 @@ def gguf_tensors(
     shapes = [(name, tuple(t.shape) if rows is None else (rows, *t.shape[1:])) for t, name, _, _, rows in mapped]
     gtype = GgufType.parse(type)
     facts = gguf_quant.ModelFacts(rules.name, hp.n_layer, n_head, n_kv, int(hp.find(("num_local_experts", "num_experts", "n_routed_experts"), 0) or 0))
-    types = gguf_quant.tensor_types(shapes, gtype, facts)
+    types = gguf_quant.tensor_types(shapes, gtype, facts, options)
     out = [
         GgufTensor(t, name, tt.qtype, tensor_nbytes(shape, tt.qtype), heads, shift, rows)
         for (t, name, heads, shift, rows), (_, shape), tt in zip(mapped, shapes, types, strict=True)
@@ -268,9 +275,14 @@ class GgufModel:
         return cls(ckpt, ads, plan, config, rules, tok_dir, stem, list(plan.notes))
 
     def writer(
-        self, stream: GgufType, filename: str, permute: Callable[[torch.Tensor, int, int | None], torch.Tensor] = permute_qk
+        self,
+        stream: GgufType,
+        filename: str,
+        permute: Callable[[torch.Tensor, int, int | None], torch.Tensor] = permute_qk,
+        options: gguf_quant.QuantOptions | None = None,
     ) -> tuple[GgufOutput, list[str]]:
-        """The writer of ``filename``: this model with per-tensor types of streamed type ``stream``.
+        """The writer of ``filename``: this model with per-tensor types of streamed type ``stream``
+        (and llama-quantize's ``options``: ``--pure``, ``--output-tensor-type``, ``--token-embedding-type``).
 
         Returns:
             ``(writer, type notes)``: the notes on F16 fallbacks and K-type substitutions.
@@ -279,7 +291,7 @@ class GgufModel:
             UnsupportedModelError: a tensor with no GGUF name (a vision tower, an unknown module).
         """
         tok_notes: list[str] = []
-        tensors, type_notes = gguf_tensors(self.plan, self.config, self.rules, stream, tok_dir=self.tok_dir, notes=tok_notes)
+        tensors, type_notes = gguf_tensors(self.plan, self.config, self.rules, stream, tok_dir=self.tok_dir, notes=tok_notes, options=options)
         for n in tok_notes:
             if n not in self.notes:
                 self.notes.append(n)
@@ -300,7 +312,7 @@ class GgufModel:
             w.write_ti_data_to_file()
             return w
 
-        out = GgufOutput(filename, start, tensors, extras, permute, ggml=stream.needs_runtime)
+        out = GgufOutput(filename, start, tensors, extras, permute, ggml=gguf_quant.uses_ggml(stream, options))
         return out, type_notes
 
 

@@ -6,7 +6,8 @@ intermediate file:
 * ``f32``, ``f16``, ``bf16``, ``q8_0``, ``q4_0``, ``q4_1``, ``q5_0``, ``q5_1``: each merged tensor is
   encoded with gguf-py's arithmetic (``gguf.quants``, through ``formats.gguf.encode``); the
   llama.cpp runtime is not needed.
-* the k-quants (``q2_k`` ... ``q6_k``, :attr:`GgufType.needs_runtime`): every row block is encoded by
+* the k-quants (``q2_k`` ... ``q6_k``) and the i-quants that need no importance matrix (``iq4_nl``,
+  ``iq4_xs``, ``iq3_s``, ``iq3_m``), :attr:`GgufType.needs_runtime`: every row block is encoded by
   llama.cpp's own ``ggml_quantize_chunk`` (``runtimes.llama_cpp.ggml``, the pinned runtime's
   libggml-base), every tensor of the file included (the Q8_0/F16 fallbacks too), with the per-tensor
   type mix of ``llama-quant.cpp`` (:func:`kquant_types`), so that each tensor's bytes are those
@@ -71,6 +72,10 @@ class GgufType(Enum):
     Q5_K_S = "q5_k_s"
     Q5_K_M = "q5_k_m"
     Q6_K = "q6_k"
+    IQ4_NL = "iq4_nl"
+    IQ4_XS = "iq4_xs"
+    IQ3_S = "iq3_s"
+    IQ3_M = "iq3_m"
 
     @property
     def spec(self) -> TypeSpec:
@@ -99,7 +104,8 @@ class GgufType(Enum):
 
     @property
     def kquant(self) -> bool:
-        """A k-quant file type (``q2_k`` ... ``q6_k``): llama-quant.cpp's per-tensor mix (:func:`kquant_types`)."""
+        """A k-quant or i-quant file type (``q2_k`` ... ``q6_k``, ``iq4_nl``...): llama-quant.cpp's
+        per-tensor mix (:func:`kquant_types`), every block encoded by ``ggml_quantize_chunk``."""
         return self.needs_runtime
 
     @property
@@ -154,6 +160,13 @@ TYPES: dict[GgufType, TypeSpec] = {
     GgufType.Q5_K_S: TypeSpec(F.MOSTLY_Q5_K_S, Q.Q5_K, False),
     GgufType.Q5_K_M: TypeSpec(F.MOSTLY_Q5_K_M, Q.Q5_K, False),
     GgufType.Q6_K: TypeSpec(F.MOSTLY_Q6_K, Q.Q6_K, False),
+    # the i-quants whose llama-quant.cpp mix needs no importance matrix (``tensor_requires_imatrix``
+    # is false for every tensor they give without one): IQ3_XXS / IQ3_XS put IQ2_S / IQ3_XXS on
+    # attn_q/attn_k/ffn_gate/ffn_up, the IQ2 / IQ1 types and Q2_K_S need one throughout
+    GgufType.IQ4_NL: TypeSpec(F.MOSTLY_IQ4_NL, Q.IQ4_NL, False),
+    GgufType.IQ4_XS: TypeSpec(F.MOSTLY_IQ4_XS, Q.IQ4_XS, False),
+    GgufType.IQ3_S: TypeSpec(F.MOSTLY_IQ3_S, Q.IQ3_S, False),
+    GgufType.IQ3_M: TypeSpec(F.MOSTLY_IQ3_M, Q.IQ3_S, False),
 }
 
 #: GGML types gguf-py 0.19 can encode (``gguf.quants`` classes overriding ``quantize_blocks``, plus
@@ -276,11 +289,20 @@ def allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
     return not any(part in name for part in _NOT_QUANTIZED)
 
 
+#: ``tensor_type_fallback`` (``src/llama-quant.cpp``): the type a tensor gets when the block of the
+#: type chosen for it does not divide its row (``ne0``); a 32-block type maps to itself (then F16).
+FALLBACK: dict[gguf.GGMLQuantizationType, gguf.GGMLQuantizationType] = {
+    **K_SUBSTITUTE,
+    Q.IQ3_S: Q.IQ4_NL,
+    Q.IQ4_XS: Q.IQ4_NL,
+}
+
+
 def _fallback(ne0: int, qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
     """``tensor_type_fallback``: a type whose block divides ``ne0``."""
     if ne0 % block_size(qtype) == 0:
         return qtype
-    out = K_SUBSTITUTE.get(qtype, qtype)
+    out = FALLBACK.get(qtype, qtype)
     return out if ne0 % block_size(out) == 0 else Q.F16
 
 
@@ -313,6 +335,94 @@ def llama_cpp_type(name: str, shape: tuple[int, ...], type: GgufType, *, tied: b
     if name == "output.weight" or (tied and name in ("token_embd.weight", "per_layer_token_embd.weight")):
         new = Q.Q8_0 if ne0 % block_size(new) != 0 else (Q.Q6_K if new is not Q.Q8_0 else new)
     return _fallback(ne0, new)
+
+
+# --- llama-quantize's overrides --------------------------------------------------------------------
+
+#: GGML types ``--output-tensor-type`` / ``--token-embedding-type`` accept (llama-quantize's
+#: ``parse_ggml_type``: a ``ggml_type_name``, any case): the types lorasave encodes through
+#: ``ggml_quantize_chunk`` without an importance matrix.
+OVERRIDE_TYPES: tuple[gguf.GGMLQuantizationType, ...] = (
+    Q.F32,
+    Q.F16,
+    Q.BF16,
+    Q.Q8_0,
+    Q.Q4_0,
+    Q.Q4_1,
+    Q.Q5_0,
+    Q.Q5_1,
+    Q.Q2_K,
+    Q.Q3_K,
+    Q.Q4_K,
+    Q.Q5_K,
+    Q.Q6_K,
+    Q.IQ4_NL,
+    Q.IQ4_XS,
+    Q.IQ3_S,
+)
+
+
+def parse_ggml_type(name: str | gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
+    """A GGML type name (``"q6_k"``, ``"Q8_0"``, ``"f16"``) -> the type, one of :data:`OVERRIDE_TYPES`.
+
+    Raises:
+        InvalidOptionError: not one of them.
+    """
+    from lorasave.errors import InvalidOptionError
+
+    if isinstance(name, gguf.GGMLQuantizationType) and name in OVERRIDE_TYPES:
+        return name
+    by_name = {t.name.lower(): t for t in OVERRIDE_TYPES}
+    t = by_name.get(str(name).lower())
+    if t is None:
+        raise InvalidOptionError(f"GGML type {name!r} is not supported here; choose one of {', '.join(by_name)}")
+    return t
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """``llama_model_quantize_params`` fields that change the per-tensor types (llama-quantize's options).
+
+    Attributes:
+        pure: ``--pure``: every quantized tensor gets the file type's default type (then
+            ``tensor_type_fallback``), no mix (``llama_tensor_get_type`` skips ``llama_tensor_get_type_impl``).
+        output_tensor_type: ``--output-tensor-type``: the type of ``output.weight`` (and, through
+            ``llama_tensor_get_type_impl``, of a tied ``token_embd.weight`` when no
+            ``token_embedding_type`` is given and ``pure`` is off).
+        token_embedding_type: ``--token-embedding-type``: the type of ``token_embd.weight``.
+    """
+
+    pure: bool = False
+    output_tensor_type: gguf.GGMLQuantizationType | None = None
+    token_embedding_type: gguf.GGMLQuantizationType | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether any option differs from llama-quantize's default."""
+        return self.pure or self.output_tensor_type is not None or self.token_embedding_type is not None
+
+    def settings(self) -> dict[str, object]:
+        """The options as ``lorasave.json`` settings (type names lower case, None when not given)."""
+        return {
+            "pure": self.pure,
+            "output_tensor_type": self.output_tensor_type.name.lower() if self.output_tensor_type is not None else None,
+            "token_embedding_type": self.token_embedding_type.name.lower() if self.token_embedding_type is not None else None,
+        }
+
+
+def _override(name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType, option: str) -> gguf.GGMLQuantizationType:
+    """An override type taken as it is (``llama_tensor_get_type`` returns it without ``tensor_type_fallback``).
+
+    Raises:
+        InvalidOptionError: its block does not divide the tensor's rows (``ggml_quantize_chunk`` cannot encode it).
+    """
+    from lorasave.errors import InvalidOptionError
+
+    if shape[-1] % block_size(qtype):
+        raise InvalidOptionError(
+            f"--{option} {qtype.name.lower()}: {name} has rows of {shape[-1]} values, not a multiple of the {qtype.name} block ({block_size(qtype)})"
+        )
+    return qtype
 
 
 # --- the k-quant mix -------------------------------------------------------------------------------
@@ -406,7 +516,8 @@ class _At:
 
 _Rule = Callable[[_At], "gguf.GGMLQuantizationType | None"]
 
-#: ``llama_tensor_get_type_impl`` (``src/llama-quant.cpp`` of llama.cpp v0.5.0), the k-quant file types only:
+#: ``llama_tensor_get_type_impl`` (``src/llama-quant.cpp`` of llama.cpp v0.5.0), the k-quant file types
+#: and the i-quants that need no importance matrix (their rules without one):
 #: (category, type) -> the tensor's type before ``tensor_type_fallback``, or None for the file's
 #: default type. ``attn_v`` rules see ``i = i_attention_wv`` (the rank of the tensor among the
 #: file's attn_v / attn_qkv / attn_kv_b tensors in llama.cpp's order) and ``n = n_attention_wv``;
@@ -434,6 +545,18 @@ KQUANT_RULES: dict[tuple[str, GgufType], _Rule] = {
     ("attn_output", GgufType.Q3_K_S): lambda a: Q.Q5_K if a.m.n_expert == 8 and not a.falcon else None,
     ("attn_output", GgufType.Q4_K_S): lambda a: Q.Q5_K if a.m.n_expert == 8 and not a.falcon else None,
     ("attn_output", GgufType.Q4_K_M): lambda a: Q.Q5_K if a.m.n_expert == 8 and not a.falcon else None,
+    # the i-quants without an importance matrix (``qs.has_imatrix`` false)
+    ("attn_v", GgufType.IQ4_NL): lambda a: Q.Q5_K if a.m.n_gqa >= 4 else None,
+    ("attn_v", GgufType.IQ4_XS): lambda a: Q.Q5_K if a.m.n_gqa >= 4 else None,
+    ("attn_v", GgufType.IQ3_S): lambda a: Q.Q4_K if a.m.n_gqa >= 4 else None,
+    ("attn_v", GgufType.IQ3_M): lambda a: Q.Q4_K,
+    ("ffn_down", GgufType.IQ4_NL): lambda a: Q.Q5_K if a.i < _c_div(a.n, 8) else None,
+    ("ffn_down", GgufType.IQ4_XS): lambda a: Q.Q5_K if a.i < _c_div(a.n, 8) else None,
+    ("ffn_down", GgufType.IQ3_M): lambda a: Q.Q4_K if a.i < _c_div(a.n, 8) or (a.m.n_expert == 8 and a.more) else None,
+    ("attn_output", GgufType.IQ4_NL): lambda a: Q.Q5_K if a.m.n_expert == 8 and not a.falcon else None,
+    ("attn_output", GgufType.IQ4_XS): lambda a: Q.Q5_K if a.m.n_expert == 8 and not a.falcon else None,
+    ("attn_output", GgufType.IQ3_S): lambda a: Q.Q5_K if a.m.n_expert == 8 and not a.falcon else None,
+    ("attn_output", GgufType.IQ3_M): lambda a: None if a.falcon else Q.Q5_K if a.m.n_expert == 8 else Q.Q4_K,
 }
 
 
@@ -449,8 +572,11 @@ def llama_cpp_order(names: Sequence[str]) -> list[int]:
     return sorted(range(len(names)), key=lambda i: (_layer(names[i]), names[i].encode()))
 
 
-def kquant_types(tensors: Sequence[tuple[str, tuple[int, ...]]], type: GgufType, model: ModelFacts) -> list[gguf.GGMLQuantizationType]:
-    """``llama_tensor_get_type`` for every tensor of a k-quant file, in the order given.
+def kquant_types(
+    tensors: Sequence[tuple[str, tuple[int, ...]]], type: GgufType, model: ModelFacts, options: QuantOptions | None = None
+) -> list[gguf.GGMLQuantizationType]:
+    """``llama_tensor_get_type`` for every tensor of a k-quant file (or of any llama-quantize type
+    with :class:`QuantOptions`), in the order given.
 
     llama.cpp visits the tensors in :func:`llama_cpp_order`; ``i_attention_wv`` and ``i_ffn_down``
     count the quantized tensors of their category seen so far (the layer of ``ffn_down`` is that
@@ -458,7 +584,16 @@ def kquant_types(tensors: Sequence[tuple[str, tuple[int, ...]]], type: GgufType,
     quantize keeps the converter's F16-file type (as the gguf-py types do). The output tensor (and
     the token embedding when tied: no ``output.weight``) gets Q6_K, Q8_0 when its row is not a
     multiple of the default type's block (or for Falcon); then ``tensor_type_fallback``.
+
+    With ``options`` (``llama_tensor_get_type``): ``token_embedding_type`` and ``output_tensor_type``
+    are taken as they are for their tensor; ``pure`` gives every other quantized tensor the default
+    type, then ``tensor_type_fallback``; without ``pure`` a tied ``token_embd.weight`` takes
+    ``output_tensor_type`` through the mix, then ``tensor_type_fallback``.
+
+    Raises:
+        InvalidOptionError: an override type whose block does not divide its tensor's rows.
     """
+    opts = options or QuantOptions()
     names = [n for n, _ in tensors]
     tied = "output.weight" not in names
     n_wv = sum(1 for n in names if _category(n) == "attn_v")
@@ -473,8 +608,20 @@ def kquant_types(tensors: Sequence[tuple[str, tuple[int, ...]]], type: GgufType,
         cat = _category(name)
         new = default
         ne0 = shape[-1]
+        if cat == "token_embd" and opts.token_embedding_type is not None:
+            out[idx] = _override(name, shape, opts.token_embedding_type, "token-embedding-type")
+            continue
+        if cat == "output" and opts.output_tensor_type is not None:
+            out[idx] = _override(name, shape, opts.output_tensor_type, "output-tensor-type")
+            continue
+        if opts.pure:
+            out[idx] = _fallback(ne0, default)
+            continue
         if cat == "output" or (tied and cat == "token_embd"):
-            new = Q.Q8_0 if model.arch == "falcon" or ne0 % block_size(default) else Q.Q6_K
+            if opts.output_tensor_type is not None:
+                new = opts.output_tensor_type
+            else:
+                new = Q.Q8_0 if model.arch == "falcon" or ne0 % block_size(default) else Q.Q6_K
         elif cat in counters:
             if cat == "attn_v":
                 at = _At(counters[cat], n_wv, model)
@@ -500,6 +647,30 @@ def kquant_types(tensors: Sequence[tuple[str, tuple[int, ...]]], type: GgufType,
     return [t for t in out if t is not None]
 
 
+def uses_ggml(type: GgufType, options: QuantOptions | None = None) -> bool:
+    """Whether a file of ``type`` is llama-quantize's exact mix, every block encoded by ``ggml_quantize_chunk``
+    (the k-quants; any llama-quantize type with active :class:`QuantOptions`), so the runtime is required."""
+    return type.needs_runtime or (options is not None and options.active and not type.converter)
+
+
+def check_options(types: Sequence[GgufType], options: QuantOptions) -> None:
+    """Refuse llama-quantize's options for the types ``convert_hf_to_gguf.py`` writes (f32, f16, bf16, q8_0): they have no mix.
+
+    Raises:
+        InvalidOptionError: an option is given and a type is a converter type.
+    """
+    from lorasave.errors import InvalidOptionError
+
+    if not options.active:
+        return
+    bad = [t.value for t in types if t.converter]
+    if bad:
+        given = [f"--{k.replace('_', '-')}" for k, v in options.settings().items() if v]
+        raise InvalidOptionError(
+            f"{'/'.join(given)} apply to llama-quantize's types (q4_0 ... q6_k), not to {', '.join(bad)} (written as convert_hf_to_gguf.py writes it)"
+        )
+
+
 @dataclass(frozen=True)
 class TensorType:
     """The type of one tensor of a streamed file.
@@ -514,7 +685,9 @@ class TensorType:
     llama_cpp: gguf.GGMLQuantizationType
 
 
-def tensor_types(tensors: Sequence[tuple[str, tuple[int, ...]]], type: GgufType, model: ModelFacts | None = None) -> list[TensorType]:
+def tensor_types(
+    tensors: Sequence[tuple[str, tuple[int, ...]]], type: GgufType, model: ModelFacts | None = None, options: QuantOptions | None = None
+) -> list[TensorType]:
     """Types of every tensor of a file, in order.
 
     Args:
@@ -523,11 +696,15 @@ def tensor_types(tensors: Sequence[tuple[str, tuple[int, ...]]], type: GgufType,
         type: an output type.
         model: what llama.cpp reads of the hyperparameters (k-quants); default: ``n_layer`` from the
             ``blk.N`` names, one KV head per head, no experts, arch ``"llama"``.
+        options: llama-quantize's ``--pure`` / ``--output-tensor-type`` / ``--token-embedding-type``
+            (:func:`check_options`): with any of them a llama-quantize type follows
+            ``llama_tensor_get_type`` exactly (:func:`kquant_types`), no substitution, every block
+            encoded by ``ggml_quantize_chunk``.
     """
-    if type.kquant:
+    if uses_ggml(type, options):
         if model is None:
             model = ModelFacts("llama", max((_layer(n) for n, _ in tensors), default=-1) + 1)
-        return [TensorType(t, t) for t in kquant_types(tensors, type, model)]
+        return [TensorType(t, t) for t in kquant_types(tensors, type, model, options)]
     tied = not any(n == "output.weight" for n, _ in tensors)
     out = []
     for name, shape in tensors:
@@ -594,13 +771,16 @@ def encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType, *, ggml: bool = Fals
     return data.reshape(gguf.quants.quant_shape_to_byte_shape(w.shape, qtype))
 
 
-def kquant_note(type: GgufType) -> str:
-    """The result note saying how a k-quant file was made."""
+def kquant_note(type: GgufType, options: QuantOptions | None = None) -> str:
+    """The result note saying how a k-quant file (or one with llama-quantize's options) was made."""
     from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
+    opts = options or QuantOptions()
+    mix = "no mix (--pure)" if opts.pure else "llama-quant.cpp's per-tensor type mix"
+    over = "".join(f", {k.replace('_', ' ')} {v}" for k, v in opts.settings().items() if k != "pure" and v)
     return (
         f"{type.value}: every block encoded in the streaming pass by llama.cpp's own quantizer (ggml_quantize_chunk, llama.cpp "
-        f"{llama_cpp.LLAMA_CPP_TAG}) from the float32 merge, with llama-quant.cpp's per-tensor type mix; no intermediate file"
+        f"{llama_cpp.LLAMA_CPP_TAG}) from the float32 merge, with {mix}{over}; no intermediate file"
     )
 
 

@@ -19,6 +19,7 @@ import numpy as np
 
 _lock = threading.Lock()
 _base: Any = None
+_initialized: set[int] = set()
 
 
 def available() -> bool:
@@ -52,6 +53,9 @@ def ggml_base() -> Any:
             # size_t ggml_quantize_chunk(enum ggml_type, const float *src, void *dst, int64_t start, int64_t nrows, int64_t n_per_row, const float *imatrix)
             fn.restype = ctypes.c_size_t
             fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+            # void ggml_quantize_init(enum ggml_type): the i-quants' grids (iq3xs_init_impl...), once per type
+            lib.ggml_quantize_init.restype = None
+            lib.ggml_quantize_init.argtypes = [ctypes.c_int]
             _base = lib
         return _base
 
@@ -102,6 +106,7 @@ def quantize_into(x: np.ndarray, qtype: Any, out: np.ndarray, threads: int = 1) 
     if nrows == 0:
         return
     lib = ggml_base()
+    init(qtype)
     parts = max(1, min(threads, nrows // 16))  # at least 16 rows a run: fewer are not worth a thread
 
     def run(k: int) -> int:
@@ -111,6 +116,19 @@ def quantize_into(x: np.ndarray, qtype: Any, out: np.ndarray, threads: int = 1) 
     written = run(0) if parts == 1 else sum(_pool(parts).map(run, range(parts)))
     if written != out.size:
         raise ValueError(f"ggml_quantize_chunk wrote {written} bytes of {qtype.name}, expected {out.size}")
+
+
+def init(qtype: Any) -> None:
+    """``ggml_quantize_init(qtype)`` once per type, before its first block (the i-quants' lookup
+    grids; a no-op for the other types). ``ggml_quantize_chunk`` would do it too, under ggml's
+    critical section; doing it first keeps the threads of :func:`quantize_into` from waiting on it."""
+    if int(qtype) in _initialized:
+        return
+    lib = ggml_base()
+    with _lock:
+        if int(qtype) not in _initialized:
+            lib.ggml_quantize_init(int(qtype))
+            _initialized.add(int(qtype))
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}

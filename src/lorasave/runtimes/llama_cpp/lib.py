@@ -520,7 +520,30 @@ class LlamaCppModel:
             lib.llama_batch_free(batch)
 
 
-def quantize(src_gguf: PathLike, dst_gguf: PathLike, type: str, *, nthread: int = 0) -> None:
+def _ggml_type_value(t: str | int) -> int:
+    """A GGML type name (``ggml_type_name``, any case, as llama-quantize's ``parse_ggml_type``) or value -> ``enum ggml_type``.
+
+    Raises:
+        InvalidOptionError: an unknown name or value.
+    """
+    import gguf
+
+    try:
+        return int(gguf.GGMLQuantizationType(t) if isinstance(t, int) else gguf.GGMLQuantizationType[str(t).upper()])
+    except (KeyError, ValueError):
+        raise InvalidOptionError(f"unknown GGML type {t!r}") from None
+
+
+def quantize(
+    src_gguf: PathLike,
+    dst_gguf: PathLike,
+    type: str,
+    *,
+    nthread: int = 0,
+    pure: bool = False,
+    output_tensor_type: str | int | None = None,
+    token_embedding_type: str | int | None = None,
+) -> None:
     """Quantize a GGUF with llama.cpp's ``llama_model_quantize`` (what ``llama-quantize`` runs).
 
     The per-tensor choices (which tensors stay F32, the fallbacks for rows not divisible by the
@@ -532,9 +555,13 @@ def quantize(src_gguf: PathLike, dst_gguf: PathLike, type: str, *, nthread: int 
         dst_gguf: the file to write (replaced if it exists).
         type: a llama-quantize type name: ``"q4_k_m"``, ``"q6_k"``, ``"q4_0"``, ``"q8_0"``, ... (see ``QUANT_TYPES``).
         nthread: threads; 0 = all cores.
+        pure: ``llama_model_quantize_params.pure`` (llama-quantize ``--pure``): no per-tensor mix.
+        output_tensor_type: ``.output_tensor_type`` (``--output-tensor-type``): a GGML type name
+            (``"q8_0"``, any case) or ``enum ggml_type`` value; None = llama.cpp's choice.
+        token_embedding_type: ``.token_embedding_type`` (``--token-embedding-type``), the same way.
 
     Raises:
-        InvalidOptionError: unknown ``type``.
+        InvalidOptionError: unknown ``type`` or GGML type name.
         LlamaCppNotInstalledError: the runtime is not installed.
         LlamaCppError: ``src_gguf`` is missing, or llama.cpp failed (its message is in the debug log).
     """
@@ -547,6 +574,11 @@ def quantize(src_gguf: PathLike, dst_gguf: PathLike, type: str, *, nthread: int 
     params = lib.llama_model_quantize_default_params()
     params.nthread = nthread
     params.ftype = ftype
+    params.pure = bool(pure)
+    if output_tensor_type is not None:
+        params.output_tensor_type = _ggml_type_value(output_tensor_type)
+    if token_embedding_type is not None:
+        params.token_embedding_type = _ggml_type_value(token_embedding_type)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".lorasave-tmp", dir=dst.parent)
     os.close(fd)
     try:
