@@ -28,6 +28,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, Pr
 import _models as M
 from lorasave.cli.main import GGUF_TYPE_CHOICES, main
 from lorasave.errors import LlamaCppNotInstalledError
+from lorasave.formats.gguf import mix as gguf_mix
 from lorasave.formats.gguf import quant as gguf_quant
 from lorasave.formats.gguf.export import GgufResult, export_gguf
 from lorasave.formats.gguf.quant import K_SUBSTITUTE, GgufType
@@ -437,8 +438,8 @@ def test_options_refused_where_they_do_not_apply(tiny: dict[str, Any], tmp_path:
     # rows not a multiple of the override's block: llama.cpp takes an override as it is (no fallback), so it is refused
     shapes = [("token_embd.weight", (100, 288)), ("blk.0.attn_v.weight", (256, 288)), ("output.weight", (100, 288))]
     with pytest.raises(InvalidOptionError, match=r"--token-embedding-type q4_k: token_embd\.weight has rows of 288 values"):
-        gguf_quant.tensor_types(shapes, GgufType.Q4_0, options=gguf_quant.QuantOptions(token_embedding_type=Q.Q4_K))
-    pure = gguf_quant.tensor_types(shapes, GgufType.Q4_K_M, options=gguf_quant.QuantOptions(pure=True, output_tensor_type=Q.F16))
+        gguf_mix.tensor_types(shapes, GgufType.Q4_0, options=gguf_quant.QuantOptions(token_embedding_type=Q.Q4_K))
+    pure = gguf_mix.tensor_types(shapes, GgufType.Q4_K_M, options=gguf_quant.QuantOptions(pure=True, output_tensor_type=Q.F16))
     assert [t.qtype for t in pure] == [Q.Q5_0, Q.Q5_0, Q.F16]  # tensor_type_fallback under --pure; the override as it is
     bad = CliRunner().invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(tmp_path / "d"), "--type", "q8_0", "--pure"])
     assert bad.exit_code == 2 and "not to q8_0" in bad.output and not (tmp_path / "d").exists(), bad.output

@@ -20,6 +20,7 @@ from typing import Any
 import gguf
 
 from lorasave.errors import InvalidOptionError
+from lorasave.formats.gguf import mix as gguf_mix
 from lorasave.formats.gguf import quant as gguf_quant
 from lorasave.formats.gguf.model import (
     ExtraTensor,
@@ -277,8 +278,8 @@ def plan_gguf(
         gguf_quant.parse_ggml_type(output_tensor_type) if output_tensor_type is not None else None,
         gguf_quant.parse_ggml_type(token_embedding_type) if token_embedding_type is not None else None,
     )
-    gguf_quant.check_options(types, options)
-    if any(gguf_quant.uses_ggml(t, options) for t in types):
+    gguf_mix.check_options(types, options)
+    if any(gguf_mix.uses_ggml(t, options) for t in types):
         from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
         llama_cpp.require()
@@ -307,7 +308,7 @@ def plan_gguf(
             fname, counts = w.filename, w.counts()
             files[fname] = w.sha256
             notes.extend(n for n in type_notes if n not in notes)
-            if gguf_quant.uses_ggml(t, options):
+            if gguf_mix.uses_ggml(t, options):
                 notes.append(gguf_quant.kquant_note(t, options))
                 if t.default_qtype.name not in counts:
                     block = gguf.GGML_QUANT_SIZES[t.default_qtype][0]
@@ -382,7 +383,7 @@ def plan_gguf(
             verification=result.get("verification"),
             modelfile=final / side.modelfile if side.modelfile else None,
             chat_template_family=side.family,
-            llama_cpp_quantized=gguf_quant.uses_ggml(types[0], options),
+            llama_cpp_quantized=gguf_mix.uses_ggml(types[0], options),
             gguf_files=[final / f for f in per_file],
             types=[t.value for t in types],
         )

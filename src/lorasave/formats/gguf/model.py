@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from lorasave.errors import UnsupportedModelError
+from lorasave.formats.gguf import mix as gguf_mix
 from lorasave.formats.gguf import quant as gguf_quant
 from lorasave.formats.gguf.arch import GgufArch, Hparams, gguf_arch_for
 from lorasave.formats.gguf.output import GgufOutput
@@ -132,7 +133,7 @@ def ggml_type(gguf_name: str, shape: tuple[int, ...], type: str) -> gguf.GGMLQua
     if t.converter:
         return gguf_quant.converter_type(gguf_name, shape, t.default_qtype)
     if t.kquant:  # one tensor alone: no layer counters (the generated tensors are 1-D, never quantized)
-        return gguf_quant.tensor_types([(gguf_name, shape)], t)[0].qtype
+        return gguf_mix.tensor_types([(gguf_name, shape)], t)[0].qtype
     want = gguf_quant.llama_cpp_type(gguf_name, shape, t, tied=False)
     return gguf_quant.K_SUBSTITUTE.get(want, want)
 
@@ -153,7 +154,7 @@ def gguf_tensors(
     With ``tok_dir`` (the tokenizer the file gets), ``token_embd.weight`` keeps the rows
     ``gguf_vocab.embedding_rows`` says the converter keeps (Gemma 3 cuts the rows past the
     tokenizer's size; ``GgufTensor.rows``), with a note appended to ``notes``. Every tensor gets
-    the type llama.cpp would give it in a streamed file of ``type`` (``gguf_quant.tensor_types``,
+    the type llama.cpp would give it in a streamed file of ``type`` (``gguf_mix.tensor_types``,
     which needs the whole list: whether ``output.weight`` exists decides the tied-embedding rule),
     with llama-quantize's ``options`` (``--pure``...) when given.
 
@@ -187,13 +188,13 @@ def gguf_tensors(
         mapped.append((t, name, heads, shift, rows))
     shapes = [(name, tuple(t.shape) if rows is None else (rows, *t.shape[1:])) for t, name, _, _, rows in mapped]
     gtype = GgufType.parse(type)
-    facts = gguf_quant.ModelFacts(rules.name, hp.n_layer, n_head, n_kv, int(hp.find(("num_local_experts", "num_experts", "n_routed_experts"), 0) or 0))
-    types = gguf_quant.tensor_types(shapes, gtype, facts, options)
+    facts = gguf_mix.ModelFacts(rules.name, hp.n_layer, n_head, n_kv, int(hp.find(("num_local_experts", "num_experts", "n_routed_experts"), 0) or 0))
+    types = gguf_mix.tensor_types(shapes, gtype, facts, options)
     out = [
         GgufTensor(t, name, tt.qtype, tensor_nbytes(shape, tt.qtype), heads, shift, rows)
         for (t, name, heads, shift, rows), (_, shape), tt in zip(mapped, shapes, types, strict=True)
     ]
-    return out, gguf_quant.type_notes(shapes, types, gtype)
+    return out, gguf_mix.type_notes(shapes, types, gtype)
 
 
 def extra_tensors(config: dict[str, Any], rules: GgufArch, type: str) -> list[ExtraTensor]:
@@ -312,7 +313,7 @@ class GgufModel:
             w.write_ti_data_to_file()
             return w
 
-        out = GgufOutput(filename, start, tensors, extras, permute, ggml=gguf_quant.uses_ggml(stream, options))
+        out = GgufOutput(filename, start, tensors, extras, permute, ggml=gguf_mix.uses_ggml(stream, options))
         return out, type_notes
 
 
