@@ -213,3 +213,23 @@ def test_modelfile_never_imports_a_tokenizer_module(tmp_path: Path) -> None:
     _assert_no_code_ran(proc, marker)
     _assert_one_line_error(proc)
     assert not (tmp_path / "Modelfile").exists()
+
+
+def test_bitsandbytes_never_fetches_a_hub_kernel(tmp_path: Path) -> None:
+    """bitsandbytes' CPU backend calls ``kernels.get_kernel`` at import on AVX-512 BF16 CPUs (code from the Hub);
+    lorasave imports it with ``kernels`` hidden. A stand-in ``kernels`` records any call."""
+    import subprocess
+    import sys
+
+    fake = tmp_path / "fake" / "kernels"
+    fake.mkdir(parents=True)
+    marker = tmp_path / "called"
+    (fake / "__init__.py").write_text(f"def get_kernel(*a, **k):\n    open({str(marker)!r}, 'w').write(repr(a))\n    raise RuntimeError('no')\n")
+    env = {**__import__("os").environ, "PYTHONPATH": f"{fake.parent}"}
+    ours = "from lorasave.formats.bnb import preload_bnb; assert preload_bnb() is not None"
+    r = subprocess.run([sys.executable, "-c", ours], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists(), "lorasave's bitsandbytes import called kernels.get_kernel"
+    r = subprocess.run([sys.executable, "-c", "import bitsandbytes"], env=env, capture_output=True, text=True, timeout=120)
+    if "avx512_bf16" in Path("/proc/cpuinfo").read_text():  # the control: a plain import on this CPU kind calls it
+        assert marker.exists(), "control: bitsandbytes did not call kernels.get_kernel here, so the test proves nothing"

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,15 +57,41 @@ UNSUPPORTED_METHODS = {
 
 
 def import_bnb() -> Any:
-    """Import bitsandbytes, or explain how to get it.
+    """Import bitsandbytes (:func:`preload_bnb`), or explain how to get it.
 
     Raises:
         UnsupportedModelError: bitsandbytes is not installed.
     """
+    bnb = preload_bnb()
+    if bnb is None:
+        raise UnsupportedModelError("this needs bitsandbytes (it runs on CPU): pip install 'lorasave[bnb]' or pip install bitsandbytes")
+    return bnb
+
+
+def preload_bnb() -> Any | None:
+    """Import bitsandbytes, if installed, with the ``kernels`` package hidden; None when it is not installed.
+
+    bitsandbytes' CPU backend (0.50, on CPUs with AVX-512 BF16) calls ``kernels.get_kernel`` at import
+    to download and load a compiled kernel from the Hugging Face Hub, and ``kernels`` is installed with
+    transformers >= 5.25: lorasave never runs code it did not ship, so the import sees no ``kernels``
+    (bitsandbytes then keeps its own CPU code, the reference lorasave is compared with). Called before
+    anything that may import bitsandbytes first (transformers and PEFT loads); once imported, the
+    module is reused.
+    """
+    if "bitsandbytes" in sys.modules:
+        return sys.modules["bitsandbytes"]
+    missing = object()
+    saved = sys.modules.get("kernels", missing)
+    sys.modules["kernels"] = None  # type: ignore[assignment]  # `from kernels import ...` raises ImportError
     try:
         import bitsandbytes
     except ImportError:
-        raise UnsupportedModelError("this needs bitsandbytes (it runs on CPU): pip install 'lorasave[bnb]' or pip install bitsandbytes") from None
+        return None
+    finally:
+        if saved is missing:
+            del sys.modules["kernels"]
+        else:
+            sys.modules["kernels"] = saved  # type: ignore[assignment]
     return bitsandbytes
 
 

@@ -105,6 +105,9 @@ def load_causal_lm(folder: PathLike, **kwargs: Any) -> Any:
         UnsupportedModelError: only the folder's own code could build the model.
         OSError, ValueError: whatever else transformers raises.
     """
+    from lorasave.formats.bnb import preload_bnb
+
+    preload_bnb()  # before transformers/PEFT import it: no Hub kernel is fetched (formats.bnb.preload_bnb)
     from transformers import AutoModelForCausalLM
 
     with builtin_classes_only(folder, "model"):

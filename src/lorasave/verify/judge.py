@@ -100,6 +100,9 @@ def check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, base
         SourceNotFoundError: the sources are gone (pass ``base`` / ``adapters``).
         LlamaCppNotInstalledError: a GGUF LoRA adapter without the llama.cpp runtime.
     """
+    from lorasave.formats.bnb import preload_bnb
+
+    preload_bnb()  # before transformers/PEFT import it: no Hub kernel is fetched (formats.bnb.preload_bnb)
     from peft import PeftModel
 
     from lorasave.sources.hf_load import load_causal_lm

@@ -125,6 +125,9 @@ def sources(out: Path, manifest: dict[str, Any], base: Any, adapters: Any) -> tu
 
 def adapter_output_logits(base_root: Path, out: Path, ids: Any) -> Any:
     """Logits (batch, seq, vocab) float32 of the base under PEFT with the adapter output ``out`` as saved."""
+    from lorasave.formats.bnb import preload_bnb
+
+    preload_bnb()  # before transformers/PEFT import it: no Hub kernel is fetched (formats.bnb.preload_bnb)
     from peft import PeftModel
 
     from lorasave.plan.patterns import check_peft_patterns
