@@ -338,9 +338,7 @@ def plan_merge_sources(
 
     def finish(folder: Path, job_timings: Timings) -> MergeResult:
         files = dict(writer.files)
-        timings = Timings(**vars(job_timings))
-        for phase in ("merge", "write", "hash"):
-            setattr(timings, phase, getattr(timings, phase) + getattr(writer.timings, phase))
+        timings = Timings().add(job_timings).add(writer.timings)
         if plan.index is not None and any(sh.deferred for sh in plan.shards):  # 4-bit: sizes known only now
             written = [read_header(folder / sh.filename) for sh in plan.shards]
             plan.index["metadata"]["total_size"] = sum(e.nbytes for h in written for e in h.tensors.values())  # type: ignore[index]

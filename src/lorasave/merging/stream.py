@@ -54,6 +54,12 @@ class Timings:
     write: float = 0.0
     hash: float = 0.0
 
+    def add(self, other: Timings) -> Timings:
+        """Add ``other``'s seconds, phase by phase, to these; returns self (a writer's into its job's...)."""
+        for phase, seconds in vars(other).items():
+            setattr(self, phase, getattr(self, phase) + seconds)
+        return self
+
     def as_dict(self) -> dict[str, float]:
         """Rounded to milliseconds."""
         return {k: round(v, 3) for k, v in vars(self).items()}

@@ -198,10 +198,7 @@ def _write_parts(
             job = PassJob(planned.plan, planned.adapters, [(writer, staging)])
             execute_pass([job])
             raise_first(job)
-            timings = job.timings
-            for phase in ("merge", "write", "hash"):
-                setattr(timings, phase, getattr(timings, phase) + getattr(writer.timings, phase))
-            return {"files": job.files[0], "timings": vars(timings)}
+            return {"files": job.files[0], "timings": vars(job.timings.add(writer.timings))}
         finally:
             for fn in planned.cleanup:
                 fn()
@@ -252,9 +249,7 @@ def run_split(
             raise RemoteOutputError(failed[0])
         for rec in records:
             files.update(rec["files"])
-            for phase, sec in rec["timings"].items():
-                setattr(timings, phase, getattr(timings, phase) + sec)
-        jobs[0].timings.read += timings.read
+            timings.add(Timings(**rec["timings"]))
         writer.adopt(files, timings)
 
     try:

@@ -106,7 +106,7 @@ def run_outputs(
     Args:
         on_staged: called once the staging folders exist, before the pass (a Ray task's test hook).
         progress: show the pass's bar (``pipeline.progress``); default: if any output asks for it.
-        execute: runs the jobs instead of a local ``execute_pass`` (``pipeline.ray.split_executor``).
+        execute: runs the jobs instead of a local ``execute_pass`` (``pipeline.ray.run_split``'s).
 
     Returns:
         One :class:`Outcome` per output, in order. ``KeyboardInterrupt`` and other non-``Exception``
@@ -124,7 +124,7 @@ def run_outputs(
                 stages[i] = stage
             except Exception as e:
                 outcomes[i].error = e
-        jobs = _jobs([out for out in outputs])
+        jobs = _jobs(outputs)
         live: list[tuple[PassJob, list[tuple[int, int]]]] = []  # job, [(output index, writer index in job)]
         for job, members in jobs:
             where = []

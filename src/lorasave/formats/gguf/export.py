@@ -295,10 +295,9 @@ def plan_gguf(
     needed = sum(w.needed_bytes for w, _ in writers.values())
 
     def finish(folder: Path, job_timings: Timings) -> GgufResult:
-        timings = Timings(**vars(job_timings))
+        timings = Timings().add(job_timings)
         for w, _ in writers.values():
-            for phase in ("merge", "write", "hash"):
-                setattr(timings, phase, getattr(timings, phase) + getattr(w.timings, phase))
+            timings.add(w.timings)
         per_file: dict[str, dict[str, Any]] = {}
         notes = list(model.notes)
         files: dict[str, str] = {}

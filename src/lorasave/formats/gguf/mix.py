@@ -335,5 +335,3 @@ def type_notes(tensors: Sequence[tuple[str, tuple[int, ...]]], types: Sequence[T
                 f"{t.llama_cpp.name}, {t.qtype.name} is llama.cpp's own fallback for it (more bits); use --type q4_k_m etc. for llama.cpp's exact mix"
             )
     return notes
-
-

@@ -214,8 +214,7 @@ class SafetensorsOutput(OutputWriter):
     def adopt(self, files: dict[str, str], timings: Timings) -> None:
         """The shards the Ray tasks of a split output wrote (``pipeline.ray``): their hashes and seconds."""
         self.files = {sh.filename: files[sh.filename] for sh in self.shards}
-        for phase in ("merge", "write", "hash"):
-            setattr(self.timings, phase, getattr(self.timings, phase) + getattr(timings, phase))
+        self.timings.add(timings)
 
     def abort(self) -> None:
         if hasattr(self, "behind"):
