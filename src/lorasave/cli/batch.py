@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from lorasave.cli.app import _debug_option, _progress, _ray_option, _run, _threads_option, main
+from lorasave.cli.app import _common, _progress, _ray_option, _run, _threads_option, main
 from lorasave.util.printable import escape
 
 #: Exit code when the batch ran but some outputs failed (the summary lists them).
@@ -18,11 +18,7 @@ EXIT_SOME_FAILED = 1
 @click.option("--max-jobs-per-pass", type=click.IntRange(min=1), default=None, help="At most this many jobs share one pass over a base (bounds memory).")
 @_ray_option("each pass is a task.")
 @_threads_option
-@click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
-@click.option("--quiet", "-q", is_flag=True, help="No notes or summary.")
-@click.option("--overwrite", is_flag=True, help="Replace existing lorasave outputs (each only once its new version is complete).")
-@click.option("--allow-pickle", is_flag=True, help="Accept .bin pickle adapter weights, loaded with torch.load(weights_only=True).")
-@_debug_option
+@_common  # --json, --quiet, --overwrite (each output's OUT), --allow-pickle, --debug
 @click.pass_context
 def batch_cmd(
     ctx: click.Context,
