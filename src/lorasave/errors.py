@@ -173,6 +173,14 @@ class InvalidOptionError(LorasaveError, ValueError):
     exit_code = 2
 
 
+class ImatrixRequiredError(InvalidOptionError):
+    """A GGUF type needs an importance matrix (``--imatrix``) for a tensor, and none is given for it."""
+
+
+class ImatrixMismatchError(InvalidOptionError):
+    """An importance matrix entry does not fit its tensor (another model's ``--imatrix``)."""
+
+
 # --- Hugging Face Hub (lorasave push) ---
 
 EXIT_HUB = 4

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,11 @@ from lorasave.sources.checkpoint import Checkpoint, open_checkpoint
 from lorasave.util.names import check_file_name, safe_file_name
 
 logger = logging.getLogger(__name__)
+
+#: Suffix of the ``--imatrix`` file's copy in the output, ``<name>.imatrix`` (as imatrix files are
+#: published beside GGUF files; llama.cpp tells its GGUF and legacy layouts apart by content). Not
+#: ``.gguf``: it is not a model.
+IMATRIX_SUFFIX = ".imatrix"
 
 __all__ = [
     "ExtraTensor",
@@ -211,6 +217,7 @@ def plan_gguf(
     pure: bool = False,
     output_tensor_type: str | None = None,
     token_embedding_type: str | None = None,
+    imatrix: PathLike | None = None,
 ) -> PlannedOutput:
     """Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<name>-<type>.gguf`` (one per type) plus ``lorasave.json``.
 
@@ -253,11 +260,21 @@ def plan_gguf(
             byte what ``llama_model_quantize`` writes with the same parameters from an f32 GGUF of
             the merge: the llama.cpp runtime is needed. They are refused for f32/f16/bf16/q8_0
             (the converter's types, no mix).
+        imatrix: llama-quantize's ``--imatrix``: an importance matrix file (llama-imatrix's GGUF
+            layout or its legacy ``.dat``, or a folder ``lorasave imatrix`` wrote;
+            ``formats.gguf.imatrix.load_imatrix``). Every llama-quantize type is then encoded with
+            it (``llama_model_quantize_params.imatrix``) and the mix follows ``has_imatrix``; the
+            types that need one (:attr:`GgufType.needs_imatrix`: iq2_*, iq1_*, iq3_xxs, iq3_xs,
+            q2_k_s) are refused without it. The file is copied into the output
+            (``<name>.imatrix``, :data:`IMATRIX_SUFFIX`) so ``verify`` needs nothing else.
 
     Returns:
         The planned output; ``pipeline.run.run_single`` writes it and returns a GgufResult.
 
     Raises:
+        ImatrixRequiredError: a type needs an importance matrix for a tensor and ``imatrix`` has none for it.
+        ImatrixMismatchError: an ``imatrix`` entry does not fit its tensor (another model's file).
+        ImatrixError: the ``imatrix`` file cannot be read.
         InvalidOptionError: unknown ``type``, or a ``name`` that is not a plain file name (``names.check_file_name``);
             ``pure`` / ``output_tensor_type`` / ``token_embedding_type`` with a converter type, an
             unknown GGML type name, or an override type whose block does not divide its tensor's rows.
@@ -273,13 +290,20 @@ def plan_gguf(
     if name is not None:
         check_file_name(name, "name")
     types = parse_types(type)
+    importance = None
+    if imatrix is not None:
+        from lorasave.formats.gguf.imatrix import load_imatrix
+
+        importance = load_imatrix(Path(imatrix))
     options = gguf_quant.QuantOptions(
         bool(pure),
         gguf_quant.parse_ggml_type(output_tensor_type) if output_tensor_type is not None else None,
         gguf_quant.parse_ggml_type(token_embedding_type) if token_embedding_type is not None else None,
+        importance,
+        sha256_file(importance.path) if importance is not None else None,
     )
     gguf_mix.check_options(types, options)
-    if any(gguf_mix.uses_ggml(t, options) for t in types):
+    if any(gguf_mix.uses_ggml(t, gguf_mix.for_type(t, options)) for t in types):
         from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
         llama_cpp.require()
@@ -291,7 +315,7 @@ def plan_gguf(
     model = GgufModel.build(ckpt, ads, tok_dir, stem)
     writers: dict[GgufType, tuple[GgufOutput, list[str]]] = {}
     for st in types:
-        writers[st] = model.writer(st, f"{stem}-{st.value}.gguf", permute_qk, options)
+        writers[st] = model.writer(st, f"{stem}-{st.value}.gguf", permute_qk, gguf_mix.for_type(st, options))
     needed = sum(w.needed_bytes for w, _ in writers.values())
 
     def finish(folder: Path, job_timings: Timings) -> GgufResult:
@@ -307,8 +331,8 @@ def plan_gguf(
             fname, counts = w.filename, w.counts()
             files[fname] = w.sha256
             notes.extend(n for n in type_notes if n not in notes)
-            if gguf_mix.uses_ggml(t, options):
-                notes.append(gguf_quant.kquant_note(t, options))
+            if gguf_mix.uses_ggml(t, gguf_mix.for_type(t, options)):
+                notes.append(gguf_quant.kquant_note(t, gguf_mix.for_type(t, options)))
                 if t.default_qtype.name not in counts:
                     block = gguf.GGML_QUANT_SIZES[t.default_qtype][0]
                     used = ", ".join(sorted(counts))
@@ -323,6 +347,10 @@ def plan_gguf(
         side = _side_files(folder, final.name, first, types[0], first_entry["tensor_types"], notes, ckpt, ads, tok_dir, modelfile, more)
         for n in side.files:
             files[n] = sha256_file(folder / n)
+        if importance is not None:  # verify re-encodes the blocks with it
+            imatrix_name = stem + IMATRIX_SUFFIX
+            shutil.copyfile(importance.path, folder / imatrix_name)
+            files[imatrix_name] = sha256_file(folder / imatrix_name)
         for f in per_file:
             if f not in files:
                 files[f] = sha256_file(folder / f)
@@ -335,6 +363,8 @@ def plan_gguf(
             "adapters": [{"path": str(a.root.resolve()), "files": {str(p.relative_to(a.root)): sha256_source(p) for p in a.source_files()}} for a in ads],
             "tokenizer": str(tok_dir.resolve()),
         }
+        if importance is not None:
+            sources["imatrix"] = {"path": str(importance.path.resolve()), "sha256": options.imatrix_sha256, "file": stem + IMATRIX_SUFFIX}
         n_tensors = len(writers[types[0]][0].tensors) + len(writers[types[0]][0].extras)
         result: dict[str, Any] = {
             "n_tensors": n_tensors,
@@ -382,7 +412,7 @@ def plan_gguf(
             verification=result.get("verification"),
             modelfile=final / side.modelfile if side.modelfile else None,
             chat_template_family=side.family,
-            llama_cpp_quantized=gguf_mix.uses_ggml(types[0], options),
+            llama_cpp_quantized=gguf_mix.uses_ggml(types[0], gguf_mix.for_type(types[0], options)),
             gguf_files=[final / f for f in per_file],
             types=[t.value for t in types],
         )
