@@ -273,7 +273,9 @@ class _Cursor:
 
     def take(self, n: int, what: str) -> np.ndarray:
         if n < 0 or n > self.left:
-            raise ImatrixError(f"{self.p}: truncated legacy importance matrix: {what} ({n} bytes at byte {self.offset}) runs past the end of the file", path=self.p)
+            raise ImatrixError(
+                f"{self.p}: truncated legacy importance matrix: {what} ({n} bytes at byte {self.offset}) runs past the end of the file", path=self.p
+            )
         out = self.data[self.offset : self.offset + n]
         self.offset += n
         return out
