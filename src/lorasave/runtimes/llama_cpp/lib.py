@@ -224,6 +224,12 @@ class llama_batch(ctypes.Structure):
     ]
 
 
+class llama_model_imatrix_data(ctypes.Structure):
+    """``struct llama_model_imatrix_data`` (llama.h): one weight's importance; an array of them ends with a NULL name."""
+
+    _fields_ = [("name", c_char_p), ("data", POINTER(c_float)), ("size", c_size_t)]
+
+
 class llama_model_quantize_params(ctypes.Structure):
     """``struct llama_model_quantize_params`` (llama.h)."""
 
@@ -236,12 +242,6 @@ class llama_model_quantize_params(ctypes.Structure):
         ("prune_layers", POINTER(c_int32)),
         ("max_buf_size", c_size_t),
     ]
-
-
-class llama_model_imatrix_data(ctypes.Structure):
-    """``struct llama_model_imatrix_data`` (llama.h): one tensor's importance; an array of them ends with a NULL ``name``."""
-
-    _fields_ = [("name", c_char_p), ("data", POINTER(c_float)), ("size", c_size_t)]
 
 
 # name: (restype, argtypes), as declared in llama.h / ggml-backend.h
@@ -566,10 +566,8 @@ def quantize(
         output_tensor_type: ``.output_tensor_type`` (``--output-tensor-type``): a GGML type name
             (``"q8_0"``, any case) or ``enum ggml_type`` value; None = llama.cpp's choice.
         token_embedding_type: ``.token_embedding_type`` (``--token-embedding-type``), the same way.
-        imatrix: ``.imatrix`` (``llama-quantize --imatrix``): GGUF tensor name -> float32 importance,
-            1-D, ``n_mat * ne0`` values, as ``tools/quantize/quantize.cpp``'s ``load_imatrix`` hands
-            them over (``formats.gguf.imatrix.Imatrix.importance``); passed as the NULL-terminated
-            ``llama_model_imatrix_data`` array.
+        imatrix: ``.imatrix`` (``--imatrix``): GGUF tensor name -> float32 1-D importance, the values
+            llama-quantize hands over (``formats.gguf.imatrix.Imatrix.importances``); None for none.
 
     Raises:
         InvalidOptionError: unknown ``type`` or GGML type name.
@@ -590,14 +588,11 @@ def quantize(
         params.output_tensor_type = _ggml_type_value(output_tensor_type)
     if token_embedding_type is not None:
         params.token_embedding_type = _ggml_type_value(token_embedding_type)
-    keep: list[Any] = []  # the arrays and names must outlive the call
-    if imatrix is not None:
-        entries = (llama_model_imatrix_data * (len(imatrix) + 1))()
-        for i, (name, values) in enumerate(imatrix.items()):
-            arr = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-            keep += [arr, name.encode()]
-            entries[i] = llama_model_imatrix_data(keep[-1], arr.ctypes.data_as(POINTER(c_float)), arr.size)
-        keep.append(entries)
+    if imatrix is not None:  # NULL-terminated; the arrays stay referenced until the call returns
+        kept = {name.encode(): np.ascontiguousarray(values, dtype=np.float32).reshape(-1) for name, values in imatrix.items()}
+        entries = (llama_model_imatrix_data * (len(kept) + 1))()
+        for i, (name, values) in enumerate(kept.items()):
+            entries[i] = llama_model_imatrix_data(name, values.ctypes.data_as(POINTER(c_float)), values.size)
         params.imatrix = ctypes.cast(entries, c_void_p)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".lorasave-tmp", dir=dst.parent)
     os.close(fd)
