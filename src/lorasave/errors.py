@@ -116,6 +116,11 @@ class UnsupportedAdapterError(LorasaveError, NotImplementedError):
     """The adapter uses a PEFT feature lorasave does not merge (yet), so merging would lose it."""
 
 
+class ImatrixError(LorasaveError, ValueError):
+    """An importance matrix file (llama-imatrix's GGUF or legacy ``.dat`` layout) is malformed, not
+    an importance matrix, or holds values llama.cpp refuses (``formats.gguf.imatrix``)."""
+
+
 class UnsupportedModelError(LorasaveError, ValueError):
     """The base's ``model_type`` / architecture is not one lorasave can handle without remote code."""
 
