@@ -9,6 +9,8 @@
 * ``lorasave imatrix`` on a tiny Llama + LoRA against sums computed by hand in torch from the
   safetensors files (RMSNorm, RoPE, attention, SwiGLU written out here; layer 1 from PeftModel's
   hidden states): no hook and no lorasave merge in the reference.
+* The same sums from llama.cpp's own evaluation of the f32 GGUF of the merge, collected through its
+  evaluation callback exactly as ``IMatrixCollector::collect_imatrix`` collects them.
 * ``llama_model_quantize`` takes the file's importances for iq2_xxs (which refuses to run without
   one), and another importance matrix gives other bytes.
 """
@@ -411,3 +413,95 @@ def test_llama_model_quantize_uses_the_importances(tiny: dict[str, Any]) -> None
     assert a["blk.0.attn_q.weight"][0] == gguf.GGMLQuantizationType.IQ2_XXS
     assert a["blk.0.attn_q.weight"][1] != b["blk.0.attn_q.weight"][1]
     assert a["token_embd.weight"] == b["token_embd.weight"]  # llama.cpp gives the embedding no importance
+
+
+# ------------------------------------------------------- llama.cpp's own evaluation, as llama-imatrix
+
+
+class _GgmlTensor(ctypes.Structure):
+    """``struct ggml_tensor`` (ggml/include/ggml.h, v0.5.0: GGML_MAX_DIMS 4, GGML_MAX_OP_PARAMS 64, GGML_MAX_SRC 10, GGML_MAX_NAME 64)."""
+
+    _fields_ = [
+        ("type", ctypes.c_int),
+        ("buffer", ctypes.c_void_p),
+        ("ne", ctypes.c_int64 * 4),
+        ("nb", ctypes.c_size_t * 4),
+        ("op", ctypes.c_int),
+        ("op_params", ctypes.c_int32 * 16),
+        ("flags", ctypes.c_int32),
+        ("src", ctypes.c_void_p * 10),
+        ("view_src", ctypes.c_void_p),
+        ("view_offs", ctypes.c_size_t),
+        ("data", ctypes.c_void_p),
+        ("name", ctypes.c_char * 64),
+        ("extra", ctypes.c_void_p),
+        ("padding", ctypes.c_char * 8),
+    ]
+
+
+def _llama_cpp_imatrix(gguf_file: Path, chunks: list[list[int]]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """``IMatrixCollector::collect_imatrix``'s sums for dense weights, from llama.cpp's evaluation callback."""
+    from lorasave.runtimes.llama_cpp import ggml
+    from lorasave.runtimes.llama_cpp import lib as llama_cpp
+
+    base = ggml.ggml_base()
+    base.ggml_op_name.restype, base.ggml_op_name.argtypes = ctypes.c_char_p, [ctypes.c_int]
+    mul_mat = next(i for i in range(200) if base.ggml_op_name(i) == b"MUL_MAT")
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
+
+    def collect(t_ptr: int, ask: bool, _: Any) -> bool:
+        t = _GgmlTensor.from_address(t_ptr)
+        if t.op != mul_mat:
+            return not ask  # not interested; a call with ask=False goes on
+        src0, src1 = _GgmlTensor.from_address(t.src[0]), _GgmlTensor.from_address(t.src[1])
+        wname = src0.name.decode().split("#")[1] if b"#" in src0.name else src0.name.decode()
+        if ask:
+            return src1.ne[1] >= 16 and src1.type == 0 and wname.startswith("blk.")
+        shape = (src1.ne[3], src1.ne[2], src1.ne[1], src1.ne[0])
+        strides = (src1.nb[3], src1.nb[2], src1.nb[1], src1.nb[0])
+        extent = sum((n - 1) * s for n, s in zip(shape, strides, strict=True)) + 4
+        buf = np.frombuffer((ctypes.c_char * extent).from_address(src1.data), dtype=np.uint8)
+        x = np.lib.stride_tricks.as_strided(buf.view(np.float32), shape, strides).reshape(-1, src1.ne[0]).astype(np.float64)
+        sums[wname] = sums.get(wname, 0) + (x * x).sum(0)
+        counts[wname] = counts.get(wname, 0) + x.shape[0]
+        return True
+
+    callback = llama_cpp.ggml_backend_sched_eval_callback(collect)
+    real = llama_cpp._lib()
+
+    class WithCallback:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def llama_context_default_params(self) -> Any:
+            params = real.llama_context_default_params()
+            params.cb_eval = callback
+            return params
+
+    original = llama_cpp._lib
+    llama_cpp._lib = lambda: WithCallback()  # type: ignore[assignment]
+    try:
+        with llama_cpp.LlamaCppModel(gguf_file, n_ctx=len(chunks[0])) as m:
+            for ids in chunks:
+                m.logits(ids)
+    finally:
+        llama_cpp._lib = original  # type: ignore[assignment]
+    return sums, counts
+
+
+def test_imatrix_matches_llama_cpp_evaluation(tiny: dict[str, Any]) -> None:
+    """The sums llama-imatrix's collector would take from llama.cpp evaluating the f32 GGUF of the same merge."""
+    need_llama_cpp()
+    from lorasave.formats.gguf.export import export_gguf
+
+    root = tiny["root"]
+    f32 = root / "f32-eval" / "f32-eval-f32.gguf"
+    if not f32.exists():
+        f32 = export_gguf(tiny["base"], tiny["lora"], root / "f32-eval", type="f32", modelfile=False).gguf_file
+    sums, counts = _llama_cpp_imatrix(f32, _chunks(tiny, 32, 3))
+    imx = load_imatrix(tiny["out"])
+    assert sorted(sums) == imx.names
+    for name in imx.names:  # llama.cpp's f32 kernels against float32 torch: 3e-6 here
+        assert counts[name] == int(imx.entries[name].counts[0]) == 96, name
+        np.testing.assert_allclose(imx.entries[name].sums[0], sums[name], rtol=5e-5, atol=1e-6, err_msg=name)
