@@ -267,3 +267,22 @@ def test_batch_takes_imatrix_beside_the_jobs_file(tiny256: dict[str, Any], tmp_p
     assert r.exit_code == 0, r.output
     for t in ("iq2_xs", "q3_k_m"):
         _same(tmp_path / "out" / f"out-{t}.gguf", _reference(tiny256, t, values), t)
+
+
+@pytest.mark.parametrize("tiny256", ["untied"], indirect=True)
+def test_lorasave_imatrix_output_feeds_gguf(tiny256: dict[str, Any], tmp_path: Path) -> None:
+    """`lorasave imatrix` -> `lorasave gguf --imatrix OUT`: the folder is taken as it is, and iq2_xxs
+    equals llama_model_quantize given the same file's importances (quantize.cpp's in_sum2 / counts)."""
+    from lorasave.formats.gguf.imatrix import load_imatrix
+    from test_gguf_types import TEXT
+
+    text = tmp_path / "calibration.txt"
+    text.write_text(TEXT * 6)
+    args = [str(tiny256["base"]), str(tiny256["lora"])]
+    r = CliRunner().invoke(main, ["imatrix", *args, "--text", str(text), "-o", str(tmp_path / "im"), "--chunk-size", "64"])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(main, ["gguf", *args, "-o", str(tmp_path / "g"), "--type", "iq2_xxs", "--imatrix", str(tmp_path / "im"), "--no-modelfile"])
+    assert r.exit_code == 0, r.output
+    ref = tmp_path / "ref.gguf"
+    llama_cpp.quantize(tiny256["f32"].gguf_file, ref, "iq2_xxs", imatrix=load_imatrix(tmp_path / "im").importances())
+    _same(tmp_path / "g" / "g-iq2_xxs.gguf", ref, "lorasave imatrix")
