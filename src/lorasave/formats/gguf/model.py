@@ -12,7 +12,7 @@ float32 values directly (no 16-bit intermediate checkpoint):
   the types ``llama-quantize`` makes, its choice (``formats.gguf.quant``: the k-quant mix too);
 * Gemma's RMSNorm weights ``+1`` and generated tensors such as Llama 3.1's ``rope_freqs``
   (``formats.gguf.arch.ARCHITECTURES``);
-* the ``general.*`` (``gguf.Metadata``) / ``{arch}.*`` keys of ``set_gguf_parameters`` (``arch.py``);
+* the ``general.*`` (``gguf.Metadata``) / ``{arch}.*`` keys of ``set_gguf_parameters`` (``arch/``);
 * the tokenizer: SentencePiece, SentencePiece-style or byte-level BPE (``vocab.py``).
 
 :class:`GgufModel` holds what every type of one export shares (plan, config, tokenizer, name) and

@@ -1,0 +1,212 @@
+"""What every architecture's GGUF rules share: the normalised config (:class:`Hparams`), the common
+``{arch}.*`` keys (:func:`text_params`) and the rule record itself (:class:`GgufArch`).
+
+Sources (llama.cpp v0.5.0): ``conversion/base.py`` ``TextModel.__init__`` (RoPE parameter
+normalisation) and ``TextModel.set_gguf_parameters`` (the common keys).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+import gguf
+import numpy as np
+
+V = gguf.GGUFValueType
+K = gguf.Keys
+
+#: One metadata value: ``(key, value, GGUF value type)``; ``key`` may hold ``{arch}``.
+MetaItem = tuple[str, Any, gguf.GGUFValueType]
+
+
+class VocabKind(Enum):
+    """Tokenizer sources, tried in an architecture's order (``set_vocab`` in the converter)."""
+
+    SPM = "sentencepiece"  # tokenizer.model (``TextModel._set_vocab_sentencepiece``)
+    SPM_JSON = "sentencepiece-style tokenizer.json"  # byte_fallback BPE (``_set_vocab_llama_hf``)
+    BPE = "byte-level BPE"  # tokenizer.json (``TextModel._set_vocab_gpt2``)
+
+
+#: ``find_hparam`` key lists of ``TextModel`` (``conversion/base.py``).
+GLOBAL_THETA = ("global_rope_theta", "rope_global_theta", "rope_theta_global", "rope_theta", "rotary_emb_base")
+LOCAL_THETA = ("local_rope_theta", "rope_local_theta", "rope_theta_local", "swa_rope_theta", "rope_local_base_freq")
+
+
+@dataclass
+class Hparams:
+    """config.json as ``TextModel.__init__`` sees it: ``text_config`` lifted to the top, RoPE normalised.
+
+    Attributes:
+        h: the flattened config.
+        rope: ``rope_parameters`` (or ``rope_scaling``) with the global/local theta, ``rope_type``,
+            ``partial_rotary_factor`` and ``original_max_position_embeddings`` mirrored into it.
+    """
+
+    h: dict[str, Any]
+    rope: dict[str, Any]
+
+    @classmethod
+    def of(cls, config: dict[str, Any]) -> Hparams:
+        """Normalise a config.json dict (the converter's ``TextModel.__init__``)."""
+        h = dict(config)
+        if isinstance(h.get("text_config"), dict):
+            h = {**h, **h["text_config"]}
+        raw = h.get("rope_parameters", h.get("rope_scaling")) or {}
+        rope = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+        self = cls(h, rope)
+        if "full_attention" not in rope and "sliding_attention" not in rope:
+            mirrors = {
+                "rope_theta": self.find(GLOBAL_THETA),
+                "rope_type": rope.get("type"),
+                "partial_rotary_factor": self.find(("partial_rotary_factor", "rope_pct", "rope_percent")),
+                "original_max_position_embeddings": self.find(("original_max_position_embeddings",)),
+            }
+            local = self.find(LOCAL_THETA)
+            if local is not None:
+                rope["sliding_attention"] = {"rope_theta": local}
+            for key, value in mirrors.items():
+                if key not in rope and value is not None:
+                    rope[key] = value
+        return self
+
+    def find(self, keys: Iterable[str], default: Any = None) -> Any:
+        """First of ``keys`` present (``ModelBase.find_hparam(optional=True)``)."""
+        for k in keys:
+            if k in self.h:
+                return self.h[k]
+        return default
+
+    @property
+    def full_rope(self) -> dict[str, Any]:
+        """The RoPE parameters of the global (full-attention) layers."""
+        return self.rope.get("full_attention", self.rope)
+
+    @property
+    def rope_type(self) -> str:
+        """``rope_type`` of the global layers, ``"default"`` when none is given."""
+        return str(self.full_rope.get("rope_type") or "default").lower()
+
+    @property
+    def n_layer(self) -> int:
+        """``block_count``."""
+        return int(self.find(("n_layers", "num_hidden_layers", "n_layer", "num_layers")))
+
+    @property
+    def heads(self) -> tuple[int, int]:
+        """``(n_head, n_head_kv)``; ``n_head_kv`` defaults to ``n_head`` (no GQA)."""
+        n_head = int(self.find(("num_attention_heads", "n_head", "n_heads")))
+        return n_head, int(self.find(("num_key_value_heads", "n_kv_heads", "n_head_kv"), n_head))
+
+    @property
+    def head_dim(self) -> int:
+        """``head_dim``, else ``hidden_size // num_attention_heads``."""
+        return int(self.h.get("head_dim") or int(self.find(("hidden_size", "n_embd"))) // self.heads[0])
+
+
+def head_counts(config: dict[str, Any]) -> tuple[int, int]:
+    """``(n_head, n_head_kv)`` of a config.json dict."""
+    return Hparams.of(config).heads
+
+
+def rope_theta(config: dict[str, Any]) -> float | None:
+    """RoPE base frequency of the global layers, or None."""
+    theta = Hparams.of(config).full_rope.get("rope_theta")
+    return float(theta) if theta is not None else None
+
+
+def set_item(items: list[MetaItem], key: str, value: Any, vtype: gguf.GGUFValueType) -> None:
+    """Add or overwrite ``key`` in place (``GGUFWriter.add_key_value`` keeps the first position)."""
+    for i, (k, _, _) in enumerate(items):
+        if k == key:
+            items[i] = (key, value, vtype)
+            return
+    items.append((key, value, vtype))
+
+
+def text_params(hp: Hparams) -> list[MetaItem]:
+    """The keys of ``TextModel.set_gguf_parameters`` (``conversion/base.py``), in its order.
+
+    Block count, context/embedding/feed-forward length, head counts, RoPE scaling (``linear``,
+    ``yarn``, ``longrope``; ``llama3`` goes to ``rope_freqs``), ``rope.freq_base`` (+ ``_swa``),
+    RMS / layer-norm epsilons, and ``attention.key_length`` / ``value_length`` when config.json
+    has ``head_dim``. ``general.file_type`` is written by the caller.
+    """
+    f = hp.find
+    out: list[MetaItem] = [(K.LLM.BLOCK_COUNT, hp.n_layer, V.UINT32)]
+    optional = (
+        (K.LLM.CONTEXT_LENGTH, ("max_position_embeddings", "n_ctx", "n_positions", "max_length", "max_sequence_length", "model_max_length")),
+        (K.LLM.EMBEDDING_LENGTH, ("hidden_size", "n_embd", "dim")),
+        (K.LLM.FEED_FORWARD_LENGTH, ("prefix_dense_intermediate_size", "dense_intermediate_size", "intermediate_size", "n_inner", "hidden_dim")),
+        (K.Attention.HEAD_COUNT, ("num_attention_heads", "n_head", "n_heads")),
+        (K.Attention.HEAD_COUNT_KV, ("num_key_value_heads", "n_kv_heads")),
+    )
+    for key, names in optional:
+        if (value := f(names)) is not None:
+            out.append((key, int(value), V.UINT32))
+    if hp.h.get("is_causal") is False:
+        out.append((K.Attention.CAUSAL, False, V.BOOL))
+    rp = hp.full_rope
+    rope_type, factor = rp.get("rope_type"), rp.get("factor")
+    if rope_type == "linear" and factor is not None:
+        out += [(K.Rope.SCALING_TYPE, gguf.RopeScalingType.LINEAR.value, V.STRING), (K.Rope.SCALING_FACTOR, float(factor), V.FLOAT32)]
+    elif rope_type in ("su", "longrope"):
+        out.append((K.Rope.SCALING_TYPE, gguf.RopeScalingType.LONGROPE.value, V.STRING))
+    if (theta := rp.get("rope_theta")) is not None:
+        out.append((K.Rope.FREQ_BASE, float(theta), V.FLOAT32))
+    if (local := (hp.rope.get("sliding_attention") or {}).get("rope_theta")) is not None:
+        out.append((K.Rope.FREQ_BASE_SWA, float(local), V.FLOAT32))
+    if (eps := f(("rms_norm_eps", "norm_eps"))) is not None:
+        out.append((K.Attention.LAYERNORM_RMS_EPS, float(eps), V.FLOAT32))
+    if (eps := f(("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
+        out.append((K.Attention.LAYERNORM_EPS, float(eps), V.FLOAT32))
+    if (head_dim := hp.h.get("head_dim")) is not None:
+        out += [(K.Attention.KEY_LENGTH, int(head_dim), V.UINT32), (K.Attention.VALUE_LENGTH, int(head_dim), V.UINT32)]
+    return out
+
+
+def no_extra(hp: Hparams) -> list[tuple[str, np.ndarray]]:
+    """No generated tensors."""
+    return []
+
+
+def no_check(hp: Hparams) -> None:
+    """Nothing to refuse beyond the RoPE type."""
+
+
+@dataclass(frozen=True)
+class GgufArch:
+    """How one HF ``model_type`` becomes GGUF.
+
+    Attributes:
+        arch: gguf-py architecture (``gguf.MODEL_ARCH.LLAMA``); its name is ``general.architecture``.
+        params: hyper-parameters -> ``{arch}.*`` metadata items.
+        permute_qk: apply ``LlamaModel.permute`` to ``q_proj`` / ``k_proj`` rows (and biases).
+        norm_shift: added to every tensor whose HF name ends in ``norm.weight`` (Gemma: 1.0).
+        vocabs: tokenizer kinds in the order the converter's ``set_vocab`` tries them.
+        bpe_pre: ``tokenizer.ggml.pre`` when the BPE pre-tokenizer hash is unknown.
+        add_space_prefix: ``tokenizer.ggml.add_space_prefix`` written with a SentencePiece vocab, or None.
+        drop: HF tensor names the converter skips (Gemma's ``lm_head.weight``).
+        extra_tensors: generated tensors ``[(gguf name, float32 array)]``.
+        check: refuses configs llama.cpp would not run as transformers does.
+        rope_types: ``rope_type`` values supported (others are refused).
+    """
+
+    arch: gguf.MODEL_ARCH
+    params: Callable[[Hparams], list[MetaItem]]
+    permute_qk: bool = False
+    norm_shift: float = 0.0
+    vocabs: tuple[VocabKind, ...] = (VocabKind.SPM, VocabKind.BPE)
+    bpe_pre: str = "default"
+    add_space_prefix: bool | None = None
+    drop: frozenset[str] = frozenset()
+    extra_tensors: Callable[[Hparams], list[tuple[str, np.ndarray]]] = no_extra
+    check: Callable[[Hparams], None] = no_check
+    rope_types: frozenset[str] = field(default_factory=lambda: frozenset({"default", "linear"}))
+
+    @property
+    def name(self) -> str:
+        """The GGUF architecture name (``"llama"``)."""
+        return gguf.MODEL_ARCH_NAMES[self.arch]
