@@ -144,7 +144,7 @@ def test_report_in_card_chart_and_verify(tiny: dict[str, Any]) -> None:
     manifest = json.loads((out / "lorasave.json").read_text())
     assert {"quality.png", "README.md"} <= set(manifest["files"])
     assert manifest["result"]["quality"] == tiny["res"].quality.figures()
-    assert verify(out, level="files").ok
+    assert verify(out).ok and verify(out, level="files").files_checked == len(manifest["files"])
 
 
 def test_numbers_and_files_equal_run_to_run(tiny: dict[str, Any]) -> None:
@@ -188,9 +188,14 @@ def test_compare_errors_are_one_line(tiny: dict[str, Any], tmp_path: Path) -> No
         assert r.output.count("\n") == 1 and r.output.startswith("error: ") and want in r.output, r.output
 
 
-def test_without_matplotlib_the_table_is_still_written(tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+def test_cli_report_without_matplotlib(tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """gguf --report prints the table; without matplotlib the card still gets it, the chart is skipped
+    with a line naming the extra, and the output verifies."""
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    rep = quality_report.compare([tiny["res"].gguf_files[1]], text_file=tiny["text"])
-    with caplog.at_level("INFO", logger="lorasave"):
-        assert not quality_report.write_chart(rep, tiny["root"] / "none.png", "x")
-    assert not (tiny["root"] / "none.png").exists() and "pip install lorasave[report]" in caplog.text
+    out = tmp_path / "out"
+    r = CliRunner().invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(out), "--type", "q8_0", "--report"])
+    assert r.exit_code == 0, r.output
+    assert "| **q8_0** | `out-q8_0.gguf` |" in r.stdout and "KL vs f32 merge" in r.stdout and "the built-in text" in r.stdout
+    assert "pip install lorasave[report]" in r.stderr
+    assert not (out / "quality.png").exists() and "| **q8_0** |" in (out / "README.md").read_text()
+    assert CliRunner().invoke(main, ["verify", str(out), "--level", "files"]).exit_code == 0
