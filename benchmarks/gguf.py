@@ -28,7 +28,6 @@ targets (b/a wall >= 2, peak RSS of (a) <= 1.5 GiB) with PASS/FAIL, lorasave's o
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -56,7 +55,7 @@ def _load(name: str, path: Path) -> Any:
 
 
 bench_merge = _load("bench_merge", HERE / "merge.py")
-TIME_BIN, build_fixture, lorasave_command = bench_merge.TIME_BIN, bench_merge.build_fixture, bench_merge.lorasave_command
+build_fixture, lorasave_command = bench_merge.build_fixture, bench_merge.lorasave_command
 remove, safetensors_bytes, timed, verdict = bench_merge.remove, bench_merge.safetensors_bytes, bench_merge.timed, bench_merge.verdict
 
 from gguf_equivalence import SHIM, ensure_converter  # noqa: E402
@@ -161,18 +160,10 @@ def load_average() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/lorasave-bench"))
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per tool (median)")
-    parser.add_argument("--small", action="store_true", help="tiny model: a quick smoke run")
+    parser = bench_merge.bench_parser(__doc__)
     parser.add_argument("--converter-dir", type=Path, default=Path.home() / ".cache" / "lorasave" / "converter")
     args = parser.parse_args()
-    if not Path(TIME_BIN).is_file():
-        sys.exit(f"{TIME_BIN} not found (Debian: apt-get install time)")
-    if args.runs < 1:
-        sys.exit("--runs must be >= 1")
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    shape_name = "llama-small" if args.small else "llama-1.1b"
+    shape_name = bench_merge.bench_setup(args)
     base, adapter = build_fixture(args.workdir, shape_name)
     vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     tok = build_tokenizer(args.workdir, vocab)

@@ -518,27 +518,37 @@ def report(
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def bench_parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser with the options every benchmark here takes: --workdir, --runs, --small."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lorasave-bench"))
     parser.add_argument("--runs", type=int, default=3, help="timed runs per tool (median)")
     parser.add_argument("--small", action="store_true", help="tiny model: a quick smoke run")
+    return parser
+
+
+def bench_setup(args: argparse.Namespace) -> str:
+    """Check ``/usr/bin/time`` and ``--runs``, create ``--workdir``; return the fixture's shape name."""
+    if not Path(TIME_BIN).is_file():
+        sys.exit(f"{TIME_BIN} not found (Debian: apt-get install time)")
+    if args.runs < 1:
+        sys.exit("--runs must be >= 1")
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    return "llama-small" if args.small else "llama-1.1b"
+
+
+def main() -> None:
+    parser = bench_parser(__doc__)
     parser.add_argument(
         "--tools",
         default="abc",
         help="which of a (lorasave), b (reference), c (cat), d (lorasave, 4-bit base -> bf16), e (lorasave, bf16 base -> merged_4bit) to run",
     )
     args = parser.parse_args()
-    if not Path(TIME_BIN).is_file():
-        sys.exit(f"{TIME_BIN} not found (Debian: apt-get install time)")
-    if args.runs < 1:
-        sys.exit("--runs must be >= 1")
     unknown = sorted(set(args.tools) - set("abcde"))
     if unknown or not args.tools:
         sys.exit(f"--tools takes letters from abcde, got {args.tools!r}")
-    args.workdir.mkdir(parents=True, exist_ok=True)
-
-    shape_name = "llama-small" if args.small else "llama-1.1b"
+    shape_name = bench_setup(args)
     base, adapter = build_fixture(args.workdir, shape_name)
     nf4_base, nf4 = None, None
     if any(t in args.tools for t in NF4_TOOLS):

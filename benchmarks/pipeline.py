@@ -32,7 +32,6 @@ with ``--small``).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -59,7 +58,7 @@ def _load(name: str, path: Path) -> Any:
 
 
 bench_merge = _load("bench_merge", HERE / "merge.py")
-TIME_BIN, build_fixture, lorasave_command = bench_merge.TIME_BIN, bench_merge.build_fixture, bench_merge.lorasave_command
+build_fixture, lorasave_command = bench_merge.build_fixture, bench_merge.lorasave_command
 parse_json_stdout, remove, timed, verdict = bench_merge.parse_json_stdout, bench_merge.remove, bench_merge.timed, bench_merge.verdict
 
 N_ADAPTERS = 8
@@ -345,20 +344,12 @@ def report(cases: list[Case], shape_name: str, base: Path, runs: int, load_befor
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", type=Path, default=Path("/tmp/lorasave-bench"))
-    parser.add_argument("--runs", type=int, default=3, help="timed runs per tool (median)")
-    parser.add_argument("--small", action="store_true", help="tiny model: a quick smoke run")
+    parser = bench_merge.bench_parser(__doc__)
     parser.add_argument("--cases", default="abc", help="which of a (3 outputs), b (8 adapters), c (threads) to run")
     args = parser.parse_args()
-    if not Path(TIME_BIN).is_file():
-        sys.exit(f"{TIME_BIN} not found (Debian: apt-get install time)")
-    if args.runs < 1:
-        sys.exit("--runs must be >= 1")
     if not args.cases or set(args.cases) - set("abc"):
         sys.exit(f"--cases takes letters from abc, got {args.cases!r}")
-    args.workdir.mkdir(parents=True, exist_ok=True)
-    shape_name = "llama-small" if args.small else "llama-1.1b"
+    shape_name = bench_merge.bench_setup(args)
     base, adapter = build_fixture(args.workdir, shape_name)
     root = args.workdir / "pipeline" / shape_name
     cases = make_cases(args.cases, base, adapter, args.workdir, root)

@@ -9,6 +9,8 @@ Public API::
     lorasave.export_gguf(base, adapters, output, type="q8_0")
     lorasave.export_gguf_adapter(base, adapter, output, type="f16")
     lorasave.export_onnx(base, adapters, output)
+    lorasave.compute_imatrix(base, adapters, output, text="calib.txt")   # llama-imatrix's GGUF
+    lorasave.load_imatrix("imatrix.gguf").importances()   # what llama_model_quantize takes
     from lorasave.verify.run import verify; verify(output, level="tensors"
     lorasave.push(output, repo_id)
 
@@ -33,6 +35,10 @@ _LAZY = {
     "export_gguf_adapter": "formats.gguf.adapter",
     "GgufAdapterResult": "formats.gguf.adapter",
     "export_onnx": "formats.onnx.export",
+    "compute_imatrix": "formats.gguf.calibrate",
+    "ImatrixResult": "formats.gguf.calibrate",
+    "load_imatrix": "formats.gguf.imatrix",
+    "Imatrix": "formats.gguf.imatrix",
     "push": "hub.push",
     "PushResult": "hub.push",
     "save_pretrained_merged": "sources.live",
@@ -46,16 +52,20 @@ __all__ = [
     "AdapterResult",
     "GgufAdapterResult",
     "GgufResult",
+    "Imatrix",
+    "ImatrixResult",
     "LorasaveError",
     "MergeResult",
     "PushResult",
     "VerifyReport",
     "__version__",
     "attach",
+    "compute_imatrix",
     "export_gguf",
     "export_gguf_adapter",
     "export_onnx",
     "inspect_path",
+    "load_imatrix",
     "merge",
     "push",
     "save_adapter",
@@ -66,7 +76,9 @@ if TYPE_CHECKING:
     from lorasave.api import AdapterResult, MergeResult, merge, save_adapter
     from lorasave.errors import LorasaveError
     from lorasave.formats.gguf.adapter import GgufAdapterResult, export_gguf_adapter
+    from lorasave.formats.gguf.calibrate import ImatrixResult, compute_imatrix
     from lorasave.formats.gguf.export import GgufResult, export_gguf
+    from lorasave.formats.gguf.imatrix import Imatrix, load_imatrix
     from lorasave.formats.onnx.export import export_onnx
     from lorasave.hub.push import PushResult, push
     from lorasave.sources.live import attach, save_pretrained_merged

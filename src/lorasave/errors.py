@@ -116,6 +116,11 @@ class UnsupportedAdapterError(LorasaveError, NotImplementedError):
     """The adapter uses a PEFT feature lorasave does not merge (yet), so merging would lose it."""
 
 
+class ImatrixError(LorasaveError, ValueError):
+    """An importance matrix file (llama-imatrix's GGUF or legacy ``.dat`` layout) is malformed, not
+    an importance matrix, or holds values llama.cpp refuses (``formats.gguf.imatrix``)."""
+
+
 class UnsupportedModelError(LorasaveError, ValueError):
     """The base's ``model_type`` / architecture is not one lorasave can handle without remote code."""
 
@@ -171,6 +176,14 @@ class InvalidOptionError(LorasaveError, ValueError):
     """An option value (dtype, max_shard_size, ...) cannot be understood."""
 
     exit_code = 2
+
+
+class ImatrixRequiredError(InvalidOptionError):
+    """A GGUF type needs an importance matrix (``--imatrix``) for a tensor, and none is given for it."""
+
+
+class ImatrixMismatchError(InvalidOptionError):
+    """An importance matrix entry does not fit its tensor (another model's ``--imatrix``)."""
 
 
 # --- Hugging Face Hub (lorasave push) ---

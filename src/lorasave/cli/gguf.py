@@ -27,10 +27,30 @@ GGUF_TYPE_CHOICES = (
     "iq4_xs",
     "iq3_s",
     "iq3_m",
+    "q2_k_s",
+    "iq3_xxs",
+    "iq3_xs",
+    "iq2_xxs",
+    "iq2_xs",
+    "iq2_s",
+    "iq2_m",
+    "iq1_s",
+    "iq1_m",
+    "tq1_0",
+    "tq2_0",
+    "mxfp4_moe",
+    "q1_0",
 )
+#: ``lorasave.formats.gguf.quant.ALIASES``: llama-quantize's other names for a type.
+GGUF_TYPE_ALIASES = ("q3_k", "q4_k", "q5_k")
+#: Types that need ``--imatrix`` (``GgufType.needs_imatrix``).
+GGUF_IMATRIX_TYPES = ("q2_k_s", "iq3_xxs", "iq3_xs", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq1_s", "iq1_m")
 #: ``lorasave.formats.gguf.quant.OVERRIDE_TYPES`` names, lower case (``--output-tensor-type``,
 #: ``--token-embedding-type``; tests/test_gguf_types.py checks they agree).
-GGML_OVERRIDE_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "iq3_s")
+GGML_OVERRIDE_CHOICES = (
+    *("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "iq3_s"),
+    *("iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m", "tq1_0", "tq2_0", "mxfp4", "q1_0"),
+)
 
 
 #: ``--name`` of the GGUF commands.
@@ -44,7 +64,7 @@ class GgufTypeList(click.ParamType):
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> str:
         parts = [p.strip().lower() for p in str(value).split(",")]
-        bad = [p for p in parts if p not in GGUF_TYPE_CHOICES]
+        bad = [p for p in parts if p not in GGUF_TYPE_CHOICES and p not in GGUF_TYPE_ALIASES]
         if bad or not parts:
             self.fail(
                 f"{', '.join(repr(b) for b in bad) or 'nothing'} is not a GGUF type; choose from {', '.join(GGUF_TYPE_CHOICES)} (or several, comma-separated)",
@@ -66,8 +86,15 @@ class GgufTypeList(click.ParamType):
     show_default=True,
     help=(
         "GGML type of the weights, or several comma-separated (q8_0,q4_k_m,f16: one file each, from one read and one merge); "
-        f"one of {', '.join(GGUF_TYPE_CHOICES)}. k-quants (q*_k*) and i-quants (iq*): encoded in the pass by llama.cpp's own quantizer (needs the runtime)."
+        f"one of {', '.join(GGUF_TYPE_CHOICES)} (q3_k, q4_k, q5_k: the _m ones). Past q5_1: encoded in the pass by llama.cpp's own quantizer "
+        f"(needs the runtime); {', '.join(GGUF_IMATRIX_TYPES)} need --imatrix."
     ),
+)
+@click.option(
+    "--imatrix",
+    type=click.Path(dir_okay=True),
+    default=None,
+    help="llama-quantize's --imatrix: an importance matrix (llama-imatrix's imatrix.gguf or legacy .dat, or a `lorasave imatrix` output) for q4_0 ... iq1_m.",
 )
 @click.option("--pure", is_flag=True, help="llama-quantize's --pure: every quantized tensor the type's default GGML type, no per-tensor mix (q4_0 ... q6_k).")
 @click.option(
@@ -102,6 +129,7 @@ def gguf_cmd(
     adapters: tuple[str, ...],
     output: str,
     gguf_type: str,
+    imatrix: str | None,
     pure: bool,
     output_tensor_type: str | None,
     token_embedding_type: str | None,
@@ -124,6 +152,8 @@ def gguf_cmd(
         options.update(pure=pure, output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type)
     if report or report_text:
         options.update(report=True, report_text=report_text)
+    if imatrix is not None:
+        options["imatrix"] = imatrix
     opts.save(ctx, _deferred("lorasave.formats.gguf.export", "export_gguf"), base, list(adapters), output, progress=opts.progress, **options)
 
 

@@ -8,7 +8,7 @@ of commands registers its commands on it when imported here.
 
 from __future__ import annotations
 
-from lorasave.cli import batch, commands, gguf  # noqa: F401  (register their commands on ``main``)
+from lorasave.cli import batch, commands, gguf, imatrix  # noqa: F401  (register their commands on ``main``)
 from lorasave.cli.app import EXIT_INTERNAL, EXIT_INTERRUPTED, main, run
 from lorasave.cli.gguf import GGUF_TYPE_CHOICES
 

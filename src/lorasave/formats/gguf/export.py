@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -44,6 +45,11 @@ from lorasave.sources.checkpoint import Checkpoint, open_checkpoint
 from lorasave.util.names import check_file_name, safe_file_name
 
 logger = logging.getLogger(__name__)
+
+#: Suffix of the ``--imatrix`` file's copy in the output, ``<name>.imatrix`` (as imatrix files are
+#: published beside GGUF files; llama.cpp tells its GGUF and legacy layouts apart by content). Not
+#: ``.gguf``: it is not a model.
+IMATRIX_SUFFIX = ".imatrix"
 
 __all__ = [
     "ExtraTensor",
@@ -220,6 +226,7 @@ def plan_gguf(
     token_embedding_type: str | None = None,
     report: bool = False,
     report_text: PathLike | None = None,
+    imatrix: PathLike | None = None,
 ) -> PlannedOutput:
     """Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<name>-<type>.gguf`` (one per type) plus ``lorasave.json``.
 
@@ -267,11 +274,21 @@ def plan_gguf(
             unmerged PeftModel) into README.md, with a chart ``quality.png`` (matplotlib, optional),
             before ``lorasave.json`` is written (``lorasave.verify.quality_report``). Needs the runtime.
         report_text: the report's text file (default: a built-in text).
+        imatrix: llama-quantize's ``--imatrix``: an importance matrix file (llama-imatrix's GGUF
+            layout or its legacy ``.dat``, or a folder ``lorasave imatrix`` wrote;
+            ``formats.gguf.imatrix.load_imatrix``). Every llama-quantize type is then encoded with
+            it (``llama_model_quantize_params.imatrix``) and the mix follows ``has_imatrix``; the
+            types that need one (:attr:`GgufType.needs_imatrix`: iq2_*, iq1_*, iq3_xxs, iq3_xs,
+            q2_k_s) are refused without it. The file is copied into the output
+            (``<name>.imatrix``, :data:`IMATRIX_SUFFIX`) so ``verify`` needs nothing else.
 
     Returns:
         The planned output; ``pipeline.run.run_single`` writes it and returns a GgufResult.
 
     Raises:
+        ImatrixRequiredError: a type needs an importance matrix for a tensor and ``imatrix`` has none for it.
+        ImatrixMismatchError: an ``imatrix`` entry does not fit its tensor (another model's file).
+        ImatrixError: the ``imatrix`` file cannot be read.
         InvalidOptionError: unknown ``type``, or a ``name`` that is not a plain file name (``names.check_file_name``);
             ``pure`` / ``output_tensor_type`` / ``token_embedding_type`` with a converter type, an
             unknown GGML type name, or an override type whose block does not divide its tensor's rows.
@@ -287,10 +304,17 @@ def plan_gguf(
     if name is not None:
         check_file_name(name, "name")
     types = parse_types(type)
+    importance = None
+    if imatrix is not None:
+        from lorasave.formats.gguf.imatrix import load_imatrix
+
+        importance = load_imatrix(Path(imatrix))
     options = gguf_quant.QuantOptions(
         bool(pure),
         gguf_quant.parse_ggml_type(output_tensor_type) if output_tensor_type is not None else None,
         gguf_quant.parse_ggml_type(token_embedding_type) if token_embedding_type is not None else None,
+        importance,
+        sha256_file(importance.path) if importance is not None else None,
     )
     gguf_mix.check_options(types, options)
     report_source = None
@@ -298,7 +322,7 @@ def plan_gguf(
         from lorasave.verify.quality_report import read_text
 
         report_source = (read_text(report_text), "built-in" if report_text is None else str(report_text))
-    if report or any(gguf_mix.uses_ggml(t, options) for t in types):
+    if report or any(gguf_mix.uses_ggml(t, gguf_mix.for_type(t, options)) for t in types):
         from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
         llama_cpp.require()
@@ -310,7 +334,7 @@ def plan_gguf(
     model = GgufModel.build(ckpt, ads, tok_dir, stem)
     writers: dict[GgufType, tuple[GgufOutput, list[str]]] = {}
     for st in types:
-        writers[st] = model.writer(st, f"{stem}-{st.value}.gguf", permute_qk, options)
+        writers[st] = model.writer(st, f"{stem}-{st.value}.gguf", permute_qk, gguf_mix.for_type(st, options))
     needed = sum(w.needed_bytes for w, _ in writers.values())
 
     def finish(folder: Path, job_timings: Timings) -> GgufResult:
@@ -326,8 +350,8 @@ def plan_gguf(
             fname, counts = w.filename, w.counts()
             files[fname] = w.sha256
             notes.extend(n for n in type_notes if n not in notes)
-            if gguf_mix.uses_ggml(t, options):
-                notes.append(gguf_quant.kquant_note(t, options))
+            if gguf_mix.uses_ggml(t, gguf_mix.for_type(t, options)):
+                notes.append(gguf_quant.kquant_note(t, gguf_mix.for_type(t, options)))
                 if t.default_qtype.name not in counts:
                     block = gguf.GGML_QUANT_SIZES[t.default_qtype][0]
                     used = ", ".join(sorted(counts))
@@ -350,6 +374,10 @@ def plan_gguf(
             side.files.extend(quality.files)
         for n in side.files:
             files[n] = sha256_file(folder / n)
+        if importance is not None:  # verify re-encodes the blocks with it
+            imatrix_name = stem + IMATRIX_SUFFIX
+            shutil.copyfile(importance.path, folder / imatrix_name)
+            files[imatrix_name] = sha256_file(folder / imatrix_name)
         for f in per_file:
             if f not in files:
                 files[f] = sha256_file(folder / f)
@@ -362,6 +390,8 @@ def plan_gguf(
             "adapters": [{"path": str(a.root.resolve()), "files": {str(p.relative_to(a.root)): sha256_source(p) for p in a.source_files()}} for a in ads],
             "tokenizer": str(tok_dir.resolve()),
         }
+        if importance is not None:
+            sources["imatrix"] = {"path": str(importance.path.resolve()), "sha256": options.imatrix_sha256, "file": stem + IMATRIX_SUFFIX}
         n_tensors = len(writers[types[0]][0].tensors) + len(writers[types[0]][0].extras)
         result: dict[str, Any] = {
             "n_tensors": n_tensors,
@@ -411,7 +441,7 @@ def plan_gguf(
             verification=result.get("verification"),
             modelfile=final / side.modelfile if side.modelfile else None,
             chat_template_family=side.family,
-            llama_cpp_quantized=gguf_mix.uses_ggml(types[0], options),
+            llama_cpp_quantized=gguf_mix.uses_ggml(types[0], gguf_mix.for_type(types[0], options)),
             gguf_files=[final / f for f in per_file],
             types=[t.value for t in types],
             quality=quality.report if quality is not None else None,

@@ -64,6 +64,8 @@ class GgufTensor:
         shift: added to every element after the merge (Gemma's RMSNorm ``+1``), or 0.
         rows: only the first ``rows`` rows are written (Gemma 3's ``token_embd`` cut to the
             tokenizer's size, ``gguf_vocab.embedding_rows``), or None for all of them.
+        importance: float32 ``(n_mat, ne0)``: the ``--imatrix`` entry its blocks are encoded with
+            (``ggml_quantize_chunk``'s ``imatrix``, one row per expert), or None.
     """
 
     src: OutputTensor
@@ -73,6 +75,7 @@ class GgufTensor:
     permute_heads: tuple[int, int] | None
     shift: float = 0.0
     rows: int | None = None
+    importance: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -164,6 +167,7 @@ def gguf_tensors(
     Raises:
         UnsupportedModelError: a tensor has no GGUF name (``ValueError("Can not map tensor")`` in
             llama.cpp), e.g. a vision tower or an unknown extra module.
+        ImatrixRequiredError, ImatrixMismatchError: see ``gguf_mix.importances``.
     """
     hp = Hparams.of(config)
     names = gguf.get_tensor_name_map(rules.arch, hp.n_layer)
@@ -190,9 +194,10 @@ def gguf_tensors(
     gtype = GgufType.parse(type)
     facts = gguf_mix.ModelFacts(rules.name, hp.n_layer, n_head, n_kv, int(hp.find(("num_local_experts", "num_experts", "n_routed_experts"), 0) or 0))
     types = gguf_mix.tensor_types(shapes, gtype, facts, options)
+    weights = gguf_mix.importances(shapes, types, gtype, options) if gguf_mix.uses_ggml(gtype, options) else [None] * len(types)
     out = [
-        GgufTensor(t, name, tt.qtype, tensor_nbytes(shape, tt.qtype), heads, shift, rows)
-        for (t, name, heads, shift, rows), (_, shape), tt in zip(mapped, shapes, types, strict=True)
+        GgufTensor(t, name, tt.qtype, tensor_nbytes(shape, tt.qtype), heads, shift, rows, w)
+        for (t, name, heads, shift, rows), (_, shape), tt, w in zip(mapped, shapes, types, weights, strict=True)
     ]
     return out, gguf_mix.type_notes(shapes, types, gtype)
 

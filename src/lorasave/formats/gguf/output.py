@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 class _Sink:
     def __init__(self, out: GgufOutput, g: Any) -> None:
         self._out, self._g = out, g
-        self._enc = EncodedTensor(g.src, g.qtype, g.nbytes, g.shift, g.rows, ggml=out.ggml)
+        self._enc = EncodedTensor(g.src, g.qtype, g.nbytes, g.shift, g.rows, ggml=out.ggml, importance=g.importance)
 
     def add(self, block: Block) -> None:
         self._enc.add(block, self._out.timings)

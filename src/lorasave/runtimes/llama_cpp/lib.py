@@ -21,7 +21,7 @@ import logging
 import os
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from ctypes import POINTER, c_bool, c_char_p, c_float, c_int, c_int8, c_int32, c_size_t, c_uint32, c_void_p
 from pathlib import Path
 from types import TracebackType
@@ -222,6 +222,12 @@ class llama_batch(ctypes.Structure):
         ("seq_id", POINTER(POINTER(llama_seq_id))),
         ("logits", POINTER(c_int8)),  # output flags
     ]
+
+
+class llama_model_imatrix_data(ctypes.Structure):
+    """``struct llama_model_imatrix_data`` (llama.h): one weight's importance; an array of them ends with a NULL name."""
+
+    _fields_ = [("name", c_char_p), ("data", POINTER(c_float)), ("size", c_size_t)]
 
 
 class llama_model_quantize_params(ctypes.Structure):
@@ -546,6 +552,7 @@ def quantize(
     pure: bool = False,
     output_tensor_type: str | int | None = None,
     token_embedding_type: str | int | None = None,
+    imatrix: Mapping[str, np.ndarray] | None = None,
 ) -> None:
     """Quantize a GGUF with llama.cpp's ``llama_model_quantize`` (what ``llama-quantize`` runs).
 
@@ -562,6 +569,8 @@ def quantize(
         output_tensor_type: ``.output_tensor_type`` (``--output-tensor-type``): a GGML type name
             (``"q8_0"``, any case) or ``enum ggml_type`` value; None = llama.cpp's choice.
         token_embedding_type: ``.token_embedding_type`` (``--token-embedding-type``), the same way.
+        imatrix: ``.imatrix`` (``--imatrix``): GGUF tensor name -> float32 1-D importance, the values
+            llama-quantize hands over (``formats.gguf.imatrix.Imatrix.importances``); None for none.
 
     Raises:
         InvalidOptionError: unknown ``type`` or GGML type name.
@@ -582,6 +591,12 @@ def quantize(
         params.output_tensor_type = _ggml_type_value(output_tensor_type)
     if token_embedding_type is not None:
         params.token_embedding_type = _ggml_type_value(token_embedding_type)
+    if imatrix is not None:  # NULL-terminated; the arrays stay referenced until the call returns
+        kept = {name.encode(): np.ascontiguousarray(values, dtype=np.float32).reshape(-1) for name, values in imatrix.items()}
+        entries = (llama_model_imatrix_data * (len(kept) + 1))()
+        for i, (name, values) in enumerate(kept.items()):
+            entries[i] = llama_model_imatrix_data(name, values.ctypes.data_as(POINTER(c_float)), values.size)
+        params.imatrix = ctypes.cast(entries, c_void_p)
     fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", suffix=".lorasave-tmp", dir=dst.parent)
     os.close(fd)
     try:
