@@ -113,6 +113,13 @@ class GgufTypeList(click.ParamType):
 @click.option("--no-modelfile", is_flag=True, help="Do not write an Ollama Modelfile (written when the model has a chat template).")
 @_name_option
 @click.option("--verify", "verify_output", is_flag=True, help="Probe the GGUF tensors against the sources before it is renamed into place.")
+@click.option(
+    "--report",
+    is_flag=True,
+    help="Run each file in llama.cpp on a text: size, bits/weight, perplexity, KL divergence, top-1 vs the f32 merge and the PeftModel; "
+    "table in README.md and printed, chart quality.png (needs the runtime; the chart needs lorasave[report]).",
+)
+@click.option("--report-text", default=None, metavar="FILE", help="The --report text (UTF-8; default: a built-in text of ~450 tokens).")
 @_tokenizer_option("Take")
 @_save_options
 @click.pass_context
@@ -129,6 +136,8 @@ def gguf_cmd(
     no_modelfile: bool,
     name: str | None,
     verify_output: bool,
+    report: bool,
+    report_text: str | None,
     tokenizer: str | None,
     opts: _SaveOptions,
 ) -> None:
@@ -141,6 +150,8 @@ def gguf_cmd(
     options = {"type": gguf_type, "name": name, "tokenizer": tokenizer, "verify": verify_output, "modelfile": not no_modelfile}
     if pure or output_tensor_type or token_embedding_type:
         options.update(pure=pure, output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type)
+    if report or report_text:
+        options.update(report=True, report_text=report_text)
     if imatrix is not None:
         options["imatrix"] = imatrix
     opts.save(ctx, _deferred("lorasave.formats.gguf.export", "export_gguf"), base, list(adapters), output, progress=opts.progress, **options)
@@ -175,3 +186,21 @@ def install_llama_cpp_cmd(ctx: click.Context, target: str | None, force: bool, f
     from lorasave.runtimes.llama_cpp.install import install
 
     _run(ctx, lambda: install(target, force=force, from_tgz=from_tgz), quiet=False, as_json=as_json)
+
+
+@main.command("compare", short_help="Measure GGUF files in llama.cpp: size, bits/weight, perplexity, KL divergence, top-1.")
+@click.argument("paths", nargs=-1, required=True, metavar="OUT_OR_FILE...")
+@click.option("--text", "text_file", default=None, metavar="FILE", help="The text to run (UTF-8; default: a built-in text of ~450 tokens).")
+@click.option("--chart", default=None, metavar="PNG", help="Also draw file size against KL divergence into this PNG (needs lorasave[report]).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
+@_debug_option
+@click.pass_context
+def compare_cmd(ctx: click.Context, paths: tuple[str, ...], text_file: str | None, chart: str | None, as_json: bool) -> None:
+    """Run GGUF files (or the files of `lorasave gguf` OUT folders) in llama.cpp on a text and print, per type:
+    size, bits per weight, perplexity, KL divergence and top-1 agreement.
+
+    An OUT folder's lorasave.json names its base and adapters: the files are then measured against the
+    float32 merge and the unmerged PeftModel. Otherwise against the highest-precision file given.
+    """
+    compare = _deferred("lorasave.verify.quality_report", "compare")
+    _run(ctx, lambda: compare(list(paths), text_file=text_file, chart=chart), quiet=False, as_json=as_json)

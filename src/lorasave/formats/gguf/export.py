@@ -91,6 +91,7 @@ class GgufResult:
         gguf_files: every ``.gguf`` written, one per requested type, in the order asked
             (``gguf_file`` is the first; the other fields describe it).
         types: the requested types, in order.
+        quality: the quality report (``report=True``: ``lorasave.verify.quality.QualityReport``).
     """
 
     output: Path
@@ -109,13 +110,19 @@ class GgufResult:
     llama_cpp_quantized: bool = False
     gguf_files: list[Path] = field(default_factory=list)
     types: list[str] = field(default_factory=list)
+    quality: Any = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json``)."""
         return result_dict(self)
 
     def summary(self) -> str:
-        """One line for humans."""
+        """One line for humans (and the quality table, when there is one)."""
+        if self.quality is not None:
+            return self._summary() + "\n\n" + self.quality.summary()
+        return self._summary()
+
+    def _summary(self) -> str:
         types = ", ".join(f"{n} {k}" for k, n in sorted(self.tensor_types.items()))
         verified = "; verified" if self.verification and self.verification.get("ok") else ""
         size = f"{self.total_bytes / 1e6:.1f} MB"
@@ -217,6 +224,8 @@ def plan_gguf(
     pure: bool = False,
     output_tensor_type: str | None = None,
     token_embedding_type: str | None = None,
+    report: bool = False,
+    report_text: PathLike | None = None,
     imatrix: PathLike | None = None,
 ) -> PlannedOutput:
     """Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<name>-<type>.gguf`` (one per type) plus ``lorasave.json``.
@@ -260,6 +269,11 @@ def plan_gguf(
             byte what ``llama_model_quantize`` writes with the same parameters from an f32 GGUF of
             the merge: the llama.cpp runtime is needed. They are refused for f32/f16/bf16/q8_0
             (the converter's types, no mix).
+        report: run every file in llama.cpp on a text and put the quality table (size, bits per
+            weight, perplexity, KL divergence and top-1 agreement against the float32 merge and the
+            unmerged PeftModel) into README.md, with a chart ``quality.png`` (matplotlib, optional),
+            before ``lorasave.json`` is written (``lorasave.verify.quality_report``). Needs the runtime.
+        report_text: the report's text file (default: a built-in text).
         imatrix: llama-quantize's ``--imatrix``: an importance matrix file (llama-imatrix's GGUF
             layout or its legacy ``.dat``, or a folder ``lorasave imatrix`` wrote;
             ``formats.gguf.imatrix.load_imatrix``). Every llama-quantize type is then encoded with
@@ -303,7 +317,12 @@ def plan_gguf(
         sha256_file(importance.path) if importance is not None else None,
     )
     gguf_mix.check_options(types, options)
-    if any(gguf_mix.uses_ggml(t, gguf_mix.for_type(t, options)) for t in types):
+    report_source = None
+    if report:
+        from lorasave.verify.quality_report import read_text
+
+        report_source = (read_text(report_text), "built-in" if report_text is None else str(report_text))
+    if report or any(gguf_mix.uses_ggml(t, gguf_mix.for_type(t, options)) for t in types):
         from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
         llama_cpp.require()
@@ -345,6 +364,14 @@ def plan_gguf(
         first, first_entry = next(iter(per_file.items()))
         more = [(f, e["type"], e["tensor_types"]) for f, e in list(per_file.items())[1:]]
         side = _side_files(folder, final.name, first, types[0], first_entry["tensor_types"], notes, ckpt, ads, tok_dir, modelfile, more)
+        quality = None
+        if report_source is not None:  # before the hashes: lorasave.json covers the chart and the card's table
+            from lorasave.verify.quality_report import report_staged
+
+            quality = report_staged(
+                folder, {f: e["type"] for f, e in per_file.items()}, ckpt, ads, tok_dir, title=final.name, text=report_source[0], text_source=report_source[1]
+            )
+            side.files.extend(quality.files)
         for n in side.files:
             files[n] = sha256_file(folder / n)
         if importance is not None:  # verify re-encodes the blocks with it
@@ -381,6 +408,8 @@ def plan_gguf(
             result["quantized_from"] = first_entry["quantized_from"]
         if len(types) > 1:
             result["gguf_files"] = per_file
+        if quality is not None:
+            result["quality"] = quality.report.figures()
         type_setting = types[0].value if len(types) == 1 else ",".join(t.value for t in types)
         settings = {"type": type_setting, "name": stem, "allow_pickle": allow_pickle, "modelfile": modelfile, **options.settings()}
         write_manifest(folder, command="gguf", sources=sources, settings=settings, result=result, files=files)
@@ -415,6 +444,7 @@ def plan_gguf(
             llama_cpp_quantized=gguf_mix.uses_ggml(types[0], gguf_mix.for_type(types[0], options)),
             gguf_files=[final / f for f in per_file],
             types=[t.value for t in types],
+            quality=quality.report if quality is not None else None,
         )
         for note in notes:
             logger.info("%s", note)
