@@ -331,6 +331,28 @@ def plan_gguf(
     tok_dir = tokenizer_source(tokenizer, [a.root for a in ads], ckpt.root)
     final = check_output_path(Path(output_dir), [ckpt.root, *(a.root for a in ads), tok_dir], overwrite)
     stem = name if name is not None else safe_file_name(final.name)
+    from lorasave.formats.gguf.arch import ARCHITECTURES
+
+    if str(ckpt.config.get("model_type")) not in ARCHITECTURES:  # llama.cpp's own converter, when it knows the architecture
+        from lorasave.formats.gguf.fallback import plan_via_converter
+
+        if report or verify or importance is not None:
+            what = ", ".join(n for n, on in (("--report", report), ("--verify", verify), ("--imatrix", importance is not None)) if on)
+            raise InvalidOptionError(f"{what}: not with llama.cpp's converter, which writes {ckpt.config.get('model_type')!r} models for lorasave")
+        quant_options = {"pure": pure, "output_tensor_type": output_tensor_type, "token_embedding_type": token_embedding_type}
+        return plan_via_converter(
+            ckpt,
+            ads,
+            final,
+            types,
+            stem=stem,
+            tok_dir=tok_dir,
+            overwrite=overwrite,
+            modelfile=modelfile,
+            progress=progress,
+            quant_options=quant_options,
+            t_start=t_start,
+        )
     model = GgufModel.build(ckpt, ads, tok_dir, stem)
     writers: dict[GgufType, tuple[GgufOutput, list[str]]] = {}
     for st in types:
