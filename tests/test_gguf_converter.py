@@ -132,7 +132,8 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 
 def test_fallback_logits_match_transformers(case: GgufCase) -> None:
     check_logits(case, "f32")
-    check_logits(case, "q8_0")
+    if case.kind == "arcee":  # each conversion starts the converter's Python (torch, transformers): one q8_0 is enough
+        check_logits(case, "q8_0")
     result = case.export("f32")
     manifest = json.loads((result.output / "lorasave.json").read_text())
     conv = manifest["result"]["converter"]

@@ -243,23 +243,38 @@ def extract_bundle(tgz: Path, dest: Path) -> str:
 
 
 def _dulwich_checkout(bundle: Path, dest: Path) -> str:
-    """:func:`extract_bundle` without git: dulwich reads the bundle's pack; the wanted paths are written from its tree."""
+    """:func:`extract_bundle` without git: the bundle's pack goes into a bare dulwich repository beside
+    it; the wanted paths are written from the tip's tree.
+
+    A v2/v3 git bundle is a header (signature, capabilities, ``<sha> <ref>`` lines) ended by an
+    empty line, then a pack file (git's ``Documentation/gitformat-bundle.txt``).
+    """
     try:
-        from dulwich.bundle import read_bundle
-        from dulwich.object_store import MemoryObjectStore
-        from dulwich.pack import PackData
+        from dulwich.repo import Repo
     except ImportError as e:
         raise LlamaCppInstallError("reading llama.cpp's git bundle needs `git` on PATH or the dulwich package (pip install dulwich)") from e
+    refs: dict[bytes, bytes] = {}
     with open(bundle, "rb") as f:
-        b = read_bundle(f)
-        store = MemoryObjectStore()
-        data = b.pack_data if isinstance(b.pack_data, PackData) else PackData.from_file(b.pack_data)
-        store.add_pack_data(len(data), data.iter_unpacked(), None)  # type: ignore[arg-type]
-        heads = {ref: sha for ref, sha in b.references.items()}
-    sha = heads.get(b"HEAD") or next(iter(heads.values()))
-    commit = store[sha]
+        if not f.readline().startswith(b"# v"):
+            raise LlamaCppInstallError(f"{bundle} is not a git bundle")
+        while (line := f.readline()) not in (b"\n", b""):
+            if not line.startswith((b"@", b"-")):
+                sha, _, ref = line.strip().partition(b" ")
+                refs[ref] = sha
+        repo = Repo.init_bare(str(bundle.parent / "dulwich"), mkdir=True)
+        out, commit, abort = repo.object_store.add_pack()
+        try:
+            shutil.copyfileobj(f, out, 1 << 20)
+        except BaseException:
+            abort()
+            raise
+        commit()
+    if not refs:
+        raise LlamaCppInstallError(f"{bundle} names no commit")
+    sha = refs.get(b"HEAD") or next(iter(refs.values()))
+    store = repo.object_store
     for path in SOURCE_PATHS:
-        _dulwich_write(store, commit.tree, path.encode(), dest)  # type: ignore[attr-defined]
+        _dulwich_write(store, store[sha].tree, path.encode(), dest)  # type: ignore[attr-defined]
     return sha.decode()
 
 
