@@ -127,6 +127,9 @@ def bpe_pre(tok_dir: Path, tokenizer: Any, spec: dict[str, Any], rules: GgufArch
     return name
 
 
+#: Architectures whose converter class is a ``LlamaModel`` (its ``set_vocab`` writes ``add_prefix_space``).
+PREFIX_FROM_CONFIG = frozenset({gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.SMOLLM3, gguf.MODEL_ARCH.GRANITE})
+
 #: Architectures whose converter class cuts ``token_embd`` to the tokenizer's size.
 TRIMS_EMBEDDING = frozenset({gguf.MODEL_ARCH.GEMMA3})
 
@@ -335,7 +338,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, tok_dir: Path, n_vocab: int, rules: G
             tokenizer only the folder's own code (``auto_map``) could load.
     """
     kind = vocab_kind(tok_dir, rules)
-    prefix_cfg = _json(tok_dir / "tokenizer_config.json").get("add_prefix_space") if rules.arch is gguf.MODEL_ARCH.LLAMA else None
+    prefix_cfg = _json(tok_dir / "tokenizer_config.json").get("add_prefix_space") if rules.arch in PREFIX_FROM_CONFIG else None
     if prefix_cfg is not None:
         writer.add_add_space_prefix(bool(prefix_cfg))  # LlamaModel.set_vocab
     if kind is VocabKind.BPE:
