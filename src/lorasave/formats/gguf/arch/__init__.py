@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorasave.errors import UnsupportedModelError
-from lorasave.formats.gguf.arch import gemma, llama, phi, qwen
+from lorasave.formats.gguf.arch import gemma, glm, granite, llama, olmo, phi, qwen, smollm
 from lorasave.formats.gguf.arch.base import GgufArch, Hparams, MetaItem, VocabKind, head_counts, no_check, no_extra, rope_theta, text_params
 
 __all__ = ["ARCHITECTURES", "GgufArch", "Hparams", "MetaItem", "VocabKind", "gguf_arch_for", "head_counts", "no_check", "no_extra", "rope_theta", "text_params"]
@@ -33,6 +33,10 @@ ARCHITECTURES: dict[str, GgufArch] = {
     **qwen.ARCHITECTURES,
     **gemma.ARCHITECTURES,
     **phi.ARCHITECTURES,
+    **smollm.ARCHITECTURES,
+    **granite.ARCHITECTURES,
+    **olmo.ARCHITECTURES,
+    **glm.ARCHITECTURES,
 }
 
 
