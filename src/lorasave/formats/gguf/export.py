@@ -92,6 +92,8 @@ class GgufResult:
             (``gguf_file`` is the first; the other fields describe it).
         types: the requested types, in order.
         quality: the quality report (``report=True``: ``lorasave.verify.quality.QualityReport``).
+        converter: set when llama.cpp's own converter wrote the files (``formats.gguf.fallback``):
+            what wrote them, e.g. ``"llama.cpp's convert_hf_to_gguf.py (v0.5.0)"``.
     """
 
     output: Path
@@ -111,6 +113,7 @@ class GgufResult:
     gguf_files: list[Path] = field(default_factory=list)
     types: list[str] = field(default_factory=list)
     quality: Any = None
+    converter: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json``)."""
@@ -127,10 +130,12 @@ class GgufResult:
         verified = "; verified" if self.verification and self.verification.get("ok") else ""
         size = f"{self.total_bytes / 1e6:.1f} MB"
         how = "; blocks encoded by llama.cpp's quantizer in the stream" if self.llama_cpp_quantized else ""
+        if self.converter:
+            how = f"; written by {self.converter} from the merged checkpoint, intermediates removed"
         ollama = "; Modelfile for Ollama" if self.modelfile else ""
         if len(self.gguf_files) > 1:
             names = ", ".join(p.name for p in self.gguf_files)
-            done = f"{self.n_merged} merged) in {self.seconds:.1f} s{ollama}{verified}"
+            done = f"{self.n_merged} merged) in {self.seconds:.1f} s{how if self.converter else ''}{ollama}{verified}"
             return f"wrote {len(self.gguf_files)} GGUF files into {self.output} from one read ({names}; {done}"
         return f"wrote {self.gguf_file} ({self.n_tensors} tensors: {types}; {size}, {self.n_merged} merged) in {self.seconds:.1f} s{how}{ollama}{verified}"
 

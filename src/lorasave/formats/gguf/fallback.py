@@ -45,6 +45,24 @@ logger = logging.getLogger(__name__)
 #: Types ``convert_hf_to_gguf.py --outtype`` writes; the others are llama-quantize's.
 CONVERTER_TYPES = frozenset({GgufType.F32, GgufType.F16, GgufType.BF16, GgufType.Q8_0})
 _DTYPES = {GgufType.F16: torch.float16, GgufType.BF16: torch.bfloat16}
+#: config.json values transformers 5 writes that the converter (with its transformers 4.57.6) reads
+#: differently, per ``model_type``: key -> {transformers 5 value -> the value 4.57 wrote}. Granite 4
+#: hybrid: 5.x saves ``layer_types`` as ``linear_attention``/``full_attention``, 4.57 as
+#: ``mamba``/``attention``; ``GraniteHybridModel.get_attn_layers`` looks for ``"attention"`` and
+#: would write every layer as Mamba (a file llama.cpp refuses).
+CONVERTER_CONFIG_NAMES: dict[str, dict[str, dict[str, str]]] = {
+    "granitemoehybrid": {"layer_types": {"linear_attention": "mamba", "full_attention": "attention"}},
+}
+
+
+def converter_config(config: dict[str, Any]) -> dict[str, Any]:
+    """config.json as the converter gets it: no ``auto_map`` (no remote code to find), values renamed
+    back by :data:`CONVERTER_CONFIG_NAMES`."""
+    out = {k: v for k, v in config.items() if k != "auto_map"}
+    for key, names in CONVERTER_CONFIG_NAMES.get(str(config.get("model_type")), {}).items():
+        if isinstance(out.get(key), list):
+            out[key] = [names.get(v, v) if isinstance(v, str) else v for v in out[key]]
+    return out
 
 
 @cache
@@ -127,8 +145,7 @@ def plan_via_converter(
     out_dtype = merge_dtype(ckpt, types)
 
     def side_files(folder: Path, plan: Any, quant: dict[str, Any] | None) -> list[str]:
-        config = {k: v for k, v in ckpt.config.items() if k != "auto_map"}  # no remote code to find
-        write_config(config, folder / "config.json", dtype=plan.out_dtype, quantization=None, updates=plan.config_updates)
+        write_config(converter_config(ckpt.config), folder / "config.json", dtype=plan.out_dtype, quantization=None, updates=plan.config_updates)
         carried = carry_files(ckpt.root, tok_dir, folder, carry)
         tok_config = folder / "tokenizer_config.json"
         if tok_config.is_file():
@@ -245,6 +262,7 @@ def plan_via_converter(
             chat_template_family=side.family,
             gguf_files=[final / f for f in per_file],
             types=[t.value for t in types],
+            converter=f"llama.cpp's convert_hf_to_gguf.py ({LLAMA_CPP_TAG})",
         )
 
     # the GGUF files (about the checkpoint's size again) are written beside the checkpoint
