@@ -65,7 +65,7 @@ def _granite_hybrid() -> Any:
         mamba_expand=2,
         mamba_d_conv=4,
         mamba_chunk_size=32,
-        position_embedding_type="rope",
+        position_embedding_type="nope",  # as Granite 4.0-H; the converter writes hybrid Granite without RoPE
         pad_token_id=0,
         bos_token_id=1,
         eos_token_id=2,
@@ -151,7 +151,8 @@ def test_fallback_llama_quantize_type(case: GgufCase) -> None:
         pytest.skip("one architecture is enough for the quantize step")
     line = check_logits(case, "q4_k_m")
     result = case.export("q4_k_m")
-    assert "Q4_K" in result.tensor_types, (result.tensor_types, line)
+    # rows of 64 are no multiple of Q4_K's 256: llama_model_quantize's fallbacks (Q5_0, Q8_0...) are used
+    assert set(result.tensor_types) - {"F32", "F16"}, (result.tensor_types, line)
     assert not list(result.output.glob(".*")), "the f32 intermediate was removed"
 
 
@@ -162,8 +163,8 @@ def test_converter_guard_refuses_remote_code(tmp_path: Path) -> None:
     code = converter.GUARD_SETUP + "\nfrom transformers import AutoTokenizer\nAutoTokenizer.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
     folder = tmp_path / "remote"
     folder.mkdir()
-    (folder / "tokenizer_config.json").write_text(json.dumps({"auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}))
-    (folder / "config.json").write_text(json.dumps({"model_type": "evil"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "EvilTokenizer", "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}}))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama"}))
     (folder / "evil.py").write_text("raise SystemExit('remote code ran')\n")
     import subprocess
 
@@ -198,3 +199,14 @@ def test_not_installed_says_how(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv(converter.ENV_DIR, str(tmp_path / "none"))
     with pytest.raises(LlamaCppConverterNotInstalledError, match="lorasave install-llama-cpp --converter"):
         converter.find_converter()
+
+
+def test_converter_refusal_rule(tmp_path: Path) -> None:
+    """A config the converter would write as another model (hybrid Granite with RoPE) is refused in one line."""
+    from lorasave.formats.gguf.fallback import CONVERTER_REFUSALS, converter_config
+
+    rule = CONVERTER_REFUSALS["granitemoehybrid"]
+    assert rule({"layer_types": ["mamba", "attention"], "position_embedding_type": "nope"}) is None
+    assert "without RoPE" in (rule({"layer_types": ["linear_attention", "full_attention"], "position_embedding_type": "rope"}) or "")
+    cfg = converter_config({"model_type": "granitemoehybrid", "layer_types": ["linear_attention", "full_attention"], "auto_map": {"x": "y"}})
+    assert cfg == {"model_type": "granitemoehybrid", "layer_types": ["mamba", "attention"]}

@@ -55,6 +55,17 @@ CONVERTER_CONFIG_NAMES: dict[str, dict[str, dict[str, str]]] = {
 }
 
 
+def _granite_hybrid_rope(config: dict[str, Any]) -> str | None:
+    types = config.get("layer_types") or []
+    if config.get("position_embedding_type") == "rope" and any(t in ("mamba", "linear_attention") for t in types):
+        return "position_embedding_type 'rope' with Mamba layers: llama.cpp's converter writes hybrid Granite without RoPE (GraniteHybridModel)"
+    return None
+
+
+#: Configs the converter would write as a different model, per ``model_type``: a check returning the reason, or None.
+CONVERTER_REFUSALS: dict[str, Any] = {"granitemoehybrid": _granite_hybrid_rope}
+
+
 def converter_config(config: dict[str, Any]) -> dict[str, Any]:
     """config.json as the converter gets it: no ``auto_map`` (no remote code to find), values renamed
     back by :data:`CONVERTER_CONFIG_NAMES`."""
@@ -131,6 +142,9 @@ def plan_via_converter(
             f"GGUF export does not support model_type {ckpt.config.get('model_type')!r} (architecture {arch!r}): lorasave writes "
             f"{', '.join(sorted(ARCHITECTURES))}, and llama.cpp's converter ({LLAMA_CPP_TAG}) knows {len(known)} others: {', '.join(sorted(known))}"
         )
+    refuse = CONVERTER_REFUSALS.get(str(ckpt.config.get("model_type")))
+    if refuse is not None and (reason := refuse(ckpt.config)):
+        raise UnsupportedModelError(f"GGUF export of {ckpt.config.get('model_type')} through llama.cpp's converter is refused: {reason}")
     quantized = [t for t in types if t not in CONVERTER_TYPES]
     options = {k: v for k, v in quant_options.items() if v not in (None, False)}
     if options and not quantized:
