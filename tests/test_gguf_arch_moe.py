@@ -180,15 +180,17 @@ def _fuse(src: Path, dst: Path) -> None:
 
 def test_fused_checkpoint_same_file(qwen3_moe: GgufCase, tmp_path: Path) -> None:
     """A checkpoint with fused experts (and a ``target_parameters`` LoRA on them) gives the same
-    tensors as the per-expert checkpoint of the same weights: split gate/up on dim -2 as the converter."""
+    tensors as the per-expert checkpoint of the same weights (gate/up split on dim -2 as the
+    converter does), f32 and q8_0 written from one pass (each stacked tensor's pieces in a row)."""
     case = qwen3_moe
     fused = tmp_path / "fused"
     _fuse(case.base, fused)
-    ours = _tensors(export_gguf(fused, case.lora, tmp_path / "out-fused", type="f32", modelfile=False).gguf_file)
-    ref = _tensors(case.export("f32").gguf_file)
-    assert set(ours) == set(ref)
-    for name, t in ref.items():
-        assert np.asarray(ours[name].data).tobytes() == np.asarray(t.data).tobytes(), name
+    res = export_gguf(fused, case.lora, tmp_path / "out-fused", type="f32,q8_0", modelfile=False)
+    for path, type in zip(res.gguf_files, ("f32", "q8_0"), strict=True):
+        ours, ref = _tensors(path), _tensors(case.export(type).gguf_file)
+        assert set(ours) == set(ref)
+        for name, t in ref.items():
+            assert np.asarray(ours[name].data).tobytes() == np.asarray(t.data).tobytes(), (type, name)
 
 
 def test_per_expert_peft_modules(qwen3_moe: GgufCase, tmp_path: Path) -> None:
