@@ -192,6 +192,9 @@ class GgufArch:
         extra_tensors: generated tensors ``[(gguf name, float32 array)]``.
         check: refuses configs llama.cpp would not run as transformers does.
         rope_types: ``rope_type`` values supported (others are refused).
+        special_tokens: ``(kind, added token text)`` set as ``tokenizer.ggml.<kind>_token_id`` when the
+            tokenizer files name none of that kind (``SpecialVocab._set_special_token`` in a converter
+            ``set_vocab``, e.g. GLM-4's ``eot`` = ``<|user|>``).
     """
 
     arch: gguf.MODEL_ARCH
@@ -205,6 +208,7 @@ class GgufArch:
     extra_tensors: Callable[[Hparams], list[tuple[str, np.ndarray]]] = no_extra
     check: Callable[[Hparams], None] = no_check
     rope_types: frozenset[str] = field(default_factory=lambda: frozenset({"default", "linear"}))
+    special_tokens: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
