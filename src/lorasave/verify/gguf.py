@@ -143,6 +143,7 @@ def _output_imatrix(out: Path, manifest: dict[str, Any], report: VerifyReport) -
         return None
     from lorasave.errors import LorasaveError
     from lorasave.formats.gguf.imatrix import load_imatrix
+
     try:
         return load_imatrix(out / src["file"])
     except LorasaveError as e:

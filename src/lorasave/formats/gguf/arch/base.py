@@ -254,6 +254,9 @@ class GgufArch:
         rope_types: ``rope_type`` values supported (others are refused).
         fused: the fused expert tensors the checkpoint may hold, and how they are split
             (per-expert tensors ``...experts.N.<name>`` are stacked whatever this says).
+        special_tokens: ``(kind, added token text)`` set as ``tokenizer.ggml.<kind>_token_id`` when the
+            tokenizer files name none of that kind (``SpecialVocab._set_special_token`` in a converter
+            ``set_vocab``, e.g. GLM-4's ``eot`` = ``<|user|>``).
     """
 
     arch: gguf.MODEL_ARCH
@@ -268,6 +271,7 @@ class GgufArch:
     check: Callable[[Hparams], None] = no_check
     rope_types: frozenset[str] = field(default_factory=lambda: frozenset({"default", "linear"}))
     fused: tuple[FusedExperts, ...] = QWEN_FUSED
+    special_tokens: tuple[tuple[str, str], ...] = ()
 
     @property
     def name(self) -> str:
