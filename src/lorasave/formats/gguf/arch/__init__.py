@@ -23,9 +23,23 @@ from typing import Any
 
 from lorasave.errors import UnsupportedModelError
 from lorasave.formats.gguf.arch import gemma, llama, phi, qwen
-from lorasave.formats.gguf.arch.base import GgufArch, Hparams, MetaItem, VocabKind, head_counts, no_check, no_extra, rope_theta, text_params
+from lorasave.formats.gguf.arch.base import MULTIMODAL, GgufArch, Hparams, MetaItem, TextOf, VocabKind, head_counts, no_check, no_extra, rope_theta, text_params
 
-__all__ = ["ARCHITECTURES", "GgufArch", "Hparams", "MetaItem", "VocabKind", "gguf_arch_for", "head_counts", "no_check", "no_extra", "rope_theta", "text_params"]
+__all__ = [
+    "ARCHITECTURES",
+    "MULTIMODAL",
+    "GgufArch",
+    "Hparams",
+    "MetaItem",
+    "TextOf",
+    "VocabKind",
+    "gguf_arch_for",
+    "head_counts",
+    "no_check",
+    "no_extra",
+    "rope_theta",
+    "text_params",
+]
 
 #: Supported HF ``model_type`` -> GGUF rules (llama.cpp ``conversion/__init__.py`` TEXT_MODEL_MAP), every family's.
 ARCHITECTURES: dict[str, GgufArch] = {
