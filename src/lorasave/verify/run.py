@@ -220,7 +220,7 @@ def _check_tensors(out: Path, manifest: dict[str, Any], report: VerifyReport, ba
 
         check_gguf_adapter(out, manifest, report, ckpt, ads, seed)
         return
-    if settings.get("save_method") == "merged_4bit" or settings.get("merge_into") == "dequantized":
+    if settings.get("save_method") not in (None, "merged_16bit") or settings.get("merge_into") == "dequantized":
         report.skipped = "re-quantized output or merge into a quantization round trip: its tensors are not checkable (files level only)"
         return
     with TensorReader() as reader:

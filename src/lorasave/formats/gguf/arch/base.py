@@ -226,6 +226,9 @@ class GgufArch:
         rope_types: ``rope_type`` values supported (others are refused).
         text_of: for a multimodal checkpoint, which tensors are the language model's and their
             text-model names (:data:`MULTIMODAL`); None: every tensor, names as they are.
+        special_tokens: ``(kind, added token text)`` set as ``tokenizer.ggml.<kind>_token_id`` when the
+            tokenizer files name none of that kind (``SpecialVocab._set_special_token`` in a converter
+            ``set_vocab``, e.g. GLM-4's ``eot`` = ``<|user|>``).
     """
 
     arch: gguf.MODEL_ARCH
@@ -239,6 +242,7 @@ class GgufArch:
     extra_tensors: Callable[[Hparams], list[tuple[str, np.ndarray]]] = no_extra
     check: Callable[[Hparams], None] = no_check
     rope_types: frozenset[str] = field(default_factory=lambda: frozenset({"default", "linear"}))
+    special_tokens: tuple[tuple[str, str], ...] = ()
     text_of: TextOf | None = None
 
     def text_name(self, hf_name: str) -> str | None:
