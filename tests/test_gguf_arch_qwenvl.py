@@ -8,7 +8,14 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig
-from transformers import AutoModelForImageTextToText, PreTrainedModel, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen3VLConfig, Qwen3VLForConditionalGeneration
+from transformers import (
+    AutoModelForImageTextToText,
+    PreTrainedModel,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
 
 from _gguf_check import GgufCase, build_case, check_logits
 from _gguf_dense import COMMON, fields, perturb_norms, tensors
@@ -24,10 +31,13 @@ MM_IDS = {"image_token_id": 1, "video_token_id": 2, "vision_start_token_id": 1, 
 
 
 def _qwen25(**text: Any) -> Qwen2_5_VLConfig:
-    # Qwen2.5-VL-3B: head_dim 128 = 2048 / 16, 2 KV heads, mrope_section [16, 24, 24] (sum head_dim / 2), tied
+    # Qwen2.5-VL-3B: head_dim 128 = 2048 / 16, 2 KV heads, mrope_section [16, 24, 24] (sum head_dim / 2), tied,
+    # rms_norm_eps 1e-6 (llama.cpp v0.5.0's qwen2vl does not read the epsilon key: transformers' default 1e-5 shows)
     rope = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}
     vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64, fullatt_block_indexes=[0], window_size=28)
-    return Qwen2_5_VLConfig(text_config={**COMMON, "rope_parameters": rope, **text}, vision_config=vision, tie_word_embeddings=True, **MM_IDS)
+    return Qwen2_5_VLConfig(
+        text_config={**COMMON, "rms_norm_eps": 1e-6, "rope_parameters": rope, **text}, vision_config=vision, tie_word_embeddings=True, **MM_IDS
+    )
 
 
 def _qwen3(**text: Any) -> Qwen3VLConfig:
@@ -76,8 +86,10 @@ def test_language_model_only(qwen25: GgufCase, qwen3: GgufCase) -> None:
         assert len([n for n in t if n.startswith("blk.0.")]) == (12 if case is qwen25 else 11)  # Q/K/V biases vs Q/K norms
         from safetensors.torch import load_file
 
-        merged = load_file(case.merged / "model.safetensors")
-        assert (t["blk.1.ffn_down.weight"] == merged["model.language_model.layers.1.mlp.down_proj.weight"].numpy()).all()
+        merged = load_file(case.merged / "model.safetensors")  # Qwen2.5-VL: model.layers..., visual...; Qwen3-VL: model.language_model...
+        assert any("visual." in n for n in merged)
+        down = next(v for n, v in merged.items() if n.endswith("layers.1.mlp.down_proj.weight"))
+        assert (t["blk.1.ffn_down.weight"] == down.numpy()).all()
 
 
 def test_refusals() -> None:
