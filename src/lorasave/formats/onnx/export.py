@@ -142,17 +142,19 @@ def _reference(ckpt_root: Path, ads: list[Adapter]) -> Any:
     """Base in float32 with the adapters unmerged under PEFT (all active): the verification's reference."""
     from peft import PeftModel
 
+    from lorasave.formats.onnx.legacy import _quiet
     from lorasave.sources.hf_load import load_causal_lm
 
-    model = load_causal_lm(ckpt_root, dtype=torch.float32, attn_implementation="eager").eval()
-    if not ads:
-        return model
-    names = [f"a{i}" for i in range(len(ads))]
-    peft = PeftModel.from_pretrained(model, ads[0].root, adapter_name=names[0])
-    for n, ad in zip(names[1:], ads[1:], strict=True):
-        peft.load_adapter(ad.root, adapter_name=n)
-    if len(names) > 1:
-        peft.base_model.set_adapter(names)
+    with _quiet():
+        model = load_causal_lm(ckpt_root, dtype=torch.float32, attn_implementation="eager").eval()
+        if not ads:
+            return model
+        names = [f"a{i}" for i in range(len(ads))]
+        peft = PeftModel.from_pretrained(model, ads[0].root, adapter_name=names[0])
+        for n, ad in zip(names[1:], ads[1:], strict=True):
+            peft.load_adapter(ad.root, adapter_name=n)
+        if len(names) > 1:
+            peft.base_model.set_adapter(names)
     return peft.eval()
 
 

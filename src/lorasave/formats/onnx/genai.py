@@ -64,7 +64,7 @@ def genai_config(spec: DecoderSpec, config: dict[str, Any], generation: dict[str
             },
             "eos_token_id": eos,
             "pad_token_id": pad,
-            "type": spec.model_type.removesuffix("_text"),
+            "type": spec.model_type,  # the builder: the architecture class before "For", gemma3_text for Gemma 3 text
             "vocab_size": spec.vocab,
         },
         "search": {
