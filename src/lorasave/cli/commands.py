@@ -28,6 +28,8 @@ from lorasave.cli.app import (
 )
 from lorasave.util.sizes import DEFAULT_MAX_SHARD_SIZE
 
+#: ``lorasave.util.options.SaveMethod``'s values (not imported here: it imports torch).
+_SAVE_METHODS = ("merged_16bit", "merged_4bit", "fp8_dynamic", "fp8_block", "w8a16", "w4a16", "w8a8", "nvfp4a16", "mxfp4a16")
 #: ``merge``'s 4-bit settings, named as ``lorasave.api.merge``'s keywords and as their options (``--quant-type``...).
 _QUANT_PARAMS = ("quant_type", "blocksize", "double_quant", "quant_input_dtype", "quantization_from")
 
@@ -45,8 +47,11 @@ def _method_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = _choice_option("--quant-type", ["nf4", "fp4"], "4-bit data type.")(f)
     into = "dequantized: round-trip each targeted weight of a 16-bit BASE through the 4-bit quantization QLoRA trained on."
     f = _choice_option("--merge-into", ["base", "dequantized"], into)(f)
-    method = "merged_16bit: plain checkpoint in --dtype; merged_4bit: Linear weights as bitsandbytes 4-bit."
-    return _choice_option("--save-method", ["merged_16bit", "merged_4bit"], method)(f)
+    method = (
+        "merged_16bit: plain checkpoint in --dtype; merged_4bit: Linear weights as bitsandbytes 4-bit; "
+        "fp8_dynamic, fp8_block, w8a16, w4a16, w8a8, nvfp4a16, mxfp4a16: compressed-tensors for vLLM / SGLang (data-free)."
+    )
+    return _choice_option("--save-method", list(_SAVE_METHODS), method)(f)
 
 
 @main.command("merge", short_help="Merge adapter(s) into a base; write a sharded checkpoint.")

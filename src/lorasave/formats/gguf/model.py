@@ -173,23 +173,30 @@ def gguf_tensors(
     names = gguf.get_tensor_name_map(rules.arch, hp.n_layer)
     n_head, n_kv = hp.heads
     mapped = []  # (src, GGUF name, permute heads, shift, rows)
+    left_out = []  # not the language model's (a vision tower's)
     for t in plan.tensors.values():
-        if t.name in rules.drop:
+        text_name = rules.text_name(t.name)
+        if text_name is None:
+            left_out.append(t)
             continue
-        name = names.get_name(t.name, try_suffixes=(".weight", ".bias"))
+        if text_name in rules.drop:
+            continue
+        name = names.get_name(text_name, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UnsupportedModelError(f"cannot map tensor {t.name!r} to a GGUF {rules.name} tensor name")
         heads = None
-        if rules.permute_qk and t.name.endswith(("q_proj.weight", "q_proj.bias")):
+        if rules.permute_qk and text_name.endswith(("q_proj.weight", "q_proj.bias")):
             heads = (n_head, n_head)
-        elif rules.permute_qk and t.name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif rules.permute_qk and text_name.endswith(("k_proj.weight", "k_proj.bias")):
             heads = (n_head, n_kv)
-        shift = rules.norm_shift if t.name.endswith("norm.weight") else 0.0
+        shift = rules.norm_shift if text_name.endswith("norm.weight") else 0.0
         rows = None
         if tok_dir is not None and name == "token_embd.weight" and t.shape:
             keep = embedding_rows(tok_dir, rules, int(t.shape[0]), notes if notes is not None else [])
             rows = keep if keep < t.shape[0] else None
         mapped.append((t, name, heads, shift, rows))
+    if left_out and notes is not None:
+        notes.extend(multimodal_notes(left_out, [t for t, *_ in mapped], rules))
     shapes = [(name, tuple(t.shape) if rows is None else (rows, *t.shape[1:])) for t, name, _, _, rows in mapped]
     gtype = GgufType.parse(type)
     facts = gguf_mix.ModelFacts(rules.name, hp.n_layer, n_head, n_kv, int(hp.find(("num_local_experts", "num_experts", "n_routed_experts"), 0) or 0))
@@ -200,6 +207,26 @@ def gguf_tensors(
         for (t, name, heads, shift, rows), (_, shape), tt, w in zip(mapped, shapes, types, weights, strict=True)
     ]
     return out, gguf_mix.type_notes(shapes, types, gtype)
+
+
+def multimodal_notes(left_out: list[OutputTensor], kept: list[OutputTensor], rules: GgufArch) -> list[str]:
+    """What the user should know when a multimodal checkpoint's GGUF holds its language model only.
+
+    Args:
+        left_out: the vision / audio / projector tensors (``rules.text_name`` None).
+        kept: the language model's tensors written.
+
+    Returns:
+        One note on what is left out, and one more when an adapter changes left-out tensors (all of
+        its changes when it changes none of the language model's).
+    """
+    out = [f"{rules.name} GGUF of the language model only: {len(left_out)} vision/audio/projector tensors left out, as llama.cpp's converter does"]
+    changed = [t.name for t in left_out if t.changed]
+    if changed and not any(t.changed for t in kept):
+        out.append(f"the adapter changes only vision/audio/projector tensors ({len(changed)}), none of which this GGUF holds: it is the base's language model")
+    elif changed:
+        out.append(f"the adapter's changes to {len(changed)} vision/audio/projector tensors are not in this GGUF (it holds the language model)")
+    return out
 
 
 def extra_tensors(config: dict[str, Any], rules: GgufArch, type: str) -> list[ExtraTensor]:

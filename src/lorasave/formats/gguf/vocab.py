@@ -304,6 +304,21 @@ def _add_flags(special: gguf.SpecialVocab, tok_dir: Path, notes: list[str]) -> N
             notes.append(f"tokenizer.ggml.add_{typ}_token = {value}, as the tokenizer does (its files do not say)")
 
 
+def _arch_special_tokens(special: gguf.SpecialVocab, tok_dir: Path, rules: GgufArch, notes: list[str]) -> None:
+    """``rules.special_tokens``: kinds the files leave unset, by the id of an added token's text (``_set_special_token``).
+
+    The converter raises ``KeyError`` when such a token is missing; here it is left unset, with a note.
+    """
+    if not rules.special_tokens:
+        return
+    added = {str(a["content"]): int(a["id"]) for a in _json(tok_dir / "tokenizer.json").get("added_tokens") or []}
+    for typ, text in rules.special_tokens:
+        if text in added:
+            special._set_special_token(typ, added[text])  # keeps an id the tokenizer files already set
+        else:
+            notes.append(f"tokenizer.ggml.{typ}_token_id not set from {text!r}: the tokenizer has no such added token ({rules.name}'s converter requires it)")
+
+
 def _fallback_ids(special: gguf.SpecialVocab, tok_dir: Path, base_config: dict[str, Any], n_vocab: int, notes: list[str]) -> None:
     """Fill BOS / EOS the tokenizer folder did not name: its generation_config.json, then the base config."""
     gen = _json(tok_dir / "generation_config.json")
@@ -363,6 +378,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, tok_dir: Path, n_vocab: int, rules: G
         special = gguf.SpecialVocab(tok_dir, n_vocab=len(pieces))
         if prefix_space is not None:
             writer.add_add_space_prefix(prefix_space)
+    _arch_special_tokens(special, tok_dir, rules, notes)
     _fallback_ids(special, tok_dir, base_config, n_vocab, notes)
     _add_flags(special, tok_dir, notes)
     special.add_to_gguf(writer)

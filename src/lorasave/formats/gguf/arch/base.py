@@ -167,6 +167,38 @@ def text_params(hp: Hparams) -> list[MetaItem]:
     return out
 
 
+@dataclass(frozen=True)
+class TextOf:
+    """Which tensors of a multimodal checkpoint are its language model's, and their text-model names.
+
+    ``TextModel.filter_tensors`` + ``ModelBase.filter_tensors`` (``conversion/base.py``): a name
+    starting with one of ``skip_prefixes`` or containing one of ``skip_parts`` is a vision / audio
+    tower's or a projector's (left out of the language model's GGUF; llama.cpp's ``mmproj`` file holds
+    them); ``strip`` is removed from the rest (``model.language_model.layers.0...`` ->
+    ``model.layers.0...``; transformers 4's ``language_model.model.layers.0...`` -> the same).
+    """
+
+    skip_prefixes: tuple[str, ...]
+    skip_parts: tuple[str, ...]
+    strip: str = "language_model."
+
+    def name(self, hf_name: str) -> str | None:
+        """The text-model name of checkpoint tensor ``hf_name``, or None when it is not the language model's."""
+        if hf_name.startswith(self.skip_prefixes) or any(part in hf_name for part in self.skip_parts):
+            return None
+        return hf_name.replace(self.strip, "")
+
+
+#: The converter's rule for every ``TextModel`` of a multimodal checkpoint (``conversion/base.py``).
+MULTIMODAL = TextOf(
+    skip_prefixes=("mlp", "vit.", "vpm.", "siglip2.", "conformer.", "merger.", "resampler.", "sound_encoder.", "sound_projection.", "speech_embeddings."),
+    skip_parts=(
+        *("visual.", "vision.", "audio.", "talker.", "vision_", "audio_", "token2wav.", "code2wav.", "projector.", "pre_mm_projector_norm"),
+        *("image_newline", "view_seperator", "patch_embed", "patch_embedding", "patch_merger.", "patch_merge_mlp.", "model.connector."),
+    ),
+)
+
+
 def no_extra(hp: Hparams) -> list[tuple[str, np.ndarray]]:
     """No generated tensors."""
     return []
@@ -192,6 +224,11 @@ class GgufArch:
         extra_tensors: generated tensors ``[(gguf name, float32 array)]``.
         check: refuses configs llama.cpp would not run as transformers does.
         rope_types: ``rope_type`` values supported (others are refused).
+        text_of: for a multimodal checkpoint, which tensors are the language model's and their
+            text-model names (:data:`MULTIMODAL`); None: every tensor, names as they are.
+        special_tokens: ``(kind, added token text)`` set as ``tokenizer.ggml.<kind>_token_id`` when the
+            tokenizer files name none of that kind (``SpecialVocab._set_special_token`` in a converter
+            ``set_vocab``, e.g. GLM-4's ``eot`` = ``<|user|>``).
     """
 
     arch: gguf.MODEL_ARCH
@@ -205,6 +242,13 @@ class GgufArch:
     extra_tensors: Callable[[Hparams], list[tuple[str, np.ndarray]]] = no_extra
     check: Callable[[Hparams], None] = no_check
     rope_types: frozenset[str] = field(default_factory=lambda: frozenset({"default", "linear"}))
+    special_tokens: tuple[tuple[str, str], ...] = ()
+    text_of: TextOf | None = None
+
+    def text_name(self, hf_name: str) -> str | None:
+        """The text-model name of checkpoint tensor ``hf_name`` (itself without :attr:`text_of`), or
+        None for a tensor the language model's GGUF leaves out (a vision tower's)."""
+        return hf_name if self.text_of is None else self.text_of.name(hf_name)
 
     @property
     def name(self) -> str:

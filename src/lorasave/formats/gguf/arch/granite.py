@@ -50,7 +50,7 @@ def granite_check(hp: Hparams) -> None:
     n_head, _ = hp.heads
     plain = int(hp.find(("hidden_size", "n_embd"))) // n_head
     if (head_dim := hp.h.get("head_dim")) is not None and int(head_dim) != plain:
-        raise UnsupportedModelError(f"granite head_dim={head_dim} differs from hidden_size/num_attention_heads={plain}, which llama.cpp's converter uses instead")
+        raise UnsupportedModelError(f"granite head_dim={head_dim} differs from hidden_size/num_attention_heads={plain}, used by llama.cpp's converter")
     for name, _ in MULTIPLIERS:
         value = hp.h.get(name)
         if value is None and name == "logits_scaling":
