@@ -130,7 +130,8 @@ def text_params(hp: Hparams) -> list[MetaItem]:
     """The keys of ``TextModel.set_gguf_parameters`` (``conversion/base.py``), in its order.
 
     Block count, context/embedding/feed-forward length, head counts, RoPE scaling (``linear``,
-    ``yarn``, ``longrope``; ``llama3`` goes to ``rope_freqs``), ``rope.freq_base`` (+ ``_swa``),
+    ``yarn``, ``longrope``; ``llama3`` goes to ``rope_freqs``), M-RoPE ``rope.dimension_sections``
+    (``mrope_section`` padded to 4), ``rope.freq_base`` (+ ``_swa``),
     RMS / layer-norm epsilons, and ``attention.key_length`` / ``value_length`` when config.json
     has ``head_dim``. ``general.file_type`` is written by the caller.
     """
@@ -154,6 +155,8 @@ def text_params(hp: Hparams) -> list[MetaItem]:
         out += [(K.Rope.SCALING_TYPE, gguf.RopeScalingType.LINEAR.value, V.STRING), (K.Rope.SCALING_FACTOR, float(factor), V.FLOAT32)]
     elif rope_type in ("su", "longrope"):
         out.append((K.Rope.SCALING_TYPE, gguf.RopeScalingType.LONGROPE.value, V.STRING))
+    if (sections := hp.rope.get("mrope_section")) is not None:  # padded to [time, height, width, extra]
+        out.append((K.Rope.DIMENSION_SECTIONS, [int(x) for x in [*sections, 0, 0, 0, 0][:4]], V.ARRAY))
     if (theta := rp.get("rope_theta")) is not None:
         out.append((K.Rope.FREQ_BASE, float(theta), V.FLOAT32))
     if (local := (hp.rope.get("sliding_attention") or {}).get("rope_theta")) is not None:
