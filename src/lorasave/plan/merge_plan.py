@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from lorasave.errors import AdapterMismatchError, InvalidOptionError, UnsupportedAdapterError
+from lorasave.errors import AdapterMismatchError, InvalidOptionError, UnsupportedAdapterError, UnsupportedModelError
 from lorasave.formats.bnb import Bnb4bitSpec, QuantizedWeight, quantization_config
 from lorasave.formats.compressed import CompressedSpec, select_modules
 from lorasave.formats.safetensors.header import TensorEntry, TensorLayout, layout, serialize_header
 from lorasave.plan.recipes import AdapterTensor, LoraDelta, Operation, SetRows
-from lorasave.plan.targets import adapter_operations
+from lorasave.plan.targets import adapter_operations, runtime_renames
 from lorasave.sources.adapter import Adapter
 from lorasave.sources.architecture import ArchitectureInfo, ModuleKind, meta_model, revert_to_checkpoint
 from lorasave.sources.checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, Checkpoint, MemoryEntry
@@ -193,6 +193,20 @@ def _ties_kept(name: str, partner: str, ops: dict[str, list[Operation]], sources
     return any(a.config.get("ensure_weight_tying") for a in adapters)
 
 
+def adapter_renames(config: dict[str, Any], adapters: list[Adapter], shapes: dict[str, tuple[int, ...]], arch: ArchitectureInfo) -> dict[str, str]:
+    """``{runtime tensor name: checkpoint tensor name}`` for the adapters' targets the base stores under
+    another name (``plan.targets.runtime_renames``; transformers 5 saves multimodal models such as
+    ``Gemma3ForConditionalGeneration`` in their checkpoint layout, PEFT names runtime modules).
+    Empty when every target is found as it is or transformers has no class for the config."""
+    if not arch.model_class or all(f"{p.module}.weight" in shapes for ad in adapters for p in ad.parts.values()):
+        return {}
+    try:
+        meta = meta_model(config)
+    except UnsupportedModelError:
+        return {}
+    return runtime_renames(adapters, shapes, lambda state: revert_to_checkpoint(meta, state))
+
+
 def build_plan(
     ckpt: Checkpoint,
     adapters: list[Adapter],
@@ -274,9 +288,10 @@ def build_plan(
                 return [name]
             return list(converter({name: torch.empty(shape, device="meta")}))
 
+    renames = adapter_renames(ckpt.config, list(adapters), shapes, arch)
     ops: dict[str, list[Operation]] = {}
     for i, ad in enumerate(adapters):
-        for name, add in adapter_operations(i, ad, weights[i], arch, shapes, notes, param_map).items():
+        for name, add in adapter_operations(i, ad, weights[i], arch, shapes, notes, param_map, renames).items():
             ops.setdefault(name, []).extend(add)
     if adapters and not ops and not sources:  # no adapter at all: the base alone (lorasave gguf BASE)
         raise AdapterMismatchError(f"the adapter{'s' if len(adapters) > 1 else ''} change nothing in the base {ckpt.root}", path=ckpt.root)

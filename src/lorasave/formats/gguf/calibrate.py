@@ -109,9 +109,10 @@ def imatrix_targets(model: GgufModel, process_output: bool = False) -> dict[str,
     names = gguf.get_tensor_name_map(model.rules.arch, Hparams.of(model.config).n_layer)
     out = {}
     for t in model.plan.tensors.values():
-        if t.name in model.rules.drop or not t.name.endswith(".weight") or len(t.shape) != 2:
+        text = model.rules.text_name(t.name)
+        if text is None or text in model.rules.drop or not text.endswith(".weight") or len(t.shape) != 2:
             continue
-        gname = names.get_name(t.name, try_suffixes=(".weight", ".bias"))
+        gname = names.get_name(text, try_suffixes=(".weight", ".bias"))
         if gname is not None and (gname.startswith("blk.") or (process_output and gname == "output.weight")):
             out[t.name] = gname
     return out

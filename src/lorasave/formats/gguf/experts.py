@@ -103,11 +103,13 @@ def _fused_rule(name: str, fused: tuple[FusedExperts, ...]) -> FusedExperts | No
     return None
 
 
-def gguf_sources(tensors: Iterable[OutputTensor], fused: tuple[FusedExperts, ...], n_expert: int) -> list[Source]:
+def gguf_sources(tensors: Iterable[tuple[str, OutputTensor]], fused: tuple[FusedExperts, ...], n_expert: int) -> list[Source]:
     """The GGUF tensors' sources, in the order of their first planned tensor.
 
     Args:
-        tensors: the planned tensors, in plan order (those the file leaves out already removed).
+        tensors: ``(text-model name, planned tensor)`` in plan order (those the file leaves out
+            already removed; the name is the tensor's own but for a multimodal checkpoint's
+            language model: ``GgufArch.text_name``).
         fused: the architecture's fused expert tensors (``GgufArch.fused``).
         n_expert: experts per MoE layer (config ``num_experts``...), 0 for a dense model: no stacking.
 
@@ -117,8 +119,8 @@ def gguf_sources(tensors: Iterable[OutputTensor], fused: tuple[FusedExperts, ...
     """
     out: list[Source] = []
     stacks: dict[str, Source] = {}
-    for t in tensors:
-        m = PER_EXPERT.match(t.name) if n_expert else None
+    for text_name, t in tensors:
+        m = PER_EXPERT.match(text_name) if n_expert else None
         if m is not None and int(m["k"]) < n_expert:
             hf = f"{m['prefix']}.experts.{m['rest']}"
             s = stacks.get(hf)
@@ -127,11 +129,11 @@ def gguf_sources(tensors: Iterable[OutputTensor], fused: tuple[FusedExperts, ...
                 out.append(s)
             s.pieces[int(m["k"])] = Piece(t)
             continue
-        rule = _fused_rule(t.name, fused) if n_expert else None
+        rule = _fused_rule(text_name, fused) if n_expert else None
         if rule is None:
-            out.append(Source(t.name, t))
+            out.append(Source(text_name, t))
             continue
-        prefix = t.name.removesuffix(".weight").removesuffix(rule.suffix)
+        prefix = text_name.removesuffix(".weight").removesuffix(rule.suffix)
         parts = len(rule.into)
         if len(t.shape) not in (2, 3) or t.shape[0] != n_expert:
             raise UnsupportedModelError(f"fused expert tensor {t.name} has shape {list(t.shape)}, not ({n_expert}, ...) for {n_expert} experts")

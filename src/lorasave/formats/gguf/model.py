@@ -190,8 +190,16 @@ def gguf_tensors(
     names = gguf.get_tensor_name_map(rules.arch, hp.n_layer)
     n_head, n_kv = hp.heads
     n_expert = int(hp.find(("num_local_experts", "num_experts", "n_routed_experts"), 0) or 0)
+    kept = []  # (text-model name, planned tensor)
+    left_out = []  # not the language model's (a vision tower's)
+    for t in plan.tensors.values():
+        text_name = rules.text_name(t.name)
+        if text_name is None:
+            left_out.append(t)
+        elif text_name not in rules.drop:
+            kept.append((text_name, t))
     mapped = []  # (source, GGUF name, permute heads, shift, rows)
-    for s in gguf_sources((t for t in plan.tensors.values() if t.name not in rules.drop), rules.fused, n_expert):
+    for s in gguf_sources(kept, rules.fused, n_expert):
         t = s.src
         hf = s.hf if s.hf.endswith((".weight", ".bias")) or not s.pieces else s.hf + ".weight"
         name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
@@ -208,6 +216,8 @@ def gguf_tensors(
             keep = embedding_rows(tok_dir, rules, int(t.shape[0]), notes if notes is not None else [])
             rows = keep if keep < t.shape[0] else None
         mapped.append((s, name, heads, shift, rows))
+    if left_out and notes is not None:
+        notes.extend(multimodal_notes(left_out, [p.src for s, *_ in mapped for p in (s.pieces or [Piece(s.src)]) if p is not None], rules))
     shapes = [(name, s.shape or (tuple(s.src.shape) if rows is None else (rows, *s.src.shape[1:]))) for s, name, _, _, rows in mapped]
     gtype = GgufType.parse(type)
     facts = gguf_mix.ModelFacts(rules.name, hp.n_layer, n_head, n_kv, n_expert)
@@ -218,6 +228,26 @@ def gguf_tensors(
         for (s, name, heads, shift, rows), (_, shape), tt, w in zip(mapped, shapes, types, weights, strict=True)
     ]
     return out, gguf_mix.type_notes(shapes, types, gtype)
+
+
+def multimodal_notes(left_out: list[OutputTensor], kept: list[OutputTensor], rules: GgufArch) -> list[str]:
+    """What the user should know when a multimodal checkpoint's GGUF holds its language model only.
+
+    Args:
+        left_out: the vision / audio / projector tensors (``rules.text_name`` None).
+        kept: the language model's tensors written.
+
+    Returns:
+        One note on what is left out, and one more when an adapter changes left-out tensors (all of
+        its changes when it changes none of the language model's).
+    """
+    out = [f"{rules.name} GGUF of the language model only: {len(left_out)} vision/audio/projector tensors left out, as llama.cpp's converter does"]
+    changed = [t.name for t in left_out if t.changed]
+    if changed and not any(t.changed for t in kept):
+        out.append(f"the adapter changes only vision/audio/projector tensors ({len(changed)}), none of which this GGUF holds: it is the base's language model")
+    elif changed:
+        out.append(f"the adapter's changes to {len(changed)} vision/audio/projector tensors are not in this GGUF (it holds the language model)")
+    return out
 
 
 def extra_tensors(config: dict[str, Any], rules: GgufArch, type: str) -> list[ExtraTensor]:

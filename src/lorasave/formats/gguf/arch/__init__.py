@@ -22,15 +22,17 @@ from __future__ import annotations
 from typing import Any
 
 from lorasave.errors import UnsupportedModelError
-from lorasave.formats.gguf.arch import gemma, glm, granite, llama, olmo, phi, qwen, qwen35, smollm
-from lorasave.formats.gguf.arch.base import GgufArch, Hparams, MetaItem, VocabKind, head_counts, no_check, no_extra, rope_theta, text_params
+from lorasave.formats.gguf.arch import gemma, glm, granite, llama, mistral, olmo, phi, qwen, qwen35, qwenvl, smollm
+from lorasave.formats.gguf.arch.base import MULTIMODAL, GgufArch, Hparams, MetaItem, TextOf, VocabKind, head_counts, no_check, no_extra, rope_theta, text_params
 
 __all__ = [
     "ARCHITECTURES",
+    "MULTIMODAL",
     "REFUSED",
     "GgufArch",
     "Hparams",
     "MetaItem",
+    "TextOf",
     "VocabKind",
     "gguf_arch_for",
     "head_counts",
@@ -45,11 +47,13 @@ ARCHITECTURES: dict[str, GgufArch] = {
     **llama.ARCHITECTURES,
     **qwen.ARCHITECTURES,
     **gemma.ARCHITECTURES,
+    **mistral.ARCHITECTURES,
     **phi.ARCHITECTURES,
     **smollm.ARCHITECTURES,
     **granite.ARCHITECTURES,
     **olmo.ARCHITECTURES,
     **glm.ARCHITECTURES,
+    **qwenvl.ARCHITECTURES,
 }
 
 #: ``model_type`` -> one-line reason: known architectures the export refuses (the runtime may load them).
