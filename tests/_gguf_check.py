@@ -65,11 +65,21 @@ def pretrain(model: torch.nn.Module, tok: Any, steps: int = 60, seq: int = 64) -
 
 
 def build_case(
-    root: Path, kind: str, model: PreTrainedModel, tok: Any, lora: LoraConfig, *, pretrain_steps: int = 60, text: str = GGUF_CORPUS, n_tokens: int = 96
+    root: Path,
+    kind: str,
+    model: PreTrainedModel,
+    tok: Any,
+    lora: LoraConfig,
+    *,
+    pretrain_steps: int = 60,
+    text: str = GGUF_CORPUS,
+    n_tokens: int = 96,
+    auto: Any = AutoModelForCausalLM,
 ) -> GgufCase:
     """Save ``model`` (after :func:`pretrain`) and ``tok`` as the base, train ``lora`` a few steps on it
     (``_models.train_lora``), merge in float32 with ``lorasave.merge`` and compute the reference logits
-    of transformers on the merged checkpoint for the first ``n_tokens`` tokens of ``text`` (at least :data:`MIN_TOKENS`)."""
+    of transformers on the merged checkpoint for the first ``n_tokens`` tokens of ``text`` (at least :data:`MIN_TOKENS`),
+    loaded with ``auto`` (``AutoModelForImageTextToText`` for a multimodal checkpoint)."""
     base, adapter, merged = root / "base", root / "lora", root / "merged"
     if pretrain_steps:
         pretrain(model, tok, pretrain_steps)
@@ -80,7 +90,7 @@ def build_case(
     lorasave.merge(base, adapter, merged, dtype="float32")
     ids = AutoTokenizer.from_pretrained(base)(text).input_ids[:n_tokens]
     assert len(ids) >= MIN_TOKENS, f"{len(ids)} tokens: give a longer text"
-    hf = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32, trust_remote_code=False).eval()
+    hf = auto.from_pretrained(merged, dtype=torch.float32, trust_remote_code=False).eval()
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor([ids])).logits[0].float().numpy()
     return GgufCase(kind, root, base, adapter, merged, ids, ref)

@@ -364,6 +364,11 @@ class Bnb4bitSpec:
         )
         return qc.to_dict()
 
+    @property
+    def label(self) -> str:
+        """Short description, e.g. ``"nf4 4-bit"``."""
+        return f"{self.quant_type} 4-bit"
+
     def describe(self) -> dict[str, Any]:
         """JSON form for the manifest."""
         return {

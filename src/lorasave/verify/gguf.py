@@ -50,8 +50,9 @@ def name_map(ckpt: Any) -> tuple[dict[str, str], Any]:
     names = gguf.get_tensor_name_map(rules.arch, Hparams.of(ckpt.config).n_layer)
     inverse: dict[str, str] = {}
     for hf in ckpt.tensors:
-        g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
-        if g is not None and hf not in rules.drop:
+        text = rules.text_name(hf)  # a multimodal checkpoint's language model (GgufArch.text_of)
+        g = None if text is None else names.get_name(text, try_suffixes=(".weight", ".bias"))
+        if g is not None and text not in rules.drop:
             inverse[g] = hf
     return inverse, rules
 

@@ -36,15 +36,9 @@ def read_text(path: PathLike | None) -> str | None:
         SourceNotFoundError: no such file.
         InvalidOptionError: not UTF-8 text.
     """
-    if path is None:
-        return None
-    p = Path(path)
-    if not p.is_file():
-        raise SourceNotFoundError(f"the text file {p} does not exist", path=p)
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InvalidOptionError(f"the text file {p} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    from lorasave.util.textfile import read_utf8
+
+    return None if path is None else read_utf8(path)
 
 
 # --------------------------------------------------------------------------- chart and card

@@ -36,7 +36,7 @@ from lorasave.formats.gguf.model import (
 from lorasave.formats.gguf.output import GgufOutput
 from lorasave.formats.gguf.quant import GgufType
 from lorasave.merging.stream import Timings
-from lorasave.pipeline.manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
+from lorasave.pipeline.manifest import MANIFEST_NAME, result_dict, sha256_file, sources_record, write_manifest
 from lorasave.pipeline.output import check_output_path, tokenizer_source
 from lorasave.pipeline.run import PlannedOutput, single_output
 from lorasave.sources import stamp as source_stamp
@@ -409,12 +409,7 @@ def plan_gguf(
             if f not in files:
                 files[f] = sha256_file(folder / f)
         sources = {
-            "base": {
-                "path": str(ckpt.root.resolve()),
-                "hub_id": ckpt.hub_id,
-                "files": {str(p.relative_to(ckpt.root)): sha256_source(p) for p in ckpt.source_files()},
-            },
-            "adapters": [{"path": str(a.root.resolve()), "files": {str(p.relative_to(a.root)): sha256_source(p) for p in a.source_files()}} for a in ads],
+            **sources_record(ckpt, ads),
             "tokenizer": str(tok_dir.resolve()),
         }
         if importance is not None:

@@ -22,33 +22,56 @@ from __future__ import annotations
 from typing import Any
 
 from lorasave.errors import UnsupportedModelError
-from lorasave.formats.gguf.arch import gemma, glm, granite, llama, olmo, phi, qwen, smollm
-from lorasave.formats.gguf.arch.base import GgufArch, Hparams, MetaItem, VocabKind, head_counts, no_check, no_extra, rope_theta, text_params
+from lorasave.formats.gguf.arch import gemma, glm, granite, llama, mistral, olmo, phi, qwen, qwen35, qwenvl, smollm
+from lorasave.formats.gguf.arch.base import MULTIMODAL, GgufArch, Hparams, MetaItem, TextOf, VocabKind, head_counts, no_check, no_extra, rope_theta, text_params
 
-__all__ = ["ARCHITECTURES", "GgufArch", "Hparams", "MetaItem", "VocabKind", "gguf_arch_for", "head_counts", "no_check", "no_extra", "rope_theta", "text_params"]
+__all__ = [
+    "ARCHITECTURES",
+    "MULTIMODAL",
+    "REFUSED",
+    "GgufArch",
+    "Hparams",
+    "MetaItem",
+    "TextOf",
+    "VocabKind",
+    "gguf_arch_for",
+    "head_counts",
+    "no_check",
+    "no_extra",
+    "rope_theta",
+    "text_params",
+]
 
 #: Supported HF ``model_type`` -> GGUF rules (llama.cpp ``conversion/__init__.py`` TEXT_MODEL_MAP), every family's.
 ARCHITECTURES: dict[str, GgufArch] = {
     **llama.ARCHITECTURES,
     **qwen.ARCHITECTURES,
     **gemma.ARCHITECTURES,
+    **mistral.ARCHITECTURES,
     **phi.ARCHITECTURES,
     **smollm.ARCHITECTURES,
     **granite.ARCHITECTURES,
     **olmo.ARCHITECTURES,
     **glm.ARCHITECTURES,
+    **qwenvl.ARCHITECTURES,
 }
+
+#: ``model_type`` -> one-line reason: known architectures the export refuses (the runtime may load them).
+REFUSED: dict[str, str] = {**qwen35.REFUSED}
 
 
 def gguf_arch_for(config: dict[str, Any]) -> GgufArch:
     """The GGUF rules for a base's config.json.
 
     Raises:
-        UnsupportedModelError: ``model_type`` is not in :data:`ARCHITECTURES`, the RoPE scaling
+        UnsupportedModelError: ``model_type`` is not in :data:`ARCHITECTURES` (with the reason
+            of :data:`REFUSED` for a known one), the RoPE scaling
             type is not supported for it, or the architecture's ``check`` refuses the config.
     """
     model_type = config.get("model_type")
     rules = ARCHITECTURES.get(str(model_type))
+    if rules is None and str(model_type) in REFUSED:
+        raise UnsupportedModelError(REFUSED[str(model_type)].format(model_type=model_type))
     if rules is None:
         raise UnsupportedModelError(f"GGUF export does not support model_type {model_type!r}; supported: {', '.join(sorted(ARCHITECTURES))}")
     hp = Hparams.of(config)

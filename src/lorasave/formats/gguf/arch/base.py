@@ -130,7 +130,8 @@ def text_params(hp: Hparams) -> list[MetaItem]:
     """The keys of ``TextModel.set_gguf_parameters`` (``conversion/base.py``), in its order.
 
     Block count, context/embedding/feed-forward length, head counts, RoPE scaling (``linear``,
-    ``yarn``, ``longrope``; ``llama3`` goes to ``rope_freqs``), ``rope.freq_base`` (+ ``_swa``),
+    ``yarn``, ``longrope``; ``llama3`` goes to ``rope_freqs``), M-RoPE ``rope.dimension_sections``
+    (``mrope_section`` padded to 4), ``rope.freq_base`` (+ ``_swa``),
     RMS / layer-norm epsilons, and ``attention.key_length`` / ``value_length`` when config.json
     has ``head_dim``. ``general.file_type`` is written by the caller.
     """
@@ -154,6 +155,8 @@ def text_params(hp: Hparams) -> list[MetaItem]:
         out += [(K.Rope.SCALING_TYPE, gguf.RopeScalingType.LINEAR.value, V.STRING), (K.Rope.SCALING_FACTOR, float(factor), V.FLOAT32)]
     elif rope_type in ("su", "longrope"):
         out.append((K.Rope.SCALING_TYPE, gguf.RopeScalingType.LONGROPE.value, V.STRING))
+    if (sections := hp.rope.get("mrope_section")) is not None:  # padded to [time, height, width, extra]
+        out.append((K.Rope.DIMENSION_SECTIONS, [int(x) for x in [*sections, 0, 0, 0, 0][:4]], V.ARRAY))
     if (theta := rp.get("rope_theta")) is not None:
         out.append((K.Rope.FREQ_BASE, float(theta), V.FLOAT32))
     if (local := (hp.rope.get("sliding_attention") or {}).get("rope_theta")) is not None:
@@ -162,9 +165,101 @@ def text_params(hp: Hparams) -> list[MetaItem]:
         out.append((K.Attention.LAYERNORM_RMS_EPS, float(eps), V.FLOAT32))
     if (eps := f(("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
         out.append((K.Attention.LAYERNORM_EPS, float(eps), V.FLOAT32))
+    out += expert_params(hp)
     if (head_dim := hp.h.get("head_dim")) is not None:
         out += [(K.Attention.KEY_LENGTH, int(head_dim), V.UINT32), (K.Attention.VALUE_LENGTH, int(head_dim), V.UINT32)]
     return out
+
+
+#: ``score_function``-style config values -> ``{arch}.expert_gating_func`` (``TextModel.set_gguf_parameters``;
+#: ``ExpertGatingFuncType`` of the runtime's gguf-py, whose ``SQRTSOFTPLUS = 4`` the installed gguf-py lacks).
+GATING = {"softmax": 1, "sigmoid": 2, "sqrtsoftplus": 4}
+
+
+def expert_params(hp: Hparams) -> list[MetaItem]:
+    """The expert keys of ``TextModel.set_gguf_parameters``: expert count, experts used, expert
+    groups and groups used, the gating function (none for a dense config).
+
+    Raises:
+        UnsupportedModelError: a gating function the converter does not know.
+    """
+    from lorasave.errors import UnsupportedModelError
+
+    out: list[MetaItem] = []
+    if (n := hp.find(("num_local_experts", "num_experts", "n_routed_experts"))) is not None:
+        out.append((K.LLM.EXPERT_COUNT, int(n), V.UINT32))
+    if (n := hp.find(("num_experts_per_tok", "num_experts_per_token", "top_k_experts"))) is not None:
+        out.append((K.LLM.EXPERT_USED_COUNT, int(n), V.UINT32))
+    if (n := hp.h.get("n_group")) is not None:
+        out.append((K.LLM.EXPERT_GROUP_COUNT, int(n), V.UINT32))
+    if (n := hp.h.get("topk_group")) is not None:
+        out.append((K.LLM.EXPERT_GROUP_USED_COUNT, int(n), V.UINT32))
+    names = ("score_function", "scoring_func", "score_func", "moe_router_activation", "moe_router_activation_func", "expert_selection_fn")
+    if (func := hp.find(names)) is not None:
+        if func not in GATING:
+            raise UnsupportedModelError(f"expert gating function {func!r} is not supported by llama.cpp's converter")
+        out.append((K.LLM.EXPERT_GATING_FUNC, GATING[func], V.UINT32))
+    return out
+
+
+@dataclass(frozen=True)
+class FusedExperts:
+    """A checkpoint tensor that holds every expert's matrices at once (transformers 5's fused experts).
+
+    Attributes:
+        suffix: the stored name's end, with or without ``.weight`` (``"mlp.experts.gate_up_proj"``).
+        into: the HF names, same prefix, its equal parts are written as (``("mlp.experts.gate_proj.weight",
+            "mlp.experts.up_proj.weight")``): the names gguf-py maps to ``ffn_gate_exps`` / ``ffn_up_exps``.
+        transposed: stored ``(n_expert, in, out)`` rather than ``(n_expert, out, in)`` (GGUF's
+            numpy order): each part's last two axes are swapped.
+        interleaved: the parts alternate along the split axis (gpt-oss ``gate_up_proj``) rather than
+            following each other.
+    """
+
+    suffix: str
+    into: tuple[str, ...]
+    transposed: bool = False
+    interleaved: bool = False
+
+
+#: ``Qwen2MoeModel.modify_tensors`` (``conversion/qwen.py``): ``gate_up_proj`` ``(E, 2 * n_ff, n_embd)``
+#: split on dim -2 into gate then up; ``down_proj`` ``(E, n_embd, n_ff)`` written as it is.
+QWEN_FUSED = (
+    FusedExperts("mlp.experts.gate_up_proj", ("mlp.experts.gate_proj.weight", "mlp.experts.up_proj.weight")),
+    FusedExperts("mlp.experts.down_proj", ("mlp.experts.down_proj.weight",)),
+)
+
+
+@dataclass(frozen=True)
+class TextOf:
+    """Which tensors of a multimodal checkpoint are its language model's, and their text-model names.
+
+    ``TextModel.filter_tensors`` + ``ModelBase.filter_tensors`` (``conversion/base.py``): a name
+    starting with one of ``skip_prefixes`` or containing one of ``skip_parts`` is a vision / audio
+    tower's or a projector's (left out of the language model's GGUF; llama.cpp's ``mmproj`` file holds
+    them); ``strip`` is removed from the rest (``model.language_model.layers.0...`` ->
+    ``model.layers.0...``; transformers 4's ``language_model.model.layers.0...`` -> the same).
+    """
+
+    skip_prefixes: tuple[str, ...]
+    skip_parts: tuple[str, ...]
+    strip: str = "language_model."
+
+    def name(self, hf_name: str) -> str | None:
+        """The text-model name of checkpoint tensor ``hf_name``, or None when it is not the language model's."""
+        if hf_name.startswith(self.skip_prefixes) or any(part in hf_name for part in self.skip_parts):
+            return None
+        return hf_name.replace(self.strip, "")
+
+
+#: The converter's rule for every ``TextModel`` of a multimodal checkpoint (``conversion/base.py``).
+MULTIMODAL = TextOf(
+    skip_prefixes=("mlp", "vit.", "vpm.", "siglip2.", "conformer.", "merger.", "resampler.", "sound_encoder.", "sound_projection.", "speech_embeddings."),
+    skip_parts=(
+        *("visual.", "vision.", "audio.", "talker.", "vision_", "audio_", "token2wav.", "code2wav.", "projector.", "pre_mm_projector_norm"),
+        *("image_newline", "view_seperator", "patch_embed", "patch_embedding", "patch_merger.", "patch_merge_mlp.", "model.connector."),
+    ),
+)
 
 
 def no_extra(hp: Hparams) -> list[tuple[str, np.ndarray]]:
@@ -192,6 +287,10 @@ class GgufArch:
         extra_tensors: generated tensors ``[(gguf name, float32 array)]``.
         check: refuses configs llama.cpp would not run as transformers does.
         rope_types: ``rope_type`` values supported (others are refused).
+        fused: the fused expert tensors the checkpoint may hold, and how they are split
+            (per-expert tensors ``...experts.N.<name>`` are stacked whatever this says).
+        text_of: for a multimodal checkpoint, which tensors are the language model's and their
+            text-model names (:data:`MULTIMODAL`); None: every tensor, names as they are.
         special_tokens: ``(kind, added token text)`` set as ``tokenizer.ggml.<kind>_token_id`` when the
             tokenizer files name none of that kind (``SpecialVocab._set_special_token`` in a converter
             ``set_vocab``, e.g. GLM-4's ``eot`` = ``<|user|>``).
@@ -208,7 +307,14 @@ class GgufArch:
     extra_tensors: Callable[[Hparams], list[tuple[str, np.ndarray]]] = no_extra
     check: Callable[[Hparams], None] = no_check
     rope_types: frozenset[str] = field(default_factory=lambda: frozenset({"default", "linear"}))
+    fused: tuple[FusedExperts, ...] = QWEN_FUSED
     special_tokens: tuple[tuple[str, str], ...] = ()
+    text_of: TextOf | None = None
+
+    def text_name(self, hf_name: str) -> str | None:
+        """The text-model name of checkpoint tensor ``hf_name`` (itself without :attr:`text_of`), or
+        None for a tensor the language model's GGUF leaves out (a vision tower's)."""
+        return hf_name if self.text_of is None else self.text_of.name(hf_name)
 
     @property
     def name(self) -> str:
