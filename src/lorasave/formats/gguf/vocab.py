@@ -128,7 +128,7 @@ def bpe_pre(tok_dir: Path, tokenizer: Any, spec: dict[str, Any], rules: GgufArch
 
 
 #: Architectures whose converter class is a ``LlamaModel`` (its ``set_vocab`` writes ``add_prefix_space``).
-PREFIX_FROM_CONFIG = frozenset({gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.SMOLLM3, gguf.MODEL_ARCH.GRANITE})
+PREFIX_FROM_CONFIG = frozenset({gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.SMOLLM3, gguf.MODEL_ARCH.GRANITE, gguf.MODEL_ARCH.MISTRAL3})
 
 #: Architectures whose converter class cuts ``token_embd`` to the tokenizer's size.
 TRIMS_EMBEDDING = frozenset({gguf.MODEL_ARCH.GEMMA3})
