@@ -166,9 +166,69 @@ def text_params(hp: Hparams) -> list[MetaItem]:
         out.append((K.Attention.LAYERNORM_RMS_EPS, float(eps), V.FLOAT32))
     if (eps := f(("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
         out.append((K.Attention.LAYERNORM_EPS, float(eps), V.FLOAT32))
+    out += expert_params(hp)
     if (head_dim := hp.h.get("head_dim")) is not None:
         out += [(K.Attention.KEY_LENGTH, int(head_dim), V.UINT32), (K.Attention.VALUE_LENGTH, int(head_dim), V.UINT32)]
     return out
+
+
+#: ``score_function``-style config values -> ``{arch}.expert_gating_func`` (``TextModel.set_gguf_parameters``;
+#: ``ExpertGatingFuncType`` of the runtime's gguf-py, whose ``SQRTSOFTPLUS = 4`` the installed gguf-py lacks).
+GATING = {"softmax": 1, "sigmoid": 2, "sqrtsoftplus": 4}
+
+
+def expert_params(hp: Hparams) -> list[MetaItem]:
+    """The expert keys of ``TextModel.set_gguf_parameters``: expert count, experts used, expert
+    groups and groups used, the gating function (none for a dense config).
+
+    Raises:
+        UnsupportedModelError: a gating function the converter does not know.
+    """
+    from lorasave.errors import UnsupportedModelError
+
+    out: list[MetaItem] = []
+    if (n := hp.find(("num_local_experts", "num_experts", "n_routed_experts"))) is not None:
+        out.append((K.LLM.EXPERT_COUNT, int(n), V.UINT32))
+    if (n := hp.find(("num_experts_per_tok", "num_experts_per_token", "top_k_experts"))) is not None:
+        out.append((K.LLM.EXPERT_USED_COUNT, int(n), V.UINT32))
+    if (n := hp.h.get("n_group")) is not None:
+        out.append((K.LLM.EXPERT_GROUP_COUNT, int(n), V.UINT32))
+    if (n := hp.h.get("topk_group")) is not None:
+        out.append((K.LLM.EXPERT_GROUP_USED_COUNT, int(n), V.UINT32))
+    names = ("score_function", "scoring_func", "score_func", "moe_router_activation", "moe_router_activation_func", "expert_selection_fn")
+    if (func := hp.find(names)) is not None:
+        if func not in GATING:
+            raise UnsupportedModelError(f"expert gating function {func!r} is not supported by llama.cpp's converter")
+        out.append((K.LLM.EXPERT_GATING_FUNC, GATING[func], V.UINT32))
+    return out
+
+
+@dataclass(frozen=True)
+class FusedExperts:
+    """A checkpoint tensor that holds every expert's matrices at once (transformers 5's fused experts).
+
+    Attributes:
+        suffix: the stored name's end, with or without ``.weight`` (``"mlp.experts.gate_up_proj"``).
+        into: the HF names, same prefix, its equal parts are written as (``("mlp.experts.gate_proj.weight",
+            "mlp.experts.up_proj.weight")``): the names gguf-py maps to ``ffn_gate_exps`` / ``ffn_up_exps``.
+        transposed: stored ``(n_expert, in, out)`` rather than ``(n_expert, out, in)`` (GGUF's
+            numpy order): each part's last two axes are swapped.
+        interleaved: the parts alternate along the split axis (gpt-oss ``gate_up_proj``) rather than
+            following each other.
+    """
+
+    suffix: str
+    into: tuple[str, ...]
+    transposed: bool = False
+    interleaved: bool = False
+
+
+#: ``Qwen2MoeModel.modify_tensors`` (``conversion/qwen.py``): ``gate_up_proj`` ``(E, 2 * n_ff, n_embd)``
+#: split on dim -2 into gate then up; ``down_proj`` ``(E, n_embd, n_ff)`` written as it is.
+QWEN_FUSED = (
+    FusedExperts("mlp.experts.gate_up_proj", ("mlp.experts.gate_proj.weight", "mlp.experts.up_proj.weight")),
+    FusedExperts("mlp.experts.down_proj", ("mlp.experts.down_proj.weight",)),
+)
 
 
 @dataclass(frozen=True)
@@ -228,6 +288,8 @@ class GgufArch:
         extra_tensors: generated tensors ``[(gguf name, float32 array)]``.
         check: refuses configs llama.cpp would not run as transformers does.
         rope_types: ``rope_type`` values supported (others are refused).
+        fused: the fused expert tensors the checkpoint may hold, and how they are split
+            (per-expert tensors ``...experts.N.<name>`` are stacked whatever this says).
         text_of: for a multimodal checkpoint, which tensors are the language model's and their
             text-model names (:data:`MULTIMODAL`); None: every tensor, names as they are.
         weight_suffix: tensor names ending in one of these get ``.weight`` appended before mapping
@@ -248,6 +310,7 @@ class GgufArch:
     extra_tensors: Callable[[Hparams], list[tuple[str, np.ndarray]]] = no_extra
     check: Callable[[Hparams], None] = no_check
     rope_types: frozenset[str] = field(default_factory=lambda: frozenset({"default", "linear"}))
+    fused: tuple[FusedExperts, ...] = QWEN_FUSED
     special_tokens: tuple[tuple[str, str], ...] = ()
     text_of: TextOf | None = None
     weight_suffix: tuple[str, ...] = ()
