@@ -28,6 +28,7 @@ class VocabKind(Enum):
     SPM = "sentencepiece"  # tokenizer.model (``TextModel._set_vocab_sentencepiece``)
     SPM_JSON = "sentencepiece-style tokenizer.json"  # byte_fallback BPE (``_set_vocab_llama_hf``)
     BPE = "byte-level BPE"  # tokenizer.json (``TextModel._set_vocab_gpt2``)
+    GEMMA4 = "gemma4 tokenizer.json"  # SentencePiece-style BPE as tokenizer model "gemma4" (``Gemma4Model.set_vocab``)
 
 
 #: ``find_hparam`` key lists of ``TextModel`` (``conversion/base.py``).
@@ -291,6 +292,8 @@ class GgufArch:
             (per-expert tensors ``...experts.N.<name>`` are stacked whatever this says).
         text_of: for a multimodal checkpoint, which tensors are the language model's and their
             text-model names (:data:`MULTIMODAL`); None: every tensor, names as they are.
+        weight_suffix: tensor names ending in one of these get ``.weight`` appended before mapping
+            (Gemma 4's ``layer_scalar``, the converter's ``filter_tensors``).
         special_tokens: ``(kind, added token text)`` set as ``tokenizer.ggml.<kind>_token_id`` when the
             tokenizer files name none of that kind (``SpecialVocab._set_special_token`` in a converter
             ``set_vocab``, e.g. GLM-4's ``eot`` = ``<|user|>``).
@@ -310,11 +313,14 @@ class GgufArch:
     fused: tuple[FusedExperts, ...] = QWEN_FUSED
     special_tokens: tuple[tuple[str, str], ...] = ()
     text_of: TextOf | None = None
+    weight_suffix: tuple[str, ...] = ()
 
     def text_name(self, hf_name: str) -> str | None:
-        """The text-model name of checkpoint tensor ``hf_name`` (itself without :attr:`text_of`), or
-        None for a tensor the language model's GGUF leaves out (a vision tower's)."""
-        return hf_name if self.text_of is None else self.text_of.name(hf_name)
+        """The text-model name of checkpoint tensor ``hf_name`` (itself without :attr:`text_of`, plus
+        ``.weight`` after a :attr:`weight_suffix`), or None for a tensor the language model's GGUF leaves
+        out (a vision tower's)."""
+        name = hf_name if self.text_of is None else self.text_of.name(hf_name)
+        return name + ".weight" if name is not None and self.weight_suffix and name.endswith(self.weight_suffix) else name
 
     @property
     def name(self) -> str:
