@@ -320,6 +320,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "mistral": {"sliding_window": None},
     "phi3": {"pad_token_id": None},
 }
+#: Modules of vision towers and projectors, left out of the case's LoRA (``LoraConfig.exclude_modules``).
+VISION_MODULES = r".*(vision|visual|multi_modal_projector|patch_embed|merger).*"
 #: Model types whose converter class reads only a SentencePiece ``tokenizer.model`` (``conversion/phi.py``).
 SPM_ONLY = frozenset({"phi3"})
 #: Cases beyond one per model type: ``<model_type>-spm`` runs it with a SentencePiece ``tokenizer.model``.
@@ -405,7 +407,8 @@ def build_case(name: str, root: Path, tokenizer_dir: Path | None, base_dtype: st
     if data.get("tokenizer_class") == "TokenizersBackend":
         data["tokenizer_class"] = "PreTrainedTokenizerFast"
         tok_config.write_text(json.dumps(data, indent=2))
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
+    # every linear layer of the language model (a vision tower gets no gradient from text)
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", exclude_modules=VISION_MODULES, task_type="CAUSAL_LM")
     _models.train_lora(model, config, seed=5).save_pretrained(lora)
     return base, lora
 
@@ -426,7 +429,11 @@ def run_case(name: str, workdir: Path, conv: Converter, types: list[str], tokeni
     """Merge, convert and export one case for every type; compare each pair."""
     case_root = workdir / f"{name}{'-smol' if tokenizer_dir else ''}{'' if merge_dtype == 'float32' else '-bf16base'}"
     result = CaseResult(f"{name}{'' if merge_dtype == 'float32' else ' bf16 base+merge'}")
-    base, lora = build_case(name, case_root / "model", tokenizer_dir, merge_dtype)
+    try:
+        base, lora = build_case(name, case_root / "model", tokenizer_dir, merge_dtype)
+    except Exception as exc:  # a case that cannot be built is reported, the others still run
+        result.error = f"building the tiny model failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        return result
     merged = case_root / f"merged-{merge_dtype}"
     run([*lorasave_cmd(), "merge", str(base), str(lora), "-o", str(merged), "--dtype", merge_dtype, "--overwrite", "--quiet"])
     for t in types:
