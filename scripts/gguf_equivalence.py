@@ -69,6 +69,7 @@ adapter changed differ, the rest (embeddings, norms: bf16 values exact in f32) s
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import shutil
 import subprocess
@@ -249,11 +250,11 @@ def lorasave_cmd() -> list[str]:
     return [str(script)] if script.is_file() else [sys.executable, "-m", "lorasave"]
 
 
-def tiny_bpe(vocab_size: int) -> Any:
-    """A byte-level BPE tokenizer trained on a sentence (its hash is unknown to the converter)."""
+def tiny_bpe(vocab_size: int, specials: tuple[str, ...] = ("<|endoftext|>",)) -> Any:
+    """A byte-level BPE tokenizer trained on a sentence (its hash is unknown to the converter), ``specials`` first."""
     import _models
 
-    return _models.build_byte_bpe_tokenizer("LoRA adapts a frozen model by adding a low-rank update to some of its weight matrices. " * 4, vocab_size)
+    return _models.build_byte_bpe_tokenizer("LoRA adapts a frozen model by adding a low-rank update to some of its weight matrices. " * 4, vocab_size, specials)
 
 
 def tiny_spm(out: Path, vocab_size: int) -> None:
@@ -318,12 +319,23 @@ TINY: dict[str, Any] = {
 #: Per ``model_type`` changes to the tiny config (after :data:`TINY`; into its ``text_config`` too).
 OVERRIDES: dict[str, dict[str, Any]] = {
     "mistral": {"sliding_window": None},
+    "mistral3": {"sliding_window": None},
+    "ministral3": {"sliding_window": None},
     "phi3": {"pad_token_id": None},
+    "qwen3_moe": {"norm_topk_prob": True},
+    # mrope_section sums to head_dim / 2 (16 / 2), as [16, 24, 24] does for Qwen2.5-VL's 128
+    "qwen2_5_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
+    "qwen3_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2], "mrope_interleaved": True}},
+}
+#: Special tokens the converter's ``set_vocab`` looks up, per model type (``Glm4Model``: ``<|user|>`` ...).
+SPECIALS: dict[str, tuple[str, ...]] = {
+    "glm4": ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
 }
 #: Modules of vision towers and projectors, left out of the case's LoRA (``LoraConfig.exclude_modules``).
 VISION_MODULES = r".*(vision|visual|multi_modal_projector|patch_embed|merger).*"
-#: Model types whose converter class reads only a SentencePiece ``tokenizer.model`` (``conversion/phi.py``).
-SPM_ONLY = frozenset({"phi3"})
+#: Model types run with a SentencePiece ``tokenizer.model``: the converter's class reads only that
+#: (``conversion/phi.py``) or lorasave's rules take no byte-level BPE (gemma2).
+SPM_ONLY = frozenset({"phi3", "gemma2"})
 #: Cases beyond one per model type: ``<model_type>-spm`` runs it with a SentencePiece ``tokenizer.model``.
 EXTRA_CASES = ("llama-spm", "gemma3_text-spm")
 
@@ -341,13 +353,14 @@ def tiny_config(model_type: str, vocab: int) -> Any:
     from transformers import AutoConfig
 
     default = AutoConfig.for_model(model_type).to_dict()
-    extra = OVERRIDES.get(model_type, {})
+    extra = copy.deepcopy(OVERRIDES.get(model_type, {}))  # transformers rewrites rope dicts in place
 
     def shrink(d: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in TINY.items() if k in d}
         for sub in ("text_config", "vision_config"):
             if isinstance(d.get(sub), dict):
-                out[sub] = {**d[sub], **shrink(d[sub]), **{k: v for k, v in extra.items() if k in d[sub]}}
+                mine = {k: v for k, v in extra.items() if k in d[sub]} if sub == "text_config" else {}  # overrides are the language model's
+                out[sub] = {**d[sub], **shrink(d[sub]), **mine}
                 out[sub].pop("layer_types", None)  # regenerated for the new layer count
         if "vocab_size" in d:
             out["vocab_size"] = vocab
@@ -355,7 +368,11 @@ def tiny_config(model_type: str, vocab: int) -> Any:
             out["layer_types"] = None
         return out
 
-    return AutoConfig.for_model(model_type, **{**shrink(default), **extra})
+    kwargs = shrink(default)
+    subs = [k for k in ("text_config", "vision_config") if isinstance(kwargs.get(k), dict)]
+    # an override goes where its key is: the top level, else the sub-configs that have it (done in shrink)
+    kwargs.update({k: v for k, v in extra.items() if k in default or not any(k in kwargs[sub] for sub in subs if sub == "text_config")})
+    return AutoConfig.for_model(model_type, **kwargs)
 
 
 def tiny_model(model_type: str, vocab: int) -> Any:
@@ -391,7 +408,7 @@ def build_case(name: str, root: Path, tokenizer_dir: Path | None, base_dtype: st
         model = tiny_model(model_type, _models.VOCAB)
         bos, eos = 1, 2  # sentencepiece: <unk> 0, <s> 1, </s> 2
     else:
-        tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else tiny_bpe(_models.VOCAB)
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else tiny_bpe(_models.VOCAB, SPECIALS.get(model_type, ("<|endoftext|>",)))
         model = tiny_model(model_type, len(tok) if tokenizer_dir else _models.VOCAB)
         bos, eos = tok.bos_token_id, tok.eos_token_id
         tok.save_pretrained(base)
