@@ -121,6 +121,26 @@ def test_experts_split_as_the_converter(gpt_oss: GgufCase) -> None:
     assert Q(q8["blk.0.ffn_up_exps.weight"].tensor_type) is Q.Q8_0
 
 
+def test_mxfp4_moe_bit_identical(gpt_oss: GgufCase) -> None:
+    """``mxfp4_moe`` writes the merged experts as MXFP4: every tensor's type and bytes as
+    ``llama_model_quantize`` of the f32 file; each file notes its experts' type (float merge, not the
+    checkpoint's MXFP4 blocks)."""
+    from lorasave.runtimes.llama_cpp import lib as llama_cpp
+
+    res = gpt_oss.export("mxfp4_moe")
+    ours = _tensors(res.gguf_file)
+    dst = gpt_oss.root / "llama-mxfp4_moe.gguf"
+    llama_cpp.quantize(gpt_oss.export("f32").gguf_file, dst, "mxfp4_moe")
+    theirs = _tensors(dst)
+    assert set(ours) == set(theirs)
+    for name, t in ours.items():
+        assert t.tensor_type == theirs[name].tensor_type, (name, t.tensor_type.name, theirs[name].tensor_type.name)
+        assert np.asarray(t.data).tobytes() == np.asarray(theirs[name].data).tobytes(), name
+    assert Q(ours["blk.0.ffn_gate_exps.weight"].tensor_type) is Q.MXFP4 and Q(ours["blk.0.ffn_gate_exps.bias"].tensor_type) is Q.F32
+    assert any(n.startswith("gpt-oss experts written as MXFP4 ") for n in res.notes), res.notes
+    assert any(n.startswith("gpt-oss experts written as Q8_0 ") for n in gpt_oss.export("q8_0").notes)
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [

@@ -351,6 +351,9 @@ class GgufModel:
             if n not in self.notes:
                 self.notes.append(n)
         extras = extra_tensors(self.config, self.rules, stream.value)
+        exps = sorted({g.qtype.name for g in tensors if "_exps." in g.name and g.name.endswith(".weight")})
+        if self.rules.expert_note and exps:
+            type_notes = [*type_notes, self.rules.expert_note.format(types="/".join(exps))]
 
         def start(path: Path) -> gguf.GGUFWriter:  # header, metadata, tensor infos
             w = gguf.GGUFWriter(None, self.rules.name)

@@ -297,6 +297,8 @@ class GgufArch:
         special_tokens: ``(kind, added token text)`` set as ``tokenizer.ggml.<kind>_token_id`` when the
             tokenizer files name none of that kind (``SpecialVocab._set_special_token`` in a converter
             ``set_vocab``, e.g. GLM-4's ``eot`` = ``<|user|>``).
+        expert_note: a note for every file with expert tensors (``ffn_*_exps``), ``{types}`` replaced by
+            their GGML types (gpt-oss: the merged experts are float, not the checkpoint's MXFP4).
     """
 
     arch: gguf.MODEL_ARCH
@@ -314,6 +316,7 @@ class GgufArch:
     special_tokens: tuple[tuple[str, str], ...] = ()
     text_of: TextOf | None = None
     weight_suffix: tuple[str, ...] = ()
+    expert_note: str | None = None
 
     def text_name(self, hf_name: str) -> str | None:
         """The text-model name of checkpoint tensor ``hf_name`` (itself without :attr:`text_of`, plus

@@ -38,6 +38,13 @@ GPTOSS_FUSED = (
 )
 
 
+#: The result note of a gpt-oss file (``GgufArch.expert_note``).
+EXPERT_NOTE = (
+    "gpt-oss experts written as {types} from the merged float weights (llama.cpp's converter keeps MXFP4 only "
+    "for experts stored as _blocks/_scales; type mxfp4_moe writes MXFP4 experts)"
+)
+
+
 def gptoss_params(hp: Hparams) -> list[MetaItem]:
     """``GptOssModel.set_gguf_parameters``: the text keys (YaRN included), ``attention.sliding_window``,
     ``expert_feed_forward_length``."""
@@ -79,5 +86,6 @@ ARCHITECTURES: dict[str, GgufArch] = {
         rope_types=frozenset({"default", "yarn"}),
         fused=GPTOSS_FUSED,
         weight_suffix=("sinks",),
+        expert_note=EXPERT_NOTE,
     ),
 }
