@@ -41,7 +41,7 @@ def _tables(quant_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(lookup uint8 (65536,), midpoints float32 (15,), order uint8 (16,))`` for ``quant_type``.
 
     ``lookup[h]`` is the (order-remapped) code of every float32 whose top 16 bits are ``h``
-    (indexed by ``h`` as int16, negative ones from the end), or ``_UNSURE``.
+    (unsigned), or ``_UNSURE``.
     """
     from lorasave.formats.bnb import import_bnb
 
@@ -105,7 +105,7 @@ def quantize_4bit(a: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
                 np.divide(x[full:], absmax[-1], out=s[full - start : n - start])
             if stop > n:
                 s[-1] = _ZERO  # padding to an even count
-            codes = np.take(table, s.view(np.int16)[1::2])  # top halves (little-endian)
+            codes = np.take(table, s.view(np.uint16)[1::2], mode="clip")  # top halves (little-endian); clip: no bounds checks
             unsure = np.flatnonzero(codes == _UNSURE)
             if unsure.size:
                 codes[unsure] = order[np.searchsorted(bounds, np.clip(s[unsure], -1, 1), side="left")]
