@@ -41,8 +41,8 @@ def main() -> None:
         times: dict[str, list[float]] = {"bitsandbytes": [], "lorasave": []}
         for _ in range(args.runs):
             for name, fn in (
-                ("bitsandbytes", lambda: F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type=qt)),
-                ("lorasave", lambda: quantize_4bit_state(w, 64, qt, True)),
+                ("bitsandbytes", lambda qt=qt: F.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type=qt)),
+                ("lorasave", lambda qt=qt: quantize_4bit_state(w, 64, qt, True)),
             ):
                 t0 = time.perf_counter()
                 fn()
