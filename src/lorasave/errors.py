@@ -250,6 +250,16 @@ class LlamaCppInstallError(LlamaCppError):
     """The llama.cpp runtime could not be installed: unsupported platform, download or integrity failure."""
 
 
+class LlamaCppConverterNotInstalledError(LorasaveError, FileNotFoundError):
+    """llama.cpp's own converter (``lorasave install-llama-cpp --converter``) is not installed where lorasave looks for it."""
+
+    exit_code = 2
+
+
+class LlamaCppConverterError(LlamaCppError):
+    """llama.cpp's own converter (``convert_hf_to_gguf.py``, run by the GGUF fallback) exited with an error."""
+
+
 # --- tensor dtypes lorasave cannot read or merge into (weight_dtypes) ---
 
 

@@ -146,13 +146,20 @@ def adapter_cmd(ctx: click.Context, adapter: str, output: str, dtype: str, opts:
 @click.option(
     "--dtype", type=click.Choice(["float32", "float16"], case_sensitive=False), default="float32", show_default=True, help="Weights, KV cache and logits."
 )
-@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Experimental: onnxruntime dynamic int8 (--dtype float32); check the verification.")
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the default domain (18 or newer).")
+@click.option(
+    "--quantize",
+    type=click.Choice(["int4", "int8"]),
+    default=None,
+    help="Weight-only MatMulNBits (every Linear and lm_head), onnxruntime's block quantizer.",
+)
+@click.option("--block-size", type=int, default=32, show_default=True, help="MatMulNBits block along the input axis (32, 128...).")
+@click.option("--asymmetric", is_flag=True, help="MatMulNBits with zero points (default symmetric).")
+@click.option("--opset", type=int, default=21, show_default=True, help="ONNX opset of the default domain (20 or newer).")
 @click.option(
     "--verify/--no-verify",
-    default=True,
+    default=False,
     show_default=True,
-    help="Compare onnxruntime with transformers; refuse the output beyond tolerance.",
+    help="Compare onnxruntime with the unmerged PeftModel in float32 (loads the base); refuse the output beyond tolerance.",
 )
 @_weights_option
 @_tokenizer_option("Copy")
@@ -165,18 +172,35 @@ def onnx_cmd(
     output: str,
     dtype: str,
     quantize: str | None,
+    block_size: int,
+    asymmetric: bool,
     opset: int,
     verify: bool,
     weights: list[float] | None,
     tokenizer: str | None,
     opts: _SaveOptions,
 ) -> None:
-    """Merge ADAPTER(s) into BASE in float32 and export an ONNX decoder with KV cache to OUT.
+    """Merge ADAPTER(s) into BASE and export an ONNX decoder with KV cache to OUT, weights streamed.
 
-    optimum's layout, run by onnxruntime. With no ADAPTER, BASE itself is exported. Needs pip install 'lorasave[onnx]'.
+    optimum's layout, run by onnxruntime and (genai_config.json) onnxruntime-genai. With no ADAPTER,
+    BASE itself is exported. Needs pip install 'lorasave[onnx]'.
     """
     export = _deferred("lorasave.formats.onnx.export", "export_onnx")
-    opts.save(ctx, export, base, list(adapters), output, dtype=dtype, quantize=quantize, opset=opset, verify=verify, weights=weights, tokenizer=tokenizer)
+    quant = {"quantize": quantize, "block_size": block_size, "symmetric": not asymmetric} if quantize else {}
+    opts.save(
+        ctx,
+        export,
+        base,
+        list(adapters),
+        output,
+        dtype=dtype,
+        opset=opset,
+        verify=verify,
+        weights=weights,
+        tokenizer=tokenizer,
+        progress=opts.progress,
+        **quant,
+    )
 
 
 @main.command("verify", short_help="Check an output against its manifest and sources.")

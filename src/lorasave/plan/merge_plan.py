@@ -284,6 +284,8 @@ def build_plan(
             return revert_to_checkpoint(model, state)
 
         def param_map(name: str, shape: tuple[int, ...]) -> list[str]:
+            if name in ckpt.tensors:  # the checkpoint stores the runtime parameter itself (fused experts)
+                return [name]
             return list(converter({name: torch.empty(shape, device="meta")}))
 
     renames = adapter_renames(ckpt.config, list(adapters), shapes, arch)

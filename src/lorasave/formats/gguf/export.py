@@ -92,6 +92,8 @@ class GgufResult:
             (``gguf_file`` is the first; the other fields describe it).
         types: the requested types, in order.
         quality: the quality report (``report=True``: ``lorasave.verify.quality.QualityReport``).
+        converter: set when llama.cpp's own converter wrote the files (``formats.gguf.fallback``):
+            what wrote them, e.g. ``"llama.cpp's convert_hf_to_gguf.py (v0.5.0)"``.
     """
 
     output: Path
@@ -111,6 +113,7 @@ class GgufResult:
     gguf_files: list[Path] = field(default_factory=list)
     types: list[str] = field(default_factory=list)
     quality: Any = None
+    converter: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json``)."""
@@ -127,10 +130,12 @@ class GgufResult:
         verified = "; verified" if self.verification and self.verification.get("ok") else ""
         size = f"{self.total_bytes / 1e6:.1f} MB"
         how = "; blocks encoded by llama.cpp's quantizer in the stream" if self.llama_cpp_quantized else ""
+        if self.converter:
+            how = f"; written by {self.converter} from the merged checkpoint, intermediates removed"
         ollama = "; Modelfile for Ollama" if self.modelfile else ""
         if len(self.gguf_files) > 1:
             names = ", ".join(p.name for p in self.gguf_files)
-            done = f"{self.n_merged} merged) in {self.seconds:.1f} s{ollama}{verified}"
+            done = f"{self.n_merged} merged) in {self.seconds:.1f} s{how if self.converter else ''}{ollama}{verified}"
             return f"wrote {len(self.gguf_files)} GGUF files into {self.output} from one read ({names}; {done}"
         return f"wrote {self.gguf_file} ({self.n_tensors} tensors: {types}; {size}, {self.n_merged} merged) in {self.seconds:.1f} s{how}{ollama}{verified}"
 
@@ -331,6 +336,28 @@ def plan_gguf(
     tok_dir = tokenizer_source(tokenizer, [a.root for a in ads], ckpt.root)
     final = check_output_path(Path(output_dir), [ckpt.root, *(a.root for a in ads), tok_dir], overwrite)
     stem = name if name is not None else safe_file_name(final.name)
+    from lorasave.formats.gguf.arch import ARCHITECTURES
+
+    if str(ckpt.config.get("model_type")) not in ARCHITECTURES:  # llama.cpp's own converter, when it knows the architecture
+        from lorasave.formats.gguf.fallback import plan_via_converter
+
+        if report or verify or importance is not None:
+            what = ", ".join(n for n, on in (("--report", report), ("--verify", verify), ("--imatrix", importance is not None)) if on)
+            raise InvalidOptionError(f"{what}: not with llama.cpp's converter, which writes {ckpt.config.get('model_type')!r} models for lorasave")
+        quant_options = {"pure": pure, "output_tensor_type": output_tensor_type, "token_embedding_type": token_embedding_type}
+        return plan_via_converter(
+            ckpt,
+            ads,
+            final,
+            types,
+            stem=stem,
+            tok_dir=tok_dir,
+            overwrite=overwrite,
+            modelfile=modelfile,
+            progress=progress,
+            quant_options=quant_options,
+            t_start=t_start,
+        )
     model = GgufModel.build(ckpt, ads, tok_dir, stem)
     writers: dict[GgufType, tuple[GgufOutput, list[str]]] = {}
     for st in types:

@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from lorasave.formats.gguf.encode import encode_into
-from lorasave.merging.stream import Block, Timings, check_finite
-from lorasave.plan.merge_plan import OutputTensor
+from lorasave.merging.stream import Timings
 
 
 class _PlainWrite(np.ndarray):
@@ -55,8 +54,9 @@ class EncodedTensor:
     (Llama Q/K, ``formats.gguf.export.permute_qk``) can be applied to the result.
 
     Args:
-        t: the planned tensor, shape ``(rows, ...)``.
-        qtype: the GGML type; ``t.shape[-1]`` a multiple of its block size.
+        shape: the GGUF tensor's shape, rows first (a planned tensor's, or ``(n_expert, rows, ne0)``
+            for stacked experts, whose pieces are added one after the other).
+        qtype: the GGML type; ``shape[-1]`` a multiple of its block size.
         nbytes: bytes of the encoded tensor (``formats.gguf.quant.tensor_nbytes``).
         shift: added to every value (Gemma's RMSNorm ``+1``), or 0.
         rows: only the first ``rows`` rows are encoded (``GgufTensor.rows``), or None for all.
@@ -70,7 +70,7 @@ class EncodedTensor:
 
     def __init__(
         self,
-        t: OutputTensor,
+        shape: tuple[int, ...],
         qtype: gguf.GGMLQuantizationType,
         nbytes: int,
         shift: float = 0.0,
@@ -78,34 +78,29 @@ class EncodedTensor:
         ggml: bool = False,
         importance: np.ndarray | None = None,
     ) -> None:
-        self.t = t
+        self.shape = shape
         self.qtype = qtype
         self.ggml = ggml and qtype is not gguf.GGMLQuantizationType.F32
-        self._ne0 = int(t.shape[-1]) if t.shape else 1
+        self._ne0 = int(shape[-1]) if shape else 1
         self.nbytes = nbytes
         self.shift = shift
         self._block = gguf.GGML_QUANT_SIZES[qtype][0]
         self._size = gguf.GGML_QUANT_SIZES[qtype][1]
         self.out = torch.empty(nbytes, dtype=torch.uint8)
         self._pos = 0
-        self.n_rows = (t.shape[0] if t.shape else 1) if rows is None else rows
-        self._want = self.n_rows * (int(np.prod(t.shape[1:])) if t.shape else 1)  # values written
+        self.n_rows = (shape[0] if shape else 1) if rows is None else rows
+        self._want = self.n_rows * (int(np.prod(shape[1:])) if shape else 1)  # values written
         self._done = 0
         self.importance = importance
-        self._rows_per_expert = int(t.shape[-2]) if len(t.shape) >= 2 else 1
+        self._rows_per_expert = int(shape[-2]) if len(shape) >= 2 else 1
 
-    def add(self, block: Block, timings: Timings) -> None:
-        """Encode the next block (blocks arrive in row order).
-
-        Raises:
-            NonFiniteResultError: a merged value is NaN or Inf.
-        """
+    def add(self, values: torch.Tensor, timings: Timings) -> None:
+        """Encode the next block of values (blocks arrive in row order; the caller checks merged values
+        are finite: ``merging.stream.check_finite``)."""
         if self._done >= self._want:
             return  # rows past ``rows`` are not written
         t0 = time.perf_counter()
-        if block.merged:
-            check_finite(self.t, block.values, block.start, block.stop)
-        x = block.values.reshape(-1)
+        x = values.reshape(-1)
         if x.dtype is not torch.float32:
             x = x.to(torch.float32)
         x = x[: self._want - self._done]  # (rows_blk * row_elems,)
@@ -140,7 +135,7 @@ class EncodedTensor:
     def result(self) -> torch.Tensor:
         """uint8 ``(rows, row_bytes)``: the encoded rows (one row for a 0-d tensor)."""
         if self._pos != self.nbytes:
-            raise AssertionError(f"{self.t.name}: encoded {self._pos} bytes, expected {self.nbytes}")
+            raise AssertionError(f"encoded {self._pos} bytes of a {list(self.shape)} tensor, expected {self.nbytes}")
         return self.out.reshape(self.n_rows, -1)
 
 

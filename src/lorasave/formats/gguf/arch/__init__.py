@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorasave.errors import UnsupportedModelError
-from lorasave.formats.gguf.arch import gemma, glm, granite, llama, olmo, phi, qwen, qwen35, qwenvl, smollm
+from lorasave.formats.gguf.arch import gemma, gemma4, glm, gptoss, granite, llama, mistral, olmo, phi, qwen, qwen35, qwenvl, smollm
 from lorasave.formats.gguf.arch.base import MULTIMODAL, GgufArch, Hparams, MetaItem, TextOf, VocabKind, head_counts, no_check, no_extra, rope_theta, text_params
 
 __all__ = [
@@ -47,11 +47,14 @@ ARCHITECTURES: dict[str, GgufArch] = {
     **llama.ARCHITECTURES,
     **qwen.ARCHITECTURES,
     **gemma.ARCHITECTURES,
+    **gemma4.ARCHITECTURES,
+    **mistral.ARCHITECTURES,
     **phi.ARCHITECTURES,
     **smollm.ARCHITECTURES,
     **granite.ARCHITECTURES,
     **olmo.ARCHITECTURES,
     **glm.ARCHITECTURES,
+    **gptoss.ARCHITECTURES,
     **qwenvl.ARCHITECTURES,
 }
 

@@ -28,6 +28,7 @@ class VocabKind(Enum):
     SPM = "sentencepiece"  # tokenizer.model (``TextModel._set_vocab_sentencepiece``)
     SPM_JSON = "sentencepiece-style tokenizer.json"  # byte_fallback BPE (``_set_vocab_llama_hf``)
     BPE = "byte-level BPE"  # tokenizer.json (``TextModel._set_vocab_gpt2``)
+    GEMMA4 = "gemma4 tokenizer.json"  # SentencePiece-style BPE as tokenizer model "gemma4" (``Gemma4Model.set_vocab``)
 
 
 #: ``find_hparam`` key lists of ``TextModel`` (``conversion/base.py``).
@@ -165,9 +166,69 @@ def text_params(hp: Hparams) -> list[MetaItem]:
         out.append((K.Attention.LAYERNORM_RMS_EPS, float(eps), V.FLOAT32))
     if (eps := f(("layer_norm_eps", "layer_norm_epsilon", "norm_epsilon"))) is not None:
         out.append((K.Attention.LAYERNORM_EPS, float(eps), V.FLOAT32))
+    out += expert_params(hp)
     if (head_dim := hp.h.get("head_dim")) is not None:
         out += [(K.Attention.KEY_LENGTH, int(head_dim), V.UINT32), (K.Attention.VALUE_LENGTH, int(head_dim), V.UINT32)]
     return out
+
+
+#: ``score_function``-style config values -> ``{arch}.expert_gating_func`` (``TextModel.set_gguf_parameters``;
+#: ``ExpertGatingFuncType`` of the runtime's gguf-py, whose ``SQRTSOFTPLUS = 4`` the installed gguf-py lacks).
+GATING = {"softmax": 1, "sigmoid": 2, "sqrtsoftplus": 4}
+
+
+def expert_params(hp: Hparams) -> list[MetaItem]:
+    """The expert keys of ``TextModel.set_gguf_parameters``: expert count, experts used, expert
+    groups and groups used, the gating function (none for a dense config).
+
+    Raises:
+        UnsupportedModelError: a gating function the converter does not know.
+    """
+    from lorasave.errors import UnsupportedModelError
+
+    out: list[MetaItem] = []
+    if (n := hp.find(("num_local_experts", "num_experts", "n_routed_experts"))) is not None:
+        out.append((K.LLM.EXPERT_COUNT, int(n), V.UINT32))
+    if (n := hp.find(("num_experts_per_tok", "num_experts_per_token", "top_k_experts"))) is not None:
+        out.append((K.LLM.EXPERT_USED_COUNT, int(n), V.UINT32))
+    if (n := hp.h.get("n_group")) is not None:
+        out.append((K.LLM.EXPERT_GROUP_COUNT, int(n), V.UINT32))
+    if (n := hp.h.get("topk_group")) is not None:
+        out.append((K.LLM.EXPERT_GROUP_USED_COUNT, int(n), V.UINT32))
+    names = ("score_function", "scoring_func", "score_func", "moe_router_activation", "moe_router_activation_func", "expert_selection_fn")
+    if (func := hp.find(names)) is not None:
+        if func not in GATING:
+            raise UnsupportedModelError(f"expert gating function {func!r} is not supported by llama.cpp's converter")
+        out.append((K.LLM.EXPERT_GATING_FUNC, GATING[func], V.UINT32))
+    return out
+
+
+@dataclass(frozen=True)
+class FusedExperts:
+    """A checkpoint tensor that holds every expert's matrices at once (transformers 5's fused experts).
+
+    Attributes:
+        suffix: the stored name's end, with or without ``.weight`` (``"mlp.experts.gate_up_proj"``).
+        into: the HF names, same prefix, its equal parts are written as (``("mlp.experts.gate_proj.weight",
+            "mlp.experts.up_proj.weight")``): the names gguf-py maps to ``ffn_gate_exps`` / ``ffn_up_exps``.
+        transposed: stored ``(n_expert, in, out)`` rather than ``(n_expert, out, in)`` (GGUF's
+            numpy order): each part's last two axes are swapped.
+        interleaved: the parts alternate along the split axis (gpt-oss ``gate_up_proj``) rather than
+            following each other.
+    """
+
+    suffix: str
+    into: tuple[str, ...]
+    transposed: bool = False
+    interleaved: bool = False
+
+
+#: ``Qwen2MoeModel.modify_tensors`` (``conversion/qwen.py``): ``gate_up_proj`` ``(E, 2 * n_ff, n_embd)``
+#: split on dim -2 into gate then up; ``down_proj`` ``(E, n_embd, n_ff)`` written as it is.
+QWEN_FUSED = (
+    FusedExperts("mlp.experts.gate_up_proj", ("mlp.experts.gate_proj.weight", "mlp.experts.up_proj.weight")),
+    FusedExperts("mlp.experts.down_proj", ("mlp.experts.down_proj.weight",)),
+)
 
 
 @dataclass(frozen=True)
@@ -227,11 +288,19 @@ class GgufArch:
         extra_tensors: generated tensors ``[(gguf name, float32 array)]``.
         check: refuses configs llama.cpp would not run as transformers does.
         rope_types: ``rope_type`` values supported (others are refused).
+        fused: the fused expert tensors the checkpoint may hold, and how they are split
+            (per-expert tensors ``...experts.N.<name>`` are stacked whatever this says).
         text_of: for a multimodal checkpoint, which tensors are the language model's and their
             text-model names (:data:`MULTIMODAL`); None: every tensor, names as they are.
+        weight_suffix: tensor names ending in one of these get ``.weight`` appended before mapping
+            (Gemma 4's ``layer_scalar``, the converter's ``filter_tensors``).
         special_tokens: ``(kind, added token text)`` set as ``tokenizer.ggml.<kind>_token_id`` when the
             tokenizer files name none of that kind (``SpecialVocab._set_special_token`` in a converter
             ``set_vocab``, e.g. GLM-4's ``eot`` = ``<|user|>``).
+        mtp_layers: checkpoint layers at index ``>= num_hidden_layers`` are multi-token-prediction
+            (``nextn``) layers, left out of the file as the converter's ``--no-mtp`` does (GLM-4.5).
+        expert_note: a note for every file with expert tensors (``ffn_*_exps``), ``{types}`` replaced by
+            their GGML types (gpt-oss: the merged experts are float, not the checkpoint's MXFP4).
     """
 
     arch: gguf.MODEL_ARCH
@@ -245,13 +314,21 @@ class GgufArch:
     extra_tensors: Callable[[Hparams], list[tuple[str, np.ndarray]]] = no_extra
     check: Callable[[Hparams], None] = no_check
     rope_types: frozenset[str] = field(default_factory=lambda: frozenset({"default", "linear"}))
+    fused: tuple[FusedExperts, ...] = QWEN_FUSED
     special_tokens: tuple[tuple[str, str], ...] = ()
     text_of: TextOf | None = None
+    weight_suffix: tuple[str, ...] = ()
+    expert_note: str | None = None
+    mtp_layers: bool = False
 
     def text_name(self, hf_name: str) -> str | None:
-        """The text-model name of checkpoint tensor ``hf_name`` (itself without :attr:`text_of`), or
-        None for a tensor the language model's GGUF leaves out (a vision tower's)."""
-        return hf_name if self.text_of is None else self.text_of.name(hf_name)
+        """The text-model name of checkpoint tensor ``hf_name`` (itself without :attr:`text_of`, plus
+        ``.weight`` after a :attr:`weight_suffix`), or None for a tensor the language model's GGUF leaves
+        out (a vision tower's)."""
+        name = hf_name if self.text_of is None else self.text_of.name(hf_name)
+        if name is not None and name.endswith("e_score_correction_bias"):  # ModelBase.filter_tensors, every model
+            name = name.replace("e_score_correction_bias", "e_score_correction.bias")
+        return name + ".weight" if name is not None and self.weight_suffix and name.endswith(self.weight_suffix) else name
 
     @property
     def name(self) -> str:

@@ -1,4 +1,4 @@
-"""Llama and Mistral (``conversion/llama.py`` ``LlamaModel`` of llama.cpp v0.5.0): Q/K rows
+"""Llama, Mistral and Mixtral (``conversion/llama.py`` ``LlamaModel`` of llama.cpp v0.5.0): Q/K rows
 permuted to interleaved RoPE, ``vocab_size`` and ``rope.dimension_count``, Llama 3.1 RoPE as
 ``rope_freqs.weight``."""
 
@@ -63,5 +63,6 @@ LLAMA = GgufArch(
 )
 
 
-#: HF ``model_type`` -> rules.
-ARCHITECTURES: dict[str, GgufArch] = {"llama": LLAMA, "mistral": LLAMA}
+#: HF ``model_type`` -> rules. Mixtral is ``llama`` with experts (``LlamaModel`` stacks
+#: ``block_sparse_moe.experts.N.w1/w2/w3`` into ``ffn_gate/down/up_exps``; ``src/models/llama.cpp``).
+ARCHITECTURES: dict[str, GgufArch] = {"llama": LLAMA, "mistral": LLAMA, "mixtral": LLAMA}
