@@ -141,6 +141,24 @@ def test_mxfp4_moe_bit_identical(gpt_oss: GgufCase) -> None:
     assert any(n.startswith("gpt-oss experts written as Q8_0 ") for n in gpt_oss.export("q8_0").notes)
 
 
+def test_mxfp4_checkpoint_refused(gpt_oss: GgufCase, tmp_path: Path) -> None:
+    """OpenAI's published checkpoints keep the experts as MXFP4 ``_blocks`` / ``_scales`` (``quant_method``
+    ``mxfp4``): refused in one line naming it (the merge needs the float experts, e.g. a BF16 copy)."""
+    import shutil
+
+    from lorasave.formats.gguf.export import export_gguf
+
+    base = tmp_path / "base"
+    shutil.copytree(gpt_oss.base, base)
+    cfg = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(
+        json.dumps({**cfg, "quantization_config": {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}})
+    )
+    with pytest.raises(UnsupportedModelError, match="mxfp4") as e:
+        export_gguf(base, gpt_oss.lora, tmp_path / "out", type="f32", modelfile=False)
+    assert "\n" not in str(e.value)
+
+
 @pytest.mark.parametrize(
     ("change", "match"),
     [
