@@ -9,8 +9,8 @@ default ``/tmp/lorasave-bench``: a random bf16 Llama of ~1.1B parameters in two 
 r=16 LoRA on q/k/v/o/gate/up/down; ``--small``: the ~20M-parameter one) and gives it a tokenizer:
 a byte-level BPE ``tokenizer.json`` trained on a paragraph (``WORKDIR/tokenizer-bpe``), passed to
 both tools with ``--tokenizer``. The converter is the ``convert_hf_to_gguf.py`` of the
-``llama-cpp-python==0.3.36`` sdist in its own venv (``scripts/gguf_equivalence.py`` builds it,
-cached in ``~/.cache/lorasave/converter``); its pre-tokenizer table does not know the trained
+pinned runtime's llama.cpp (v0.5.0) in its own venv (``lorasave install-llama-cpp --converter``,
+installed when missing); its pre-tokenizer table does not know the trained
 tokenizer, so it runs through that script's shim, which answers ``tokenizer.ggml.pre``.
 
 Then it times, each step as its own subprocess under ``/usr/bin/time -f %M`` (peak RSS), after one
@@ -138,7 +138,7 @@ def build_tokenizer(workdir: Path, vocab_size: int) -> Path:
 
 
 def converter_command(conv: Any, model: Path, out: Path) -> list[str]:
-    return [str(conv.python), "-c", SHIM, str(conv.source), str(model), "--outtype", GGUF_TYPE, "--outfile", str(out)]
+    return list(conv.command(model, out, GGUF_TYPE, prelude=SHIM))
 
 
 def run_tool(tool: Tool, outputs: list[Path], manifest: Path | None) -> Run:
@@ -161,13 +161,13 @@ def load_average() -> str:
 
 def main() -> None:
     parser = bench_merge.bench_parser(__doc__)
-    parser.add_argument("--converter-dir", type=Path, default=Path.home() / ".cache" / "lorasave" / "converter")
+    parser.add_argument("--converter-dir", type=Path, default=None, help="llama.cpp's converter (default: lorasave's, installed when missing)")
     args = parser.parse_args()
     shape_name = bench_merge.bench_setup(args)
     base, adapter = build_fixture(args.workdir, shape_name)
     vocab = json.loads((base / "config.json").read_text())["vocab_size"]
     tok = build_tokenizer(args.workdir, vocab)
-    conv = ensure_converter(args.converter_dir.expanduser())
+    conv = ensure_converter(args.converter_dir)
 
     outdir = args.workdir / "out-gguf"
     outdir.mkdir(exist_ok=True)

@@ -3,7 +3,7 @@
 Run::
 
     python benchmarks/gguf_quant.py [--workdir DIR] [--runs 3] [--small] [--threads N] [--tools abcd]
-                                    [--llama-src DIR]
+                                    [--converter-dir DIR]
 
 It uses the base + adapter of ``benchmarks/merge.py`` (built once, cached in ``--workdir``,
 default ``/tmp/lorasave-bench``: a random bf16 Llama of ~1.1B parameters in two shards and an r=16
@@ -23,11 +23,10 @@ machine's cores):
   (d1) the ladder in one pass: ``lorasave gguf --type q8_0,q6_k,q5_k_m,q4_k_m``
   (d4) the same four types as four ``lorasave gguf --type X`` runs
 
-The converter venv of (c) is built once in ``WORKDIR/converter-v0.5.0`` from the converter's own
-``requirements/requirements-convert_hf_to_gguf.txt`` (torch 2.11.0, transformers 4.57.6, ...) and
-its own ``gguf-py``; the source is ``--llama-src`` (default ``/tmp/llama-src``) or, when that has no
-``convert_hf_to_gguf.py``, the git bundle ``llama/gitRelease.bundle`` of the npm package
-``node-llama-cpp@3.22.1`` (``npm pack``, then ``git clone`` of the bundle), cached there too.
+The converter of (c) is llama.cpp v0.5.0's, from the git bundle of the npm package
+``node-llama-cpp@3.22.1``, in its own venv with its own requirements (torch 2.11.0, transformers
+4.57.6, ...) and gguf-py: ``lorasave install-llama-cpp --converter``
+(``lorasave.runtimes.llama_cpp.converter``), installed once when missing (``--converter-dir``).
 
 Timing is that of merge.py: every command under ``/usr/bin/time -f %M`` (peak RSS), one untimed
 warm-up per tool, the runs going round the tools in turn, the median of ``--runs``; a tool's wall is
@@ -47,10 +46,8 @@ import contextlib
 import importlib.util
 import json
 import os
-import shutil
 import statistics
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -69,13 +66,13 @@ _spec.loader.exec_module(bench_pipeline)
 bench_gguf = bench_pipeline._load("bench_gguf", HERE / "gguf.py")  # puts scripts/ on sys.path
 bench_merge = bench_pipeline.bench_merge
 Command, Step, load_average = bench_pipeline.Command, bench_pipeline.Step, bench_pipeline.load_average
-from gguf_equivalence import SHIM, Converter, run  # noqa: E402
+from gguf_equivalence import SHIM, ensure_converter  # noqa: E402
+
+from lorasave.runtimes.llama_cpp.converter import Converter  # noqa: E402
 
 QUANT_TYPE = "q4_k_m"
 LADDER = ["q8_0", "q6_k", "q5_k_m", "q4_k_m"]
 CONVERTER_OUTTYPE = "bf16"
-NPM_PACKAGE = "node-llama-cpp@3.22.1"
-BUNDLE = "package/llama/gitRelease.bundle"
 TARGET_C_OVER_A = 3.0  # (c) wall / (a) wall >= this
 TARGET_RSS_MIB = 1.5 * 1024
 TARGET_LADDER = 1.6  # (d1) wall / (a) wall <= this
@@ -84,50 +81,6 @@ TEMP_TOLERANCE = 1 << 20  # bytes: "no temporary file" = peak - deliverables bel
 QUANTIZE_SCRIPT = (
     "import sys\nfrom lorasave.runtimes.llama_cpp.lib import quantize\nquantize(sys.argv[1], sys.argv[2], sys.argv[3], nthread=int(sys.argv[4]))\n"
 )
-
-
-# --------------------------------------------------------------------------- the converter of (c)
-
-
-def llama_source(given: Path, cache: Path) -> Path:
-    """llama.cpp v0.5.0's source: ``given`` if it has ``convert_hf_to_gguf.py``, else cloned once from the npm bundle."""
-    if (given / "convert_hf_to_gguf.py").is_file():
-        return given
-    source = cache / "llama-src"
-    if (source / "convert_hf_to_gguf.py").is_file():
-        return source
-    dl = cache / "dl"
-    dl.mkdir(parents=True, exist_ok=True)
-    print(f"{given} has no convert_hf_to_gguf.py: fetching llama.cpp's source from the npm package {NPM_PACKAGE} ...", flush=True)
-    run(["npm", "pack", NPM_PACKAGE, "--pack-destination", str(dl)])
-    tgz = max(dl.glob("node-llama-cpp-*.tgz"))
-    with tarfile.open(tgz) as tar:
-        tar.extractall(dl, members=[tar.getmember(BUNDLE)], filter="data")
-    shutil.rmtree(source, ignore_errors=True)
-    run(["git", "clone", "--quiet", str(dl / BUNDLE), str(source)])
-    return source
-
-
-def ensure_converter_venv(source: Path, cache: Path) -> Converter:
-    """The venv of ``source``'s converter, built once: its requirements file's pins + its own gguf-py."""
-    venv, requirements = cache / "venv", source / "requirements" / "requirements-convert_hf_to_gguf.txt"
-    python, marker = venv / "bin" / "python", cache / "READY.json"
-    signature = {"source": str(source), "requirements": requirements.read_text()}
-    if marker.is_file() and json.loads(marker.read_text()) == signature and python.is_file():
-        return Converter(python, source)
-    install = [str(python), "-m", "pip", "install", "--quiet", "-r", str(requirements), str(source / "gguf-py")]
-    print(f"creating the converter venv {venv} (once; several GB with torch): {' '.join(install)}", flush=True)
-    shutil.rmtree(venv, ignore_errors=True)
-    marker.unlink(missing_ok=True)
-    run([sys.executable, "-m", "venv", str(venv)])
-    run(install)
-    marker.write_text(json.dumps(signature))
-    return Converter(python, source)
-
-
-def converter_versions(conv: Converter) -> str:
-    code = "import torch, transformers, numpy, gguf; print(f'torch {torch.__version__}, transformers {transformers.__version__}, numpy {numpy.__version__}')"
-    return run([str(conv.python), "-c", code]).stdout.strip()
 
 
 # --------------------------------------------------------------------------- running
@@ -260,7 +213,7 @@ def make_tools(tools: str, base: Path, adapter: Path, tok: Path, conv: Converter
         assert conv is not None
         merged, bf16, dst = root / "c" / "merged", root / "c" / f"bench-{CONVERTER_OUTTYPE}.gguf", root / "c" / f"bench-{QUANT_TYPE}.gguf"
         merge = [*ls, "merge", str(base), str(adapter), "-o", str(merged), *flags[:4], "--overwrite", "--json", "--quiet"]
-        convert = [str(conv.python), "-c", SHIM, str(conv.source), str(merged), "--outtype", CONVERTER_OUTTYPE, "--outfile", str(bf16)]
+        convert = conv.command(merged, bf16, CONVERTER_OUTTYPE, prelude=SHIM)
         steps = [Command("lorasave merge", merge, {"merge": merged}), Command(f"convert_hf_to_gguf {CONVERTER_OUTTYPE}", convert, {}), quantize(bf16, dst)]
         result.append(Tool("c", "(c) merge + convert + quantize", steps, root / "c", [dst]))
     if "d" in tools:
@@ -368,7 +321,7 @@ def main() -> None:
     parser = bench_merge.bench_parser(__doc__)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="threads for every tool (default: the cores)")
     parser.add_argument("--tools", default="abcd", help="which of a (streamed), b (f16 + quantize), c (Unsloth's path), d (ladder) to run")
-    parser.add_argument("--llama-src", type=Path, default=Path("/tmp/llama-src"), help="llama.cpp v0.5.0 source (else fetched from npm)")
+    parser.add_argument("--converter-dir", type=Path, default=None, help="llama.cpp's converter (default: lorasave's, installed when missing)")
     args = parser.parse_args()
     if args.threads < 1:
         sys.exit("--threads must be >= 1")
@@ -379,9 +332,8 @@ def main() -> None:
     tok = bench_gguf.build_tokenizer(args.workdir, json.loads((base / "config.json").read_text())["vocab_size"])
     conv, versions = None, "not run"
     if "c" in args.tools:
-        cache = args.workdir / "converter-v0.5.0"
-        conv = ensure_converter_venv(llama_source(args.llama_src, cache), cache)
-        versions = f"{conv.source / 'convert_hf_to_gguf.py'} ({converter_versions(conv)})"
+        conv = ensure_converter(args.converter_dir)
+        versions = f"{conv.source / 'convert_hf_to_gguf.py'} ({conv.versions()})"
         os.environ["LORASAVE_FALLBACK_PRE"] = "gpt-2"  # the shim's tokenizer.ggml.pre for the trained BPE: lorasave's
         os.environ.pop("NO_LOCAL_GGUF", None)
     tools = make_tools(args.tools, base, adapter, tok, conv, args.workdir / "gguf-quant" / shape_name, args.threads)

@@ -2,18 +2,23 @@
 
 Run::
 
-    python scripts/gguf_equivalence.py [--workdir DIR] [--cases llama,qwen2,...] [--types f16,bf16,q8_0]
-                                       [--smollm2 DIR] [--no-bf16-path]
+    python scripts/gguf_equivalence.py [--workdir DIR] [--cases llama,qwen2,...] [--types f32,f16,bf16,q8_0]
+                                       [--smollm2 DIR] [--no-bf16-path] [--converter-dir DIR]
 
-Not part of CI: the converter needs its own virtual environment (~1 GB with torch).
+Not part of CI: the converter needs its own virtual environment (1-5 GB with torch).
 
-Setup (once, cached in ``--converter-dir``, default ``~/.cache/lorasave/converter``): the PyPI
-sdist of ``llama-cpp-python==0.3.36`` (``pip download --no-deps --no-binary=llama-cpp-python``,
-77 MB; the sdist vendors llama.cpp ``0c1e57098``), from which ``vendor/llama.cpp/convert_hf_to_gguf.py``,
-``conversion/`` and ``gguf-py/`` are extracted, and a venv with that vendored ``gguf-py`` (it is
-not PyPI ``gguf`` 0.19: the converter fails on the PyPI one) plus ``torch==2.13.0``, and the
-converter's ``requirements-convert_*.txt`` pins (``transformers==4.57.6``, ``numpy~=2.2.6``,
-sentencepiece, protobuf) and safetensors, jinja2.
+The converter is llama.cpp's own, of the runtime's version (v0.5.0): ``convert_hf_to_gguf.py``,
+``conversion/`` and ``gguf-py/`` from the git bundle ``llama/gitRelease.bundle`` of the npm package
+``node-llama-cpp@3.22.1`` (sha512-pinned), in a venv with its own
+``requirements/requirements-convert_hf_to_gguf.txt`` (torch 2.11.0, transformers 4.57.6, numpy
+2.2.x, sentencepiece, protobuf) and its own gguf-py: ``lorasave install-llama-cpp --converter``
+(:mod:`lorasave.runtimes.llama_cpp.converter`; this script installs it when missing, once).
+
+The cases are data: every ``model_type`` of ``lorasave.formats.gguf.arch.ARCHITECTURES`` (so an
+architecture added there is picked up), each built tiny by :func:`tiny_model` from transformers'
+default config of that type with :data:`TINY`'s sizes (for the keys that type's config has, its
+``text_config`` / ``vision_config`` included) and the per-type changes of :data:`OVERRIDES`, plus the
+SentencePiece variants of :data:`EXTRA_CASES`.
 
 For each case (a tiny model of the architecture with a LoRA trained a few steps, the tokenizer of
 SmolLM2 when ``--smollm2`` points at examples/real_model.py's ``smollm2-hf``, else a tiny byte-level
@@ -65,13 +70,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -79,22 +81,11 @@ from typing import Any
 import gguf
 import numpy as np
 
+from lorasave.errors import LlamaCppConverterError
+from lorasave.runtimes.llama_cpp.converter import GUARD_SETUP, INSTALL_COMMAND, RUN_CONVERTER, Converter, find_converter, install_converter, is_installed
+
 ROOT = Path(__file__).resolve().parents[1]
-SDIST_VERSION = "0.3.36"
-SDIST = f"llama_cpp_python-{SDIST_VERSION}.tar.gz"
-VENDOR = f"llama_cpp_python-{SDIST_VERSION}/vendor/llama.cpp"
-# The converter venv: torch pinned to the local CPU wheel, the rest from the converter's
-# requirements/requirements-convert_hf_to_gguf.txt + requirements-convert_legacy_llama.txt.
-VENV_PINS = [
-    "torch==2.13.0",
-    "transformers==4.57.6",
-    "numpy~=2.2.6",
-    "sentencepiece>=0.1.98,<0.3.0",
-    "protobuf>=4.21.0,<5.0.0",
-    "safetensors",
-    "jinja2",
-]
-TYPES = ("f16", "bf16", "q8_0")
+TYPES = ("f32", "f16", "bf16", "q8_0")
 #: Keys allowed to differ: names and provenance stamps, not model facts. Both tools derive
 #: ``general.name`` from a folder name (the converter title-cases M's folder name, "Merged Float32";
 #: lorasave uses ``--name``/OUT's name); the converter copies ``general.tags`` (and other
@@ -113,13 +104,11 @@ CUT_TOKEN_KEYS = frozenset({"tokenizer.ggml.tokens", "tokenizer.ggml.token_type"
 #: Keys that are GGUF file structure, not metadata, as gguf-py's reader exposes them.
 STRUCTURE_KEYS = frozenset({"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"})
 
-# Runs the converter; if its pre-tokenizer hash table has no entry for the tokenizer, answer with
-# $LORASAVE_FALLBACK_PRE instead of raising (and say so on stderr).
-SHIM = """
-import os, runpy, sys
-here = sys.argv.pop(1)
-sys.path.insert(0, here)
-sys.path.insert(1, os.path.join(here, "gguf-py"))
+# Runs the converter (remote code refused, as lorasave runs it); if its pre-tokenizer hash table has
+# no entry for the tokenizer, answer with $LORASAVE_FALLBACK_PRE instead of raising (said on stderr).
+SHIM = (
+    GUARD_SETUP
+    + """
 from conversion import base
 original = base.TextModel.get_vocab_base_pre
 def patched(self, tokenizer):
@@ -129,36 +118,23 @@ def patched(self, tokenizer):
         print("LORASAVE-SHIM: pre-tokenizer hash unknown, using", os.environ["LORASAVE_FALLBACK_PRE"], file=sys.stderr)
         return os.environ["LORASAVE_FALLBACK_PRE"]
 base.TextModel.get_vocab_base_pre = patched
-sys.argv[0] = os.path.join(here, "convert_hf_to_gguf.py")
-runpy.run_path(sys.argv[0], run_name="__main__")
 """
+    + RUN_CONVERTER
+)
 
 
 # --------------------------------------------------------------------------- the converter
 
 
-@dataclass(frozen=True)
-class Converter:
-    """The converter's venv python and the folder holding ``convert_hf_to_gguf.py``."""
+def convert(conv: Converter, model: Path, out: Path, outtype: str, fallback_pre: str) -> tuple[float, bool]:
+    """Run the converter through :data:`SHIM`; return (wall seconds, whether the pre-tokenizer was patched).
 
-    python: Path
-    source: Path
-
-    def convert(self, model: Path, out: Path, outtype: str, fallback_pre: str) -> tuple[float, bool]:
-        """Run the converter; return (wall seconds, whether the pre-tokenizer was patched)."""
-        env = {**os.environ, "LORASAVE_FALLBACK_PRE": fallback_pre}
-        env.pop("NO_LOCAL_GGUF", None)
-        cmd = [str(self.python), "-c", SHIM, str(self.source), str(model), "--outtype", outtype, "--outfile", str(out)]
-        start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-        seconds = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise ConverterError(f"convert_hf_to_gguf.py failed: {proc.stderr.strip().splitlines()[-1]}")
-        return seconds, "LORASAVE-SHIM" in proc.stderr
-
-
-class ConverterError(Exception):
-    """The converter exited with an error (its last line)."""
+    Raises:
+        LlamaCppConverterError: the converter failed.
+    """
+    start = time.perf_counter()
+    log = conv.convert(model, out, outtype, env={"LORASAVE_FALLBACK_PRE": fallback_pre}, prelude=SHIM)
+    return time.perf_counter() - start, "LORASAVE-SHIM" in log
 
 
 def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -169,46 +145,12 @@ def run(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return proc
 
 
-def ensure_converter(cache: Path) -> Converter:
-    """Download the sdist, extract the converter and build its venv, once (``READY.json``)."""
-    source = cache / "src" / VENDOR
-    venv = cache / "venv"
-    python = venv / "bin" / "python"
-    marker = cache / "READY.json"
-    signature = {"sdist": SDIST, "pins": VENV_PINS}
-    if marker.is_file() and json.loads(marker.read_text()) == signature and python.is_file():
-        return Converter(python, source)
-    cache.mkdir(parents=True, exist_ok=True)
-    sdist = cache / "dl" / SDIST
-    if not sdist.is_file():
-        print(f"downloading the llama-cpp-python {SDIST_VERSION} sdist (77 MB) ...", flush=True)
-        # --no-binary for this package only: its build dependencies (scikit-build-core, cmake)
-        # may come as wheels; pip prepares the sdist's metadata but builds nothing.
-        run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-binary=llama-cpp-python",
-                f"llama-cpp-python=={SDIST_VERSION}",
-                "-d",
-                str(sdist.parent),
-            ]
-        )
-    print(f"extracting convert_hf_to_gguf.py, conversion/ and gguf-py/ from {sdist.name} ...", flush=True)
-    shutil.rmtree(cache / "src", ignore_errors=True)
-    wanted = (f"{VENDOR}/convert_hf_to_gguf.py", f"{VENDOR}/conversion/", f"{VENDOR}/gguf-py/", f"{VENDOR}/requirements/")
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if m.name.startswith(wanted) or m.name == wanted[0]]
-        tar.extractall(cache / "src", members=members, filter="data")
-    print(f"creating the converter venv {venv} (torch, transformers, vendored gguf-py) ...", flush=True)
-    shutil.rmtree(venv, ignore_errors=True)
-    run([sys.executable, "-m", "venv", str(venv)])
-    run([str(python), "-m", "pip", "install", "--quiet", *VENV_PINS, str(source / "gguf-py")])
-    marker.write_text(json.dumps(signature))
-    return Converter(python, source)
+def ensure_converter(folder: Path | None = None) -> Converter:
+    """llama.cpp's converter of the runtime's version, installed into ``folder`` (default: lorasave's) when missing."""
+    if not is_installed(folder):
+        print(f"installing llama.cpp's converter ({INSTALL_COMMAND}; once, several minutes) ...", flush=True)
+        print(install_converter(folder).summary(), flush=True)
+    return find_converter(folder)
 
 
 # --------------------------------------------------------------------------- reading + comparing
@@ -336,43 +278,100 @@ def tiny_spm(out: Path, vocab_size: int) -> None:
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
 
 
-def _config_builders() -> dict[str, Callable[[int], Any]]:
-    """Case name -> function(vocab) -> a tiny transformers model (fixed seeds)."""
+#: Sizes every tiny model gets, for the keys its default config has (its ``text_config`` and
+#: ``vision_config`` too): small, with the real models' relations kept where a key says so (head_dim
+#: 16 with 4 heads over hidden 64; 4 experts, top-2; MLA ranks below hidden).
+TINY: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "initializer_range": 0.1,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "num_experts_per_tok": 2,
+    "n_group": 1,
+    "topk_group": 1,
+    "kv_lora_rank": 32,
+    "q_lora_rank": 48,
+    "qk_rope_head_dim": 8,
+    "qk_nope_head_dim": 16,
+    "v_head_dim": 16,
+    "sliding_window": 16,
+    "query_pre_attn_scalar": 16,
+    "vocab_size_per_layer_input": 64,
+    "hidden_size_per_layer_input": 16,
+    # vision towers
+    "depth": 1,
+    "out_hidden_size": 64,
+    "image_size": 32,
+    "patch_size": 8,
+}
+#: Per ``model_type`` changes to the tiny config (after :data:`TINY`; into its ``text_config`` too).
+OVERRIDES: dict[str, dict[str, Any]] = {
+    "mistral": {"sliding_window": None},
+    "phi3": {"pad_token_id": None},
+}
+#: Model types whose converter class reads only a SentencePiece ``tokenizer.model`` (``conversion/phi.py``).
+SPM_ONLY = frozenset({"phi3"})
+#: Cases beyond one per model type: ``<model_type>-spm`` runs it with a SentencePiece ``tokenizer.model``.
+EXTRA_CASES = ("llama-spm", "gemma3_text-spm")
+
+
+def default_cases() -> list[str]:
+    """One case per ``model_type`` of ARCHITECTURES (``SPM_ONLY`` ones as ``-spm``), then :data:`EXTRA_CASES`."""
+    from lorasave.formats.gguf.arch import ARCHITECTURES
+
+    cases = [f"{m}-spm" if m in SPM_ONLY else m for m in ARCHITECTURES]
+    return cases + [c for c in EXTRA_CASES if c.removesuffix("-spm") in ARCHITECTURES and c not in cases]
+
+
+def tiny_config(model_type: str, vocab: int) -> Any:
+    """transformers' default config of ``model_type`` with :data:`TINY`'s sizes and :data:`OVERRIDES`."""
+    from transformers import AutoConfig
+
+    default = AutoConfig.for_model(model_type).to_dict()
+    extra = OVERRIDES.get(model_type, {})
+
+    def shrink(d: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in TINY.items() if k in d}
+        for sub in ("text_config", "vision_config"):
+            if isinstance(d.get(sub), dict):
+                out[sub] = {**d[sub], **shrink(d[sub]), **{k: v for k, v in extra.items() if k in d[sub]}}
+                out[sub].pop("layer_types", None)  # regenerated for the new layer count
+        if "vocab_size" in d:
+            out["vocab_size"] = vocab
+        if "layer_types" in d:
+            out["layer_types"] = None
+        return out
+
+    return AutoConfig.for_model(model_type, **{**shrink(default), **extra})
+
+
+def tiny_model(model_type: str, vocab: int) -> Any:
+    """A tiny float32 model of ``model_type`` (seed 3): :func:`tiny_config`, causal LM head, else image-text-to-text."""
     import torch
-    import transformers as tf
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    import _models
-
-    def resized(model: Any, vocab: int) -> Any:
-        if vocab != model.config.vocab_size:
-            model.resize_token_embeddings(vocab, mean_resizing=False)
-        return model
-
-    def other(config_name: str, model_name: str, **extra: Any) -> Callable[[int], Any]:
-        def build(vocab: int) -> Any:
-            torch.manual_seed(3)
-            common = {**_models._COMMON, "vocab_size": vocab, "intermediate_size": 96, **extra}
-            return getattr(tf, model_name)(getattr(tf, config_name)(**common)).eval()
-
-        return build
-
-    return {
-        "llama": lambda v: resized(_models.build_llama(), v),
-        "qwen2": lambda v: resized(_models.build_qwen2(), v),
-        "qwen3": other("Qwen3Config", "Qwen3ForCausalLM", head_dim=16),
-        "gemma3": other("Gemma3TextConfig", "Gemma3ForCausalLM", head_dim=16, query_pre_attn_scalar=16, sliding_window=16),
-        "phi3": other("Phi3Config", "Phi3ForCausalLM", pad_token_id=None),
-        "mistral": other("MistralConfig", "MistralForCausalLM", sliding_window=None),
-    }
-
-
-#: Cases whose converter class reads only a SentencePiece ``tokenizer.model`` (``conversion/phi.py``).
-SPM_CASES = frozenset({"phi3", "llama-spm", "gemma3-spm"})
+    config = tiny_config(model_type, vocab)
+    torch.manual_seed(3)
+    try:
+        model = AutoModelForCausalLM.from_config(config)
+    except ValueError:
+        model = AutoModelForImageTextToText.from_config(config)
+    return model.float().eval()
 
 
 def build_case(name: str, root: Path, tokenizer_dir: Path | None, base_dtype: str = "float32") -> tuple[Path, Path]:
-    """Tiny base (``base_dtype``, with tokenizer) and a LoRA trained a few steps (in float32); cached in ``root``."""
+    """Tiny base (``base_dtype``, with tokenizer) and a LoRA on every linear layer trained a few steps (in float32); cached in ``root``."""
     base, lora = root / "base", root / "lora"
     if (lora / "adapter_config.json").is_file():
         return base, lora
@@ -384,19 +383,21 @@ def build_case(name: str, root: Path, tokenizer_dir: Path | None, base_dtype: st
     import _models
 
     shutil.rmtree(root, ignore_errors=True)
-    arch = name.removesuffix("-spm")
-    if name in SPM_CASES:
+    model_type = name.removesuffix("-spm")
+    if name.endswith("-spm"):
         tiny_spm(base, _models.VOCAB)
-        model = _config_builders()[arch](_models.VOCAB)
-        model.config.bos_token_id, model.config.eos_token_id = 1, 2  # sentencepiece: <unk> 0, <s> 1, </s> 2
-        model.save_pretrained(base)
+        model = tiny_model(model_type, _models.VOCAB)
+        bos, eos = 1, 2  # sentencepiece: <unk> 0, <s> 1, </s> 2
     else:
         tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else tiny_bpe(_models.VOCAB)
-        model = _config_builders()[arch](len(tok) if tokenizer_dir else _models.VOCAB)
-        model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, tok.eos_token_id
-        model.to(getattr(torch, base_dtype)).save_pretrained(base)
-        model.float()
+        model = tiny_model(model_type, len(tok) if tokenizer_dir else _models.VOCAB)
+        bos, eos = tok.bos_token_id, tok.eos_token_id
         tok.save_pretrained(base)
+    for cfg in (model.config, getattr(model.config, "text_config", None)):
+        if cfg is not None:
+            cfg.bos_token_id, cfg.eos_token_id = bos, eos
+    model.to(getattr(torch, base_dtype)).save_pretrained(base)
+    model.float()
     # transformers 5 saves tokenizer_class "TokenizersBackend", unknown to the converter's
     # pinned transformers 4.57: name the class both versions load a tokenizer.json with.
     tok_config = base / "tokenizer_config.json"
@@ -404,10 +405,7 @@ def build_case(name: str, root: Path, tokenizer_dir: Path | None, base_dtype: st
     if data.get("tokenizer_class") == "TokenizersBackend":
         data["tokenizer_class"] = "PreTrainedTokenizerFast"
         tok_config.write_text(json.dumps(data, indent=2))
-    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    if arch == "phi3":
-        targets = ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets, task_type="CAUSAL_LM")
+    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     _models.train_lora(model, config, seed=5).save_pretrained(lora)
     return base, lora
 
@@ -447,8 +445,8 @@ def run_case(name: str, workdir: Path, conv: Converter, types: list[str], tokeni
         ours = next(ours_dir.glob("*.gguf"))
         ref = case_root / f"converter-{merge_dtype}-{t}.gguf"
         try:
-            t_ref, patched = conv.convert(merged, ref, t, gguf_pre(ours))
-        except ConverterError as exc:
+            t_ref, patched = convert(conv, merged, ref, t, gguf_pre(ours))
+        except LlamaCppConverterError as exc:
             result.error = str(exc)
             return result
         result.rows.append((t, compare_files(ours, ref), patched, t_ours, t_ref))
@@ -501,8 +499,8 @@ def report(results: list[CaseResult]) -> bool:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/lorasave-gguf-equivalence"))
-    parser.add_argument("--converter-dir", type=Path, default=Path.home() / ".cache" / "lorasave" / "converter")
-    parser.add_argument("--cases", default="llama,llama-spm,mistral,qwen2,qwen3,gemma3,gemma3-spm,phi3")
+    parser.add_argument("--converter-dir", type=Path, default=None, help="the converter's folder (default: lorasave's, installed when missing)")
+    parser.add_argument("--cases", default=None, help="comma-separated cases (default: every model_type of ARCHITECTURES, and " + ", ".join(EXTRA_CASES) + ")")
     parser.add_argument("--types", default=",".join(TYPES))
     parser.add_argument(
         "--smollm2", type=Path, default=Path("/tmp/lorasave-real/smollm2-hf"), help="tokenizer for a second run of llama/qwen2 (skipped when missing)"
@@ -510,11 +508,11 @@ def main() -> None:
     parser.add_argument("--no-bf16-path", action="store_true", help="skip the bf16-merge comparison")
     args = parser.parse_args()
     types = [t for t in args.types.split(",") if t]
-    conv = ensure_converter(args.converter_dir.expanduser())
-    print(f"converter: {conv.source / 'convert_hf_to_gguf.py'} (llama-cpp-python {SDIST_VERSION} sdist), python {conv.python}")
+    conv = ensure_converter(args.converter_dir.expanduser() if args.converter_dir else None)
+    print(f"converter: {conv.source / 'convert_hf_to_gguf.py'} (llama.cpp v0.5.0 from node-llama-cpp@3.22.1; {conv.versions()})")
     args.workdir.mkdir(parents=True, exist_ok=True)
     results: list[CaseResult] = []
-    for name in [c for c in args.cases.split(",") if c]:
+    for name in [c for c in args.cases.split(",") if c] if args.cases else default_cases():
         print(f"case {name} ...", flush=True)
         results.append(run_case(name, args.workdir, conv, types, None))
     if (args.smollm2 / "tokenizer.json").is_file():

@@ -18,6 +18,7 @@ import pytest
 import torch
 from peft import LoraConfig
 
+from lorasave.runtimes.llama_cpp.converter import default_dir as converter_default_dir
 from lorasave.runtimes.llama_cpp.install import default_dir as llama_cpp_default_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -26,9 +27,10 @@ import _models as M
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# the llama.cpp runtime stays where `lorasave install-llama-cpp` put it (under the
+# the llama.cpp runtime and its converter stay where `lorasave install-llama-cpp [--converter]` put them (under the
 # real cache), before the cache moves:
 os.environ.setdefault("LORASAVE_LLAMA_CPP_DIR", str(llama_cpp_default_dir()))
+os.environ.setdefault("LORASAVE_LLAMA_CPP_CONVERTER_DIR", str(converter_default_dir()))
 # lorasave's cache (architecture facts, source hashes) goes to a fresh folder per session,
 # so no test depends on what an earlier run left in ~/.cache
 os.environ["LORASAVE_CACHE"] = tempfile.mkdtemp(prefix="lorasave-test-cache-")

@@ -50,6 +50,9 @@ STREAMED = ["f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"]
 KQUANTS = ["q2_k", "q3_k_s", "q3_k_m", "q3_k_l", "q4_k_s", "q4_k_m", "q5_k_s", "q5_k_m", "q6_k"]
 #: The i-quants whose llama-quant.cpp mix needs no importance matrix.
 IQUANTS = ["iq4_nl", "iq4_xs", "iq3_s", "iq3_m"]
+#: llama-quantize's types that need an importance matrix, and the rest of its table (tests/test_gguf_imatrix.py)
+IMATRIX_TYPES = ["q2_k_s", "iq3_xxs", "iq3_xs", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq1_s", "iq1_m"]
+OTHER_TYPES = ["tq1_0", "tq2_0", "mxfp4_moe", "q1_0"]
 
 
 def _tokenizer() -> PreTrainedTokenizerFast:
@@ -132,7 +135,8 @@ def test_cli_choices_are_the_enum() -> None:
     assert tuple(t.value for t in GgufType) == GGUF_TYPE_CHOICES
     assert all(t.streamed for t in GgufType)
     assert [t.value for t in GgufType if not t.needs_runtime] == ["f32", *STREAMED]
-    assert [t.value for t in GgufType if t.needs_runtime] == [*KQUANTS, *IQUANTS]
+    assert [t.value for t in GgufType if t.needs_runtime] == [*KQUANTS, *IQUANTS, *IMATRIX_TYPES, *OTHER_TYPES]
+    assert [t.value for t in GgufType if t.needs_imatrix] == IMATRIX_TYPES
 
 
 @pytest.mark.parametrize("type", STREAMED)

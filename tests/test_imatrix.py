@@ -381,7 +381,7 @@ def test_cli_errors_are_one_line(tiny: dict[str, Any], tmp_path: Path) -> None:
     for args, code, word in (
         (["--text", str(bad)], 2, "not UTF-8"),
         (["--text", str(short)], 2, "fewer than one chunk"),
-        (["--text", str(tmp_path / "none.txt")], 2, "not found"),
+        (["--text", str(tmp_path / "none.txt")], 2, "does not exist"),
     ):
         res = runner.invoke(main, ["imatrix", str(tiny["base"]), "-o", str(tmp_path / "o"), *args])
         lines = [ln for ln in res.output.splitlines() if ln.strip()]

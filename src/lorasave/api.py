@@ -18,7 +18,7 @@ from lorasave.formats.safetensors import SafetensorsShardWriter
 from lorasave.formats.safetensors.header import layout, read_header, serialize_header
 from lorasave.formats.safetensors.output import SafetensorsOutput
 from lorasave.merging.stream import Timings
-from lorasave.pipeline.cards import adapter_snippet, hub_id, merged_snippet, write_card
+from lorasave.pipeline.cards import adapter_snippet, card_kind, hub_id, merged_snippet, write_card
 from lorasave.pipeline.manifest import MANIFEST_NAME, SourceHasher, result_dict, sha256_file, write_manifest
 from lorasave.pipeline.output import (
     align_generation_eos,
@@ -36,7 +36,7 @@ from lorasave.sources.architecture import inspect_architecture
 from lorasave.sources.checkpoint import Checkpoint, TensorReader, open_checkpoint
 from lorasave.util.dtypes import FLOAT_DTYPES, dtype_name, parse_output_dtype, st_dtype
 from lorasave.util.jsonio import read_json
-from lorasave.util.options import MergeInto, SaveMethod, bnb_spec, parse_enum
+from lorasave.util.options import MergeInto, OutputQuantizer, SaveMethod, bnb_spec, output_quantizer, parse_enum
 from lorasave.util.sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 logger = logging.getLogger(__name__)
@@ -150,9 +150,13 @@ def plan_merge(
         tokenizer: folder whose tokenizer files are copied instead.
         allow_pickle: accept ``adapter_model.bin`` (loaded with ``torch.load(weights_only=True)``).
         progress: show a progress bar in bytes on stderr.
-        save_method: ``"merged_16bit"`` (a plain checkpoint in ``dtype``) or ``"merged_4bit"``
+        save_method: ``"merged_16bit"`` (a plain checkpoint in ``dtype``), ``"merged_4bit"``
             (Linear weights quantized once, from the float32 merge, to bitsandbytes 4-bit with
-            ``quant_type`` / ``blocksize`` / ``double_quant``, loadable by ``from_pretrained``).
+            ``quant_type`` / ``blocksize`` / ``double_quant``, loadable by ``from_pretrained``), or a
+            compressed-tensors scheme for vLLM / SGLang, data-free: ``"fp8_dynamic"``, ``"fp8_block"``,
+            ``"w8a16"``, ``"w4a16"``, ``"w8a8"``, ``"nvfp4a16"``, ``"mxfp4a16"`` (``formats.compressed``;
+            the Linear weights of the merge rounded to ``dtype``, then quantized as llm-compressor's
+            ``oneshot`` does with the same preset).
         merge_into: ``"base"`` adds the delta to BASE's weights (dequantized to float32 first
             when BASE is a bitsandbytes checkpoint); ``"dequantized"`` first round-trips each
             targeted weight of a 16-bit BASE through the 4-bit quantization a QLoRA adapter was
@@ -184,6 +188,7 @@ def plan_merge(
     method = parse_enum(SaveMethod, save_method, "save_method")
     into = parse_enum(MergeInto, merge_into, "merge_into")
     spec = None
+    output_quantizer(method, None)  # a compressed-tensors method: the package is there
     if method is SaveMethod.MERGED_4BIT or into is MergeInto.DEQUANTIZED:
         import_bnb()
         spec = bnb_spec(
@@ -210,13 +215,13 @@ def plan_merge(
         base_id = ckpt.hub_id or next((hub_id(a.config.get("base_model_name_or_path")) for a in ads if hub_id(a.config.get("base_model_name_or_path"))), None)
         write_card(
             folder,
-            kind="merged-4bit" if quant else "merged",
+            kind=card_kind(method.value),
             base_model=base_id,
             architectures=ckpt.config.get("architectures"),
             adapters=[_describe_adapter(a, {}) for a in ads],
             settings=_card_settings(plan, method, into, spec, weights),
             base_dir=ckpt.root,
-            load_snippet=merged_snippet(final.name, quant is not None),
+            load_snippet=merged_snippet(final.name, method.value),
             title=final.name,
         )
         return ["config.json", *carried, "README.md"]
@@ -260,7 +265,8 @@ def _card_settings(plan: MergePlan, method: SaveMethod, into: MergeInto, spec: B
         "dtype": dtype_name(plan.out_dtype),
         "save_method": method.value,
         "merge_into": into.value if into is not MergeInto.BASE else None,
-        "4-bit quantization": f"{spec.quant_type}, blocksize {spec.blocksize}, double quant {spec.double_quant}" if spec else None,
+        "4-bit quantization": f"{spec.quant_type}, blocksize {spec.blocksize}, double quant {spec.double_quant}" if spec and not method.compressed else None,
+        "quantization": plan.quantizer.label if method.compressed and plan.quantizer is not None else None,
         "adapter weights": ", ".join(map(str, weights)) if weights else None,
         "tensors changed by the adapters": len(plan.merged),
     }
@@ -322,6 +328,7 @@ def plan_merge_sources(
             free-space check.
     """
     arch = inspect_architecture(ckpt.config)
+    quantizer: OutputQuantizer | None = output_quantizer(method, spec)
     plan = build_plan(
         ckpt,
         ads,
@@ -330,7 +337,7 @@ def plan_merge_sources(
         max_shard_size=shard_limit,
         weights=list(weights) if weights is not None else None,
         merge_into=spec if into is MergeInto.DEQUANTIZED else None,
-        quantize=spec if method is SaveMethod.MERGED_4BIT else None,
+        quantize=quantizer,
     )
     for note in plan.notes:
         logger.info("%s", note)
@@ -345,7 +352,7 @@ def plan_merge_sources(
         index = plan.index_bytes()
         if index is not None:
             (folder / INDEX_NAME).write_bytes(index)
-        quant = spec.quantization_config(plan.out_dtype) if method is SaveMethod.MERGED_4BIT and spec else None
+        quant = plan.quantizer.quantization_config(plan.out_dtype) if plan.quantizer is not None else None
         side = side_files(folder, plan, quant)
         for name in [INDEX_NAME if index is not None else None, *side]:
             if name is not None:
@@ -357,6 +364,7 @@ def plan_merge_sources(
             "merge_into": into.value,
             "weights": list(weights) if weights is not None else None,
             "bnb_4bit": spec.describe() if spec else None,
+            "compressed_tensors": plan.quantizer.describe() if method.compressed and plan.quantizer is not None else None,
             **extra_settings,
         }
         summary = {
@@ -381,7 +389,7 @@ def plan_merge_sources(
             seconds=round(time.perf_counter() - t_start, 3),
             timings=timings.as_dict(),
             notes=list(plan.notes),
-            quantization=f"{spec.quant_type} 4-bit" if spec and method is SaveMethod.MERGED_4BIT else None,
+            quantization=plan.quantizer.label if plan.quantizer is not None else None,
             verification=summary.get("verification"),
         )
         logger.debug("%s", result.summary())

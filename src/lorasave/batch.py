@@ -45,8 +45,8 @@ MAX_ADAPTERS_PER_JOB = 64
 #: At most this many outputs in one file.
 MAX_OUTPUTS = 10_000
 _JOB_KEYS = {"base", "adapters", "weights", "outputs"}
-#: Output options that name folders (resolved beside JOBS like every other relative path).
-PATH_OPTIONS = {"tokenizer", "quantization_from"}
+#: Output options that name folders or files (resolved beside JOBS like every other relative path).
+PATH_OPTIONS = {"tokenizer", "quantization_from", "imatrix"}
 
 
 @dataclass(frozen=True)

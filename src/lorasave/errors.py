@@ -178,6 +178,14 @@ class InvalidOptionError(LorasaveError, ValueError):
     exit_code = 2
 
 
+class ImatrixRequiredError(InvalidOptionError):
+    """A GGUF type needs an importance matrix (``--imatrix``) for a tensor, and none is given for it."""
+
+
+class ImatrixMismatchError(InvalidOptionError):
+    """An importance matrix entry does not fit its tensor (another model's ``--imatrix``)."""
+
+
 # --- Hugging Face Hub (lorasave push) ---
 
 EXIT_HUB = 4
@@ -240,6 +248,16 @@ class LlamaCppError(LorasaveError, OSError):
 
 class LlamaCppInstallError(LlamaCppError):
     """The llama.cpp runtime could not be installed: unsupported platform, download or integrity failure."""
+
+
+class LlamaCppConverterNotInstalledError(LorasaveError, FileNotFoundError):
+    """llama.cpp's own converter (``lorasave install-llama-cpp --converter``) is not installed where lorasave looks for it."""
+
+    exit_code = 2
+
+
+class LlamaCppConverterError(LlamaCppError):
+    """llama.cpp's own converter (``convert_hf_to_gguf.py``, run by the GGUF fallback) exited with an error."""
 
 
 # --- tensor dtypes lorasave cannot read or merge into (weight_dtypes) ---

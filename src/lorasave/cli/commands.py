@@ -28,6 +28,8 @@ from lorasave.cli.app import (
 )
 from lorasave.util.sizes import DEFAULT_MAX_SHARD_SIZE
 
+#: ``lorasave.util.options.SaveMethod``'s values (not imported here: it imports torch).
+_SAVE_METHODS = ("merged_16bit", "merged_4bit", "fp8_dynamic", "fp8_block", "w8a16", "w4a16", "w8a8", "nvfp4a16", "mxfp4a16")
 #: ``merge``'s 4-bit settings, named as ``lorasave.api.merge``'s keywords and as their options (``--quant-type``...).
 _QUANT_PARAMS = ("quant_type", "blocksize", "double_quant", "quant_input_dtype", "quantization_from")
 
@@ -45,8 +47,11 @@ def _method_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = _choice_option("--quant-type", ["nf4", "fp4"], "4-bit data type.")(f)
     into = "dequantized: round-trip each targeted weight of a 16-bit BASE through the 4-bit quantization QLoRA trained on."
     f = _choice_option("--merge-into", ["base", "dequantized"], into)(f)
-    method = "merged_16bit: plain checkpoint in --dtype; merged_4bit: Linear weights as bitsandbytes 4-bit."
-    return _choice_option("--save-method", ["merged_16bit", "merged_4bit"], method)(f)
+    method = (
+        "merged_16bit: plain checkpoint in --dtype; merged_4bit: Linear weights as bitsandbytes 4-bit; "
+        "fp8_dynamic, fp8_block, w8a16, w4a16, w8a8, nvfp4a16, mxfp4a16: compressed-tensors for vLLM / SGLang (data-free)."
+    )
+    return _choice_option("--save-method", list(_SAVE_METHODS), method)(f)
 
 
 @main.command("merge", short_help="Merge adapter(s) into a base; write a sharded checkpoint.")
@@ -141,13 +146,20 @@ def adapter_cmd(ctx: click.Context, adapter: str, output: str, dtype: str, opts:
 @click.option(
     "--dtype", type=click.Choice(["float32", "float16"], case_sensitive=False), default="float32", show_default=True, help="Weights, KV cache and logits."
 )
-@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Experimental: onnxruntime dynamic int8 (--dtype float32); check the verification.")
-@click.option("--opset", type=int, default=18, show_default=True, help="ONNX opset of the default domain (18 or newer).")
+@click.option(
+    "--quantize",
+    type=click.Choice(["int4", "int8"]),
+    default=None,
+    help="Weight-only MatMulNBits (every Linear and lm_head), onnxruntime's block quantizer.",
+)
+@click.option("--block-size", type=int, default=32, show_default=True, help="MatMulNBits block along the input axis (32, 128...).")
+@click.option("--asymmetric", is_flag=True, help="MatMulNBits with zero points (default symmetric).")
+@click.option("--opset", type=int, default=21, show_default=True, help="ONNX opset of the default domain (20 or newer).")
 @click.option(
     "--verify/--no-verify",
-    default=True,
+    default=False,
     show_default=True,
-    help="Compare onnxruntime with transformers; refuse the output beyond tolerance.",
+    help="Compare onnxruntime with the unmerged PeftModel in float32 (loads the base); refuse the output beyond tolerance.",
 )
 @_weights_option
 @_tokenizer_option("Copy")
@@ -160,18 +172,35 @@ def onnx_cmd(
     output: str,
     dtype: str,
     quantize: str | None,
+    block_size: int,
+    asymmetric: bool,
     opset: int,
     verify: bool,
     weights: list[float] | None,
     tokenizer: str | None,
     opts: _SaveOptions,
 ) -> None:
-    """Merge ADAPTER(s) into BASE in float32 and export an ONNX decoder with KV cache to OUT.
+    """Merge ADAPTER(s) into BASE and export an ONNX decoder with KV cache to OUT, weights streamed.
 
-    optimum's layout, run by onnxruntime. With no ADAPTER, BASE itself is exported. Needs pip install 'lorasave[onnx]'.
+    optimum's layout, run by onnxruntime and (genai_config.json) onnxruntime-genai. With no ADAPTER,
+    BASE itself is exported. Needs pip install 'lorasave[onnx]'.
     """
     export = _deferred("lorasave.formats.onnx.export", "export_onnx")
-    opts.save(ctx, export, base, list(adapters), output, dtype=dtype, quantize=quantize, opset=opset, verify=verify, weights=weights, tokenizer=tokenizer)
+    quant = {"quantize": quantize, "block_size": block_size, "symmetric": not asymmetric} if quantize else {}
+    opts.save(
+        ctx,
+        export,
+        base,
+        list(adapters),
+        output,
+        dtype=dtype,
+        opset=opset,
+        verify=verify,
+        weights=weights,
+        tokenizer=tokenizer,
+        progress=opts.progress,
+        **quant,
+    )
 
 
 @main.command("verify", short_help="Check an output against its manifest and sources.")

@@ -27,10 +27,30 @@ GGUF_TYPE_CHOICES = (
     "iq4_xs",
     "iq3_s",
     "iq3_m",
+    "q2_k_s",
+    "iq3_xxs",
+    "iq3_xs",
+    "iq2_xxs",
+    "iq2_xs",
+    "iq2_s",
+    "iq2_m",
+    "iq1_s",
+    "iq1_m",
+    "tq1_0",
+    "tq2_0",
+    "mxfp4_moe",
+    "q1_0",
 )
+#: ``lorasave.formats.gguf.quant.ALIASES``: llama-quantize's other names for a type.
+GGUF_TYPE_ALIASES = ("q3_k", "q4_k", "q5_k")
+#: Types that need ``--imatrix`` (``GgufType.needs_imatrix``).
+GGUF_IMATRIX_TYPES = ("q2_k_s", "iq3_xxs", "iq3_xs", "iq2_xxs", "iq2_xs", "iq2_s", "iq2_m", "iq1_s", "iq1_m")
 #: ``lorasave.formats.gguf.quant.OVERRIDE_TYPES`` names, lower case (``--output-tensor-type``,
 #: ``--token-embedding-type``; tests/test_gguf_types.py checks they agree).
-GGML_OVERRIDE_CHOICES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "iq3_s")
+GGML_OVERRIDE_CHOICES = (
+    *("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "iq4_nl", "iq4_xs", "iq3_s"),
+    *("iq3_xxs", "iq2_xxs", "iq2_xs", "iq2_s", "iq1_s", "iq1_m", "tq1_0", "tq2_0", "mxfp4", "q1_0"),
+)
 
 
 #: ``--name`` of the GGUF commands.
@@ -44,7 +64,7 @@ class GgufTypeList(click.ParamType):
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> str:
         parts = [p.strip().lower() for p in str(value).split(",")]
-        bad = [p for p in parts if p not in GGUF_TYPE_CHOICES]
+        bad = [p for p in parts if p not in GGUF_TYPE_CHOICES and p not in GGUF_TYPE_ALIASES]
         if bad or not parts:
             self.fail(
                 f"{', '.join(repr(b) for b in bad) or 'nothing'} is not a GGUF type; choose from {', '.join(GGUF_TYPE_CHOICES)} (or several, comma-separated)",
@@ -66,8 +86,15 @@ class GgufTypeList(click.ParamType):
     show_default=True,
     help=(
         "GGML type of the weights, or several comma-separated (q8_0,q4_k_m,f16: one file each, from one read and one merge); "
-        f"one of {', '.join(GGUF_TYPE_CHOICES)}. k-quants (q*_k*) and i-quants (iq*): encoded in the pass by llama.cpp's own quantizer (needs the runtime)."
+        f"one of {', '.join(GGUF_TYPE_CHOICES)} (q3_k, q4_k, q5_k: the _m ones). Past q5_1: encoded in the pass by llama.cpp's own quantizer "
+        f"(needs the runtime); {', '.join(GGUF_IMATRIX_TYPES)} need --imatrix."
     ),
+)
+@click.option(
+    "--imatrix",
+    type=click.Path(dir_okay=True),
+    default=None,
+    help="llama-quantize's --imatrix: an importance matrix (llama-imatrix's imatrix.gguf or legacy .dat, or a `lorasave imatrix` output) for q4_0 ... iq1_m.",
 )
 @click.option("--pure", is_flag=True, help="llama-quantize's --pure: every quantized tensor the type's default GGML type, no per-tensor mix (q4_0 ... q6_k).")
 @click.option(
@@ -86,6 +113,13 @@ class GgufTypeList(click.ParamType):
 @click.option("--no-modelfile", is_flag=True, help="Do not write an Ollama Modelfile (written when the model has a chat template).")
 @_name_option
 @click.option("--verify", "verify_output", is_flag=True, help="Probe the GGUF tensors against the sources before it is renamed into place.")
+@click.option(
+    "--report",
+    is_flag=True,
+    help="Run each file in llama.cpp on a text: size, bits/weight, perplexity, KL divergence, top-1 vs the f32 merge and the PeftModel; "
+    "table in README.md and printed, chart quality.png (needs the runtime; the chart needs lorasave[report]).",
+)
+@click.option("--report-text", default=None, metavar="FILE", help="The --report text (UTF-8; default: a built-in text of ~450 tokens).")
 @_tokenizer_option("Take")
 @_save_options
 @click.pass_context
@@ -95,12 +129,15 @@ def gguf_cmd(
     adapters: tuple[str, ...],
     output: str,
     gguf_type: str,
+    imatrix: str | None,
     pure: bool,
     output_tensor_type: str | None,
     token_embedding_type: str | None,
     no_modelfile: bool,
     name: str | None,
     verify_output: bool,
+    report: bool,
+    report_text: str | None,
     tokenizer: str | None,
     opts: _SaveOptions,
 ) -> None:
@@ -113,6 +150,10 @@ def gguf_cmd(
     options = {"type": gguf_type, "name": name, "tokenizer": tokenizer, "verify": verify_output, "modelfile": not no_modelfile}
     if pure or output_tensor_type or token_embedding_type:
         options.update(pure=pure, output_tensor_type=output_tensor_type, token_embedding_type=token_embedding_type)
+    if report or report_text:
+        options.update(report=True, report_text=report_text)
+    if imatrix is not None:
+        options["imatrix"] = imatrix
     opts.save(ctx, _deferred("lorasave.formats.gguf.export", "export_gguf"), base, list(adapters), output, progress=opts.progress, **options)
 
 
@@ -133,15 +174,57 @@ def gguf_adapter_cmd(ctx: click.Context, base: str, adapters: tuple[str, ...], o
     opts.save(ctx, _deferred("lorasave.formats.gguf.adapter", "export_gguf_adapter"), base, list(adapters), output, type=gguf_type, name=name)
 
 
-@main.command("install-llama-cpp", short_help="Install the optional llama.cpp runtime (k-quants, checks in llama.cpp).")
+@main.command("install-llama-cpp", short_help="Install the optional llama.cpp runtime (k-quants, checks in llama.cpp) or its converter.")
 @click.option("--dir", "target", default=None, help="Target folder (default: $LORASAVE_LLAMA_CPP_DIR, else <lorasave cache>/llama-cpp/<version>).")
 @click.option("--force", is_flag=True, help="Reinstall even when already installed.")
 @click.option("--from-tgz", default=None, metavar="PATH", help="Install from a downloaded package tarball (integrity-checked), offline.")
+@click.option(
+    "--converter",
+    is_flag=True,
+    help="Also install llama.cpp's own converter (convert_hf_to_gguf.py of the same version) in its own Python environment "
+    "(torch, transformers; several GB, once): `lorasave gguf` uses it for architectures it does not write itself.",
+)
+@click.option(
+    "--converter-dir",
+    default=None,
+    metavar="D",
+    help="The converter's folder (default: $LORASAVE_LLAMA_CPP_CONVERTER_DIR, else <lorasave cache>/llama-cpp/<version>-converter).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as one JSON object on stdout.")
 @_debug_option
 @click.pass_context
-def install_llama_cpp_cmd(ctx: click.Context, target: str | None, force: bool, from_tgz: str | None, as_json: bool) -> None:
-    """Download and install llama.cpp's prebuilt libraries (same as `lorasave install-llama-cpp`)."""
+def install_llama_cpp_cmd(
+    ctx: click.Context, target: str | None, force: bool, from_tgz: str | None, converter: bool, converter_dir: str | None, as_json: bool
+) -> None:
+    """Download and install llama.cpp's prebuilt libraries (same as `lorasave install-llama-cpp`); with --converter, also
+    llama.cpp's converter and its Python environment."""
     from lorasave.runtimes.llama_cpp.install import install
 
-    _run(ctx, lambda: install(target, force=force, from_tgz=from_tgz), quiet=False, as_json=as_json)
+    if not converter:
+        _run(ctx, lambda: install(target, force=force, from_tgz=from_tgz), quiet=False, as_json=as_json)
+        return
+    from lorasave.runtimes.llama_cpp.converter import install_converter
+
+    def both() -> object:
+        install(target, force=force, from_tgz=from_tgz)
+        return install_converter(converter_dir, force=force)
+
+    _run(ctx, both, quiet=False, as_json=as_json)
+
+
+@main.command("compare", short_help="Measure GGUF files in llama.cpp: size, bits/weight, perplexity, KL divergence, top-1.")
+@click.argument("paths", nargs=-1, required=True, metavar="OUT_OR_FILE...")
+@click.option("--text", "text_file", default=None, metavar="FILE", help="The text to run (UTF-8; default: a built-in text of ~450 tokens).")
+@click.option("--chart", default=None, metavar="PNG", help="Also draw file size against KL divergence into this PNG (needs lorasave[report]).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON object on stdout.")
+@_debug_option
+@click.pass_context
+def compare_cmd(ctx: click.Context, paths: tuple[str, ...], text_file: str | None, chart: str | None, as_json: bool) -> None:
+    """Run GGUF files (or the files of `lorasave gguf` OUT folders) in llama.cpp on a text and print, per type:
+    size, bits per weight, perplexity, KL divergence and top-1 agreement.
+
+    An OUT folder's lorasave.json names its base and adapters: the files are then measured against the
+    float32 merge and the unmerged PeftModel. Otherwise against the highest-precision file given.
+    """
+    compare = _deferred("lorasave.verify.quality_report", "compare")
+    _run(ctx, lambda: compare(list(paths), text_file=text_file, chart=chart), quiet=False, as_json=as_json)

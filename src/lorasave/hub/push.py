@@ -406,6 +406,8 @@ def default_commit_message(root: Path, manifest: dict[str, Any] | None, files: l
             bnb = settings.get("bnb_4bit")
             if settings.get("save_method") == "merged_4bit" and isinstance(bnb, dict):
                 form = f"{bnb.get('quant_type', '?')} 4-bit"
+            elif isinstance(settings.get("compressed_tensors"), dict):
+                form = f"compressed-tensors {settings['compressed_tensors'].get('scheme', '?')}"
             n = sum(1 for name in manifest.get("files", {}) if name.endswith(".safetensors"))
             names = " + ".join([_source_name(sources.get("base")), *(_source_name(a) for a in adapters)])
             msg = f"lorasave: merged {form} checkpoint of {names} ({n} shard{'s' if n != 1 else ''})"

@@ -104,7 +104,8 @@ class ExecContext:
             if op.weight != 1.0:
                 delta = delta * op.weight
             self.expert_cache.clear()  # one parameter's pieces at a time: bounded memory
-            self.expert_cache[key] = self.converter({op.param: delta})
+            # a checkpoint that stores the parameter itself (fused experts) takes the delta as it is
+            self.expert_cache[key] = {op.param: delta} if op.target == op.param else self.converter({op.param: delta})
         return self.expert_cache[key][op.target]
 
 

@@ -86,7 +86,7 @@ def write_card(
 
     Args:
         folder: the staging folder of the output.
-        kind: what the output is: ``"merged"``, ``"merged-4bit"``, ``"adapter"`` or ``"onnx"``.
+        kind: what the output is: ``"merged"``, ``"merged-4bit"``, ``"merged-compressed"``, ``"adapter"`` or ``"onnx"``.
         base_model: the base's Hub id when known (else omitted from the metadata).
         architectures: ``config.json`` architectures (for ``pipeline_tag``).
         adapters: descriptions of the adapters (``peft_type``, ``r``, ``lora_alpha``, targets, path).
@@ -113,6 +113,7 @@ def write_card(
             "lora",
             "merged" if merged else "adapter",
             *(["4-bit", "bitsandbytes"] if "4bit" in kind else []),
+            *(["compressed-tensors", "vllm"] if kind == "merged-compressed" else []),
             *(["onnx", "onnxruntime"] if kind == "onnx" else []),
         ],
         "pipeline_tag": pipeline_tag(architectures),
@@ -148,9 +149,25 @@ def write_card(
     return path
 
 
-def merged_snippet(repo_or_path: str, quantized: bool) -> str:
-    """How to load a merged output with transformers."""
-    extra = '  # 4-bit (bitsandbytes) weights load as such, device_map="cpu" works' if quantized else ""
+def card_kind(save_method: str) -> str:
+    """The card ``kind`` of a merge's ``save_method``: ``"merged"``, ``"merged-4bit"`` or ``"merged-compressed"``."""
+    if save_method == "merged_4bit":
+        return "merged-4bit"
+    return "merged" if save_method == "merged_16bit" else "merged-compressed"
+
+
+def merged_snippet(repo_or_path: str, save_method: str = "merged_16bit") -> str:
+    """How to load a merged output: transformers; vLLM too for a compressed-tensors output."""
+    if card_kind(save_method) == "merged-compressed":
+        return (
+            "# vLLM / SGLang load the compressed-tensors weights as they are (GPU):\n"
+            "from vllm import LLM\n\n"
+            f'llm = LLM("{repo_or_path}")\n\n'
+            "# transformers, decompressed to 16-bit while loading (works on CPU):\n"
+            "from transformers import AutoModelForCausalLM, CompressedTensorsConfig\n\n"
+            f'model = AutoModelForCausalLM.from_pretrained("{repo_or_path}", quantization_config=CompressedTensorsConfig(dequantize=True))'
+        )
+    extra = '  # 4-bit (bitsandbytes) weights load as such, device_map="cpu" works' if save_method == "merged_4bit" else ""
     return (
         "from transformers import AutoModelForCausalLM, AutoTokenizer\n\n"
         f'model = AutoModelForCausalLM.from_pretrained("{repo_or_path}"){extra}\n'

@@ -60,22 +60,34 @@ def pass_order(jobs: Sequence[PassJob]) -> list[str]:
 
     A lone writer that prefers an order (a safetensors output: its file order) gets it; otherwise
     the plan order of the jobs (the first job's, then names only later jobs have), which is the
-    order writers that need one (GGUF: tensor data follows the tensor infos) ask for.
+    order writers that need one (GGUF: tensor data follows the tensor infos) ask for, unless one
+    needs another (GGUF of a mixture of experts: each stacked tensor's experts one after the
+    other): then that writer's order, followed by the names it leaves out in plan order.
 
     Raises:
-        AssertionError: a writer needs an order the pass cannot give (a bug: jobs of one pass
-            share a base, so their plans agree on the order).
+        AssertionError: writers need orders the pass cannot give both of (a bug: the GGUF writers of
+            one pass share a base, so they need the same order).
     """
     writers = [w for job in jobs for w, _ in job.writers]
     if len(writers) == 1 and (pref := writers[0].preferred_order()) is not None:
         return pref
     order = list(dict.fromkeys(name for job in jobs for name in job.plan.tensors))
-    position = {n: i for i, n in enumerate(order)}
-    for w in writers:
-        need = w.order()
-        if need is not None and [position[n] for n in need] != sorted(position[n] for n in need):
+    needs = [need for w in writers if (need := w.order()) is not None]
+    for need in needs:
+        if not _follows(order, need):
+            order = list(dict.fromkeys([*need, *order]))
+            break
+    for w, need in zip([w for w in writers if w.order() is not None], needs, strict=True):
+        if not _follows(order, need):
             raise AssertionError(f"{type(w).__name__} needs an order this pass does not give")
     return order
+
+
+def _follows(order: list[str], need: list[str]) -> bool:
+    """Whether ``need`` comes in ``order``'s order (names ``order`` lacks are not produced)."""
+    position = {n: i for i, n in enumerate(order)}
+    at = [position[n] for n in need if n in position]
+    return at == sorted(at)
 
 
 def execute_pass(jobs: Sequence[PassJob], order: list[str] | None = None, on_tensor: Callable[[str], None] | None = None) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,19 @@ def sha256_file(path: Path) -> str:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
+
+
+def sources_record(ckpt: Any, adapters: Sequence[Any]) -> dict[str, Any]:
+    """``sources.base`` and ``sources.adapters`` of ``lorasave.json``: each folder's path and the sha256 of
+    every file read from it (``Checkpoint.source_files`` / ``Adapter.source_files``, paths relative to it)."""
+    return {
+        "base": {
+            "path": str(ckpt.root.resolve()),
+            "hub_id": ckpt.hub_id,
+            "files": {str(p.relative_to(ckpt.root)): sha256_source(p) for p in ckpt.source_files()},
+        },
+        "adapters": [{"path": str(a.root.resolve()), "files": {str(p.relative_to(a.root)): sha256_source(p) for p in a.source_files()}} for a in adapters],
+    }
 
 
 def sha256_source(path: Path) -> str:

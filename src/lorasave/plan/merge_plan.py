@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
-from lorasave.errors import AdapterMismatchError, InvalidOptionError, UnsupportedAdapterError
+from lorasave.errors import AdapterMismatchError, InvalidOptionError, UnsupportedAdapterError, UnsupportedModelError
 from lorasave.formats.bnb import Bnb4bitSpec, QuantizedWeight, quantization_config
+from lorasave.formats.compressed import CompressedSpec, select_modules
 from lorasave.formats.safetensors.header import TensorEntry, TensorLayout, layout, serialize_header
 from lorasave.plan.recipes import AdapterTensor, LoraDelta, Operation, SetRows
-from lorasave.plan.targets import adapter_operations
+from lorasave.plan.targets import adapter_operations, runtime_renames
 from lorasave.sources.adapter import Adapter
 from lorasave.sources.architecture import ArchitectureInfo, ModuleKind, meta_model, revert_to_checkpoint
 from lorasave.sources.checkpoint import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, Checkpoint, MemoryEntry
@@ -48,7 +49,8 @@ class OutputTensor:
             in an adapter (``modules_to_save``, a resized embedding).
         ops: operations applied to W0, in order (``recipes.py``); empty: copied, cast if needed.
         roundtrip: round-trip W0 through this 4-bit quantization first (``merge_into="dequantized"``).
-        quantize: write the result as bitsandbytes 4-bit (``save_method="merged_4bit"``).
+        quantize: write the result quantized: bitsandbytes 4-bit (``save_method="merged_4bit"``) or a
+            compressed-tensors scheme (``formats.compressed``).
     """
 
     name: str
@@ -57,7 +59,7 @@ class OutputTensor:
     source: Source
     ops: tuple[Operation, ...] = ()
     roundtrip: Bnb4bitSpec | None = None
-    quantize: Bnb4bitSpec | None = None
+    quantize: Bnb4bitSpec | CompressedSpec | None = None
 
     @property
     def changed(self) -> bool:
@@ -70,7 +72,7 @@ class OutputTensor:
         return sum(nbytes(dt, shape) for dt, shape in self.file_tensors().values())
 
     def file_tensors(self) -> dict[str, tuple[StDtype, tuple[int, ...]]]:
-        """The tensors this output writes: itself, or its 4-bit codes and statistics."""
+        """The tensors this output writes: itself, or its quantized codes and scales."""
         if self.quantize is not None:
             assert self.dtype.torch_dtype is not None
             return self.quantize.planned_shapes(self.name, self.shape, self.dtype.torch_dtype)
@@ -116,6 +118,7 @@ class MergePlan:
             as ``{dotted.path: value}``.
         converter: runtime tensors -> checkpoint tensors (transformers' reverse weight conversion),
             set when an adapter targets runtime parameters (``ExpertDelta``).
+        quantizer: the output quantization (with its ``ignore`` list for compressed-tensors), or None.
     """
 
     tensors: dict[str, OutputTensor]
@@ -125,6 +128,7 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
     config_updates: dict[str, object] = field(default_factory=dict)
     converter: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    quantizer: Bnb4bitSpec | CompressedSpec | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -189,6 +193,20 @@ def _ties_kept(name: str, partner: str, ops: dict[str, list[Operation]], sources
     return any(a.config.get("ensure_weight_tying") for a in adapters)
 
 
+def adapter_renames(config: dict[str, Any], adapters: list[Adapter], shapes: dict[str, tuple[int, ...]], arch: ArchitectureInfo) -> dict[str, str]:
+    """``{runtime tensor name: checkpoint tensor name}`` for the adapters' targets the base stores under
+    another name (``plan.targets.runtime_renames``; transformers 5 saves multimodal models such as
+    ``Gemma3ForConditionalGeneration`` in their checkpoint layout, PEFT names runtime modules).
+    Empty when every target is found as it is or transformers has no class for the config."""
+    if not arch.model_class or all(f"{p.module}.weight" in shapes for ad in adapters for p in ad.parts.values()):
+        return {}
+    try:
+        meta = meta_model(config)
+    except UnsupportedModelError:
+        return {}
+    return runtime_renames(adapters, shapes, lambda state: revert_to_checkpoint(meta, state))
+
+
 def build_plan(
     ckpt: Checkpoint,
     adapters: list[Adapter],
@@ -198,7 +216,7 @@ def build_plan(
     max_shard_size: int,
     weights: list[float] | None = None,
     merge_into: Bnb4bitSpec | None = None,
-    quantize: Bnb4bitSpec | None = None,
+    quantize: Bnb4bitSpec | CompressedSpec | None = None,
 ) -> MergePlan:
     """Decide every output tensor, its dtype, recipe and shard.
 
@@ -211,7 +229,9 @@ def build_plan(
         weights: combination weight of each adapter (default 1.0 each): W0 + Σ wᵢ·ΔWᵢ.
         merge_into: round-trip each LoRA-targeted W0 through this 4-bit quantization first
             (the base the adapter saw when it was trained with QLoRA on a 16-bit original).
-        quantize: write the Linear weights transformers would quantize as bitsandbytes 4-bit.
+        quantize: write the Linear weights transformers would quantize as bitsandbytes 4-bit, or
+            (compressed-tensors) the ``nn.Linear`` weights but ``lm_head``, routers and shapes the
+            scheme cannot take, which go to its ``ignore`` list.
 
     Raises:
         AdapterMismatchError: an adapter targets a tensor the base lacks, shapes disagree, or
@@ -264,11 +284,14 @@ def build_plan(
             return revert_to_checkpoint(model, state)
 
         def param_map(name: str, shape: tuple[int, ...]) -> list[str]:
+            if name in ckpt.tensors:  # the checkpoint stores the runtime parameter itself (fused experts)
+                return [name]
             return list(converter({name: torch.empty(shape, device="meta")}))
 
+    renames = adapter_renames(ckpt.config, list(adapters), shapes, arch)
     ops: dict[str, list[Operation]] = {}
     for i, ad in enumerate(adapters):
-        for name, add in adapter_operations(i, ad, weights[i], arch, shapes, notes, param_map).items():
+        for name, add in adapter_operations(i, ad, weights[i], arch, shapes, notes, param_map, renames).items():
             ops.setdefault(name, []).extend(add)
     if adapters and not ops and not sources:  # no adapter at all: the base alone (lorasave gguf BASE)
         raise AdapterMismatchError(f"the adapter{'s' if len(adapters) > 1 else ''} change nothing in the base {ckpt.root}", path=ckpt.root)
@@ -297,6 +320,13 @@ def build_plan(
         if unknown:
             notes.append(f"{len(unknown)} tensors unknown to {arch.model_class} kept (first: {unknown[0]})")
 
+    chosen = arch.bnb_quantizable
+    if isinstance(quantize, CompressedSpec):
+        linear = [m for m, k in arch.module_kinds.items() if k is ModuleKind.LINEAR]
+        weight_shapes = {n.removesuffix(".weight"): shapes[n] for n in names if n.endswith(".weight")}
+        chosen, ignore, q_notes = select_modules(quantize, linear, arch.bnb_quantizable, weight_shapes)
+        quantize = CompressedSpec(quantize.save_method, tuple(ignore))
+        notes.extend(q_notes)
     tensors: dict[str, OutputTensor] = {}
     for name in names:
         src: Source = sources.get(name) or untied.get(name) or ckpt.tensors[name]
@@ -305,7 +335,7 @@ def build_plan(
             tdt = ST_DTYPES["F32"] if fp32 is not None and fp32.search(name) else st_dtype(dtype)
         t_ops = tuple(ops.get(name, ()))
         rt = merge_into if isinstance(src, (TensorEntry, MemoryEntry)) and any(isinstance(o, LoraDelta) for o in t_ops) else None
-        q = quantize if quantize is not None and name.endswith(".weight") and name.removesuffix(".weight") in arch.bnb_quantizable else None
+        q = quantize if quantize is not None and name.endswith(".weight") and name.removesuffix(".weight") in chosen else None
         tensors[name] = OutputTensor(name, tuple(src.shape), tdt, src, t_ops, rt, q)
     missing = sorted(set(ops) - set(tensors))
     if missing:
@@ -320,11 +350,11 @@ def build_plan(
         )
     if quantize is not None:
         if any(k is ModuleKind.CONV1D_GPT2 for k in arch.module_kinds.values()):
-            raise UnsupportedAdapterError("merged_4bit output of GPT-2 style Conv1D models is not supported yet", path=ckpt.root)
+            raise UnsupportedAdapterError("quantized output of GPT-2 style Conv1D models is not supported yet", path=ckpt.root)
         if not any(t.quantize for t in tensors.values()):
             raise UnsupportedAdapterError(f"no Linear layer of {arch.model_class or ckpt.root} would be quantized; use merged_16bit", path=ckpt.root)
     shards, index = _shard(tensors, max_shard_size, arch, natural_order=arch.save_order is not None)
-    return MergePlan(tensors, shards, index, dtype, notes, config_updates, converter)
+    return MergePlan(tensors, shards, index, dtype, notes, config_updates, converter, quantize)
 
 
 def _check_vocab(ckpt: Checkpoint, tensors: dict[str, OutputTensor], arch: ArchitectureInfo, config_updates: dict[str, object]) -> None:

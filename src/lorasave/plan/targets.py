@@ -194,7 +194,14 @@ def _param_ops(
 
 
 def adapter_operations(
-    i: int, ad: Adapter, weight: float, arch: ArchitectureInfo, shapes: Shapes, notes: list[str], param_map: ParamMap | None = None
+    i: int,
+    ad: Adapter,
+    weight: float,
+    arch: ArchitectureInfo,
+    shapes: Shapes,
+    notes: list[str],
+    param_map: ParamMap | None = None,
+    renames: dict[str, str] | None = None,
 ) -> dict[str, list[Operation]]:
     """Every operation adapter ``i`` applies, by output tensor name.
 
@@ -207,11 +214,15 @@ def adapter_operations(
         notes: receives fallbacks taken.
         param_map: runtime parameter name and shape -> the checkpoint tensors it is stored as
             (transformers' reverse weight conversion), for ``target_parameters`` adapters.
+        renames: runtime tensor name -> the checkpoint's name for it (:func:`runtime_renames`:
+            ``model.language_model.layers.0...`` saved as ``language_model.model.layers.0...``).
 
     Raises:
         AdapterMismatchError: a targeted tensor is missing or its shape does not fit.
         UnsupportedAdapterError: a layer/tuner combination lorasave does not merge.
     """
+    renames = renames or {}
+    shapes = {**shapes, **{r: shapes[c] for r, c in renames.items() if c in shapes and r not in shapes}}
     out: dict[str, list[Operation]] = {}
     for p in ad.parts.values():
         target = _param_target(ad, p, arch) if f"{p.module}.weight" not in shapes else None
@@ -230,7 +241,31 @@ def adapter_operations(
         else:  # pragma: no cover - _check_config admits no other tuner
             raise UnsupportedAdapterError(f"{ad.root}: {ad.tuner.value} modules are not merged")
         for name, ops in part.items():
-            out.setdefault(name, []).extend(ops)
+            out.setdefault(renames.get(name, name), []).extend(ops)
+    return out
+
+
+def runtime_renames(adapters: list[Adapter], shapes: Shapes, revert: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, str]:
+    """Checkpoint names of the adapters' target tensors that the base stores under another name.
+
+    PEFT saves module paths of the loaded (runtime) model; transformers 5 saves some models in
+    their checkpoint layout (``Gemma3ForConditionalGeneration``: runtime ``model.language_model.*``
+    is ``language_model.model.*`` on disk). ``revert`` is transformers' reverse weight conversion
+    (``sources.architecture.revert_to_checkpoint``) applied to ``{runtime name: meta tensor}``.
+
+    Returns:
+        ``{runtime name: checkpoint name}`` for the ``<module>.weight`` / ``.bias`` the base lacks and
+        whose reverted name it has; empty when every target is found as it is.
+    """
+    import torch
+
+    wanted = [f"{p.module}.{s}" for ad in adapters for p in ad.parts.values() for s in ("weight", "bias")]
+    missing = [n for n in dict.fromkeys(wanted) if n not in shapes]
+    out = {}
+    for name in missing:
+        reverted = list(revert({name: torch.empty(0, device="meta")}))
+        if len(reverted) == 1 and reverted[0] in shapes:
+            out[name] = reverted[0]
     return out
 
 

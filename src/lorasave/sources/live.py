@@ -32,7 +32,7 @@ import torch
 from lorasave.api import MergeResult, merge_sources
 from lorasave.errors import InvalidOptionError, UnsupportedModelError
 from lorasave.formats.bnb import check_quant_method, group_quantized
-from lorasave.pipeline.cards import hub_id, merged_snippet, write_card
+from lorasave.pipeline.cards import card_kind, hub_id, merged_snippet, write_card
 from lorasave.pipeline.manifest import MANIFEST_NAME, sha256_file, write_manifest
 from lorasave.pipeline.output import check_free_space, check_output_path, set_generation_eos, write_config
 from lorasave.pipeline.run import PlannedOutput, run_single
@@ -40,7 +40,7 @@ from lorasave.sources.adapter import KEY_PREFIX, Adapter, TunerType, _check_conf
 from lorasave.sources.checkpoint import Checkpoint, MemoryEntry
 from lorasave.util.dtypes import FLOAT_DTYPES, parse_output_dtype
 from lorasave.util.jsonio import load_json
-from lorasave.util.options import MergeInto, SaveMethod, bnb_spec, parse_enum
+from lorasave.util.options import MergeInto, SaveMethod, bnb_spec, output_quantizer, parse_enum
 from lorasave.util.sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 
 logger = logging.getLogger(__name__)
@@ -131,7 +131,7 @@ def save_pretrained_merged(
     double_quant: bool = True,
     push_to_hub: bool = False,
 ) -> MergeResult | Path:
-    """Save a live ``PeftModel`` merged (``merged_16bit`` / ``merged_4bit``) or as its adapter (``lora``).
+    """Save a live ``PeftModel`` merged (``merged_16bit`` / ``merged_4bit`` / compressed-tensors) or as its adapter (``lora``).
 
     Streams from the model's own tensors, module by module: peak memory grows by a few tensors,
     not by a merged copy. The model is not modified and stays trainable. The output equals what
@@ -142,7 +142,9 @@ def save_pretrained_merged(
         save_directory: output folder (replaced atomically when it exists, as Unsloth does).
         tokenizer: saved alongside (``tokenizer.save_pretrained``); its EOS goes into
             ``generation_config.json``.
-        save_method: ``"merged_16bit"``, ``"merged_4bit"`` or ``"lora"``.
+        save_method: ``"merged_16bit"``, ``"merged_4bit"``, ``"lora"``, or a compressed-tensors scheme
+            for vLLM / SGLang (``"fp8_dynamic"``, ``"fp8_block"``, ``"w8a16"``, ``"w4a16"``, ``"w8a8"``,
+            ``"nvfp4a16"``, ``"mxfp4a16"``: ``lorasave.merge``'s ``save_method``).
         max_shard_size: shard limit in bytes or ``"5GB"`` (decimal units).
         dtype: ``"auto"`` (the base's), ``"bfloat16"``, ``"float16"``, ``"float32"``.
         overwrite: replace an existing ``save_directory`` (default True, as Unsloth).
@@ -172,6 +174,7 @@ def save_pretrained_merged(
     method = parse_enum(SaveMethod, save_method, "save_method")
     assert isinstance(method, SaveMethod)
     check_output_path(final, [], overwrite)
+    output_quantizer(method, None)  # a compressed-tensors method: the package is there
     t_start = time.perf_counter()
     was_training = model.training
     try:
@@ -192,7 +195,7 @@ def save_pretrained_merged(
                 names.append("generation_config.json")
             write_card(
                 folder,
-                kind="merged-4bit" if quant else "merged",
+                kind=card_kind(method.value),
                 base_model=hub_id(getattr(base.config, "_name_or_path", None)),
                 architectures=ckpt.config.get("architectures"),
                 adapters=[
@@ -206,7 +209,7 @@ def save_pretrained_merged(
                 ],
                 settings={"dtype": str(plan.out_dtype).removeprefix("torch."), "save_method": save_method},
                 base_dir=None,
-                load_snippet=merged_snippet(final.name, quant is not None),
+                load_snippet=merged_snippet(final.name, method.value),
                 title=final.name,
             )
             names.append("README.md")

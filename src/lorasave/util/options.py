@@ -1,7 +1,8 @@
-"""Choices of the merge: ``save_method`` and ``merge_into``, and the 4-bit quantization they use.
+"""Choices of the merge: ``save_method`` and ``merge_into``, and the quantization they use.
 
-Names follow Unsloth's ``save_method`` (``merged_16bit``, ``merged_4bit``, ``lora``) and
-transformers' ``BitsAndBytesConfig`` (``bnb_4bit_quant_type``, ``bnb_4bit_use_double_quant``).
+Names follow Unsloth's ``save_method`` (``merged_16bit``, ``merged_4bit``, ``lora``, and the
+compressed-tensors schemes ``fp8_dynamic``, ``w4a16``...) and transformers' ``BitsAndBytesConfig``
+(``bnb_4bit_quant_type``, ``bnb_4bit_use_double_quant``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from lorasave.errors import InvalidOptionError, SourceNotFoundError
 from lorasave.formats.bnb import Bnb4bitSpec, quantization_config
+from lorasave.formats.compressed import SAVE_METHODS, CompressedSpec, import_compressed_tensors
 from lorasave.util.jsonio import read_json
 
 
@@ -22,6 +24,24 @@ class SaveMethod(enum.Enum):
 
     MERGED_16BIT = "merged_16bit"  # plain checkpoint in --dtype
     MERGED_4BIT = "merged_4bit"  # Linear weights as bitsandbytes 4-bit
+    # compressed-tensors (vLLM / SGLang), data-free presets: formats.compressed
+    FP8_DYNAMIC = "fp8_dynamic"
+    FP8_BLOCK = "fp8_block"
+    W8A16 = "w8a16"
+    W4A16 = "w4a16"
+    W8A8 = "w8a8"
+    NVFP4A16 = "nvfp4a16"
+    MXFP4A16 = "mxfp4a16"
+
+    @property
+    def compressed(self) -> bool:
+        """A compressed-tensors scheme (``formats.compressed.SAVE_METHODS``)."""
+        return self.value in SAVE_METHODS
+
+    @property
+    def quantized(self) -> bool:
+        """Any save method but ``merged_16bit``: the output's weights are re-quantized."""
+        return self is not SaveMethod.MERGED_16BIT
 
 
 class MergeInto(enum.Enum):
@@ -81,3 +101,21 @@ def bnb_spec(
     if dt not in (torch.float16, torch.bfloat16, torch.float32):
         raise InvalidOptionError(f"invalid quant_input_dtype {quant_input_dtype!r}; use bfloat16, float16 or float32")
     return Bnb4bitSpec(quant_type, blocksize, double_quant, dt)
+
+
+#: What ``merge`` quantizes its output with, if anything.
+OutputQuantizer = Bnb4bitSpec | CompressedSpec
+
+
+def output_quantizer(method: SaveMethod, spec: Bnb4bitSpec | None) -> OutputQuantizer | None:
+    """The output quantization of ``method``: ``spec`` for ``merged_4bit``, a compressed-tensors scheme, or None.
+
+    Raises:
+        UnsupportedModelError: a compressed-tensors method without the compressed-tensors package.
+    """
+    if method is SaveMethod.MERGED_4BIT:
+        return spec
+    if method.compressed:
+        import_compressed_tensors()
+        return CompressedSpec(method.value)
+    return None

@@ -50,8 +50,9 @@ def name_map(ckpt: Any) -> tuple[dict[str, str], Any]:
     names = gguf.get_tensor_name_map(rules.arch, Hparams.of(ckpt.config).n_layer)
     inverse: dict[str, str] = {}
     for hf in ckpt.tensors:
-        g = names.get_name(hf, try_suffixes=(".weight", ".bias"))
-        if g is not None and hf not in rules.drop:
+        text = rules.text_name(hf)  # a multimodal checkpoint's language model (GgufArch.text_of)
+        g = None if text is None else names.get_name(text, try_suffixes=(".weight", ".bias"))
+        if g is not None and text not in rules.drop:
             inverse[g] = hf
     return inverse, rules
 
@@ -107,8 +108,9 @@ def _reference_merge(checker: Any, name: str) -> torch.Tensor | None:
     return w
 
 
-def _reference_bytes(x: torch.Tensor, qtype: Any, gname: str, quantized_from: str) -> np.ndarray | str:
-    """The reference encoding of ``x`` (float32, file layout) as ``qtype``, or why it cannot be made."""
+def _reference_bytes(x: torch.Tensor, qtype: Any, gname: str, quantized_from: str, importance: np.ndarray | None = None) -> np.ndarray | str:
+    """The reference encoding of ``x`` (float32, file layout) as ``qtype``, or why it cannot be made;
+    with ``importance`` (float32 ``(n_mat, ne0)``, the output's ``--imatrix``) by ``ggml_quantize_chunk`` with it."""
     import gguf
 
     from lorasave.formats.gguf.quant import WRITABLE, converter_type
@@ -119,6 +121,13 @@ def _reference_bytes(x: torch.Tensor, qtype: Any, gname: str, quantized_from: st
     if via is not None and converter_type(gname, tuple(x.shape), via) is via:  # the 16-bit intermediate
         x = x.to(torch.float16 if via is Q.F16 else torch.bfloat16).float()
     rows = x.reshape(-1, x.shape[-1]).numpy() if x.dim() else x.reshape(1, 1).numpy()
+    if importance is not None and qtype not in (Q.F32, Q.F16, Q.BF16):
+        if not ggml_quant.available():
+            from lorasave.runtimes.llama_cpp.lib import INSTALL_COMMAND
+
+            return f"{qtype.name} bytes made with an importance matrix are checked with llama.cpp's own quantizer: install the runtime with {INSTALL_COMMAND}"
+        experts = np.split(rows, importance.shape[0])  # rows of expert k use importance row k
+        return np.concatenate([ggml_quant.quantize(np.ascontiguousarray(r), qtype, importance[k]).reshape(-1) for k, r in enumerate(experts)])
     if qtype in WRITABLE:
         return np.asarray(gguf.quants.quantize(rows, qtype)).view(np.uint8).reshape(-1)
     if not ggml_quant.available():
@@ -126,6 +135,31 @@ def _reference_bytes(x: torch.Tensor, qtype: Any, gname: str, quantized_from: st
 
         return f"{qtype.name} bytes are checked with llama.cpp's own quantizer: install the runtime with {INSTALL_COMMAND}"
     return ggml_quant.quantize(rows, qtype).reshape(-1)
+
+
+def _output_imatrix(out: Path, manifest: dict[str, Any], report: VerifyReport) -> Any:
+    """The importance matrix the output was quantized with (its copy in OUT, ``sources.imatrix.file``), or None."""
+    src = manifest.get("sources", {}).get("imatrix")
+    if not isinstance(src, dict) or src.get("file") not in manifest.get("files", {}):  # listed: its name and sha256 are checked
+        return None
+    from lorasave.errors import LorasaveError
+    from lorasave.formats.gguf.imatrix import load_imatrix
+
+    try:
+        return load_imatrix(out / src["file"])
+    except LorasaveError as e:
+        report.fail(src["file"], f"the importance matrix the output was quantized with cannot be read: {e}", tensors=0)
+        return None
+
+
+def _importance(imatrix: Any, name: str, x: torch.Tensor) -> np.ndarray | None:
+    """The importance of tensor ``name`` as the export used it (``gguf_mix.importances``), or None."""
+    values = None if imatrix is None else imatrix.importance(name)
+    if values is None:
+        return None
+    n_mat = int(x.shape[-3]) if x.dim() >= 3 else 1
+    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    return values.reshape(n_mat, -1) if values.size == x.shape[-1] * n_mat else None
 
 
 def check_gguf(out: Path, manifest: dict[str, Any], report: VerifyReport, checker: Any) -> None:
@@ -146,6 +180,7 @@ def check_gguf(out: Path, manifest: dict[str, Any], report: VerifyReport, checke
         facts = per_file.get(fname) if isinstance(per_file.get(fname), dict) else result  # one file per type (--type a,b)
         quantized_from = str(facts.get("quantized_from") or facts.get("intermediate") or "f32")
         reader = open_gguf(path)
+        imatrix = _output_imatrix(out, manifest, report)
         for t in reader.tensors:
             hf = inverse.get(t.name)
             if hf is None:
@@ -163,7 +198,7 @@ def check_gguf(out: Path, manifest: dict[str, Any], report: VerifyReport, checke
                     x = x + shift  # in float32, as the export
                 if heads is not None:
                     x = permute_rows(x, heads)
-                want = _reference_bytes(x.contiguous(), t.tensor_type, t.name, quantized_from)
+                want = _reference_bytes(x.contiguous(), t.tensor_type, t.name, quantized_from, _importance(imatrix, t.name, x))
                 if isinstance(want, str):
                     report.not_checkable(hf, want)
                     continue

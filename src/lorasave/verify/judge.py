@@ -44,7 +44,7 @@ def output_precision(command: str | None, settings: dict[str, Any], base_dtype: 
     if command == "adapter":  # "as-is" keeps the source adapter's tensors
         dtype = str(settings.get("dtype") or "").replace("torch.", "")
         return dtype if dtype in FLOAT_EPS else "f32"
-    if settings.get("save_method") == "merged_4bit":
+    if settings.get("save_method") not in (None, "merged_16bit"):  # bitsandbytes 4-bit or compressed-tensors
         return None
     if command == "onnx":
         return None if settings.get("quantize") else str(settings.get("dtype") or "float32").replace("torch.", "")

@@ -135,13 +135,16 @@ class _Checker:
     """Checks written tensors (float32 views plus their error model) against :mod:`verify_probes` expectations."""
 
     def __init__(self, ckpt: Any, ads: list[Any], weights: list[float], reader: Any, report: VerifyReport, seed: int) -> None:
+        from lorasave.plan.merge_plan import adapter_renames
         from lorasave.sources.architecture import ModuleKind, inspect_architecture
         from lorasave.verify.probes import expectations
 
         self.ckpt, self.reader, self.report, self.weights = ckpt, reader, report, weights
-        self.exp = expectations(ads, weights)
-        self.gen = torch.Generator().manual_seed(seed)
         arch = inspect_architecture(ckpt.config)
+        shapes = {n: tuple(e.shape) for n, e in ckpt.tensors.items()}
+        renames = adapter_renames(ckpt.config, ads, shapes, arch)  # adapter module names -> checkpoint names
+        self.exp = {renames.get(n, n): e for n, e in expectations(ads, weights).items()}
+        self.gen = torch.Generator().manual_seed(seed)
         self.transposed = lambda part: "lora_embedding_A" in part.keys or arch.kind_of(part.module) is ModuleKind.CONV1D_GPT2
         self.conv1d = lambda name: arch.kind_of(name.rsplit(".", 1)[0]) is ModuleKind.CONV1D_GPT2
 
@@ -217,7 +220,7 @@ def _check_tensors(out: Path, manifest: dict[str, Any], report: VerifyReport, ba
 
         check_gguf_adapter(out, manifest, report, ckpt, ads, seed)
         return
-    if settings.get("save_method") == "merged_4bit" or settings.get("merge_into") == "dequantized":
+    if settings.get("save_method") not in (None, "merged_16bit") or settings.get("merge_into") == "dequantized":
         report.skipped = "re-quantized output or merge into a quantization round trip: its tensors are not checkable (files level only)"
         return
     with TensorReader() as reader:

@@ -233,13 +233,15 @@ def plan_pairs(ckpt: Checkpoint, adapter: Adapter, rules: GgufArch, type: str, a
     config = json.loads(json.dumps(ckpt.config))
     tensors, _ = gguf_tensors(plan, config, rules, type)  # names and permutes; lora_a/lora_b are typed below
     names = {g.name for g in tensors}
-    dropped = sorted({t.name for t in plan.tensors.values() if t.ops} - {g.src.name for g in tensors})
+    dropped = sorted({t.name for t in plan.tensors.values() if t.ops} - {p.src.name for g in tensors for p in g.parts})
     if dropped:  # e.g. Gemma's lm_head, which the converter leaves out (the output is token_embd)
         raise _refuse(adapter, f"it adapts {dropped[0]}, which the base's GGUF does not have")
     by_a = {p.lora_A: p for p in adapter.lora.values()}
     rslora = bool(adapter.config.get("use_rslora"))
     pairs = []
     for g in tensors:
+        if g.pieces and any(p.src.ops for p in g.pieces):
+            raise _refuse(adapter, f"it adapts experts stacked in {g.name}")
         if not g.src.ops:
             continue
         op = g.src.ops[0]

@@ -35,16 +35,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from lorasave.errors import ImatrixError, InvalidOptionError, SourceNotFoundError, UnsupportedModelError
+from lorasave.errors import ImatrixError, InvalidOptionError, UnsupportedModelError
 from lorasave.formats.gguf.imatrix import IMATRIX_FILE, write_imatrix
 from lorasave.formats.gguf.model import GgufModel
 from lorasave.merging.stream import ExecContext, Timings, check_finite, tensor_blocks
-from lorasave.pipeline.manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
+from lorasave.pipeline.manifest import MANIFEST_NAME, result_dict, sha256_file, sources_record, write_manifest
 from lorasave.pipeline.output import check_output_path, tokenizer_source
 from lorasave.pipeline.run import PlannedOutput, single_output
 from lorasave.sources import stamp as source_stamp
 from lorasave.sources.adapter import Adapter, load_adapters
 from lorasave.sources.checkpoint import TensorReader, open_checkpoint
+from lorasave.util.textfile import read_utf8
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +109,10 @@ def imatrix_targets(model: GgufModel, process_output: bool = False) -> dict[str,
     names = gguf.get_tensor_name_map(model.rules.arch, Hparams.of(model.config).n_layer)
     out = {}
     for t in model.plan.tensors.values():
-        if t.name in model.rules.drop or not t.name.endswith(".weight") or len(t.shape) != 2:
+        text = model.rules.text_name(t.name)
+        if text is None or text in model.rules.drop or not text.endswith(".weight") or len(t.shape) != 2:
             continue
-        gname = names.get_name(t.name, try_suffixes=(".weight", ".bias"))
+        gname = names.get_name(text, try_suffixes=(".weight", ".bias"))
         if gname is not None and (gname.startswith("blk.") or (process_output and gname == "output.weight")):
             out[t.name] = gname
     return out
@@ -242,13 +244,7 @@ def collect(net: torch.nn.Module, targets: dict[str, str], chunks: Sequence[Sequ
 
 
 def _read_text(text: PathLike) -> str:
-    p = Path(text)
-    if not p.is_file():
-        raise SourceNotFoundError(f"calibration text {text} not found", path=text)
-    try:
-        return p.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise InvalidOptionError(f"{text}: the calibration text is not UTF-8 ({e.reason} at byte {e.start})") from None
+    return read_utf8(text, "calibration text")
 
 
 def plan_imatrix(
@@ -335,12 +331,7 @@ def plan_imatrix(
         )
         files = {IMATRIX_FILE: sha256_file(path)}
         sources = {
-            "base": {
-                "path": str(ckpt.root.resolve()),
-                "hub_id": ckpt.hub_id,
-                "files": {str(p.relative_to(ckpt.root)): sha256_source(p) for p in ckpt.source_files()},
-            },
-            "adapters": [{"path": str(a.root.resolve()), "files": {str(p.relative_to(a.root)): sha256_source(p) for p in a.source_files()}} for a in ads],
+            **sources_record(ckpt, ads),
             "tokenizer": str(tok_dir.resolve()),
             "text": {"path": str(Path(text).resolve()), "sha256": sha256_file(Path(text))},
         }

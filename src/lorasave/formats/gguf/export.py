@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from lorasave.formats.gguf.model import (
 from lorasave.formats.gguf.output import GgufOutput
 from lorasave.formats.gguf.quant import GgufType
 from lorasave.merging.stream import Timings
-from lorasave.pipeline.manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
+from lorasave.pipeline.manifest import MANIFEST_NAME, result_dict, sha256_file, sources_record, write_manifest
 from lorasave.pipeline.output import check_output_path, tokenizer_source
 from lorasave.pipeline.run import PlannedOutput, single_output
 from lorasave.sources import stamp as source_stamp
@@ -44,6 +45,11 @@ from lorasave.sources.checkpoint import Checkpoint, open_checkpoint
 from lorasave.util.names import check_file_name, safe_file_name
 
 logger = logging.getLogger(__name__)
+
+#: Suffix of the ``--imatrix`` file's copy in the output, ``<name>.imatrix`` (as imatrix files are
+#: published beside GGUF files; llama.cpp tells its GGUF and legacy layouts apart by content). Not
+#: ``.gguf``: it is not a model.
+IMATRIX_SUFFIX = ".imatrix"
 
 __all__ = [
     "ExtraTensor",
@@ -85,6 +91,9 @@ class GgufResult:
         gguf_files: every ``.gguf`` written, one per requested type, in the order asked
             (``gguf_file`` is the first; the other fields describe it).
         types: the requested types, in order.
+        quality: the quality report (``report=True``: ``lorasave.verify.quality.QualityReport``).
+        converter: set when llama.cpp's own converter wrote the files (``formats.gguf.fallback``):
+            what wrote them, e.g. ``"llama.cpp's convert_hf_to_gguf.py (v0.5.0)"``.
     """
 
     output: Path
@@ -103,21 +112,30 @@ class GgufResult:
     llama_cpp_quantized: bool = False
     gguf_files: list[Path] = field(default_factory=list)
     types: list[str] = field(default_factory=list)
+    quality: Any = None
+    converter: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json``)."""
         return result_dict(self)
 
     def summary(self) -> str:
-        """One line for humans."""
+        """One line for humans (and the quality table, when there is one)."""
+        if self.quality is not None:
+            return self._summary() + "\n\n" + self.quality.summary()
+        return self._summary()
+
+    def _summary(self) -> str:
         types = ", ".join(f"{n} {k}" for k, n in sorted(self.tensor_types.items()))
         verified = "; verified" if self.verification and self.verification.get("ok") else ""
         size = f"{self.total_bytes / 1e6:.1f} MB"
         how = "; blocks encoded by llama.cpp's quantizer in the stream" if self.llama_cpp_quantized else ""
+        if self.converter:
+            how = f"; written by {self.converter} from the merged checkpoint, intermediates removed"
         ollama = "; Modelfile for Ollama" if self.modelfile else ""
         if len(self.gguf_files) > 1:
             names = ", ".join(p.name for p in self.gguf_files)
-            done = f"{self.n_merged} merged) in {self.seconds:.1f} s{ollama}{verified}"
+            done = f"{self.n_merged} merged) in {self.seconds:.1f} s{how if self.converter else ''}{ollama}{verified}"
             return f"wrote {len(self.gguf_files)} GGUF files into {self.output} from one read ({names}; {done}"
         return f"wrote {self.gguf_file} ({self.n_tensors} tensors: {types}; {size}, {self.n_merged} merged) in {self.seconds:.1f} s{how}{ollama}{verified}"
 
@@ -211,6 +229,9 @@ def plan_gguf(
     pure: bool = False,
     output_tensor_type: str | None = None,
     token_embedding_type: str | None = None,
+    report: bool = False,
+    report_text: PathLike | None = None,
+    imatrix: PathLike | None = None,
 ) -> PlannedOutput:
     """Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<name>-<type>.gguf`` (one per type) plus ``lorasave.json``.
 
@@ -253,11 +274,26 @@ def plan_gguf(
             byte what ``llama_model_quantize`` writes with the same parameters from an f32 GGUF of
             the merge: the llama.cpp runtime is needed. They are refused for f32/f16/bf16/q8_0
             (the converter's types, no mix).
+        report: run every file in llama.cpp on a text and put the quality table (size, bits per
+            weight, perplexity, KL divergence and top-1 agreement against the float32 merge and the
+            unmerged PeftModel) into README.md, with a chart ``quality.png`` (matplotlib, optional),
+            before ``lorasave.json`` is written (``lorasave.verify.quality_report``). Needs the runtime.
+        report_text: the report's text file (default: a built-in text).
+        imatrix: llama-quantize's ``--imatrix``: an importance matrix file (llama-imatrix's GGUF
+            layout or its legacy ``.dat``, or a folder ``lorasave imatrix`` wrote;
+            ``formats.gguf.imatrix.load_imatrix``). Every llama-quantize type is then encoded with
+            it (``llama_model_quantize_params.imatrix``) and the mix follows ``has_imatrix``; the
+            types that need one (:attr:`GgufType.needs_imatrix`: iq2_*, iq1_*, iq3_xxs, iq3_xs,
+            q2_k_s) are refused without it. The file is copied into the output
+            (``<name>.imatrix``, :data:`IMATRIX_SUFFIX`) so ``verify`` needs nothing else.
 
     Returns:
         The planned output; ``pipeline.run.run_single`` writes it and returns a GgufResult.
 
     Raises:
+        ImatrixRequiredError: a type needs an importance matrix for a tensor and ``imatrix`` has none for it.
+        ImatrixMismatchError: an ``imatrix`` entry does not fit its tensor (another model's file).
+        ImatrixError: the ``imatrix`` file cannot be read.
         InvalidOptionError: unknown ``type``, or a ``name`` that is not a plain file name (``names.check_file_name``);
             ``pure`` / ``output_tensor_type`` / ``token_embedding_type`` with a converter type, an
             unknown GGML type name, or an override type whose block does not divide its tensor's rows.
@@ -273,13 +309,25 @@ def plan_gguf(
     if name is not None:
         check_file_name(name, "name")
     types = parse_types(type)
+    importance = None
+    if imatrix is not None:
+        from lorasave.formats.gguf.imatrix import load_imatrix
+
+        importance = load_imatrix(Path(imatrix))
     options = gguf_quant.QuantOptions(
         bool(pure),
         gguf_quant.parse_ggml_type(output_tensor_type) if output_tensor_type is not None else None,
         gguf_quant.parse_ggml_type(token_embedding_type) if token_embedding_type is not None else None,
+        importance,
+        sha256_file(importance.path) if importance is not None else None,
     )
     gguf_mix.check_options(types, options)
-    if any(gguf_mix.uses_ggml(t, options) for t in types):
+    report_source = None
+    if report:
+        from lorasave.verify.quality_report import read_text
+
+        report_source = (read_text(report_text), "built-in" if report_text is None else str(report_text))
+    if report or any(gguf_mix.uses_ggml(t, gguf_mix.for_type(t, options)) for t in types):
         from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
         llama_cpp.require()
@@ -288,10 +336,32 @@ def plan_gguf(
     tok_dir = tokenizer_source(tokenizer, [a.root for a in ads], ckpt.root)
     final = check_output_path(Path(output_dir), [ckpt.root, *(a.root for a in ads), tok_dir], overwrite)
     stem = name if name is not None else safe_file_name(final.name)
+    from lorasave.formats.gguf.arch import ARCHITECTURES
+
+    if str(ckpt.config.get("model_type")) not in ARCHITECTURES:  # llama.cpp's own converter, when it knows the architecture
+        from lorasave.formats.gguf.fallback import plan_via_converter
+
+        if report or verify or importance is not None:
+            what = ", ".join(n for n, on in (("--report", report), ("--verify", verify), ("--imatrix", importance is not None)) if on)
+            raise InvalidOptionError(f"{what}: not with llama.cpp's converter, which writes {ckpt.config.get('model_type')!r} models for lorasave")
+        quant_options = {"pure": pure, "output_tensor_type": output_tensor_type, "token_embedding_type": token_embedding_type}
+        return plan_via_converter(
+            ckpt,
+            ads,
+            final,
+            types,
+            stem=stem,
+            tok_dir=tok_dir,
+            overwrite=overwrite,
+            modelfile=modelfile,
+            progress=progress,
+            quant_options=quant_options,
+            t_start=t_start,
+        )
     model = GgufModel.build(ckpt, ads, tok_dir, stem)
     writers: dict[GgufType, tuple[GgufOutput, list[str]]] = {}
     for st in types:
-        writers[st] = model.writer(st, f"{stem}-{st.value}.gguf", permute_qk, options)
+        writers[st] = model.writer(st, f"{stem}-{st.value}.gguf", permute_qk, gguf_mix.for_type(st, options))
     needed = sum(w.needed_bytes for w, _ in writers.values())
 
     def finish(folder: Path, job_timings: Timings) -> GgufResult:
@@ -307,8 +377,8 @@ def plan_gguf(
             fname, counts = w.filename, w.counts()
             files[fname] = w.sha256
             notes.extend(n for n in type_notes if n not in notes)
-            if gguf_mix.uses_ggml(t, options):
-                notes.append(gguf_quant.kquant_note(t, options))
+            if gguf_mix.uses_ggml(t, gguf_mix.for_type(t, options)):
+                notes.append(gguf_quant.kquant_note(t, gguf_mix.for_type(t, options)))
                 if t.default_qtype.name not in counts:
                     block = gguf.GGML_QUANT_SIZES[t.default_qtype][0]
                     used = ", ".join(sorted(counts))
@@ -321,20 +391,29 @@ def plan_gguf(
         first, first_entry = next(iter(per_file.items()))
         more = [(f, e["type"], e["tensor_types"]) for f, e in list(per_file.items())[1:]]
         side = _side_files(folder, final.name, first, types[0], first_entry["tensor_types"], notes, ckpt, ads, tok_dir, modelfile, more)
+        quality = None
+        if report_source is not None:  # before the hashes: lorasave.json covers the chart and the card's table
+            from lorasave.verify.quality_report import report_staged
+
+            quality = report_staged(
+                folder, {f: e["type"] for f, e in per_file.items()}, ckpt, ads, tok_dir, title=final.name, text=report_source[0], text_source=report_source[1]
+            )
+            side.files.extend(quality.files)
         for n in side.files:
             files[n] = sha256_file(folder / n)
+        if importance is not None:  # verify re-encodes the blocks with it
+            imatrix_name = stem + IMATRIX_SUFFIX
+            shutil.copyfile(importance.path, folder / imatrix_name)
+            files[imatrix_name] = sha256_file(folder / imatrix_name)
         for f in per_file:
             if f not in files:
                 files[f] = sha256_file(folder / f)
         sources = {
-            "base": {
-                "path": str(ckpt.root.resolve()),
-                "hub_id": ckpt.hub_id,
-                "files": {str(p.relative_to(ckpt.root)): sha256_source(p) for p in ckpt.source_files()},
-            },
-            "adapters": [{"path": str(a.root.resolve()), "files": {str(p.relative_to(a.root)): sha256_source(p) for p in a.source_files()}} for a in ads],
+            **sources_record(ckpt, ads),
             "tokenizer": str(tok_dir.resolve()),
         }
+        if importance is not None:
+            sources["imatrix"] = {"path": str(importance.path.resolve()), "sha256": options.imatrix_sha256, "file": stem + IMATRIX_SUFFIX}
         n_tensors = len(writers[types[0]][0].tensors) + len(writers[types[0]][0].extras)
         result: dict[str, Any] = {
             "n_tensors": n_tensors,
@@ -351,6 +430,8 @@ def plan_gguf(
             result["quantized_from"] = first_entry["quantized_from"]
         if len(types) > 1:
             result["gguf_files"] = per_file
+        if quality is not None:
+            result["quality"] = quality.report.figures()
         type_setting = types[0].value if len(types) == 1 else ",".join(t.value for t in types)
         settings = {"type": type_setting, "name": stem, "allow_pickle": allow_pickle, "modelfile": modelfile, **options.settings()}
         write_manifest(folder, command="gguf", sources=sources, settings=settings, result=result, files=files)
@@ -382,9 +463,10 @@ def plan_gguf(
             verification=result.get("verification"),
             modelfile=final / side.modelfile if side.modelfile else None,
             chat_template_family=side.family,
-            llama_cpp_quantized=gguf_mix.uses_ggml(types[0], options),
+            llama_cpp_quantized=gguf_mix.uses_ggml(types[0], gguf_mix.for_type(types[0], options)),
             gguf_files=[final / f for f in per_file],
             types=[t.value for t in types],
+            quality=quality.report if quality is not None else None,
         )
         for note in notes:
             logger.info("%s", note)

@@ -12,7 +12,7 @@ float32 values directly (no 16-bit intermediate checkpoint):
   the types ``llama-quantize`` makes, its choice (``formats.gguf.quant``: the k-quant mix too);
 * Gemma's RMSNorm weights ``+1`` and generated tensors such as Llama 3.1's ``rope_freqs``
   (``formats.gguf.arch.ARCHITECTURES``);
-* the ``general.*`` (``gguf.Metadata``) / ``{arch}.*`` keys of ``set_gguf_parameters`` (``arch.py``);
+* the ``general.*`` (``gguf.Metadata``) / ``{arch}.*`` keys of ``set_gguf_parameters`` (``arch/``);
 * the tokenizer: SentencePiece, SentencePiece-style or byte-level BPE (``vocab.py``).
 
 :class:`GgufModel` holds what every type of one export shares (plan, config, tokenizer, name) and
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from lorasave.errors import UnsupportedModelError
 from lorasave.formats.gguf import mix as gguf_mix
 from lorasave.formats.gguf import quant as gguf_quant
 from lorasave.formats.gguf.arch import GgufArch, Hparams, gguf_arch_for
+from lorasave.formats.gguf.experts import Piece, gguf_sources
 from lorasave.formats.gguf.output import GgufOutput
 from lorasave.formats.gguf.quant import GgufType, tensor_nbytes
 from lorasave.formats.gguf.vocab import add_tokenizer, embedding_rows
@@ -50,13 +52,16 @@ from lorasave.sources.checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
 
+#: ``model.layers.<N>.``: a decoder layer's tensor.
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+
 
 @dataclass(frozen=True)
 class GgufTensor:
     """One tensor of the GGUF file.
 
     Attributes:
-        src: the planned (HF-named) output tensor.
+        src: the planned (HF-named) output tensor (the first piece's when there are several).
         name: GGUF name (``blk.0.attn_q.weight``).
         qtype: GGML type written.
         nbytes: bytes of its data (without alignment padding).
@@ -64,6 +69,11 @@ class GgufTensor:
         shift: added to every element after the merge (Gemma's RMSNorm ``+1``), or 0.
         rows: only the first ``rows`` rows are written (Gemma 3's ``token_embd`` cut to the
             tokenizer's size, ``gguf_vocab.embedding_rows``), or None for all of them.
+        importance: float32 ``(n_mat, ne0)``: the ``--imatrix`` entry its blocks are encoded with
+            (``ggml_quantize_chunk``'s ``imatrix``, one row per expert), or None.
+        pieces: where the values come from when not simply ``src``: the experts of a stacked
+            ``ffn_*_exps`` (one planned tensor each, in expert order), or a part of a fused one.
+        full_shape: the written shape when ``pieces`` is set (``(n_expert, rows, ne0)``).
     """
 
     src: OutputTensor
@@ -73,12 +83,22 @@ class GgufTensor:
     permute_heads: tuple[int, int] | None
     shift: float = 0.0
     rows: int | None = None
+    importance: np.ndarray | None = field(default=None, compare=False, repr=False)
+    pieces: tuple[Piece, ...] = ()
+    full_shape: tuple[int, ...] | None = None
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The written shape, rows first: ``src.shape`` with the first dimension cut to ``rows``."""
+        if self.full_shape is not None:
+            return self.full_shape
         shape = tuple(self.src.shape)
         return shape if self.rows is None else (self.rows, *shape[1:])
+
+    @property
+    def parts(self) -> tuple[Piece, ...]:
+        """Its pieces, in writing order (``(Piece(src),)`` for a tensor of one planned tensor)."""
+        return self.pieces or (Piece(self.src),)
 
 
 @dataclass(frozen=True)
@@ -149,6 +169,10 @@ def gguf_tensors(
 ) -> tuple[list[GgufTensor], list[str]]:
     """Name, type, size and transform of every GGUF tensor from the checkpoint, in plan order.
 
+    A mixture of experts' per-expert tensors become one stacked ``ffn_*_exps`` tensor each (its
+    ``pieces``, in expert order) and fused ones are split as the architecture says
+    (``formats.gguf.experts.gguf_sources``); the tensor takes the place of its first planned tensor.
+
     Tensors in ``rules.drop`` are left out (Gemma's ``lm_head.weight``, as the converter's
     ``filter_tensors``); ``*norm.weight`` get ``rules.norm_shift`` (``Gemma3Model.norm_shift``).
     With ``tok_dir`` (the tokenizer the file gets), ``token_embd.weight`` keeps the rows
@@ -163,38 +187,77 @@ def gguf_tensors(
 
     Raises:
         UnsupportedModelError: a tensor has no GGUF name (``ValueError("Can not map tensor")`` in
-            llama.cpp), e.g. a vision tower or an unknown extra module.
+            llama.cpp), e.g. a vision tower or an unknown extra module; incomplete experts.
+        ImatrixRequiredError, ImatrixMismatchError: see ``gguf_mix.importances``.
     """
     hp = Hparams.of(config)
     names = gguf.get_tensor_name_map(rules.arch, hp.n_layer)
     n_head, n_kv = hp.heads
-    mapped = []  # (src, GGUF name, permute heads, shift, rows)
+    n_expert = int(hp.find(("num_local_experts", "num_experts", "n_routed_experts"), 0) or 0)
+    kept = []  # (text-model name, planned tensor)
+    left_out = []  # not the language model's (a vision tower's)
+    mtp = []  # multi-token-prediction layers (``GgufArch.mtp_layers``)
     for t in plan.tensors.values():
-        if t.name in rules.drop:
-            continue
-        name = names.get_name(t.name, try_suffixes=(".weight", ".bias"))
+        text_name = rules.text_name(t.name)
+        layer = LAYER.match(text_name or "")
+        if rules.mtp_layers and layer is not None and int(layer[1]) >= hp.n_layer:
+            mtp.append(t)
+        elif text_name is None:
+            left_out.append(t)
+        elif text_name not in rules.drop:
+            kept.append((text_name, t))
+    mapped = []  # (source, GGUF name, permute heads, shift, rows)
+    for s in gguf_sources(kept, rules.fused, n_expert):
+        t = s.src
+        hf = s.hf if s.hf.endswith((".weight", ".bias")) or not s.pieces else s.hf + ".weight"
+        name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise UnsupportedModelError(f"cannot map tensor {t.name!r} to a GGUF {rules.name} tensor name")
         heads = None
-        if rules.permute_qk and t.name.endswith(("q_proj.weight", "q_proj.bias")):
+        if rules.permute_qk and hf.endswith(("q_proj.weight", "q_proj.bias")):
             heads = (n_head, n_head)
-        elif rules.permute_qk and t.name.endswith(("k_proj.weight", "k_proj.bias")):
+        elif rules.permute_qk and hf.endswith(("k_proj.weight", "k_proj.bias")):
             heads = (n_head, n_kv)
-        shift = rules.norm_shift if t.name.endswith("norm.weight") else 0.0
+        shift = rules.norm_shift if hf.endswith("norm.weight") else 0.0
         rows = None
-        if tok_dir is not None and name == "token_embd.weight" and t.shape:
+        if tok_dir is not None and name == "token_embd.weight" and t.shape and not s.pieces:
             keep = embedding_rows(tok_dir, rules, int(t.shape[0]), notes if notes is not None else [])
             rows = keep if keep < t.shape[0] else None
-        mapped.append((t, name, heads, shift, rows))
-    shapes = [(name, tuple(t.shape) if rows is None else (rows, *t.shape[1:])) for t, name, _, _, rows in mapped]
+        mapped.append((s, name, heads, shift, rows))
+    if mtp and notes is not None:
+        notes.append(f"{len(mtp)} multi-token-prediction (nextn) layer tensors left out, as llama.cpp's converter does with --no-mtp")
+    if left_out and notes is not None:
+        notes.extend(multimodal_notes(left_out, [p.src for s, *_ in mapped for p in (s.pieces or [Piece(s.src)]) if p is not None], rules))
+    shapes = [(name, s.shape or (tuple(s.src.shape) if rows is None else (rows, *s.src.shape[1:]))) for s, name, _, _, rows in mapped]
     gtype = GgufType.parse(type)
-    facts = gguf_mix.ModelFacts(rules.name, hp.n_layer, n_head, n_kv, int(hp.find(("num_local_experts", "num_experts", "n_routed_experts"), 0) or 0))
+    facts = gguf_mix.ModelFacts(rules.name, hp.n_layer, n_head, n_kv, n_expert)
     types = gguf_mix.tensor_types(shapes, gtype, facts, options)
+    weights = gguf_mix.importances(shapes, types, gtype, options) if gguf_mix.uses_ggml(gtype, options) else [None] * len(types)
     out = [
-        GgufTensor(t, name, tt.qtype, tensor_nbytes(shape, tt.qtype), heads, shift, rows)
-        for (t, name, heads, shift, rows), (_, shape), tt in zip(mapped, shapes, types, strict=True)
+        GgufTensor(s.src, name, tt.qtype, tensor_nbytes(shape, tt.qtype), heads, shift, rows, w, tuple(p for p in s.pieces if p is not None), s.shape)
+        for (s, name, heads, shift, rows), (_, shape), tt, w in zip(mapped, shapes, types, weights, strict=True)
     ]
     return out, gguf_mix.type_notes(shapes, types, gtype)
+
+
+def multimodal_notes(left_out: list[OutputTensor], kept: list[OutputTensor], rules: GgufArch) -> list[str]:
+    """What the user should know when a multimodal checkpoint's GGUF holds its language model only.
+
+    Args:
+        left_out: the vision / audio / projector tensors (``rules.text_name`` None).
+        kept: the language model's tensors written.
+
+    Returns:
+        One note on what is left out, and one more when an adapter changes left-out tensors (all of
+        its changes when it changes none of the language model's).
+    """
+    out = [f"{rules.name} GGUF of the language model only: {len(left_out)} vision/audio/projector tensors left out, as llama.cpp's converter does"]
+    changed = [t.name for t in left_out if t.changed]
+    if changed and not any(t.changed for t in kept):
+        out.append(f"the adapter changes only vision/audio/projector tensors ({len(changed)}), none of which this GGUF holds: it is the base's language model")
+    elif changed:
+        out.append(f"the adapter's changes to {len(changed)} vision/audio/projector tensors are not in this GGUF (it holds the language model)")
+    return out
 
 
 def extra_tensors(config: dict[str, Any], rules: GgufArch, type: str) -> list[ExtraTensor]:
@@ -206,19 +269,20 @@ def extra_tensors(config: dict[str, Any], rules: GgufArch, type: str) -> list[Ex
     return out
 
 
-def add_model_params(
-    writer: gguf.GGUFWriter, config: dict[str, Any], rules: GgufArch, name: str, type: str, model_dir: Path | None = None, n_params: int = 0
-) -> None:
+def add_model_params(writer: gguf.GGUFWriter, config: dict[str, Any], rules: GgufArch, name: str, type: str, model_dir: Path | None = None) -> None:
     """``general.*`` and ``{arch}.*`` keys (``ModelBase.prepare_metadata`` + ``set_gguf_parameters``).
+
+    Call it once the tensor infos are added: ``general.size_label`` comes from the writer's
+    ``get_total_parameter_count`` (``8x7B`` for a mixture of experts), as in ``prepare_metadata``.
 
     Args:
         model_dir: folder whose README.md / config.json ``gguf.Metadata.load`` reads (the base).
-        n_params: total parameter count of the file's tensors (``general.size_label``).
     """
     writer.add_type(gguf.GGUFType.MODEL)
-    meta = gguf.Metadata.load(None, model_dir, name, n_params)
-    if meta.size_label is None and n_params > 0:
-        meta.size_label = gguf.size_label(n_params, n_params, 0, 0)
+    total, shared, expert, n_expert = writer.get_total_parameter_count()
+    meta = gguf.Metadata.load(None, model_dir, name, total)
+    if meta.size_label is None and total > 0:
+        meta.size_label = gguf.size_label(total, shared, expert, n_expert)
     meta.set_gguf_meta_model(writer)
     for key, value, vtype in rules.params(Hparams.of(config)):
         writer.add_key_value(key.format(arch=rules.name), value, vtype)
@@ -297,17 +361,20 @@ class GgufModel:
             if n not in self.notes:
                 self.notes.append(n)
         extras = extra_tensors(self.config, self.rules, stream.value)
+        exps = sorted({g.qtype.name for g in tensors if "_exps." in g.name and g.name.endswith(".weight")})
+        if self.rules.expert_note and exps:
+            type_notes = [*type_notes, self.rules.expert_note.format(types="/".join(exps))]
 
         def start(path: Path) -> gguf.GGUFWriter:  # header, metadata, tensor infos
             w = gguf.GGUFWriter(None, self.rules.name)
-            add_model_params(w, self.config, self.rules, self.stem, stream.value, self.ckpt.root, out.n_params())
-            said: list[str] = []
-            add_tokenizer(w, self.tok_dir, vocab_size(self.ckpt, self.plan, tensors), self.rules, self.config, said)
-            self.notes.extend(n for n in said if n not in self.notes)  # every type's file says the same
-            for g in tensors:
+            for g in tensors:  # infos first (kept apart from the KV data): the size label counts them
                 w.add_tensor_info(g.name, g.shape, np.dtype(np.float32), g.nbytes, raw_dtype=g.qtype)
             for e in extras:
                 w.add_tensor_info(e.name, e.data.shape, np.dtype(np.float32), e.nbytes, raw_dtype=e.qtype)
+            add_model_params(w, self.config, self.rules, self.stem, stream.value, self.ckpt.root)
+            said: list[str] = []
+            add_tokenizer(w, self.tok_dir, vocab_size(self.ckpt, self.plan, tensors), self.rules, self.config, said)
+            self.notes.extend(n for n in said if n not in self.notes)  # every type's file says the same
             w.write_header_to_file(path)
             w.write_kv_data_to_file()
             w.write_ti_data_to_file()

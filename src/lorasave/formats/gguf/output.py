@@ -5,7 +5,8 @@ the plan: ``formats.gguf.export.gguf_tensors``); then each tensor's blocks are e
 arrive (``formats.gguf.stream.EncodedTensor``), Q/K rows permuted once the tensor is complete, and
 the finished tensor queued for the writer thread (``HashingWriteBehind``), which writes and hashes
 it. The generated tensors (``rope_freqs``) follow the checkpoint's. Tensors must arrive in the
-order of the tensor infos (the plan's order): :meth:`GgufOutput.order`.
+order of the tensor infos (the plan's order, a stacked expert tensor's pieces one after the other):
+:meth:`GgufOutput.order`.
 """
 
 from __future__ import annotations
@@ -19,28 +20,40 @@ import gguf
 import numpy as np
 import torch
 
+from lorasave.formats.gguf.experts import Take
 from lorasave.formats.gguf.quant import encode
 from lorasave.formats.gguf.stream import EncodedTensor, HashingWriteBehind
 from lorasave.formats.writer import OutputWriter, TensorSink
-from lorasave.merging.stream import Block
+from lorasave.merging.stream import Block, check_finite
 from lorasave.pipeline.manifest import sha256_file
+from lorasave.plan.merge_plan import OutputTensor
 
 logger = logging.getLogger(__name__)
 
 
 class _Sink:
-    def __init__(self, out: GgufOutput, g: Any) -> None:
-        self._out, self._g = out, g
-        self._enc = EncodedTensor(g.src, g.qtype, g.nbytes, g.shift, g.rows, ggml=out.ggml)
+    """One planned tensor's blocks, fed to every GGUF tensor it is a piece of (``GgufTensor.parts``)."""
+
+    def __init__(self, out: GgufOutput, src: OutputTensor, feeds: list[tuple[Any, Take | None]]) -> None:
+        self._out, self._src, self._feeds = out, src, feeds
+        for g, _ in feeds:
+            if g.name not in out.encoding:  # its first piece: start encoding the GGUF tensor
+                out.encoding[g.name] = EncodedTensor(g.shape, g.qtype, g.nbytes, g.shift, g.rows, ggml=out.ggml, importance=g.importance)
 
     def add(self, block: Block) -> None:
-        self._enc.add(block, self._out.timings)
+        if block.merged:
+            check_finite(self._src, block.values, block.start, block.stop)
+        for g, take in self._feeds:
+            self._out.encoding[g.name].add(block.values if take is None else take(block.values), self._out.timings)
 
     def close(self) -> None:
-        data = self._enc.result()  # uint8 (rows, row_bytes)
-        if self._g.permute_heads is not None:  # rows are encoded independently: permute the encoded rows
-            data = self._out.permute(data, *self._g.permute_heads)
-        self._out.behind.put(data.numpy())
+        for g, _ in self._feeds:
+            if self._out.last[g.name] != self._src.name:
+                continue  # more experts to come
+            data = self._out.encoding.pop(g.name).result()  # uint8 (rows, row_bytes)
+            if g.permute_heads is not None:  # rows are encoded independently: permute the encoded rows
+                data = self._out.permute(data, *g.permute_heads)
+            self._out.behind.put(data.numpy())
 
 
 class GgufOutput(OutputWriter):
@@ -76,7 +89,15 @@ class GgufOutput(OutputWriter):
         self._start = start
         self.tensors = tensors
         self.extras = extras
-        self._by_name = {g.src.name: g for g in tensors}
+        self._feeds: dict[str, list[tuple[Any, Take | None]]] = {}
+        self._srcs: dict[str, OutputTensor] = {}
+        for g in tensors:
+            for p in g.parts:
+                self._feeds.setdefault(p.src.name, []).append((g, p.take))
+                self._srcs[p.src.name] = p.src
+        #: GGUF name -> the planned tensor whose close completes it; GGUF name -> its encoding so far.
+        self.last: dict[str, str] = {g.name: g.parts[-1].src.name for g in tensors}
+        self.encoding: dict[str, EncodedTensor] = {}
         self._path: Path | None = None
         self._writer: gguf.GGUFWriter | None = None
         self.behind: HashingWriteBehind
@@ -87,7 +108,8 @@ class GgufOutput(OutputWriter):
         return sum(g.nbytes for g in self.tensors) + sum(e.nbytes for e in self.extras) + (16 << 20)
 
     def order(self) -> list[str]:
-        return [g.src.name for g in self.tensors]
+        """Each tensor's pieces, tensor after tensor: a stacked tensor's experts consecutively."""
+        return list(dict.fromkeys(p.src.name for g in self.tensors for p in g.parts))
 
     def begin(self, folder: Path) -> None:
         self._path = folder / self.filename
@@ -95,8 +117,8 @@ class GgufOutput(OutputWriter):
         self.behind = HashingWriteBehind(self._writer, self.timings)
 
     def open_tensor(self, name: str) -> TensorSink | None:
-        g = self._by_name.get(name)
-        return None if g is None else _Sink(self, g)
+        feeds = self._feeds.get(name)
+        return None if feeds is None else _Sink(self, self._srcs[name], feeds)
 
     def end(self) -> dict[str, str]:
         for e in self.extras:

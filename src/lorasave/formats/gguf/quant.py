@@ -41,8 +41,9 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
+from typing import Protocol
 
 import gguf
 import numpy as np
@@ -75,6 +76,19 @@ class GgufType(Enum):
     IQ4_XS = "iq4_xs"
     IQ3_S = "iq3_s"
     IQ3_M = "iq3_m"
+    Q2_K_S = "q2_k_s"
+    IQ3_XXS = "iq3_xxs"
+    IQ3_XS = "iq3_xs"
+    IQ2_XXS = "iq2_xxs"
+    IQ2_XS = "iq2_xs"
+    IQ2_S = "iq2_s"
+    IQ2_M = "iq2_m"
+    IQ1_S = "iq1_s"
+    IQ1_M = "iq1_m"
+    TQ1_0 = "tq1_0"
+    TQ2_0 = "tq2_0"
+    MXFP4_MOE = "mxfp4_moe"
+    Q1_0 = "q1_0"
 
     @property
     def spec(self) -> TypeSpec:
@@ -102,6 +116,12 @@ class GgufType(Enum):
         return self.spec.default_qtype not in WRITABLE
 
     @property
+    def needs_imatrix(self) -> bool:
+        """Whether llama-quantize refuses the type without an importance matrix (on a model whose rows
+        are multiples of 256; the exact test is per tensor: ``mix.imatrix_required``)."""
+        return self.spec.needs_imatrix
+
+    @property
     def kquant(self) -> bool:
         """A k-quant or i-quant file type (``q2_k`` ... ``q6_k``, ``iq4_nl``...): llama-quant.cpp's
         per-tensor mix (``mix.kquant_types``), every block encoded by ``ggml_quantize_chunk``."""
@@ -114,14 +134,15 @@ class GgufType(Enum):
 
     @classmethod
     def parse(cls, name: str | GgufType) -> GgufType:
-        """``GgufType("q4_k_m")``, case-insensitive.
+        """``GgufType("q4_k_m")``, case-insensitive; llama-quantize's aliases (:data:`ALIASES`: ``q4_k`` is ``q4_k_m``) too.
 
         Raises:
             ValueError: not a known type (callers turn it into ``InvalidOptionError``).
         """
         if isinstance(name, GgufType):
             return name
-        return cls(str(name).lower())
+        key = str(name).lower()
+        return ALIASES.get(key) or cls(key)
 
 
 @dataclass(frozen=True)
@@ -133,11 +154,14 @@ class TypeSpec:
         default_qtype: GGML type of ordinary weight matrices (``llama_ftype_get_default_type``).
         converter: True when ``convert_hf_to_gguf.py`` writes it (its rules apply), False when
             ``llama-quantize`` does (``llama-quant.cpp``'s rules apply).
+        needs_imatrix: llama-quantize refuses it without an importance matrix (``tensor_requires_imatrix``
+            holds for some tensor of its mix on a model with rows of 256).
     """
 
     file_type: gguf.LlamaFileType
     default_qtype: gguf.GGMLQuantizationType
     converter: bool
+    needs_imatrix: bool = False
 
 
 #: Every output type (``llama_ftype_get_default_type`` in ``src/llama-quant.cpp`` for the default).
@@ -159,13 +183,35 @@ TYPES: dict[GgufType, TypeSpec] = {
     GgufType.Q5_K_S: TypeSpec(F.MOSTLY_Q5_K_S, Q.Q5_K, False),
     GgufType.Q5_K_M: TypeSpec(F.MOSTLY_Q5_K_M, Q.Q5_K, False),
     GgufType.Q6_K: TypeSpec(F.MOSTLY_Q6_K, Q.Q6_K, False),
-    # the i-quants whose llama-quant.cpp mix needs no importance matrix (``tensor_requires_imatrix``
-    # is false for every tensor they give without one): IQ3_XXS / IQ3_XS put IQ2_S / IQ3_XXS on
-    # attn_q/attn_k/ffn_gate/ffn_up, the IQ2 / IQ1 types and Q2_K_S need one throughout
     GgufType.IQ4_NL: TypeSpec(F.MOSTLY_IQ4_NL, Q.IQ4_NL, False),
     GgufType.IQ4_XS: TypeSpec(F.MOSTLY_IQ4_XS, Q.IQ4_XS, False),
     GgufType.IQ3_S: TypeSpec(F.MOSTLY_IQ3_S, Q.IQ3_S, False),
     GgufType.IQ3_M: TypeSpec(F.MOSTLY_IQ3_M, Q.IQ3_S, False),
+    # need an importance matrix: IQ3_XXS / IQ3_XS put IQ2_S / IQ3_XXS on attn_q / attn_k (ffn_gate /
+    # ffn_up), the IQ2 / IQ1 types are those types throughout, Q2_K_S's Q2_K needs one
+    GgufType.Q2_K_S: TypeSpec(F.MOSTLY_Q2_K_S, Q.Q2_K, False, True),
+    GgufType.IQ3_XXS: TypeSpec(F.MOSTLY_IQ3_XXS, Q.IQ3_XXS, False, True),
+    GgufType.IQ3_XS: TypeSpec(F.MOSTLY_IQ3_XS, Q.IQ3_S, False, True),
+    GgufType.IQ2_XXS: TypeSpec(F.MOSTLY_IQ2_XXS, Q.IQ2_XXS, False, True),
+    GgufType.IQ2_XS: TypeSpec(F.MOSTLY_IQ2_XS, Q.IQ2_XS, False, True),
+    GgufType.IQ2_S: TypeSpec(F.MOSTLY_IQ2_S, Q.IQ2_XS, False, True),
+    GgufType.IQ2_M: TypeSpec(F.MOSTLY_IQ2_M, Q.IQ2_S, False, True),
+    GgufType.IQ1_S: TypeSpec(F.MOSTLY_IQ1_S, Q.IQ1_S, False, True),
+    GgufType.IQ1_M: TypeSpec(F.MOSTLY_IQ1_M, Q.IQ1_M, False, True),
+    # ternary, MXFP4 (experts; the rest Q8_0) and 1-bit: no importance matrix needed
+    GgufType.TQ1_0: TypeSpec(F.MOSTLY_TQ1_0, Q.TQ1_0, False),
+    GgufType.TQ2_0: TypeSpec(F.MOSTLY_TQ2_0, Q.TQ2_0, False),
+    GgufType.MXFP4_MOE: TypeSpec(F.MOSTLY_MXFP4_MOE, Q.MXFP4, False),
+    GgufType.Q1_0: TypeSpec(F.MOSTLY_Q1_0, Q.Q1_0, False),
+}
+
+#: llama-quantize's aliases (``QUANT_OPTIONS`` of ``tools/quantize/quantize.cpp``): the name -> the type it stands for.
+ALIASES: dict[str, GgufType] = {"q3_k": GgufType.Q3_K_M, "q4_k": GgufType.Q4_K_M, "q5_k": GgufType.Q5_K_M}
+
+#: Rows of llama-quantize's type table lorasave does not offer, and why (named in the error for them).
+NOT_OFFERED: dict[str, str] = {
+    "q2_0": "gguf-py 0.19, which writes and reads lorasave's GGUF files, has no GGML type 42 (Q2_0)",
+    "copy": "it copies an existing GGUF's tensors; lorasave writes from the merge (use --type f32)",
 }
 
 #: GGML types gguf-py 0.19 can encode (``gguf.quants`` classes overriding ``quantize_blocks``, plus
@@ -292,15 +338,28 @@ def allows_quantization(name: str, shape: tuple[int, ...]) -> bool:
 #: type chosen for it does not divide its row (``ne0``); a 32-block type maps to itself (then F16).
 FALLBACK: dict[gguf.GGMLQuantizationType, gguf.GGMLQuantizationType] = {
     **K_SUBSTITUTE,
-    Q.IQ3_S: Q.IQ4_NL,
-    Q.IQ4_XS: Q.IQ4_NL,
+    **dict.fromkeys((Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.IQ2_XS, Q.IQ2_S, Q.IQ3_XXS, Q.IQ3_S, Q.IQ4_XS), Q.IQ4_NL),
+    Q.TQ1_0: Q.Q4_0,
+    Q.TQ2_0: Q.Q4_0,
 }
 
 
-def fallback(ne0: int, qtype: gguf.GGMLQuantizationType) -> gguf.GGMLQuantizationType:
-    """``tensor_type_fallback``: a type whose block divides ``ne0``."""
+def fallback(ne0: int, qtype: gguf.GGMLQuantizationType, name: str = "") -> gguf.GGMLQuantizationType:
+    """``tensor_type_fallback``: a type whose block divides ``ne0``.
+
+    Raises:
+        InvalidOptionError: a type of a block over 32 with no fallback (Q1_0) does not divide
+            ``ne0`` (llama.cpp: "no tensor type fallback is defined for type q1_0").
+    """
     if ne0 % block_size(qtype) == 0:
         return qtype
+    if qtype not in FALLBACK and block_size(qtype) > 32:
+        from lorasave.errors import InvalidOptionError
+
+        raise InvalidOptionError(
+            f"{name or 'a tensor'} has rows of {ne0} values, not a multiple of the {qtype.name} block ({block_size(qtype)}), "
+            f"and llama.cpp defines no fallback for {qtype.name}; choose another type"
+        )
     out = FALLBACK.get(qtype, qtype)
     return out if ne0 % block_size(out) == 0 else Q.F16
 
@@ -339,8 +398,8 @@ def llama_cpp_type(name: str, shape: tuple[int, ...], type: GgufType, *, tied: b
 # --- llama-quantize's overrides --------------------------------------------------------------------
 
 #: GGML types ``--output-tensor-type`` / ``--token-embedding-type`` accept (llama-quantize's
-#: ``parse_ggml_type``: a ``ggml_type_name``, any case): the types lorasave encodes through
-#: ``ggml_quantize_chunk`` without an importance matrix.
+#: ``parse_ggml_type``: a ``ggml_type_name``, any case): the types ``ggml_quantize_chunk`` encodes
+#: (IQ2_XXS, IQ2_XS and IQ1_S only with an importance matrix: ``ggml_quantize_requires_imatrix``).
 OVERRIDE_TYPES: tuple[gguf.GGMLQuantizationType, ...] = (
     Q.F32,
     Q.F16,
@@ -358,6 +417,16 @@ OVERRIDE_TYPES: tuple[gguf.GGMLQuantizationType, ...] = (
     Q.IQ4_NL,
     Q.IQ4_XS,
     Q.IQ3_S,
+    Q.IQ3_XXS,
+    Q.IQ2_XXS,
+    Q.IQ2_XS,
+    Q.IQ2_S,
+    Q.IQ1_S,
+    Q.IQ1_M,
+    Q.TQ1_0,
+    Q.TQ2_0,
+    Q.MXFP4,
+    Q.Q1_0,
 )
 
 
@@ -389,16 +458,26 @@ class QuantOptions:
             ``llama_tensor_get_type_impl``, of a tied ``token_embd.weight`` when no
             ``token_embedding_type`` is given and ``pure`` is off).
         token_embedding_type: ``--token-embedding-type``: the type of ``token_embd.weight``.
+        imatrix: ``--imatrix``: the importance matrix (``formats.gguf.imatrix.Imatrix``), or None.
+            With one, llama-quant.cpp's mix changes (``has_imatrix``: IQ3_XXS, IQ4_NL/IQ4_XS, Q4_0/Q5_0
+            ffn_down) and every block is encoded with the tensor's importance.
+        imatrix_sha256: sha256 of the importance matrix file (``lorasave.json``).
     """
 
     pure: bool = False
     output_tensor_type: gguf.GGMLQuantizationType | None = None
     token_embedding_type: gguf.GGMLQuantizationType | None = None
+    imatrix: ImportanceSource | None = field(default=None, compare=False)
+    imatrix_sha256: str | None = None
 
     @property
     def active(self) -> bool:
         """Whether any option differs from llama-quantize's default."""
-        return self.pure or self.output_tensor_type is not None or self.token_embedding_type is not None
+        return self.pure or self.output_tensor_type is not None or self.token_embedding_type is not None or self.imatrix is not None
+
+    def importance(self, name: str) -> np.ndarray | None:
+        """The importance of tensor ``name`` (float32, ``n_mat * ne0`` values), or None."""
+        return None if self.imatrix is None else self.imatrix.importance(name)
 
     def settings(self) -> dict[str, object]:
         """The options as ``lorasave.json`` settings (type names lower case, None when not given)."""
@@ -406,7 +485,16 @@ class QuantOptions:
             "pure": self.pure,
             "output_tensor_type": self.output_tensor_type.name.lower() if self.output_tensor_type is not None else None,
             "token_embedding_type": self.token_embedding_type.name.lower() if self.token_embedding_type is not None else None,
+            "imatrix_sha256": self.imatrix_sha256,
         }
+
+
+class ImportanceSource(Protocol):
+    """An importance matrix (``formats.gguf.imatrix.Imatrix``): per GGUF tensor name the values
+    ``llama-quantize`` hands ``llama_model_quantize`` (``tools/quantize/quantize.cpp`` ``load_imatrix``)."""
+
+    def importance(self, name: str) -> np.ndarray | None:
+        """float32, 1-D, ``n_mat * ne0`` values; None when the file has no entry for ``name``."""
 
 
 def override(name: str, shape: tuple[int, ...], qtype: gguf.GGMLQuantizationType, option: str) -> gguf.GGMLQuantizationType:
@@ -471,7 +559,9 @@ def kquant_note(type: GgufType, options: QuantOptions | None = None) -> str:
 
     opts = options or QuantOptions()
     mix = "no mix (--pure)" if opts.pure else "llama-quant.cpp's per-tensor type mix"
-    over = "".join(f", {k.replace('_', ' ')} {v}" for k, v in opts.settings().items() if k != "pure" and v)
+    over = "".join(f", {k.replace('_', ' ')} {v}" for k, v in opts.settings().items() if k not in ("pure", "imatrix_sha256") and v)
+    if opts.imatrix is not None:
+        over += f", the importance matrix {getattr(opts.imatrix, 'path', '')}".rstrip()
     return (
         f"{type.value}: every block encoded in the streaming pass by llama.cpp's own quantizer (ggml_quantize_chunk, llama.cpp "
         f"{llama_cpp.LLAMA_CPP_TAG}) from the float32 merge, with {mix}{over}; no intermediate file"

@@ -23,8 +23,7 @@ import numpy as np
 import torch
 
 from lorasave.formats.gguf.encode import encode_into
-from lorasave.merging.stream import Block, Timings, check_finite
-from lorasave.plan.merge_plan import OutputTensor
+from lorasave.merging.stream import Timings
 
 
 class _PlainWrite(np.ndarray):
@@ -55,44 +54,53 @@ class EncodedTensor:
     (Llama Q/K, ``formats.gguf.export.permute_qk``) can be applied to the result.
 
     Args:
-        t: the planned tensor, shape ``(rows, ...)``.
-        qtype: the GGML type; ``t.shape[-1]`` a multiple of its block size.
+        shape: the GGUF tensor's shape, rows first (a planned tensor's, or ``(n_expert, rows, ne0)``
+            for stacked experts, whose pieces are added one after the other).
+        qtype: the GGML type; ``shape[-1]`` a multiple of its block size.
         nbytes: bytes of the encoded tensor (``formats.gguf.quant.tensor_nbytes``).
         shift: added to every value (Gemma's RMSNorm ``+1``), or 0.
         rows: only the first ``rows`` rows are encoded (``GgufTensor.rows``), or None for all.
         ggml: encode with llama.cpp's ``ggml_quantize_chunk`` (``runtimes.llama_cpp.ggml``) rather
-            than gguf-py's arithmetic (every type but F32; the k-quant files). Without an importance
-            matrix it encodes each row on its own, so each block of whole rows is encoded as it comes.
-
+            than gguf-py's arithmetic (every type but F32; the k-quant files). It encodes each row
+            on its own, so each block of whole rows is encoded as it comes.
+        importance: float32 ``(n_mat, ne0)``: the importance matrix of the tensor (one row per
+            expert of a 3-D tensor: rows ``[k * rows_per_expert, (k + 1) * rows_per_expert)`` use
+            row ``k``, as ``llama_tensor_quantize_impl``'s ``imatrix_for_row``), or None.
     """
 
-    def __init__(self, t: OutputTensor, qtype: gguf.GGMLQuantizationType, nbytes: int, shift: float = 0.0, rows: int | None = None, ggml: bool = False) -> None:
-        self.t = t
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        qtype: gguf.GGMLQuantizationType,
+        nbytes: int,
+        shift: float = 0.0,
+        rows: int | None = None,
+        ggml: bool = False,
+        importance: np.ndarray | None = None,
+    ) -> None:
+        self.shape = shape
         self.qtype = qtype
         self.ggml = ggml and qtype is not gguf.GGMLQuantizationType.F32
-        self._ne0 = int(t.shape[-1]) if t.shape else 1
+        self._ne0 = int(shape[-1]) if shape else 1
         self.nbytes = nbytes
         self.shift = shift
         self._block = gguf.GGML_QUANT_SIZES[qtype][0]
         self._size = gguf.GGML_QUANT_SIZES[qtype][1]
         self.out = torch.empty(nbytes, dtype=torch.uint8)
         self._pos = 0
-        self.n_rows = (t.shape[0] if t.shape else 1) if rows is None else rows
-        self._want = self.n_rows * (int(np.prod(t.shape[1:])) if t.shape else 1)  # values written
+        self.n_rows = (shape[0] if shape else 1) if rows is None else rows
+        self._want = self.n_rows * (int(np.prod(shape[1:])) if shape else 1)  # values written
         self._done = 0
+        self.importance = importance
+        self._rows_per_expert = int(shape[-2]) if len(shape) >= 2 else 1
 
-    def add(self, block: Block, timings: Timings) -> None:
-        """Encode the next block (blocks arrive in row order).
-
-        Raises:
-            NonFiniteResultError: a merged value is NaN or Inf.
-        """
+    def add(self, values: torch.Tensor, timings: Timings) -> None:
+        """Encode the next block of values (blocks arrive in row order; the caller checks merged values
+        are finite: ``merging.stream.check_finite``)."""
         if self._done >= self._want:
             return  # rows past ``rows`` are not written
         t0 = time.perf_counter()
-        if block.merged:
-            check_finite(self.t, block.values, block.start, block.stop)
-        x = block.values.reshape(-1)
+        x = values.reshape(-1)
         if x.dtype is not torch.float32:
             x = x.to(torch.float32)
         x = x[: self._want - self._done]  # (rows_blk * row_elems,)
@@ -101,18 +109,33 @@ class EncodedTensor:
             x = x + self.shift  # Gemma RMSNorm: HF computes x * (1 + w), llama.cpp x * w
         n = x.numel() // self._block * self._size
         if self.ggml:  # whole rows: blocks are row blocks of the tensor
-            from lorasave.runtimes.llama_cpp import ggml as ggml_quant
-
-            ggml_quant.quantize_into(x.contiguous().numpy().reshape(-1, self._ne0), self.qtype, self.out[self._pos : self._pos + n].numpy(), _encode_threads())
+            self._ggml_encode(x.contiguous().numpy().reshape(-1, self._ne0), self.out[self._pos : self._pos + n].numpy(), (self._done - x.numel()) // self._ne0)
         else:
             encode_into(x, self.qtype, self.out[self._pos : self._pos + n])
         self._pos += n
         timings.merge += time.perf_counter() - t0
 
+    def _ggml_encode(self, rows: np.ndarray, out: np.ndarray, first: int) -> None:
+        """``ggml_quantize_chunk`` of ``rows`` (float32 ``(n, ne0)``, rows ``first...`` of the tensor) into ``out``,
+        cut where the expert (the importance row) changes."""
+        from lorasave.runtimes.llama_cpp import ggml as ggml_quant
+
+        if self.importance is None or self.importance.shape[0] == 1:
+            imatrix = None if self.importance is None else self.importance[0]
+            ggml_quant.quantize_into(rows, self.qtype, out, _encode_threads(), imatrix=imatrix)
+            return
+        row_bytes = out.size // max(1, rows.shape[0])
+        r = 0
+        while r < rows.shape[0]:
+            k = (first + r) // self._rows_per_expert
+            end = min(rows.shape[0], (k + 1) * self._rows_per_expert - first)
+            ggml_quant.quantize_into(rows[r:end], self.qtype, out[r * row_bytes : end * row_bytes], _encode_threads(), imatrix=self.importance[k])
+            r = end
+
     def result(self) -> torch.Tensor:
         """uint8 ``(rows, row_bytes)``: the encoded rows (one row for a 0-d tensor)."""
         if self._pos != self.nbytes:
-            raise AssertionError(f"{self.t.name}: encoded {self._pos} bytes, expected {self.nbytes}")
+            raise AssertionError(f"encoded {self._pos} bytes of a {list(self.shape)} tensor, expected {self.nbytes}")
         return self.out.reshape(self.n_rows, -1)
 
 

@@ -81,7 +81,12 @@ def vocab_kind(tok_dir: Path, rules: GgufArch) -> VocabKind:
     for kind in rules.vocabs:
         if kind is VocabKind.SPM and (tok_dir / "tokenizer.model").is_file():
             return kind
-        if kind is VocabKind.SPM_JSON and model.get("type") == "BPE" and model.get("byte_fallback") and (spec.get("decoder") or {}).get("type") == "Sequence":
+        if (
+            kind in (VocabKind.SPM_JSON, VocabKind.GEMMA4)
+            and model.get("type") == "BPE"
+            and model.get("byte_fallback")
+            and (spec.get("decoder") or {}).get("type") == "Sequence"
+        ):
             return kind
         if kind is VocabKind.BPE and model.get("type") == "BPE" and "ByteLevel" in json.dumps(spec.get("pre_tokenizer")):
             return kind
@@ -126,6 +131,9 @@ def bpe_pre(tok_dir: Path, tokenizer: Any, spec: dict[str, Any], rules: GgufArch
     notes.append(f"BPE pre-tokenizer hash {digest[:12]}... is not in llama.cpp's table; tokenizer.ggml.pre set to {name!r}")
     return name
 
+
+#: Architectures whose converter class is a ``LlamaModel`` (its ``set_vocab`` writes ``add_prefix_space``).
+PREFIX_FROM_CONFIG = frozenset({gguf.MODEL_ARCH.LLAMA, gguf.MODEL_ARCH.SMOLLM3, gguf.MODEL_ARCH.GRANITE, gguf.MODEL_ARCH.MISTRAL3})
 
 #: Architectures whose converter class cuts ``token_embd`` to the tokenizer's size.
 TRIMS_EMBEDDING = frozenset({gguf.MODEL_ARCH.GEMMA3})
@@ -301,6 +309,21 @@ def _add_flags(special: gguf.SpecialVocab, tok_dir: Path, notes: list[str]) -> N
             notes.append(f"tokenizer.ggml.add_{typ}_token = {value}, as the tokenizer does (its files do not say)")
 
 
+def _arch_special_tokens(special: gguf.SpecialVocab, tok_dir: Path, rules: GgufArch, notes: list[str]) -> None:
+    """``rules.special_tokens``: kinds the files leave unset, by the id of an added token's text (``_set_special_token``).
+
+    The converter raises ``KeyError`` when such a token is missing; here it is left unset, with a note.
+    """
+    if not rules.special_tokens:
+        return
+    added = {str(a["content"]): int(a["id"]) for a in _json(tok_dir / "tokenizer.json").get("added_tokens") or []}
+    for typ, text in rules.special_tokens:
+        if text in added:
+            special._set_special_token(typ, added[text])  # keeps an id the tokenizer files already set
+        else:
+            notes.append(f"tokenizer.ggml.{typ}_token_id not set from {text!r}: the tokenizer has no such added token ({rules.name}'s converter requires it)")
+
+
 def _fallback_ids(special: gguf.SpecialVocab, tok_dir: Path, base_config: dict[str, Any], n_vocab: int, notes: list[str]) -> None:
     """Fill BOS / EOS the tokenizer folder did not name: its generation_config.json, then the base config."""
     gen = _json(tok_dir / "generation_config.json")
@@ -314,6 +337,29 @@ def _fallback_ids(special: gguf.SpecialVocab, tok_dir: Path, base_config: dict[s
                 special.special_token_ids[typ] = value
                 notes.append(f"tokenizer.ggml.{typ}_token_id {value} from {source}")
                 break
+
+
+#: Tokens ``Gemma4Model.set_vocab`` always renders (USER_DEFINED), so that the chat parser reads them.
+GEMMA4_VISIBLE = frozenset({"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>'})
+
+
+def gemma4_vocab(writer: gguf.GGUFWriter, tok_dir: Path, n_vocab: int) -> gguf.SpecialVocab:
+    """The token list of ``Gemma4Model.set_vocab`` (``conversion/gemma.py``): ``gguf.LlamaHfVocab``'s
+    tokens, scores and types (:func:`spm_json_vocab`) with :data:`GEMMA4_VISIBLE` USER_DEFINED, as
+    tokenizer model ``gemma4`` (llama.cpp's BPE with the ``gemma4`` pre-tokenizer; no ``pre`` key),
+    ``add_space_prefix`` false.
+
+    Returns:
+        The special vocabulary with merges (written by the caller, BOS added).
+    """
+    pieces, scores, ttypes, _ = spm_json_vocab(tok_dir, n_vocab)
+    ttypes = [int(T.USER_DEFINED) if p.decode("utf-8", "replace") in GEMMA4_VISIBLE else t for p, t in zip(pieces, ttypes, strict=True)]
+    writer.add_tokenizer_model("gemma4")
+    writer.add_token_list(pieces)
+    writer.add_token_scores(scores)
+    writer.add_token_types(ttypes)
+    writer.add_add_space_prefix(False)
+    return gguf.SpecialVocab(tok_dir, load_merges=True)
 
 
 def add_tokenizer(writer: gguf.GGUFWriter, tok_dir: Path, n_vocab: int, rules: GgufArch, base_config: dict[str, Any], notes: list[str]) -> VocabKind:
@@ -335,10 +381,12 @@ def add_tokenizer(writer: gguf.GGUFWriter, tok_dir: Path, n_vocab: int, rules: G
             tokenizer only the folder's own code (``auto_map``) could load.
     """
     kind = vocab_kind(tok_dir, rules)
-    prefix_cfg = _json(tok_dir / "tokenizer_config.json").get("add_prefix_space") if rules.arch is gguf.MODEL_ARCH.LLAMA else None
+    prefix_cfg = _json(tok_dir / "tokenizer_config.json").get("add_prefix_space") if rules.arch in PREFIX_FROM_CONFIG else None
     if prefix_cfg is not None:
         writer.add_add_space_prefix(bool(prefix_cfg))  # LlamaModel.set_vocab
-    if kind is VocabKind.BPE:
+    if kind is VocabKind.GEMMA4:
+        special = gemma4_vocab(writer, tok_dir, n_vocab)
+    elif kind is VocabKind.BPE:
         tokens, types, pre = bpe_vocab(tok_dir, n_vocab, rules, notes)
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(pre)
@@ -360,8 +408,11 @@ def add_tokenizer(writer: gguf.GGUFWriter, tok_dir: Path, n_vocab: int, rules: G
         special = gguf.SpecialVocab(tok_dir, n_vocab=len(pieces))
         if prefix_space is not None:
             writer.add_add_space_prefix(prefix_space)
+    _arch_special_tokens(special, tok_dir, rules, notes)
     _fallback_ids(special, tok_dir, base_config, n_vocab, notes)
     _add_flags(special, tok_dir, notes)
+    if kind is VocabKind.GEMMA4:
+        special.add_special_token["bos"] = True  # Gemma4Model.set_vocab: add_add_bos_token(True)
     special.add_to_gguf(writer)
     logger.debug("tokenizer from %s written as %s", tok_dir, kind.value)
     return kind

@@ -1,73 +1,59 @@
-"""ONNX export of a merged model: a decoder with KV cache, in optimum's layout, that onnxruntime runs.
+"""ONNX export of a merged model: the decoder graph built directly, the merged weights streamed into it.
 
-``export_onnx`` merges the adapter(s) into the base with ``lorasave.api.merge`` (streaming, float32,
-into a scratch folder inside the staging folder), loads the merged checkpoint with transformers and
-exports it with ``torch.onnx.export(dynamo=True)`` through ``KVCacheDecoder``, a wrapper that takes
-the past keys and values as flat tensors. The graph (``model.onnx``) has optimum's names:
+``plan_onnx`` plans the merge (``plan.merge_plan.build_plan``, float32 values) and an
+:class:`~lorasave.formats.onnx.output.OnnxOutput` writer: the pass merges each tensor block by
+block and the writer casts (or quantizes to ``MatMulNBits``) and writes each block into
+``model.onnx.data`` at once, so memory stays small whatever the model size; ``model.onnx`` (the graph of
+``formats.onnx.graph``) follows. The folder also gets ``config.json``, ``generation_config.json``,
+the tokenizer, ``genai_config.json`` (onnxruntime-genai runs the same graph) and ``lorasave.json``,
+through the staging folder and atomic rename every command uses.
 
-- inputs ``input_ids`` (batch, seq) int64, ``attention_mask`` (batch, past_seq + seq) int64 (1 =
-  token, 0 = padding), ``position_ids`` (batch, seq) int64, and per layer N
-  ``past_key_values.N.key`` / ``past_key_values.N.value`` (batch, num_kv_heads, past_seq, head_dim);
-- outputs ``logits`` (batch, seq, vocab) and ``present.N.key`` / ``present.N.value``
-  (batch, num_kv_heads, past_seq + seq, head_dim).
-
-The first step passes empty past tensors (past_seq = 0), as optimum's ``ORTModelForCausalLM`` does.
-Weights over 2 GB go to an external data file beside ``model.onnx``. The output folder also holds
-``config.json``, ``generation_config.json``, the tokenizer and ``lorasave.json``; it appears
-atomically. ``onnx_generate`` is a small greedy runner that needs only onnxruntime and a tokenizer.
+Graph interface (optimum's layout): inputs ``input_ids``, ``attention_mask`` (left padding),
+``position_ids``, ``past_key_values.N.key/value``; outputs ``logits``, ``present.N.key/value``.
+Architectures: ``formats.onnx.spec.FAMILIES`` (llama, mistral, qwen2, qwen3, phi3, gemma3_text);
+any other decoder goes through ``formats.onnx.legacy`` (``torch.onnx.export`` of the merged model,
+float32/float16 only, memory about twice the float32 model).
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
-import io
-import json
 import logging
-import math
 import os
-import shutil
 import time
-import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lorasave.errors import InvalidOptionError, UnsupportedModelError
+from lorasave.errors import InvalidOptionError
 from lorasave.formats.card_sources import card_sources
-from lorasave.formats.onnx.run import ONNX_NAME, OnnxDecoder, OnnxVerificationError, import_onnx, onnx_bytes_bound, onnx_generate, verify_onnx
+from lorasave.formats.onnx.genai import write_genai_config
+from lorasave.formats.onnx.graph import OPSET, QuantSpec, input_names, output_names
+from lorasave.formats.onnx.output import DATA_NAME, OnnxOutput
+from lorasave.formats.onnx.run import ONNX_NAME, OnnxDecoder, OnnxVerificationError, import_onnx, onnx_generate, verify_onnx
+from lorasave.formats.onnx.spec import FAMILIES, decoder_spec
 from lorasave.merging.stream import Timings
 from lorasave.pipeline.manifest import MANIFEST_NAME, result_dict, sha256_file, sha256_source, write_manifest
-from lorasave.pipeline.output import StagedOutput, align_generation_eos, carry_files, carry_plan, check_output_path, write_config
-from lorasave.pipeline.run import PlannedOutput, run_single
+from lorasave.pipeline.output import align_generation_eos, carry_files, carry_plan, check_output_path, tokenizer_source, write_config
+from lorasave.pipeline.run import PlannedOutput, single_output
+from lorasave.plan.merge_plan import build_plan
 from lorasave.sources import stamp as source_stamp
-from lorasave.sources.adapter import adapter_list
-from lorasave.util.jsonio import read_json
+from lorasave.sources.adapter import Adapter, adapter_list, load_adapters
+from lorasave.sources.architecture import inspect_architecture
+from lorasave.sources.checkpoint import open_checkpoint
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike[str]
 
-__all__ = [
-    "KVCacheDecoder",
-    "OnnxDecoder",
-    "OnnxResult",
-    "OnnxVerificationError",
-    "export_onnx",
-    "input_names",
-    "onnx_generate",
-    "output_names",
-    "verify_onnx",
-]
-#: Weights above this many bytes (decimal, as lorasave's sizes) go to external data: protobuf caps a file at 2 GiB.
-EXTERNAL_DATA_BYTES = 2 * 10**9
-#: Largest |ONNX logit − transformers logit| accepted by the verification, relative to max |logit|.
+__all__ = ["OnnxDecoder", "OnnxResult", "OnnxVerificationError", "export_onnx", "input_names", "onnx_generate", "output_names", "plan_onnx", "verify_onnx"]
+#: Largest |ONNX logit − reference logit| accepted by the verification, relative to max |logit|.
 TOLERANCE = {"float32": 1e-4, "float16": 2e-2}
 _DTYPES = {"float32": "float32", "fp32": "float32", "float": "float32", "float16": "float16", "fp16": "float16", "half": "float16"}
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_BITS = {"int4": 4, "int8": 8}
 
 
 @dataclass
@@ -77,16 +63,17 @@ class OnnxResult:
     Attributes:
         output: the output folder.
         files: names of the files written, manifest included.
-        verification: ``verify_onnx``'s numbers, None with ``verify=False``.
+        verification: ``verify_onnx``'s numbers (against the unmerged PeftModel), None with ``verify=False``.
         seconds: wall time of the whole call.
-        dtype: ``"float32"`` or ``"float16"`` (weights, cache and logits).
-        quantize: ``"int8"`` (dynamic quantization of the MatMul weights) or None.
+        dtype: ``"float32"`` or ``"float16"`` (activations, cache, logits; weights unless quantized).
+        quantize: ``"int4"`` / ``"int8"`` (MatMulNBits) or None.
         opset: the ONNX opset of the default domain.
         n_layers: decoder layers (one key and one value tensor each in the cache).
         num_kv_heads: key/value heads, dimension 1 of the cache tensors.
-        head_dim: dimension 3 of the key cache tensors.
+        head_dim: dimension 3 of the cache tensors.
         total_bytes: bytes of the ONNX files (graph and external data).
-        timings: seconds per phase: merge, load, export, quantize, verify.
+        timings: seconds per phase: read, merge (cast/quantize), write, hash, verify.
+        block_size, symmetric: the MatMulNBits settings (None without ``quantize``).
     """
 
     output: Path
@@ -101,6 +88,8 @@ class OnnxResult:
     head_dim: int
     total_bytes: int
     timings: dict[str, float] = field(default_factory=dict)
+    block_size: int | None = None
+    symmetric: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json``)."""
@@ -108,7 +97,7 @@ class OnnxResult:
 
     def summary(self) -> str:
         """One line for humans."""
-        form = f"int8 weights, {self.dtype} activations" if self.quantize else self.dtype
+        form = f"{self.quantize} MatMulNBits weights (block {self.block_size}), {self.dtype} activations" if self.quantize else self.dtype
         line = (
             f"exported an ONNX decoder ({self.n_layers} layers, KV cache {self.num_kv_heads} heads x {self.head_dim}, {form}) "
             f"to {self.output} ({self.total_bytes / 1e6:.1f} MB) in {self.seconds:.1f} s"
@@ -117,302 +106,246 @@ class OnnxResult:
         if v:
             verdict = "not checked" if v["passed"] is None else ("passed" if v["passed"] else "FAILED")
             line += (
-                f"; onnxruntime vs transformers: max |dlogit| {v['max_abs_diff']:.3g} = {v['relative_diff']:.2g} of max |logit|, "
+                f"; onnxruntime vs PeftModel: max |dlogit| {v['max_abs_diff']:.3g} = {v['relative_diff']:.2g} of max |logit|, "
                 f"top-1 {v['top1_agreement']:.1%} ({verdict})"
             )
         return line
 
 
-def parse_onnx_options(dtype: str | torch.dtype, quantize: str | None, opset: int) -> tuple[str, str | None]:
+def parse_onnx_options(
+    dtype: str | torch.dtype, quantize: str | None, opset: int, block_size: int = 32, symmetric: bool = True
+) -> tuple[str, QuantSpec | None]:
     """Validate ``export_onnx``'s options.
 
     Returns:
-        ``(dtype, quantize)`` normalized: ``"float32"``/``"float16"``, ``"int8"``/None.
+        ``(dtype, quant)``: ``"float32"``/``"float16"`` and the MatMulNBits settings or None.
 
     Raises:
-        InvalidOptionError: unknown dtype or quantization, int8 with float16, opset below 18.
+        InvalidOptionError: unknown dtype or quantization, a block size that is not a power of two
+            of at least 16, opset below 20 (Gelu with approximate="tanh").
     """
     key = str(dtype).removeprefix("torch.").lower()
     if key not in _DTYPES:
         raise InvalidOptionError(f"ONNX dtype {dtype!r}: use float32 or float16 (onnxruntime has few bfloat16 kernels)")
     name = _DTYPES[key]
     q = None if quantize is None or str(quantize).lower() in ("", "none") else str(quantize).lower()
-    if q not in (None, "int8"):
-        raise InvalidOptionError(f"quantize {quantize!r}: the only quantization offered is int8 (onnxruntime dynamic quantization)")
-    if q == "int8" and name != "float32":
-        raise InvalidOptionError("quantize int8 starts from the float32 graph; use dtype float32 with it")
-    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 18:
-        raise InvalidOptionError(f"opset {opset!r}: torch's ONNX exporter needs opset 18 or newer")
-    return name, q
+    if q is not None and q not in _BITS:
+        raise InvalidOptionError(f"quantize {quantize!r}: use int4 or int8 (weight-only MatMulNBits)")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 16 or block_size & (block_size - 1):
+        raise InvalidOptionError(f"block size {block_size!r}: MatMulNBits takes a power of two, at least 16 (32 and 128 are usual)")
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 20:
+        raise InvalidOptionError(f"opset {opset!r}: the ONNX graph needs opset 20 or newer")
+    return name, (QuantSpec(_BITS[q], block_size, bool(symmetric)) if q else None)
 
 
-@contextlib.contextmanager
-def _quiet(*loggers: str) -> Iterator[None]:
-    """Silence stdout, Python warnings, transformers' progress bars and the named loggers (below ERROR) for a block."""
-    from transformers.utils import logging as hf_logging
+def _reference(ckpt_root: Path, ads: list[Adapter]) -> Any:
+    """Base in float32 with the adapters unmerged under PEFT (all active): the verification's reference."""
+    from peft import PeftModel
 
-    bars = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    saved = {name: logging.getLogger(name).level for name in loggers}
-    for name in saved:
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for name, level in saved.items():
-            logging.getLogger(name).setLevel(level)
-        if bars:
-            hf_logging.enable_progress_bar()
+    from lorasave.formats.onnx.legacy import _quiet
+    from lorasave.sources.hf_load import load_causal_lm
 
-
-# ------------------------------------------------------------------------------------ the graph
+    with _quiet():
+        model = load_causal_lm(ckpt_root, dtype=torch.float32, attn_implementation="eager").eval()
+        if not ads:
+            return model
+        names = [f"a{i}" for i in range(len(ads))]
+        peft = PeftModel.from_pretrained(model, ads[0].root, adapter_name=names[0])
+        for n, ad in zip(names[1:], ads[1:], strict=True):
+            peft.load_adapter(ad.root, adapter_name=n)
+        if len(names) > 1:
+            peft.base_model.set_adapter(names)
+    return peft.eval()
 
 
-def input_names(n_layers: int) -> list[str]:
-    """Graph input names in order: ``input_ids``, ``attention_mask``, ``position_ids``, then ``past_key_values.N.key/value``."""
-    return ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value"))]
+def plan_onnx(
+    base: PathLike,
+    adapters: PathLike | Sequence[PathLike] | None,
+    output: PathLike,
+    *,
+    dtype: str | torch.dtype = "float32",
+    quantize: str | None = None,
+    block_size: int = 32,
+    symmetric: bool = True,
+    opset: int = OPSET,
+    overwrite: bool = False,
+    verify: bool = False,
+    weights: Sequence[float] | None = None,
+    tokenizer: PathLike | None = None,
+    allow_pickle: bool = False,
+    progress: bool = False,
+) -> PlannedOutput:
+    """Plan ``export_onnx``: adapter(s) merged into a base, streamed into a directly built ONNX decoder.
 
+    OUT gets ``model.onnx`` + ``model.onnx.data`` (graph and external weights), ``genai_config.json``,
+    ``config.json`` (``dtype`` set), ``generation_config.json``, the tokenizer, license files and
+    ``lorasave.json``; it appears atomically. Memory: one tensor's row blocks at a time.
 
-def output_names(n_layers: int) -> list[str]:
-    """Graph output names in order: ``logits``, then ``present.N.key/value``."""
-    return ["logits", *(f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value"))]
-
-
-def _cache_kwarg(model: torch.nn.Module) -> str:
-    """transformers 5.24 renamed ``past_key_values`` to ``cache``; use whichever the forward takes."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def _output_cache(out: Any) -> Any:
-    cache = getattr(out, "cache", None)
-    return cache if cache is not None else getattr(out, "past_key_values", None)
-
-
-class KVCacheDecoder(torch.nn.Module):
-    """A causal LM with its KV cache as flat tensors: the module that is exported.
-
-    ``forward(input_ids, attention_mask, position_ids, *past)`` with ``past`` = key0, value0, key1,
-    value1, ... each (batch, num_kv_heads, past_seq, head_dim), builds a transformers
-    ``DynamicCache`` holding them, runs the model and returns ``(logits, *present)``: logits
-    (batch, seq, vocab) and the updated key/value tensors (batch, num_kv_heads, past_seq + seq, head_dim).
-    """
-
-    def __init__(self, model: torch.nn.Module, n_layers: int) -> None:
-        super().__init__()
-        self.model = model
-        self.n_layers = n_layers
-        self._cache_kwarg = _cache_kwarg(model)
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        layers = []
-        for i in range(self.n_layers):
-            layer = DynamicLayer()
-            layer.lazy_initialization(past[2 * i], past[2 * i + 1])
-            layer.keys, layer.values = past[2 * i], past[2 * i + 1]
-            layers.append(layer)
-        cache = DynamicCache()
-        cache.layers = layers
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **{self._cache_kwarg: cache})
-        present = _output_cache(out)
-        flat = [t for layer in present.layers for t in (layer.keys, layer.values)]
-        return (out.logits, *flat)
-
-
-@dataclass
-class CacheGeometry:
-    """Shape of one layer's cache entries: keys (batch, num_kv_heads, seq, head_dim), values (..., value_dim)."""
-
-    n_layers: int
-    num_kv_heads: int
-    head_dim: int
-    value_dim: int
-
-
-def load_causal_lm(folder: Path) -> torch.nn.Module:
-    """Load a checkpoint folder as a float32 causal LM with eager attention (safetensors only, no remote code).
+    Args:
+        base: base folder or a Hub id in the local HF cache.
+        adapters: PEFT adapter folder(s), or None / [] to export the base.
+        output: the folder to create.
+        dtype: ``"float32"`` or ``"float16"``: activations, cache and logits, and the weights unless quantized.
+        quantize: ``"int4"`` or ``"int8"``: every Linear weight (lm_head included, embeddings not:
+            onnxruntime-genai's builder defaults) as ``MatMulNBits``, quantized from the merged
+            value in ``dtype`` by onnxruntime's block quantizer; None for none.
+        block_size: elements of each scale's block along the input axis (32, 128...).
+        symmetric: no zero points (onnxruntime's ``is_symmetric``).
+        opset: ONNX opset of the default domain (20 or newer).
+        overwrite: replace an existing lorasave output at ``output``.
+        verify: compare onnxruntime with the unmerged PeftModel in float32 (prefill, decode with
+            the cache, left-padded batch) before the rename; float32 must agree within 1e-4 of max
+            |logit|, float16 within 2e-2, quantized outputs are reported. Loads the float32 base.
+        weights, tokenizer, allow_pickle: as ``lorasave.merge``.
+        progress: a progress bar in bytes on stderr.
 
     Raises:
-        UnsupportedModelError: transformers has no causal-LM class for it, or it is an encoder-decoder.
+        LorasaveError subclasses: InvalidOptionError, UnsupportedModelError (onnx/onnxruntime
+        missing; a model type outside ``spec.FAMILIES`` reaches ``export_onnx``'s fallback instead),
+        OnnxVerificationError, OutputExistsError, UnsafePathError, InsufficientDiskError, and the
+        planning errors of ``lorasave.merge``.
     """
-    from lorasave.sources.hf_load import load_causal_lm, load_config
+    t_start = time.perf_counter()
+    dtype_name, quant = parse_onnx_options(dtype, quantize, opset, block_size, symmetric)
+    onnx, ort = import_onnx(exporter=False)
+    if opset > onnx.defs.onnx_opset_version():
+        raise InvalidOptionError(f"opset {opset}: the installed onnx {onnx.__version__} knows opsets up to {onnx.defs.onnx_opset_version()}")
+    ckpt = open_checkpoint(base)
+    ads = load_adapters(adapter_list(adapters), allow_pickle=allow_pickle)
+    tok_dir = tokenizer_source(tokenizer, [a.root for a in ads], ckpt.root)
+    final = check_output_path(Path(output), [ckpt.root, *(a.root for a in ads), tok_dir], overwrite)
+    plan = build_plan(
+        ckpt, ads, inspect_architecture(ckpt.config), out_dtype=torch.float32, max_shard_size=1 << 62, weights=list(weights) if weights is not None else None
+    )
+    config = dict(ckpt.config)
+    config.update({k: v for k, v in plan.config_updates.items() if "." not in k})
+    spec = decoder_spec(config, plan.tensors)
+    writer = OnnxOutput(spec, {n: t.shape for n, t in plan.tensors.items()}, dtype_name, quant, opset)
+    carry = carry_plan(ckpt.root, tok_dir)
 
-    try:
-        config = load_config(folder)
-    except UnsupportedModelError:
-        raise
-    except (ValueError, KeyError) as e:
-        raise UnsupportedModelError(f"{folder}: transformers does not know this model type, so it cannot be exported ({e})", path=folder) from None
-    if getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"{folder}: {config.model_type} is an encoder-decoder; ONNX export handles decoder-only causal LMs", path=folder)
-    try:
-        model = load_causal_lm(folder, dtype=torch.float32, attn_implementation="eager", use_safetensors=True)
-    except UnsupportedModelError:
-        raise
-    except ValueError as e:
-        raise UnsupportedModelError(f"{folder}: {config.model_type} has no causal-LM class in transformers ({e})", path=folder) from None
-    return model.eval()
-
-
-@torch.no_grad()
-def cache_geometry(model: torch.nn.Module) -> CacheGeometry:
-    """Run two tokens through ``model`` and read the shapes of the cache it builds.
-
-    Raises:
-        UnsupportedModelError: the cache is not one plain key/value tensor pair per layer (sliding
-            window, hybrid or linear-attention layers), which optimum's layout cannot express.
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    name = type(model).__name__
-    out = model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True)
-    cache = _output_cache(out)
-    layers = getattr(cache, "layers", None)
-    if not layers:
-        raise UnsupportedModelError(f"{name} returns no transformers cache, so it cannot be exported with a KV cache")
-    kinds = sorted({type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer})
-    if kinds:
-        raise UnsupportedModelError(
-            f"{name} uses {', '.join(kinds)} cache layers (sliding window or hybrid attention); "
-            "the ONNX export handles models whose every layer keeps a full key/value cache"
+    def finish(folder: Path, job_timings: Timings) -> OnnxResult:
+        timings = Timings().add(job_timings).add(writer.timings).as_dict()
+        write_config(config, folder / "config.json", dtype=_TORCH_DTYPES[dtype_name])
+        carry_files(ckpt.root, tok_dir, folder, carry)
+        if tok_dir.resolve() != ckpt.root.resolve():
+            align_generation_eos(folder, tok_dir)
+        write_genai_config(folder, spec, config)
+        verification = None
+        if verify:
+            t0 = time.perf_counter()
+            verification = verify_onnx(folder / ONNX_NAME, _reference(ckpt.root, ads), tolerance=None if quant else TOLERANCE[dtype_name])
+            timings["verify"] = round(time.perf_counter() - t0, 3)
+            if verification["passed"] is False:
+                raise OnnxVerificationError(
+                    f"onnxruntime's logits differ from the PeftModel's by {verification['max_abs_diff']:.3g} "
+                    f"({verification['relative_diff']:.3g} of max |logit|, tolerance {verification['tolerance']:.0e}); nothing was written. "
+                    "This is an export bug worth reporting",
+                    verification=verification,
+                )
+        sources = {
+            "base": {
+                "path": str(ckpt.root.resolve()),
+                "hub_id": ckpt.hub_id,
+                "files": {str(p.relative_to(ckpt.root)): sha256_source(p) for p in ckpt.source_files()},
+            },
+            "adapters": [{"path": str(a.root.resolve()), "files": {str(p.relative_to(a.root)): sha256_source(p) for p in a.source_files()}} for a in ads],
+            "tokenizer": str(tok_dir.resolve()),
+        }
+        _write_card(folder, final.name, ckpt, sources, dtype_name, quant, opset, spec, verification)
+        files = dict(writer.files)
+        for p in sorted(folder.iterdir()):
+            if p.is_file() and p.name not in files and p.name != MANIFEST_NAME and not p.name.startswith("."):
+                files[p.name] = sha256_file(p)
+        settings = {
+            "dtype": dtype_name,
+            "quantize": f"int{quant.bits}" if quant else None,
+            "block_size": quant.block_size if quant else None,
+            "symmetric": quant.symmetric if quant else None,
+            "accuracy_level": quant.accuracy_level if quant else None,
+            "opset": opset,
+            "verify": verify,
+            "weights": list(weights) if weights is not None else None,
+            "exporter": "lorasave graph builder (formats.onnx.graph)",
+            "onnx": onnx.__version__,
+            "onnxruntime": ort.__version__,
+        }
+        summary = {
+            "inputs": input_names(spec.n_layers),
+            "outputs": output_names(spec.n_layers),
+            "architecture": spec.model_type,
+            "cache": {"n_layers": spec.n_layers, "num_kv_heads": spec.n_kv_heads, "head_dim": spec.head_dim, "value_dim": spec.head_dim},
+            "n_merged": len(plan.merged),
+            "notes": list(plan.notes),
+            "timings": timings,
+            "verification": verification,
+        }
+        write_manifest(folder, command="onnx", sources=sources, settings=settings, result=summary, files=files)
+        result = OnnxResult(
+            output=final,
+            files=sorted([*files, MANIFEST_NAME]),
+            verification=verification,
+            seconds=round(time.perf_counter() - t_start, 3),
+            dtype=dtype_name,
+            quantize=settings["quantize"],
+            opset=opset,
+            n_layers=spec.n_layers,
+            num_kv_heads=spec.n_kv_heads,
+            head_dim=spec.head_dim,
+            total_bytes=sum((folder / n).stat().st_size for n in (ONNX_NAME, DATA_NAME)),
+            timings=timings,
+            block_size=quant.block_size if quant else None,
+            symmetric=quant.symmetric if quant else None,
         )
-    shapes = {(tuple(layer.keys.shape), tuple(layer.values.shape)) for layer in layers}
-    if len(shapes) != 1:
-        raise UnsupportedModelError(f"{name}: the cache layers differ in shape ({sorted(shapes)}), which optimum's layout cannot express")
-    (k, v) = shapes.pop()
-    return CacheGeometry(n_layers=len(layers), num_kv_heads=k[1], head_dim=k[3], value_dim=v[3])
+        logger.debug("%s", result.summary())
+        return result
 
-
-def _weight_bytes(model: torch.nn.Module) -> int:
-    seen = {id(t): t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]}
-    return sum(seen.values())
-
-
-def export_decoder(model: torch.nn.Module, path: Path, geometry: CacheGeometry, *, opset: int = 18) -> None:
-    """Export ``model`` (in its own dtype) to ``path`` with dynamic batch, sequence and past lengths.
-
-    The example inputs are a left-padded batch of two with a past of 4, so no branch is traced for
-    an all-ones mask or an empty cache. Weights over ``EXTERNAL_DATA_BYTES`` go to ``<path>.data``.
-
-    Raises:
-        UnsupportedModelError: torch.export or the ONNX translation failed for this architecture.
-    """
-    from torch.export import Dim
-
-    dtype = next(model.parameters()).dtype
-    batch, seq, past_len = 2, 3, 4
-    mask = torch.ones(batch, past_len + seq, dtype=torch.long)
-    mask[1, :2] = 0
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -seq:]
-    gen = torch.Generator().manual_seed(0)  # example values only; the caller's RNG is left alone
-    past = []
-    for _ in range(geometry.n_layers):
-        past.append(torch.randn(batch, geometry.num_kv_heads, past_len, geometry.head_dim, generator=gen).to(dtype))
-        past.append(torch.randn(batch, geometry.num_kv_heads, past_len, geometry.value_dim, generator=gen).to(dtype))
-    ids = torch.randint(0, 8, (batch, seq), generator=gen)
-    b, s, p, t = Dim("batch_size"), Dim("sequence_length"), Dim("past_sequence_length"), Dim("total_sequence_length")
-    shapes = ({0: b, 1: s}, {0: b, 1: t}, {0: b, 1: s}, tuple({0: b, 2: p} for _ in past))
-    wrapper = KVCacheDecoder(model, geometry.n_layers).eval()
-    try:
-        with _quiet("torch.onnx", "onnx_ir", "onnxscript"), torch.no_grad():
-            program = torch.onnx.export(
-                wrapper,
-                (ids, mask, positions, *past),
-                input_names=input_names(geometry.n_layers),
-                output_names=output_names(geometry.n_layers),
-                dynamic_shapes=shapes,
-                opset_version=opset,
-                dynamo=True,
-                verbose=False,
-            )
-            program.save(str(path), external_data=_weight_bytes(model) > EXTERNAL_DATA_BYTES)
-    except (MemoryError, OSError):  # out of memory or disk: not the architecture's fault
-        raise
-    except Exception as e:  # torch.export / onnxscript errors have no common base class
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UnsupportedModelError(f"{type(model).__name__} could not be exported to ONNX with torch.onnx.export(dynamo=True): {first}") from e
-
-
-def quantize_int8(src: Path, dst: Path) -> None:
-    """onnxruntime dynamic quantization: MatMul weights to int8 (per tensor), activations quantized at run time.
-
-    External data is used for the output when ``src`` has it.
-    """
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    external = any(p.name != src.name for p in src.parent.iterdir() if p.name.startswith(src.name))
-    with _quiet("", "onnxruntime"):  # it advises shape-inference pre-processing on the root logger
-        quantize_dynamic(src, dst, weight_type=QuantType.QInt8, use_external_data_format=external)
-
-
-# ------------------------------------------------------------------------------------ the export
-
-
-@contextlib.contextmanager
-def _timed(timings: dict[str, float], phase: str) -> Iterator[None]:
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        timings[phase] = round(timings.get(phase, 0.0) + time.perf_counter() - start, 3)
-
-
-def _side_files(source: Path, dst: Path, dtype: str) -> list[str]:
-    """Copy a merged output's non-weight files (config, generation config, tokenizer, licenses), config.json's dtype set."""
-    skip = (".safetensors", ".safetensors.index.json")
-    names = []
-    for p in sorted(source.iterdir()):
-        if p.is_file() and not p.name.endswith(skip) and p.name not in (MANIFEST_NAME, "README.md"):  # the merge's card describes safetensors
-            shutil.copyfile(p, dst / p.name)
-            names.append(p.name)
-    cfg = read_json(source / "config.json")
-    write_config(cfg, dst / "config.json", dtype=_TORCH_DTYPES[dtype])
-    return names
+    return PlannedOutput(
+        command="onnx",
+        final=final,
+        overwrite=overwrite,
+        stamps=source_stamp.record(ckpt, ads),
+        plan=plan,
+        adapters=ads,
+        writers=[writer],
+        needed_bytes=writer.needed_bytes,
+        finish=finish,
+        carried_bytes=carry.nbytes,
+        merge_key=(tuple(weights) if weights is not None else None, "base", None),
+        progress=progress,
+    )
 
 
 def _write_card(
-    folder: Path,
-    title: str,
-    ckpt: Any,
-    described: dict[str, Any],
-    dtype: str,
-    quant: str | None,
-    opset: int,
-    geometry: CacheGeometry,
-    verification: dict[str, Any] | None,
+    folder: Path, title: str, ckpt: Any, sources: dict[str, Any], dtype: str, quant: QuantSpec | None, opset: int, spec: Any, verification: Any
 ) -> None:
-    """The output's ``README.md`` (``lorasave.pipeline.cards.write_card``), with an onnxruntime snippet."""
+    """The output's ``README.md`` (``lorasave.pipeline.cards.write_card``), with the two ways to run it."""
     from lorasave.pipeline.cards import write_card
 
     snippet = (
-        "from lorasave.formats.onnx.export import onnx_generate  # greedy, onnxruntime only\n\n"
-        f'print(onnx_generate("{title}", "Once upon a time", max_new_tokens=20))\n\n'
-        "# or any runner of optimum's layout: inputs input_ids, attention_mask, position_ids,\n"
-        "# past_key_values.N.key/value; outputs logits, present.N.key/value"
+        "import onnxruntime_genai as og  # pip install onnxruntime-genai\n\n"
+        f'model = og.Model("{title}")\ntokenizer = og.Tokenizer(model)\n'
+        "params = og.GeneratorParams(model)\nparams.set_search_options(max_length=64)\n"
+        'generator = og.Generator(model, params)\ngenerator.append_tokens(tokenizer.encode("Once upon a time"))\n'
+        "while not generator.is_done():\n    generator.generate_next_token()\nprint(tokenizer.decode(generator.get_sequence(0)))\n\n"
+        "# or onnxruntime alone: from lorasave.formats.onnx.export import onnx_generate\n"
+        "# inputs input_ids, attention_mask, position_ids, past_key_values.N.key/value; outputs logits, present.N.key/value"
     )
     checked = None
     if verification:
         checked = (
-            f"onnxruntime against transformers (float32) on a prefill, a decode step with the cache and a left-padded batch of two: "
+            f"onnxruntime against the unmerged PeftModel (float32) on a prefill, a decode step with the cache and a left-padded batch of two: "
             f"max |logit difference| {verification['max_abs_diff']:.3g} (max |logit| {verification['max_abs_logit']:.3g}), "
             f"top-1 agreement {verification['top1_agreement']:.1%}. Every file's sha256 is recorded in `lorasave.json`."
         )
     write_card(
         folder,
         kind="onnx",
-        **card_sources(ckpt, described.get("adapters") or []),
+        **card_sources(ckpt, sources.get("adapters") or []),
         settings={
-            "format": f"ONNX (opset {opset}), decoder with KV cache in optimum's layout",
+            "format": f"ONNX (opset {opset}), decoder with KV cache in optimum's layout; onnxruntime-genai config",
             "dtype": dtype,
-            "quantization": "int8 dynamic (onnxruntime)" if quant else None,
-            "cache": f"{geometry.n_layers} layers x (batch, {geometry.num_kv_heads} KV heads, seq, {geometry.head_dim})",
+            "quantization": f"int{quant.bits} MatMulNBits, block {quant.block_size}, {'symmetric' if quant.symmetric else 'asymmetric'}" if quant else None,
+            "cache": f"{spec.n_layers} layers x (batch, {spec.n_kv_heads} KV heads, seq, {spec.head_dim})",
         },
         load_snippet=snippet,
         verification=checked,
@@ -420,173 +353,30 @@ def _write_card(
     )
 
 
-def export_onnx(
-    base: PathLike,
-    adapters: PathLike | Sequence[PathLike] | None,
-    output: PathLike,
-    *,
-    dtype: str | torch.dtype = "float32",
-    quantize: str | None = None,
-    opset: int = 18,
-    overwrite: bool = False,
-    verify: bool = True,
-    weights: Sequence[float] | None = None,
-    tokenizer: PathLike | None = None,
-    allow_pickle: bool = False,
-) -> OnnxResult:
-    """Merge LoRA adapter(s) into a base and export an ONNX decoder with KV cache that onnxruntime runs.
+_plan_export = single_output(plan_onnx, "export_onnx", "Merge LoRA adapter(s) into a base and export an ONNX decoder with KV cache.", "OnnxResult")
 
-    The merge is ``lorasave.merge`` in float32 (streaming) into a scratch folder inside the staging
-    folder; with no adapter, the base itself is exported. The graph's names and shapes are the
-    module docstring's (optimum's layout). OUT gets ``model.onnx`` (plus ``model.onnx.data`` when the
-    weights exceed 2 GB), ``config.json`` (``dtype`` set), ``generation_config.json``, the tokenizer,
-    license files and ``lorasave.json``; it appears atomically, complete or not at all.
 
-    Args:
-        base: base folder or a Hub id in the local HF cache.
-        adapters: PEFT adapter folder(s), or None / [] to export the base.
-        output: the folder to create.
-        dtype: ``"float32"`` or ``"float16"``: weights, cache tensors and logits.
-        quantize: ``"int8"``: onnxruntime dynamic quantization of the float32 graph's MatMul
-            weights (the cache and logits stay float32); None for none.
-        opset: ONNX opset of the default domain (18 or newer).
-        overwrite: replace an existing lorasave output at ``output``.
-        verify: run ``verify_onnx`` (onnxruntime against transformers on the merged model) and store
-            its numbers in the result and manifest; float32 must agree within 1e-4 of max |logit|,
-            float16 within 2e-2, int8 is reported without a threshold.
-        weights, tokenizer, allow_pickle: passed to ``lorasave.merge``.
+def export_onnx(base: PathLike, adapters: PathLike | Sequence[PathLike] | None, output: PathLike, **options: Any) -> OnnxResult:
+    """Merge LoRA adapter(s) into a base and export an ONNX decoder with KV cache (``plan_onnx``'s options).
 
-    Returns:
-        OnnxResult.
+    Architectures of ``formats.onnx.spec.FAMILIES`` are built directly and streamed (``plan_onnx``);
+    any other decoder-only model goes through ``formats.onnx.legacy.export_onnx`` (``torch.onnx.export``
+    of the float32 merge; ``quantize``, ``block_size`` and ``symmetric`` refused there).
 
     Raises:
-        LorasaveError subclasses: InvalidOptionError (dtype, quantize, opset), UnsupportedModelError
-        (onnx or onnxruntime missing, an architecture transformers or torch.onnx cannot export, a
-        sliding-window or hybrid cache), OnnxVerificationError, OutputExistsError, UnsafePathError,
-        InsufficientDiskError (``onnx_run.onnx_bytes_bound`` plus carried files exceed the free
-        space; DiskFullError when the disk fills anyway), and those of ``lorasave.merge``.
+        As ``plan_onnx``; for the fallback, as ``formats.onnx.legacy.export_onnx``.
     """
-    from lorasave.sources.checkpoint import open_checkpoint
-
-    t_start = time.perf_counter()
-    dtype_name, quant = parse_onnx_options(dtype, quantize, opset)
-    onnx, ort = import_onnx()
-    if opset > onnx.defs.onnx_opset_version():
-        raise InvalidOptionError(f"opset {opset}: the installed onnx {onnx.__version__} knows opsets up to {onnx.defs.onnx_opset_version()}")
-    ads = adapter_list(adapters)
     ckpt = open_checkpoint(base)
-    if not ads and ckpt.quant_method is not None:
-        raise UnsupportedModelError(
-            f"{ckpt.root} is a {ckpt.quant_method} quantized checkpoint; give its adapter (the merge dequantizes it) "
-            "or write a float32 copy first with lorasave merge",
-            path=ckpt.root,
-        )
-    sources = [ckpt.root, *(Path(a) for a in ads), *([Path(tokenizer)] if tokenizer is not None else [])]
-    final = check_output_path(Path(output), sources, overwrite)
-    tok_dir = Path(tokenizer) if tokenizer is not None else ckpt.root  # the merge picks its own tokenizer: counted alike
-    carry = carry_plan(ckpt.root, tok_dir)
-    n_elements = sum(math.prod(e.shape) for e in ckpt.tensors.values())
-    needed = onnx_bytes_bound(n_elements, merged=bool(ads), dtype=dtype_name, quantize=quant)
-    timings: dict[str, float] = {}
-
-    def finish(folder: Path, _: Timings) -> OnnxResult:
-        work = folder / ".work"
-        work.mkdir()
-        if ads:
-            from lorasave.api import merge
-
-            with _timed(timings, "merge"):
-                merge(base, ads, work / "merged", dtype="float32", weights=weights, tokenizer=tokenizer, allow_pickle=allow_pickle)
-            model_dir = work / "merged"
-            merge_manifest = json.loads((model_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
-            described = merge_manifest["sources"]
-            merge_summary = {k: merge_manifest["result"].get(k) for k in ("n_tensors", "n_merged", "architecture", "notes")}
-        else:
-            model_dir = ckpt.root
-            described = {
-                "base": {
-                    "path": str(ckpt.root.resolve()),
-                    "hub_id": ckpt.hub_id,
-                    "files": {str(p.relative_to(ckpt.root)): sha256_source(p) for p in ckpt.source_files()},
-                }
-            }
-            merge_summary = None
-        with _timed(timings, "load"), _quiet():
-            model = load_causal_lm(model_dir)
-            geometry = cache_geometry(model)
-        graph = folder / ONNX_NAME
-        with _timed(timings, "export"):
-            exported = model if dtype_name == "float32" else copy.deepcopy(model).to(_TORCH_DTYPES[dtype_name])
-            if quant:
-                (work / "float32").mkdir()
-                export_decoder(exported, work / "float32" / ONNX_NAME, geometry, opset=opset)
-            else:
-                export_decoder(exported, graph, geometry, opset=opset)
-            del exported
-        if quant:
-            with _timed(timings, "quantize"):
-                quantize_int8(work / "float32" / ONNX_NAME, graph)
-        verification = None
-        if verify:
-            with _timed(timings, "verify"):
-                verification = verify_onnx(graph, model, tolerance=None if quant else TOLERANCE[dtype_name])
-            logger.debug("verification: %s", verification)
-            if verification["passed"] is False:
-                raise OnnxVerificationError(
-                    f"onnxruntime's logits differ from transformers' by {verification['max_abs_diff']:.3g} "
-                    f"({verification['relative_diff']:.3g} of max |logit|, tolerance {verification['tolerance']:.0e}; per step: "
-                    f"{', '.join(f'{k} {v:.3g}' for k, v in verification['checks'].items())}); nothing was written. "
-                    "This is an export bug worth reporting; --no-verify (verify=False) keeps the graph anyway",
-                    verification=verification,
-                )
-        del model
-        if ads:
-            _side_files(model_dir, folder, dtype_name)
-        else:
-            carry_files(ckpt.root, tok_dir, folder, carry)
-            write_config(ckpt.config, folder / "config.json", dtype=_TORCH_DTYPES[dtype_name])
-            if tok_dir.resolve() != ckpt.root.resolve():
-                align_generation_eos(folder, tok_dir)
-        _write_card(folder, final.name, ckpt, described, dtype_name, quant, opset, geometry, verification)
-        shutil.rmtree(work)
-        names = sorted(p.name for p in folder.iterdir() if p.is_file() and p.name != StagedOutput.LOCK)
-        files = {n: sha256_file(folder / n) for n in names}
-        onnx_bytes = sum((folder / n).stat().st_size for n in names if n.startswith(ONNX_NAME))
-        settings = {
-            "dtype": dtype_name,
-            "quantize": quant,
-            "opset": opset,
-            "verify": verify,
-            "weights": list(weights) if weights is not None else None,
-            "exporter": f"torch.onnx.export(dynamo=True), torch {torch.__version__}",
-            "onnx": onnx.__version__,
-            "onnxruntime": ort.__version__,
-        }
-        summary = {
-            "inputs": input_names(geometry.n_layers),
-            "outputs": output_names(geometry.n_layers),
-            "cache": asdict(geometry),
-            "verification": verification,
-            "merge": merge_summary,
-        }
-        write_manifest(folder, command="onnx", sources=described, settings=settings, result=summary, files=files)
-        result = OnnxResult(
-            output=final,
-            files=sorted([*files, MANIFEST_NAME]),
-            verification=verification,
-            seconds=round(time.perf_counter() - t_start, 3),
-            dtype=dtype_name,
-            quantize=quant,
-            opset=opset,
-            n_layers=geometry.n_layers,
-            num_kv_heads=geometry.num_kv_heads,
-            head_dim=geometry.head_dim,
-            total_bytes=onnx_bytes,
-            timings=timings,
-        )
-        logger.debug("%s", result.summary())
+    if ckpt.config.get("model_type") in FAMILIES:
+        result: OnnxResult = _plan_export(ckpt.root if ckpt.hub_id is None else base, adapters, output, **options)
         return result
+    from lorasave.formats.onnx import legacy
 
-    planned = PlannedOutput("onnx", final, overwrite, source_stamp.record(ckpt), needed, finish, carried_bytes=2 * carry.nbytes)  # merge + OUT
-    result: OnnxResult = run_single(planned)
-    return result
+    if options.get("quantize") or "block_size" in options or "symmetric" in options:
+        raise InvalidOptionError(
+            f"{ckpt.config.get('model_type')}: MatMulNBits quantization needs the ONNX graph builder, which handles {', '.join(sorted(FAMILIES))}"
+        )
+    options.pop("progress", None)
+    options.setdefault("opset", 18)
+    out: OnnxResult = legacy.export_onnx(base, adapters, output, **options)
+    return out

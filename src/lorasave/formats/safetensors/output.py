@@ -1,4 +1,4 @@
-"""The sharded safetensors output (16-bit or bitsandbytes 4-bit) as a writer of the pass.
+"""The sharded safetensors output (16-bit, bitsandbytes 4-bit or compressed-tensors) as a writer of the pass.
 
 Shard names, sizes, headers and the index come from the plan (``plan.merge_plan``: transformers'
 ``save_pretrained`` rules); this writer only turns each block into bytes of the output dtype
@@ -7,7 +7,7 @@ Shard names, sizes, headers and the index come from the plan (``plan.merge_plan`
 Order: a 16-bit shard streams header first when tensors arrive in file order (the order this writer
 prefers, used when it is the pass's only writer); in a pass shared with other outputs tensors
 arrive in plan order, and each one is written at its offset in the shard (``pwrite``) and the
-file hashed once complete. A 4-bit shard (``Shard.deferred``) is always assembled at the end
+file hashed once complete. A quantized shard (``Shard.deferred``) is always assembled at the end
 (``DeferredShardWriter``).
 """
 
@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from lorasave.formats.compressed import CompressedSpec
 from lorasave.formats.safetensors.deferred import DeferredShardWriter
 from lorasave.formats.safetensors.writer import SafetensorsShardWriter
 from lorasave.formats.writer import OutputWriter, TensorSink
@@ -108,27 +109,43 @@ class _BytesSink:
 
 
 class _QuantizedSink:
-    """A 4-bit Linear weight: the whole float32 merge collected, quantized once at ``close``."""
+    """A quantized Linear weight: the whole float32 merge collected, quantized once at ``close``.
+
+    NVFP4 weights that share a global scale (q/k/v, gate/up: ``CompressedSpec.fusion_groups``) wait
+    for the last of their group, then are quantized together (:meth:`SafetensorsOutput.fused_done`).
+    """
 
     def __init__(self, out: SafetensorsOutput, t: OutputTensor, writer: DeferredShardWriter) -> None:
-        self._out, self._t, self._writer = out, t, writer
-        self._full = torch.empty(t.shape, dtype=torch.float32)  # (out, in)
+        self._out, self.t, self.writer = out, t, writer
+        self.full = torch.empty(t.shape, dtype=torch.float32)  # (out, in)
 
     def add(self, block: Block) -> None:
         if block.merged:
-            check_finite(self._t, block.values, block.start, block.stop)
-        self._full[block.start : block.stop] = block.values
+            check_finite(self.t, block.values, block.start, block.stop)
+        self.full[block.start : block.stop] = block.values
 
     def close(self) -> None:
-        t = self._t
+        group = self._out.fused.get(self.t.name)
+        if group is not None:
+            self._out.fused_done(group, self)
+        else:
+            self.write()
+
+    def write(self, global_scale: torch.Tensor | None = None) -> None:
+        """Quantize, queue the tensors, and count the weight done."""
+        t = self.t
         assert t.quantize is not None and t.dtype.torch_dtype is not None
         t0 = time.perf_counter()
-        tensors = t.quantize.serialized(t.name, self._full, t.dtype.torch_dtype)
+        if isinstance(t.quantize, CompressedSpec):
+            tensors = t.quantize.serialized(t.name, self.full, t.dtype.torch_dtype, global_scale)
+        else:
+            tensors = t.quantize.serialized(t.name, self.full, t.dtype.torch_dtype)
         self._out.timings.merge += time.perf_counter() - t0
+        del self.full
         for name, tensor in tensors.items():
-            self._writer.declare(name, st_dtype(tensor.dtype), tuple(tensor.shape))
-            self._out.behind.put(self._writer, name, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B"))
-        self._out.tensor_done(self._writer)
+            self.writer.declare(name, st_dtype(tensor.dtype), tuple(tensor.shape))
+            self._out.behind.put(self.writer, name, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B"))
+        self._out.tensor_done(self.writer)
 
 
 class SafetensorsOutput(OutputWriter):
@@ -155,6 +172,15 @@ class SafetensorsOutput(OutputWriter):
         self.behind: WriteBehind
         self._in_order = False
         self.files: dict[str, str] = {}
+        #: weight name -> the names of its NVFP4 fused group; collected sinks of incomplete groups
+        self.fused: dict[str, tuple[str, ...]] = {}
+        self._waiting: dict[tuple[str, ...], dict[str, _QuantizedSink]] = {}
+        q = plan.quantizer
+        if isinstance(q, CompressedSpec):
+            mods = [n.removesuffix(".weight") for n, t in plan.tensors.items() if t.quantize is not None and n in self._owner]
+            for group in q.fusion_groups(mods):
+                names = tuple(f"{m}.weight" for m in group)
+                self.fused.update(dict.fromkeys(names, names))
 
     @property
     def needed_bytes(self) -> int:
@@ -193,6 +219,21 @@ class SafetensorsOutput(OutputWriter):
             return _QuantizedSink(self, t, w)
         return _BytesSink(self, t, w)
 
+    def fused_done(self, group: tuple[str, ...], sink: _QuantizedSink) -> None:
+        """One weight of a fused group is merged; once all are, quantize them with their shared global scale."""
+        waiting = self._waiting.setdefault(group, {})
+        waiting[sink.t.name] = sink
+        if len(waiting) < len(group):
+            return
+        del self._waiting[group]
+        spec = sink.t.quantize
+        assert isinstance(spec, CompressedSpec) and sink.t.dtype.torch_dtype is not None
+        t0 = time.perf_counter()
+        gs = spec.global_scale(waiting[n].full.to(sink.t.dtype.torch_dtype) for n in group)
+        self.timings.merge += time.perf_counter() - t0
+        for n in group:
+            waiting[n].write(gs)
+
     def tensor_done(self, writer: ShardWriter) -> None:
         """Called by a sink: close the shard's file behind the queue once its last tensor is queued."""
         name = writer.path.name
@@ -201,6 +242,7 @@ class SafetensorsOutput(OutputWriter):
             self.behind.close_later(writer)
 
     def end(self) -> dict[str, str]:
+        assert not self._waiting, f"fused weights never completed: {list(self._waiting)}"
         self.behind.finish()
         files = {}
         for name, w in self._writers.items():

@@ -3,8 +3,8 @@
 The GGUF writer encodes the k-quant files with it, row block by row block, and ``verify`` uses it
 as the reference for the GGML types gguf-py cannot encode: ``llama_model_quantize`` converts each
 tensor of its input to float32 and calls ``ggml_quantize_chunk(type, src, dst, start, nrows,
-n_per_row, imatrix=NULL)`` on slabs of whole rows (``src/llama-quant.cpp``); without an importance
-matrix every row is encoded on its own, so slabs of any size give the same bytes.
+n_per_row, imatrix)`` on slabs of whole rows (``src/llama-quant.cpp``); every row is encoded on its
+own (the importance matrix, when given, weighs its columns), so slabs of any size give the same bytes.
 """
 
 from __future__ import annotations
@@ -56,11 +56,23 @@ def ggml_base() -> Any:
             # void ggml_quantize_init(enum ggml_type): the i-quants' grids (iq3xs_init_impl...), once per type
             lib.ggml_quantize_init.restype = None
             lib.ggml_quantize_init.argtypes = [ctypes.c_int]
+            # bool ggml_quantize_requires_imatrix(enum ggml_type): ggml_quantize_chunk asserts on a NULL imatrix for these
+            lib.ggml_quantize_requires_imatrix.restype = ctypes.c_bool
+            lib.ggml_quantize_requires_imatrix.argtypes = [ctypes.c_int]
             _base = lib
         return _base
 
 
-def quantize(x: np.ndarray, qtype: Any) -> np.ndarray:
+def requires_imatrix(qtype: Any) -> bool:
+    """``ggml_quantize_requires_imatrix``: ``ggml_quantize_chunk`` aborts the process without an importance matrix for ``qtype``.
+
+    Raises:
+        LlamaCppNotInstalledError, LlamaCppError: as :func:`ggml_base`.
+    """
+    return bool(ggml_base().ggml_quantize_requires_imatrix(int(qtype)))
+
+
+def quantize(x: np.ndarray, qtype: Any, imatrix: np.ndarray | None = None) -> np.ndarray:
     """``ggml_quantize_chunk`` of float32 rows ``x`` ``(..., n_per_row)`` as ``qtype`` (a ``gguf.GGMLQuantizationType``).
 
     Returns:
@@ -76,21 +88,28 @@ def quantize(x: np.ndarray, qtype: Any) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     n_per_row = int(x.shape[-1]) if x.ndim else 1
     out = np.empty((*x.shape[:-1], n_per_row // block * size), dtype=np.uint8)
-    quantize_into(x, qtype, out)
+    quantize_into(x, qtype, out, imatrix=imatrix)
     return out
 
 
-def quantize_into(x: np.ndarray, qtype: Any, out: np.ndarray, threads: int = 1) -> None:
+def quantize_into(x: np.ndarray, qtype: Any, out: np.ndarray, threads: int = 1, imatrix: np.ndarray | None = None) -> None:
     """:func:`quantize` into ``out`` (uint8, C-contiguous, ``x.size // block * type_size`` bytes).
 
     ``x`` is float32, C-contiguous, rows of ``x.shape[-1]`` values. The call releases the GIL; with
     ``threads`` > 1 the rows are cut into that many runs quantized at once, each its own
     ``ggml_quantize_chunk(start=first row * n_per_row)``, as ``llama_model_quantize``'s workers do
-    (``llama_tensor_quantize_impl``): rows are independent, so the bytes are the same.
+    (``llama_tensor_quantize_impl``): rows are independent (an importance matrix weighs the columns
+    of every row alike), so the bytes are the same.
+
+    Args:
+        imatrix: float32 ``(n_per_row,)``: the importance of each column for every row (one expert's
+            slice of ``formats.gguf.imatrix.Imatrix.importance``), or None.
 
     Raises:
         LlamaCppNotInstalledError, LlamaCppError: as :func:`ggml_base`.
-        ValueError: a row is not a whole number of blocks, or ``out`` has the wrong size.
+        ValueError: a row is not a whole number of blocks, ``out`` has the wrong size, ``imatrix``
+            is not ``n_per_row`` float32 values, or ``qtype`` needs one and none is given
+            (``ggml_quantize_requires_imatrix``; ggml would abort the process).
     """
     import gguf
 
@@ -106,12 +125,18 @@ def quantize_into(x: np.ndarray, qtype: Any, out: np.ndarray, threads: int = 1) 
     if nrows == 0:
         return
     lib = ggml_base()
+    if imatrix is not None:
+        if imatrix.dtype != np.float32 or imatrix.shape != (n_per_row,) or not imatrix.flags.c_contiguous:
+            raise ValueError(f"an importance matrix for rows of {n_per_row} values must be that many float32 values, not {imatrix.dtype} {imatrix.shape}")
+    elif requires_imatrix(qtype):
+        raise ValueError(f"{qtype.name} cannot be encoded without an importance matrix (ggml_quantize_requires_imatrix)")
+    weights = None if imatrix is None else imatrix.ctypes.data
     init(qtype)
     parts = max(1, min(threads, nrows // 16))  # at least 16 rows a run: fewer are not worth a thread
 
     def run(k: int) -> int:
         r0, r1 = nrows * k // parts, nrows * (k + 1) // parts
-        return int(lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, r0 * n_per_row, r1 - r0, n_per_row, None))
+        return int(lib.ggml_quantize_chunk(int(qtype), x.ctypes.data, out.ctypes.data, r0 * n_per_row, r1 - r0, n_per_row, weights))
 
     written = run(0) if parts == 1 else sum(_pool(parts).map(run, range(parts)))
     if written != out.size:

@@ -381,20 +381,23 @@ class LlamaCppModel:
             weights alone (on the tiny test Llama: 5e-7 of max |logit| from transformers). False:
             llama.cpp's defaults (F16 KV cache, flash attention, which rounds Q through F16 on the
             CPU: about 1e-3 of max |logit|), as ``llama-cli`` runs it.
+        n_threads: CPU threads of ``llama_decode`` (``n_threads``, ``n_threads_batch``); None = every core.
 
     Raises:
         LlamaCppNotInstalledError: the runtime is not installed.
         LlamaCppError: a file is missing, or llama.cpp refused the model, an adapter or the context.
     """
 
-    def __init__(self, gguf_path: PathLike, *, loras: Sequence[tuple[PathLike, float]] = (), n_ctx: int = 512, precise: bool = True) -> None:
+    def __init__(
+        self, gguf_path: PathLike, *, loras: Sequence[tuple[PathLike, float]] = (), n_ctx: int = 512, precise: bool = True, n_threads: int | None = None
+    ) -> None:
         self._lib = _lib()
         self.path = Path(gguf_path)
         self._model: int | None = None
         self._ctx: int | None = None
         self._adapters: list[int] = []
-        if n_ctx < 1:
-            raise InvalidOptionError(f"n_ctx must be at least 1, not {n_ctx}")
+        if n_ctx < 1 or (n_threads is not None and n_threads < 1):
+            raise InvalidOptionError(f"n_ctx and n_threads must be at least 1, not {n_ctx} and {n_threads}")
         lib = self._lib
         try:
             mparams = lib.llama_model_default_params()
@@ -410,7 +413,7 @@ class LlamaCppModel:
             cparams = lib.llama_context_default_params()
             cparams.n_ctx = cparams.n_batch = cparams.n_ubatch = n_ctx
             cparams.n_seq_max = 1
-            cparams.n_threads = cparams.n_threads_batch = os.cpu_count() or 1
+            cparams.n_threads = cparams.n_threads_batch = n_threads or os.cpu_count() or 1
             cparams.no_perf = True
             if precise:
                 cparams.type_k = cparams.type_v = GgmlType.F32
