@@ -295,6 +295,14 @@ def report(tools: list[Tool], info: dict[str, Any], path: Path) -> None:
     if d1 and d4:
         out["ratios"]["d4_over_d1"] = d4.wall_s / d1.wall_s
         print(f"d4/d1 wall = {d4.wall_s / d1.wall_s:.2f}x (4 runs vs one pass; no target)")
+    # The tools of one round ran minutes apart, those of different rounds up to an hour: on a shared
+    # machine the ratio within each round is the steadier figure.
+    out["ratios_per_round"] = {}
+    for x, y in ((b, a), (c, a), (d1, a), (d4, d1)):
+        if x and y:
+            per = [sum(s.wall_s for s in rx.steps) / sum(s.wall_s for s in ry.steps) for rx, ry in zip(x.runs, y.runs, strict=True)]
+            out["ratios_per_round"][f"{x.key}_over_{y.key}"] = per
+            print(f"{x.key}/{y.key} wall per round: {' '.join(f'{v:.2f}' for v in per)} (median {statistics.median(per):.2f})")
     print()
     print("lorasave's own timings (median s, from each output's lorasave.json; read + merge run on the main thread or the")
     print("merge pool, merge includes the ggml encoding, write + hash on a writer thread overlapped with them):")

@@ -294,9 +294,14 @@ class Bnb4bitSpec:
         )
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, Any]:
-        """``quantize_4bit`` of ``w`` as given (no dtype change): ``(packed uint8 (n/2, 1), QuantState)``."""
-        F = import_bnb().functional
-        return F.quantize_4bit(w, blocksize=self.blocksize, compress_statistics=self.double_quant, quant_type=self.quant_type)
+        """``quantize_4bit`` of ``w`` as given (no dtype change): ``(packed uint8 (n/2, 1), QuantState)``.
+
+        Bit-identical to bitsandbytes' ``functional.quantize_4bit`` on CPU, through lorasave's
+        faster encoder (:func:`lorasave.formats.bnb_encode.quantize_4bit_state`).
+        """
+        from lorasave.formats.bnb_encode import quantize_4bit_state
+
+        return quantize_4bit_state(w, self.blocksize, self.quant_type, self.double_quant)
 
     def roundtrip(self, w: torch.Tensor) -> torch.Tensor:
         """What a weight looked like to an adapter trained on its 4-bit version, in float32.

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +51,9 @@ from lorasave.sources.architecture import inspect_architecture
 from lorasave.sources.checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
+
+#: ``model.layers.<N>.``: a decoder layer's tensor.
+LAYER = re.compile(r"^model\.layers\.(\d+)\.")
 
 
 @dataclass(frozen=True)
@@ -192,9 +196,13 @@ def gguf_tensors(
     n_expert = int(hp.find(("num_local_experts", "num_experts", "n_routed_experts"), 0) or 0)
     kept = []  # (text-model name, planned tensor)
     left_out = []  # not the language model's (a vision tower's)
+    mtp = []  # multi-token-prediction layers (``GgufArch.mtp_layers``)
     for t in plan.tensors.values():
         text_name = rules.text_name(t.name)
-        if text_name is None:
+        layer = LAYER.match(text_name or "")
+        if rules.mtp_layers and layer is not None and int(layer[1]) >= hp.n_layer:
+            mtp.append(t)
+        elif text_name is None:
             left_out.append(t)
         elif text_name not in rules.drop:
             kept.append((text_name, t))
@@ -216,6 +224,8 @@ def gguf_tensors(
             keep = embedding_rows(tok_dir, rules, int(t.shape[0]), notes if notes is not None else [])
             rows = keep if keep < t.shape[0] else None
         mapped.append((s, name, heads, shift, rows))
+    if mtp and notes is not None:
+        notes.append(f"{len(mtp)} multi-token-prediction (nextn) layer tensors left out, as llama.cpp's converter does with --no-mtp")
     if left_out and notes is not None:
         notes.extend(multimodal_notes(left_out, [p.src for s, *_ in mapped for p in (s.pieces or [Piece(s.src)]) if p is not None], rules))
     shapes = [(name, s.shape or (tuple(s.src.shape) if rows is None else (rows, *s.src.shape[1:]))) for s, name, _, _, rows in mapped]
@@ -351,6 +361,9 @@ class GgufModel:
             if n not in self.notes:
                 self.notes.append(n)
         extras = extra_tensors(self.config, self.rules, stream.value)
+        exps = sorted({g.qtype.name for g in tensors if "_exps." in g.name and g.name.endswith(".weight")})
+        if self.rules.expert_note and exps:
+            type_notes = [*type_notes, self.rules.expert_note.format(types="/".join(exps))]
 
         def start(path: Path) -> gguf.GGUFWriter:  # header, metadata, tensor infos
             w = gguf.GGUFWriter(None, self.rules.name)

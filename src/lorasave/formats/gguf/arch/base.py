@@ -297,6 +297,10 @@ class GgufArch:
         special_tokens: ``(kind, added token text)`` set as ``tokenizer.ggml.<kind>_token_id`` when the
             tokenizer files name none of that kind (``SpecialVocab._set_special_token`` in a converter
             ``set_vocab``, e.g. GLM-4's ``eot`` = ``<|user|>``).
+        mtp_layers: checkpoint layers at index ``>= num_hidden_layers`` are multi-token-prediction
+            (``nextn``) layers, left out of the file as the converter's ``--no-mtp`` does (GLM-4.5).
+        expert_note: a note for every file with expert tensors (``ffn_*_exps``), ``{types}`` replaced by
+            their GGML types (gpt-oss: the merged experts are float, not the checkpoint's MXFP4).
     """
 
     arch: gguf.MODEL_ARCH
@@ -314,12 +318,16 @@ class GgufArch:
     special_tokens: tuple[tuple[str, str], ...] = ()
     text_of: TextOf | None = None
     weight_suffix: tuple[str, ...] = ()
+    expert_note: str | None = None
+    mtp_layers: bool = False
 
     def text_name(self, hf_name: str) -> str | None:
         """The text-model name of checkpoint tensor ``hf_name`` (itself without :attr:`text_of`, plus
         ``.weight`` after a :attr:`weight_suffix`), or None for a tensor the language model's GGUF leaves
         out (a vision tower's)."""
         name = hf_name if self.text_of is None else self.text_of.name(hf_name)
+        if name is not None and name.endswith("e_score_correction_bias"):  # ModelBase.filter_tensors, every model
+            name = name.replace("e_score_correction_bias", "e_score_correction.bias")
         return name + ".weight" if name is not None and self.weight_suffix and name.endswith(self.weight_suffix) else name
 
     @property

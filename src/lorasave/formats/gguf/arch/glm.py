@@ -1,4 +1,5 @@
-"""GLM-4 dense (``conversion/glm.py`` ``Glm4Model`` of llama.cpp v0.5.0; ``src/models/glm4.cpp``).
+"""GLM-4 dense and GLM-4.5 MoE (``conversion/glm.py`` ``Glm4Model`` / ``Glm4MoeModel`` of llama.cpp v0.5.0;
+``src/models/glm4.cpp``, ``src/models/glm4-moe.cpp``).
 
 The common text keys and ``rope.dimension_count = head_dim * partial_rotary_factor`` (0.5 by
 default): GLM-4 rotates interleaved pairs of the first half of each head, which is llama.cpp's
@@ -8,14 +9,24 @@ normal (non-NeoX) RoPE over ``n_rot`` dimensions, so Q/K are written as they are
 and ``post_attention_layernorm`` (the pre-MLP norm) is ``ffn_norm``, all by gguf-py's map. The
 tokenizer is byte-level BPE only, with ``<|endoftext|>`` as BOS/EOS/UNK and ``<|user|>`` as EOT
 where the tokenizer files set none (``Glm4Model.set_vocab``).
+
+``glm4_moe`` (GLM-4.5 / 4.5-Air / 4.6): the same RoPE (partial, NeoX: Q/K as they are) and vocab;
+the first ``first_k_dense_replace`` layers dense, the others routed experts (stacked ``ffn_*_exps``)
++ shared experts (``ffn_*_shexp``), sigmoid gating with the router's ``e_score_correction_bias``
+(``exp_probs_b``: used to choose the experts only), ``routed_scaling_factor`` and ``norm_topk_prob``
+as ``expert_weights_scale`` / ``expert_weights_norm``. The checkpoint's multi-token-prediction layers
+(``num_nextn_predict_layers`` layers after the last) are left out, as ``--no-mtp`` does (transformers
+runs no MTP layer either); expert groups (``n_group`` > 1) are refused: ``glm4-moe.cpp`` reads none.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import gguf
 
 from lorasave.errors import UnsupportedModelError
-from lorasave.formats.gguf.arch.base import GgufArch, Hparams, K, MetaItem, V, VocabKind, text_params
+from lorasave.formats.gguf.arch.base import GgufArch, Hparams, K, MetaItem, V, VocabKind, set_item, text_params
 
 
 def partial_rotary(hp: Hparams) -> float:
@@ -42,13 +53,48 @@ def glm4_check(hp: Hparams) -> None:
         raise UnsupportedModelError(f"glm4 rotary dimensions head_dim*partial_rotary_factor={hp.head_dim * partial_rotary(hp):g} must be even")
 
 
+def glm4_moe_params(hp: Hparams) -> list[MetaItem]:
+    """``Glm4MoeModel.set_gguf_parameters`` (without ``nextn_predict_layers``: the MTP layers are left out)."""
+    out = glm4_params(hp)
+    h = hp.h
+    optional = (
+        (K.LLM.EXPERT_FEED_FORWARD_LENGTH, "moe_intermediate_size", V.UINT32, int),
+        (K.LLM.EXPERT_SHARED_COUNT, "n_shared_experts", V.UINT32, int),
+        (K.LLM.LEADING_DENSE_BLOCK_COUNT, "first_k_dense_replace", V.UINT32, int),
+    )
+    for key, name, vtype, cast in optional:
+        if h.get(name) is not None:
+            set_item(out, key, cast(h[name]), vtype)
+    set_item(out, K.LLM.EXPERT_GATING_FUNC, int(gguf.ExpertGatingFuncType.SIGMOID), V.UINT32)
+    if h.get("routed_scaling_factor") is not None:
+        set_item(out, K.LLM.EXPERT_WEIGHTS_SCALE, float(h["routed_scaling_factor"]), V.FLOAT32)
+    if h.get("norm_topk_prob") is not None:
+        set_item(out, K.LLM.EXPERT_WEIGHTS_NORM, bool(h["norm_topk_prob"]), V.BOOL)
+    return out
+
+
+def glm4_moe_check(hp: Hparams) -> None:
+    """GLM-4's refusals, and expert groups (``n_group`` > 1: transformers' group-limited routing, which
+    ``glm4-moe.cpp`` does not read).
+
+    Raises:
+        UnsupportedModelError: see :func:`glm4_check`; ``n_group`` > 1.
+    """
+    glm4_check(hp)
+    if int(hp.h.get("n_group") or 1) > 1:
+        raise UnsupportedModelError(f"glm4_moe with expert groups (n_group={hp.h['n_group']}) is not supported by llama.cpp's glm4moe graph")
+
+
+GLM4 = GgufArch(
+    gguf.MODEL_ARCH.GLM4,
+    glm4_params,
+    vocabs=(VocabKind.BPE,),
+    check=glm4_check,
+    special_tokens=(("eos", "<|endoftext|>"), ("eot", "<|user|>"), ("unk", "<|endoftext|>"), ("bos", "<|endoftext|>")),
+)
+
 #: HF ``model_type`` -> rules.
 ARCHITECTURES: dict[str, GgufArch] = {
-    "glm4": GgufArch(
-        gguf.MODEL_ARCH.GLM4,
-        glm4_params,
-        vocabs=(VocabKind.BPE,),
-        check=glm4_check,
-        special_tokens=(("eos", "<|endoftext|>"), ("eot", "<|user|>"), ("unk", "<|endoftext|>"), ("bos", "<|endoftext|>")),
-    ),
+    "glm4": GLM4,
+    "glm4_moe": replace(GLM4, arch=gguf.MODEL_ARCH.GLM4_MOE, params=glm4_moe_params, check=glm4_moe_check, mtp_layers=True),
 }
