@@ -331,6 +331,7 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 SPECIALS: dict[str, tuple[str, ...]] = {
     "glm4": ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
 }
+SPECIALS["glm4_moe"] = SPECIALS["glm4"]
 #: Modules of vision towers and projectors, left out of the case's LoRA (``LoraConfig.exclude_modules``).
 VISION_MODULES = r".*(vision|visual|multi_modal_projector|patch_embed|merger).*"
 #: Model types run with a SentencePiece ``tokenizer.model``: the converter's class reads only that
