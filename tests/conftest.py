@@ -20,9 +20,15 @@ from peft import LoraConfig
 
 from lorasave.runtimes.llama_cpp.converter import default_dir as converter_default_dir
 from lorasave.runtimes.llama_cpp.install import default_dir as llama_cpp_default_dir
+from lorasave.runtimes.llama_cpp.lib import request_amx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _models as M
+
+# AMX tile state for the whole test process, before any test starts Ray in-process: once Ray's driver
+# has set a small alternate signal stack the kernel refuses it, and llama.cpp's AMX kernels (its
+# Sapphire Rapids CPU variant) then die with SIGILL on the first tile load (seen in a full run).
+request_amx()
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

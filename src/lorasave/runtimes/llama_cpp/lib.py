@@ -19,6 +19,7 @@ import ctypes
 import enum
 import logging
 import os
+import sys
 import tempfile
 import threading
 from collections.abc import Mapping, Sequence
@@ -273,6 +274,27 @@ _LLAMA_FUNCS: dict[str, tuple[Any, list[Any]]] = {
 }
 
 
+def request_amx() -> bool:
+    """Ask Linux for the AMX tile state (``arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)``), as
+    ggml's CPU backend does when it loads (``ggml_amx_init``), but early.
+
+    The kernel refuses it (ENOSPC) once any thread of the process has an alternate signal stack too
+    small for the enlarged signal frame (Ray's in-process driver installs one); ggml then still picks
+    its Sapphire Rapids variant on an AMX CPU and its first ``tileloadd`` dies with SIGILL. Asking
+    before such a library runs makes the permission stick for the whole process. A no-op (False)
+    off Linux x86-64 or on a CPU without AMX.
+    """
+    import platform
+
+    if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.syscall(158, 0x1023, 18)) == 0  # SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA
+    except (OSError, AttributeError):
+        return False
+
+
 class _Runtime:
     """The loaded libraries (one per process: llama.cpp's backend registry is global)."""
 
@@ -281,6 +303,7 @@ class _Runtime:
         self._log_buf: list[str] = []
         self._log_cb = ggml_log_callback(self._on_log)  # kept referenced: C holds the pointer
         mode = getattr(os, "RTLD_NOW", 2) | getattr(os, "RTLD_LOCAL", 0)
+        request_amx()
         try:
             base = ctypes.CDLL(str(folder / REQUIRED_FILES[0]), mode=mode)
             ggml = ctypes.CDLL(str(folder / REQUIRED_FILES[1]), mode=mode)
