@@ -4,11 +4,6 @@ The fixture starts a head node (``ray start --head --num-cpus 2`` with a small o
 always stops it (``ray stop`` in a finalizer, like a shell trap). The second test kills the task's
 worker mid-pass (the task writes its pid, then waits; the test kills that pid) and checks that Ray
 retried the pass and that no partial output ever appeared under a final name.
-
-The README's test command runs this file in its own pytest process: in one long process where
-llama.cpp's Sapphire Rapids (AMX) kernels had already run, a llama.cpp call made after Ray's
-in-process driver died with SIGILL on its first tile load (dmesg: invalid opcode, ``tileloadd`` in
-``libggml-cpu-sapphirerapids.so``); Ray first, llama.cpp after, in a fresh process, runs fine.
 """
 
 from __future__ import annotations

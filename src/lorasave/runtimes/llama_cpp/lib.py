@@ -538,7 +538,7 @@ class LlamaCppModel:
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = 1
             batch.n_tokens = n
-            rc = lib.llama_decode(self._ctx, batch)
+            rc = _fresh_thread(lambda: int(lib.llama_decode(self._ctx, batch)))
             if rc != 0:
                 raise LlamaCppError(f"llama_decode failed with code {rc} on {n} tokens of {self.path}", path=self.path)
             out = np.empty((n, self.n_vocab), dtype=np.float32)
@@ -550,6 +550,31 @@ class LlamaCppModel:
             return out
         finally:
             lib.llama_batch_free(batch)
+
+
+def _fresh_thread(fn: Any) -> Any:
+    """``fn()`` on a new thread (the GIL is released in C; this thread waits).
+
+    ggml's AMX kernels (its Sapphire Rapids CPU variant) configure the calling thread's tiles once
+    (a thread-local flag); torch's oneDNN releases the tiles of the threads it runs on, so a later
+    ggml call on such a thread loads tiles that are not configured and dies with SIGILL (seen in a
+    long test process: dmesg ``invalid opcode`` at ``tileloadd``). A fresh thread has no such history.
+    """
+    box: list[Any] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            box.append(fn())
+        except BaseException as e:  # handed back to the caller
+            errors.append(e)
+
+    t = threading.Thread(target=run, name="lorasave-llama-decode")
+    t.start()
+    t.join()
+    if errors:
+        raise errors[0]
+    return box[0]
 
 
 def _ggml_type_value(t: str | int) -> int:
