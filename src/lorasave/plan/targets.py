@@ -7,6 +7,7 @@ PEFT rewrites ``fan_in_fan_out`` for GPT-2 ``Conv1D`` layers, so the flag cannot
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -263,7 +264,10 @@ def runtime_renames(adapters: list[Adapter], shapes: Shapes, revert: Callable[[d
     missing = [n for n in dict.fromkeys(wanted) if n not in shapes]
     out = {}
     for name in missing:
-        reverted = list(revert({name: torch.empty(0, device="meta")}))
+        try:  # transformers builds regexes from the name: a hostile module name is simply not renamed
+            reverted = list(revert({name: torch.empty(0, device="meta")}))
+        except (re.error, ValueError, KeyError, TypeError):
+            continue
         if len(reverted) == 1 and reverted[0] in shapes:
             out[name] = reverted[0]
     return out
