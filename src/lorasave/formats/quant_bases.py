@@ -26,6 +26,7 @@ from lorasave.errors import CheckpointFormatError, UnsupportedModelError
 from lorasave.formats import bnb
 from lorasave.formats.bnb import Bnb4bitWeight, Int8Weight, quantization_config
 from lorasave.formats.fp8 import Fp8Weight, compute_dtype, group_fp8
+from lorasave.formats.mxfp4 import Mxfp4Weight, group_mxfp4
 from lorasave.formats.safetensors.header import TensorEntry
 
 #: ``quant_method`` values lorasave does not read, with what to call them.
@@ -45,13 +46,13 @@ UNSUPPORTED_METHODS = {
     "gguf": "GGUF",
 }
 
-QuantizedWeight = Bnb4bitWeight | Int8Weight | Fp8Weight
+QuantizedWeight = Bnb4bitWeight | Int8Weight | Fp8Weight | Mxfp4Weight
 #: The classes of :data:`QuantizedWeight`, for ``isinstance``.
-QUANTIZED_TYPES: tuple[type, ...] = (Bnb4bitWeight, Int8Weight, Fp8Weight)
+QUANTIZED_TYPES: tuple[type, ...] = (Bnb4bitWeight, Int8Weight, Fp8Weight, Mxfp4Weight)
 
 
 def check_quant_method(config: dict[str, Any], where: str) -> str | None:
-    """The base's quantization method if lorasave reads it (``"bitsandbytes"``, ``"fp8"``), None when not quantized.
+    """The base's quantization method if lorasave reads it (``"bitsandbytes"``, ``"fp8"``, ``"mxfp4"``), None when not quantized.
 
     Raises:
         UnsupportedModelError: a method lorasave does not read (GPTQ, AWQ, HQQ, compressed-tensors...).
@@ -62,7 +63,7 @@ def check_quant_method(config: dict[str, Any], where: str) -> str | None:
     method = str(qc.get("quant_method", "")).lower()
     if method == "bitsandbytes" or qc.get("load_in_4bit") or qc.get("load_in_8bit"):
         return "bitsandbytes"
-    if method == "fp8":
+    if method in ("fp8", "mxfp4"):
         return method
     name = UNSUPPORTED_METHODS.get(method, method or "unknown")
     raise UnsupportedModelError(
@@ -94,6 +95,9 @@ def group_quantized(method: str, config: dict[str, Any], tensors: dict[str, Tens
         if not weights:
             raise CheckpointFormatError(f"{where} declares bitsandbytes quantization but no quantized weights were found", path=where)
         return dict(weights), used
+    if method == "mxfp4":
+        mx, used = group_mxfp4(tensors, compute_dtype(config), where)
+        return dict(mx), used
     qc = quantization_config(config) or {}
     fp8, used = group_fp8(tensors, qc, compute_dtype(config), where)
     return dict(fp8), used
@@ -113,4 +117,4 @@ def label(weight: Any) -> str:
         return "NF4/FP4"
     if isinstance(weight, Int8Weight):
         return "INT8"
-    return "FP8"
+    return "MXFP4" if isinstance(weight, Mxfp4Weight) else "FP8"
