@@ -15,11 +15,13 @@ converter swaps with ``intermediate_size``), so a swapped key fails the load her
 (llama.cpp ties it to the expert count: on for every count but Maverick's 128).
 
 Chunked attention (8192) and the attention temperature (``floor_scale`` 8192) are llama.cpp constants
-the 96 compared positions do not reach; configs with other values are refused (``test_refused``).
+the 96 compared positions do not reach; configs with other values are refused (``test_refused``), and
+``test_long_context`` (opt-in, about a minute: ``LORASAVE_LLAMA4_LONG=1``) compares 8320 positions.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -192,3 +194,39 @@ def test_refused(changes: dict[str, Any], match: str) -> None:
         with pytest.raises(UnsupportedModelError, match=match) as e:
             gguf_arch_for(config)
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(not os.environ.get("LORASAVE_LLAMA4_LONG"), reason="8320 positions in llama.cpp (about a minute): set LORASAVE_LLAMA4_LONG=1")
+def test_long_context(tmp_path: Path) -> None:
+    """Past position 8191 the temperature of the NoPE layer steps up and the chunked layers see only their
+    chunk: llama.cpp's constants against transformers' config values, on the base (no adapter) with
+    sharpened queries; the temperature alone moves transformers' logits there by far more than the tolerance."""
+    need_llama_cpp()
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from lorasave.formats.gguf.model import write_gguf_file
+    from lorasave.formats.gguf.quant import GgufType
+    from lorasave.runtimes.llama_cpp.lib import LlamaCppModel
+
+    n = 8320
+    torch.manual_seed(0)
+    tok = build_bpe_tokenizer("llama3")
+    model = Llama4ForCausalLM(Llama4TextConfig(**text_config(len(tok), max_position_embeddings=16384))).eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(3.0)
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    ids = torch.randint(3, len(tok), (n,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        ref = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        for layer in model.model.layers:
+            layer.self_attn.attn_temperature_tuning = False
+        untuned = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    with LlamaCppModel(write_gguf_file(tmp_path / "base", tmp_path / "out", GgufType.parse("f32")), n_ctx=n) as m:
+        got = m.logits(ids)
+    tol = 1e-3 * float(np.abs(ref).max())
+    diff = float(np.abs(got[8191:] - ref[8191:]).max())
+    print(f"llama4 f32 positions 8191..{n - 1}: max|diff| {diff:.3g} = {diff / tol * 1e-3:.2g} x max|logit|")
+    assert diff <= tol and (got[8191:].argmax(-1) == ref[8191:].argmax(-1)).all()
+    assert float(np.abs(untuned[8191:] - ref[8191:]).max()) > 100 * tol
