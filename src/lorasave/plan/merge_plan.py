@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from lorasave.errors import AdapterMismatchError, InvalidOptionError, UnsupportedAdapterError, UnsupportedModelError
-from lorasave.formats.bnb import Bnb4bitSpec, QuantizedWeight, quantization_config
+from lorasave.formats.bnb import Bnb4bitSpec, quantization_config
 from lorasave.formats.compressed import CompressedSpec, select_modules
+from lorasave.formats.quant_bases import QuantizedWeight
 from lorasave.formats.safetensors.header import TensorEntry, TensorLayout, layout, serialize_header
 from lorasave.plan.recipes import AdapterTensor, LoraDelta, Operation, SetRows
 from lorasave.plan.targets import adapter_operations, runtime_renames
@@ -155,14 +156,17 @@ class MergePlan:
 def base_dtype(ckpt: Checkpoint) -> torch.dtype:
     """The base's floating dtype: ``dtype`` / ``torch_dtype`` in config.json, else the most common one.
 
-    A bitsandbytes-quantized base gives bfloat16, the usual 16-bit form of such models.
+    A bitsandbytes-quantized base gives bfloat16, the usual 16-bit form of such models; another
+    quantized base (FP8) its config's dtype, else bfloat16.
     """
-    if ckpt.quant_method is not None:
+    if ckpt.quant_method == "bitsandbytes":
         return torch.bfloat16
     name = ckpt.config.get("dtype") or ckpt.config.get("torch_dtype")
     dt = getattr(torch, name, None) if isinstance(name, str) else None
     if isinstance(dt, torch.dtype) and dt in (torch.float16, torch.bfloat16, torch.float32):
         return dt
+    if ckpt.quant_method is not None:
+        return torch.bfloat16
     counts: dict[torch.dtype, int] = {}
     for e in ckpt.tensors.values():
         if e.dtype.torch_dtype in FLOAT_DTYPES:

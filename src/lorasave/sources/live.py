@@ -31,7 +31,7 @@ import torch
 
 from lorasave.api import MergeResult, merge_sources
 from lorasave.errors import InvalidOptionError, UnsupportedModelError
-from lorasave.formats.bnb import check_quant_method, group_quantized
+from lorasave.formats.quant_bases import check_quant_method, group_quantized
 from lorasave.pipeline.cards import card_kind, hub_id, merged_snippet, write_card
 from lorasave.pipeline.manifest import MANIFEST_NAME, sha256_file, write_manifest
 from lorasave.pipeline.output import check_free_space, check_output_path, set_generation_eos, write_config
@@ -113,7 +113,7 @@ def _live_checkpoint(model: Any) -> Checkpoint:
         from lorasave.sources.checkpoint import TensorReader
 
         with TensorReader() as reader:
-            weights, used = group_quantized(ckpt.tensors, lambda e: reader.read(e).numpy().tobytes())  # type: ignore[arg-type]
+            weights, used = group_quantized(ckpt.quant_method, config, ckpt.tensors, lambda e: reader.read(e).numpy().tobytes(), LIVE)  # type: ignore[arg-type]
         ckpt.tensors = {n: weights.get(n, e) for n, e in ckpt.tensors.items() if n in weights or n not in used}
     return ckpt
 

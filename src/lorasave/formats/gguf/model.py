@@ -25,6 +25,7 @@ side files and manifest are ``formats.gguf.export``.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import re
@@ -41,7 +42,7 @@ from lorasave.errors import UnsupportedModelError
 from lorasave.formats.gguf import mix as gguf_mix
 from lorasave.formats.gguf import quant as gguf_quant
 from lorasave.formats.gguf.arch import GgufArch, Hparams, gguf_arch_for
-from lorasave.formats.gguf.experts import Piece, gguf_sources
+from lorasave.formats.gguf.experts import Piece, Source, gguf_sources
 from lorasave.formats.gguf.output import GgufOutput
 from lorasave.formats.gguf.quant import GgufType, tensor_nbytes
 from lorasave.formats.gguf.vocab import add_tokenizer, embedding_rows
@@ -73,7 +74,11 @@ class GgufTensor:
             (``ggml_quantize_chunk``'s ``imatrix``, one row per expert), or None.
         pieces: where the values come from when not simply ``src``: the experts of a stacked
             ``ffn_*_exps`` (one planned tensor each, in expert order), or a part of a fused one.
-        full_shape: the written shape when ``pieces`` is set (``(n_expert, rows, ne0)``).
+        full_shape: the written shape when ``pieces`` is set (``(n_expert, rows, ne0)``) or ``transform``
+            changes it.
+        transform: the whole-tensor value transform of each piece (``GgufArch.transforms``, its config
+            bound): float32 values of the complete piece -> the values written, or None (each row block
+            is encoded as it comes).
     """
 
     src: OutputTensor
@@ -86,6 +91,7 @@ class GgufTensor:
     importance: np.ndarray | None = field(default=None, compare=False, repr=False)
     pieces: tuple[Piece, ...] = ()
     full_shape: tuple[int, ...] | None = None
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = field(default=None, compare=False, repr=False)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -206,8 +212,8 @@ def gguf_tensors(
             left_out.append(t)
         elif text_name not in rules.drop:
             kept.append((text_name, t))
-    mapped = []  # (source, GGUF name, permute heads, shift, rows)
-    for s in gguf_sources(kept, rules.fused, n_expert):
+    mapped = []  # (source, GGUF name, permute heads, shift, rows, transform)
+    for s, fn in transformed(gguf_sources(kept, rules.fused, n_expert), rules, hp):
         t = s.src
         hf = s.hf if s.hf.endswith((".weight", ".bias")) or not s.pieces else s.hf + ".weight"
         name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
@@ -223,21 +229,44 @@ def gguf_tensors(
         if tok_dir is not None and name == "token_embd.weight" and t.shape and not s.pieces:
             keep = embedding_rows(tok_dir, rules, int(t.shape[0]), notes if notes is not None else [])
             rows = keep if keep < t.shape[0] else None
-        mapped.append((s, name, heads, shift, rows))
+        mapped.append((s, name, heads, shift, rows, fn))
     if mtp and notes is not None:
         notes.append(f"{len(mtp)} multi-token-prediction (nextn) layer tensors left out, as llama.cpp's converter does with --no-mtp")
     if left_out and notes is not None:
         notes.extend(multimodal_notes(left_out, [p.src for s, *_ in mapped for p in (s.pieces or [Piece(s.src)]) if p is not None], rules))
-    shapes = [(name, s.shape or (tuple(s.src.shape) if rows is None else (rows, *s.src.shape[1:]))) for s, name, _, _, rows in mapped]
+    shapes = [(name, s.shape or (tuple(s.src.shape) if rows is None else (rows, *s.src.shape[1:]))) for s, name, _, _, rows, _ in mapped]
     gtype = GgufType.parse(type)
     facts = gguf_mix.ModelFacts(rules.name, hp.n_layer, n_head, n_kv, n_expert)
     types = gguf_mix.tensor_types(shapes, gtype, facts, options)
     weights = gguf_mix.importances(shapes, types, gtype, options) if gguf_mix.uses_ggml(gtype, options) else [None] * len(types)
     out = [
-        GgufTensor(s.src, name, tt.qtype, tensor_nbytes(shape, tt.qtype), heads, shift, rows, w, tuple(p for p in s.pieces if p is not None), s.shape)
-        for (s, name, heads, shift, rows), (_, shape), tt, w in zip(mapped, shapes, types, weights, strict=True)
+        GgufTensor(s.src, name, tt.qtype, tensor_nbytes(shape, tt.qtype), heads, shift, rows, w, tuple(p for p in s.pieces if p is not None), s.shape, fn)
+        for (s, name, heads, shift, rows, fn), (_, shape), tt, w in zip(mapped, shapes, types, weights, strict=True)
     ]
     return out, gguf_mix.type_notes(shapes, types, gtype)
+
+
+def transformed(sources: list[Source], rules: GgufArch, hp: Hparams) -> list[tuple[Source, Callable[[torch.Tensor], torch.Tensor] | None]]:
+    """``sources`` with each one a ``rules.transforms`` entry matches replaced by its GGUF tensors, in its place.
+
+    Each gets the transform's HF name (``prefix + name`` for the matched ``suffix``), the shape of its
+    function run on a meta tensor of the piece's shape, and the function with ``hp`` bound.
+    """
+    out: list[tuple[Source, Callable[[torch.Tensor], torch.Tensor] | None]] = []
+    for s in sources:
+        rule = next((r for r in rules.transforms if r.matches(s.hf)), None)
+        if rule is None:
+            out.append((s, None))
+            continue
+        pieces = [p for p in s.pieces if p is not None] or [Piece(s.src)]
+        piece_shape = tuple(pieces[0].take.shape(tuple(pieces[0].src.shape)) if pieces[0].take else pieces[0].src.shape)
+        stack = (len(pieces),) if len(pieces) > 1 else ()  # a stacked tensor: the transform of each expert
+        prefix = s.hf[: len(s.hf) - len(rule.suffix)]
+        for name, fn in rule.into:
+            bound = functools.partial(fn, hp)
+            shape = (*stack, *bound(torch.empty(piece_shape, device="meta")).shape)
+            out.append((Source(prefix + name, s.src, list(s.pieces), shape), bound))
+    return out
 
 
 def multimodal_notes(left_out: list[OutputTensor], kept: list[OutputTensor], rules: GgufArch) -> list[str]:

@@ -33,10 +33,15 @@ logger = logging.getLogger(__name__)
 
 
 class _Sink:
-    """One planned tensor's blocks, fed to every GGUF tensor it is a piece of (``GgufTensor.parts``)."""
+    """One planned tensor's blocks, fed to every GGUF tensor it is a piece of (``GgufTensor.parts``).
+
+    A GGUF tensor with a whole-tensor ``transform`` (``GgufArch.transforms``) gets the piece's blocks
+    copied to float32 until the piece is complete, then the transform of the whole piece.
+    """
 
     def __init__(self, out: GgufOutput, src: OutputTensor, feeds: list[tuple[Any, Take | None]]) -> None:
         self._out, self._src, self._feeds = out, src, feeds
+        self._whole: dict[str, list[torch.Tensor]] = {g.name: [] for g, _ in feeds if g.transform is not None}
         for g, _ in feeds:
             if g.name not in out.encoding:  # its first piece: start encoding the GGUF tensor
                 out.encoding[g.name] = EncodedTensor(g.shape, g.qtype, g.nbytes, g.shift, g.rows, ggml=out.ggml, importance=g.importance)
@@ -45,10 +50,18 @@ class _Sink:
         if block.merged:
             check_finite(self._src, block.values, block.start, block.stop)
         for g, take in self._feeds:
-            self._out.encoding[g.name].add(block.values if take is None else take(block.values), self._out.timings)
+            values = block.values if take is None else take(block.values)
+            if g.name in self._whole:  # a block is valid until the next one: keep a float32 copy
+                self._whole[g.name].append(values.to(torch.float32, copy=True))
+            else:
+                self._out.encoding[g.name].add(values, self._out.timings)
 
     def close(self) -> None:
         for g, _ in self._feeds:
+            if g.name in self._whole:
+                blocks = self._whole.pop(g.name)
+                whole = torch.cat(blocks) if len(blocks) > 1 else blocks[0]
+                self._out.encoding[g.name].add(g.transform(whole.contiguous()), self._out.timings)
             if self._out.last[g.name] != self._src.name:
                 continue  # more experts to come
             data = self._out.encoding.pop(g.name).result()  # uint8 (rows, row_bytes)

@@ -10,10 +10,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 V = gguf.GGUFValueType
 K = gguf.Keys
@@ -232,6 +235,31 @@ QWEN_FUSED = (
 
 
 @dataclass(frozen=True)
+class ValueTransform:
+    """A converter value transform that needs a checkpoint tensor whole (its ``modify_tensors`` reshaping,
+    splitting, transposing or computing on it), written as one or more GGUF tensors.
+
+    The tensor whose (text-model) name ends in ``suffix`` is replaced by one GGUF tensor per entry of
+    ``into``: ``(name, fn)`` with ``name`` the HF name that replaces ``suffix`` (mapped by gguf-py's
+    ``TensorNameMap``) and ``fn(hp, values)`` the GGUF tensor's values (numpy order, rows first) from
+    the config and the whole float32 tensor (the merge, after any ``FusedExperts`` cut; called once per
+    piece of a stacked tensor). The written shape is ``fn`` run on a meta tensor, so ``fn`` uses torch
+    operations only. The pass buffers the tensor's row blocks in float32 until it is complete
+    (``formats.gguf.output``): memory grows by one such tensor at a time.
+
+    Example: DeepSeek's ``kv_b_proj`` into ``k_b_proj`` (per-head transpose) and ``v_b_proj``
+    (``arch.deepseek``).
+    """
+
+    suffix: str
+    into: tuple[tuple[str, Callable[[Hparams, torch.Tensor], torch.Tensor]], ...]
+
+    def matches(self, hf_name: str) -> bool:
+        """Whether ``hf_name`` is the tensor this transform replaces."""
+        return hf_name.endswith("." + self.suffix) or hf_name == self.suffix
+
+
+@dataclass(frozen=True)
 class TextOf:
     """Which tensors of a multimodal checkpoint are its language model's, and their text-model names.
 
@@ -301,6 +329,7 @@ class GgufArch:
             (``nextn``) layers, left out of the file as the converter's ``--no-mtp`` does (GLM-4.5).
         expert_note: a note for every file with expert tensors (``ffn_*_exps``), ``{types}`` replaced by
             their GGML types (gpt-oss: the merged experts are float, not the checkpoint's MXFP4).
+        transforms: value transforms that need the whole tensor (:class:`ValueTransform`).
     """
 
     arch: gguf.MODEL_ARCH
@@ -320,6 +349,7 @@ class GgufArch:
     weight_suffix: tuple[str, ...] = ()
     expert_note: str | None = None
     mtp_layers: bool = False
+    transforms: tuple[ValueTransform, ...] = ()
 
     def text_name(self, hf_name: str) -> str | None:
         """The text-model name of checkpoint tensor ``hf_name`` (itself without :attr:`text_of`, plus
