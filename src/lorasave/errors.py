@@ -284,6 +284,21 @@ class Fp8WeightsError(UnsupportedDtypeError):
     no ``quantization_config``: their values mean nothing without the scales, so they are never merged."""
 
 
+class QuantizedBaseError(UnsupportedModelError):
+    """A quantized base (FP8, MXFP4) whose layout lorasave does not read exactly: a scale tensor of an
+    unrecognised shape or dtype, a quantized tensor without its scales, or a ``quantization_config`` that
+    declares a format no tensor of the checkpoint has.
+
+    Attributes:
+        tensor: the tensor named (empty when the error is about the config alone).
+    """
+
+    tensor: str
+
+    def __init__(self, message: str, *, path: str | Path | None = None, tensor: str = "") -> None:
+        super().__init__(message, path=path, tensor=tensor)
+
+
 class ChatTemplateBudgetError(LorasaveError, ValueError):
     """A chat template needed more work than the render budget allows (``lorasave.util.template_render``).
 

@@ -36,24 +36,6 @@ logger = logging.getLogger(__name__)
 
 QUANT_STATE_RE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<type>nf4|fp4)$")
 AUX_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
-#: ``quant_method`` values lorasave does not read, with what to do instead.
-UNSUPPORTED_METHODS = {
-    "gptq": "GPTQ",
-    "awq": "AWQ",
-    "hqq": "HQQ",
-    "fp8": "FP8",
-    "fbgemm_fp8": "FP8",
-    "compressed-tensors": "compressed-tensors",
-    "aqlm": "AQLM",
-    "eetq": "EETQ",
-    "quanto": "quanto",
-    "torchao": "torchao",
-    "higgs": "HIGGS",
-    "vptq": "VPTQ",
-    "bitnet": "BitNet",
-    "mxfp4": "MXFP4",
-    "gguf": "GGUF",
-}
 
 
 def import_bnb() -> Any:
@@ -104,25 +86,6 @@ def quantization_config(config: dict[str, Any]) -> dict[str, Any] | None:
         if isinstance(v, dict) and isinstance(v.get("quantization_config"), dict):
             return v["quantization_config"]
     return None
-
-
-def check_quant_method(config: dict[str, Any], where: str) -> str | None:
-    """The base's quantization method if lorasave reads it (``"bitsandbytes"``), None when not quantized.
-
-    Raises:
-        UnsupportedModelError: a method lorasave does not read (GPTQ, AWQ, HQQ, FP8, compressed-tensors...).
-    """
-    qc = quantization_config(config)
-    if qc is None:
-        return None
-    method = str(qc.get("quant_method", "")).lower()
-    if method == "bitsandbytes" or qc.get("load_in_4bit") or qc.get("load_in_8bit"):
-        return "bitsandbytes"
-    name = UNSUPPORTED_METHODS.get(method, method or "unknown")
-    raise UnsupportedModelError(
-        f"{where} is quantized with {name} (quant_method {method!r}), which lorasave cannot dequantize; "
-        "merge into the original 16-bit checkpoint instead (with --merge-into dequantized if the adapter was trained on a 4-bit base)",
-    )
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lorasave.errors import NonFiniteResultError
-from lorasave.formats.bnb import Bnb4bitWeight, Int8Weight, dequantize
+from lorasave.formats.quant_bases import QUANTIZED_TYPES, dequantize
 from lorasave.formats.safetensors.header import TensorEntry
 from lorasave.plan.merge_plan import OutputTensor
 from lorasave.plan.recipes import AdapterTensor, Axis, DoraNorm, ExpertDelta, LoraDelta, Lycoris, LycorisDelta, Operation, Scale, SetRows, VectorDelta
@@ -124,8 +124,8 @@ def _as_bytes(x: torch.Tensor) -> memoryview:
 class _Rows:
     """Row slices of a planned tensor's starting value W0.
 
-    A plain base tensor is read slice by slice from disk, in its stored dtype. A bitsandbytes
-    weight, or a weight round-tripped through 4-bit (``merge_into="dequantized"``), is
+    A plain base tensor is read slice by slice from disk, in its stored dtype. A quantized base
+    weight (bitsandbytes, FP8), or a weight round-tripped through 4-bit (``merge_into="dequantized"``), is
     dequantized whole to float32 once (one tensor in memory) and sliced; a tensor saved in an
     adapter is loaded whole.
     """
@@ -138,7 +138,7 @@ class _Rows:
         self._buf: torch.Tensor | None = None
         self.float32 = False  # whether slices come out as float32 rather than the stored dtype
         t0 = time.perf_counter()
-        if isinstance(t.source, (Bnb4bitWeight, Int8Weight)):
+        if isinstance(t.source, QUANTIZED_TYPES):
             self._full, self.float32 = dequantize(t.source, reader.read), True  # float32, t.shape
         elif isinstance(t.source, AdapterTensor):
             self._full = adapters[t.source.adapter].tensor(t.source.key, reader)

@@ -153,7 +153,7 @@ def card_kind(save_method: str) -> str:
     """The card ``kind`` of a merge's ``save_method``: ``"merged"``, ``"merged-4bit"`` or ``"merged-compressed"``."""
     if save_method == "merged_4bit":
         return "merged-4bit"
-    return "merged" if save_method == "merged_16bit" else "merged-compressed"
+    return "merged" if save_method in ("merged_16bit", "mxfp4") else "merged-compressed"
 
 
 def merged_snippet(repo_or_path: str, save_method: str = "merged_16bit") -> str:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from lorasave.errors import CheckpointFormatError, PickleRefusedError, SourceNotFoundError, UnsafePathError
-from lorasave.formats.bnb import QuantizedWeight, check_quant_method, group_quantized
+from lorasave.formats.quant_bases import QuantizedWeight, check_quant_method, group_quantized
 from lorasave.formats.safetensors.header import TensorEntry, pread_exact, read_header
 from lorasave.sources.stamp import changed, check_fd
 from lorasave.util.dtypes import StDtype, nbytes, st_dtype
@@ -100,8 +100,9 @@ class Checkpoint:
         weight_files: safetensors files, in index order.
         index_path: the index file, when sharded.
         tensors: entry per tensor name, in the checkpoint's own order (file by file, by offset);
-            a bitsandbytes weight appears once, as a ``QuantizedWeight``, its statistics folded in.
-        quant_method: ``"bitsandbytes"`` for a quantized base, else None.
+            a quantized weight (bitsandbytes, FP8) appears once, as a ``QuantizedWeight``, its
+            statistics and scales folded in.
+        quant_method: ``"bitsandbytes"`` or ``"fp8"`` for a quantized base, else None.
     """
 
     root: Path
@@ -199,17 +200,24 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
     ckpt.quant_method = check_quant_method(config, str(root))
     if ckpt.quant_method is not None:
         with TensorReader() as reader:
-            weights, used = group_quantized(ckpt.tensors, lambda e: reader.read(e).numpy().tobytes())
-        if not weights:
-            raise CheckpointFormatError(f"{cfg_path} declares bitsandbytes quantization but no quantized weights were found", path=cfg_path)
-        logical: dict[str, TensorEntry | QuantizedWeight] = {}
-        for name, entry in ckpt.tensors.items():
-            if name in weights:
-                logical[name] = weights[name]
-            elif name not in used:
-                logical[name] = entry
-        ckpt.tensors = logical
+            weights, used = group_quantized(ckpt.quant_method, config, ckpt.tensors, lambda e: reader.read(e).numpy().tobytes(), cfg_path)
+        ckpt.tensors = logical_tensors(ckpt.tensors, weights, used)
     return ckpt
+
+
+def logical_tensors(entries: dict[str, Any], weights: dict[str, Any], used: set[str]) -> dict[str, Any]:
+    """The checkpoint's tensors with each quantized weight in place of the entries it consumes, where the first
+    of them stood (an MXFP4 parameter has no entry of its own name: it stands where its ``_blocks`` did)."""
+    owner = {e.name: w.name for w in weights.values() for e in w.entries()}
+    logical: dict[str, Any] = {}
+    for name, entry in entries.items():
+        if name in owner:
+            logical.setdefault(owner[name], weights[owner[name]])
+        elif name in weights:
+            logical[name] = weights[name]
+        elif name not in used:
+            logical[name] = entry
+    return logical
 
 
 @dataclass(frozen=True)

@@ -31,13 +31,13 @@ import torch
 
 from lorasave.api import MergeResult, merge_sources
 from lorasave.errors import InvalidOptionError, UnsupportedModelError
-from lorasave.formats.bnb import check_quant_method, group_quantized
+from lorasave.formats.quant_bases import check_quant_method, group_quantized
 from lorasave.pipeline.cards import card_kind, hub_id, merged_snippet, write_card
 from lorasave.pipeline.manifest import MANIFEST_NAME, sha256_file, write_manifest
 from lorasave.pipeline.output import check_free_space, check_output_path, set_generation_eos, write_config
 from lorasave.pipeline.run import PlannedOutput, run_single
 from lorasave.sources.adapter import KEY_PREFIX, Adapter, TunerType, _check_config, _resolve_modules
-from lorasave.sources.checkpoint import Checkpoint, MemoryEntry
+from lorasave.sources.checkpoint import Checkpoint, MemoryEntry, logical_tensors
 from lorasave.util.dtypes import FLOAT_DTYPES, parse_output_dtype
 from lorasave.util.jsonio import load_json
 from lorasave.util.options import MergeInto, SaveMethod, bnb_spec, output_quantizer, parse_enum
@@ -113,8 +113,8 @@ def _live_checkpoint(model: Any) -> Checkpoint:
         from lorasave.sources.checkpoint import TensorReader
 
         with TensorReader() as reader:
-            weights, used = group_quantized(ckpt.tensors, lambda e: reader.read(e).numpy().tobytes())  # type: ignore[arg-type]
-        ckpt.tensors = {n: weights.get(n, e) for n, e in ckpt.tensors.items() if n in weights or n not in used}
+            weights, used = group_quantized(ckpt.quant_method, config, ckpt.tensors, lambda e: reader.read(e).numpy().tobytes(), LIVE)  # type: ignore[arg-type]
+        ckpt.tensors = logical_tensors(ckpt.tensors, weights, used)
     return ckpt
 
 

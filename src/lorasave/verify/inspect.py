@@ -116,7 +116,7 @@ def inspect_path(path: str | os.PathLike[str]) -> Inspection:
 
 
 def _checkpoint(p: Path) -> Inspection:
-    from lorasave.formats.bnb import Bnb4bitWeight, Int8Weight
+    from lorasave.formats.quant_bases import QUANTIZED_TYPES, label
     from lorasave.sources.checkpoint import open_checkpoint
 
     ck = open_checkpoint(p)
@@ -124,15 +124,16 @@ def _checkpoint(p: Path) -> Inspection:
     for f in ck.source_files():
         ins.files[f.name] = f.stat().st_size
     for t in ck.tensors.values():
-        name = t.dtype.name if not isinstance(t, (Bnb4bitWeight, Int8Weight)) else ("NF4/FP4" if isinstance(t, Bnb4bitWeight) else "INT8")
+        name = label(t) if isinstance(t, QUANTIZED_TYPES) else t.dtype.name
         ins.dtype_bytes[name] = ins.dtype_bytes.get(name, 0) + t.nbytes
         ins.parameters += _numel(tuple(t.shape))
     ins.quantization = ck.quant_method
     if ck.index_path is not None:
         ins.notes.append(f"{len(ck.weight_files)} shards with {ck.index_path.name}")
+    kind = "QLoRA" if ck.quant_method == "bitsandbytes" else str(ck.quant_method).upper()
     ins.can = [
         "lorasave merge BASE ADAPTER -o OUT (merge an adapter into it)",
-        "lorasave merge ... --save-method merged_4bit (a bitsandbytes 4-bit copy)" if not ck.quant_method else "dequantize while merging (QLoRA base)",
+        "lorasave merge ... --save-method merged_4bit (a bitsandbytes 4-bit copy)" if not ck.quant_method else f"dequantize while merging ({kind} base)",
     ]
     return ins
 

@@ -96,11 +96,11 @@ def expectations(ads: list[Any], weights: list[float]) -> dict[str, Expect]:
 
 
 def base_tensor(ckpt: Any, name: str, reader: Any) -> torch.Tensor:
-    """The base's tensor; a bitsandbytes weight dequantized to float32 by bitsandbytes."""
-    from lorasave.formats.bnb import Bnb4bitWeight, Int8Weight, dequantize
+    """The base's tensor; a quantized weight dequantized to float32 (bitsandbytes by bitsandbytes, FP8 with its scales)."""
+    from lorasave.formats.quant_bases import QUANTIZED_TYPES, dequantize
 
     entry = ckpt.tensors[name]
-    if isinstance(entry, (Bnb4bitWeight, Int8Weight)):
+    if isinstance(entry, QUANTIZED_TYPES):
         return dequantize(entry, reader.read)
     return reader.read(entry)
 

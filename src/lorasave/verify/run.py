@@ -147,6 +147,10 @@ class _Checker:
         self.gen = torch.Generator().manual_seed(seed)
         self.transposed = lambda part: "lora_embedding_A" in part.keys or arch.kind_of(part.module) is ModuleKind.CONV1D_GPT2
         self.conv1d = lambda name: arch.kind_of(name.rsplit(".", 1)[0]) is ModuleKind.CONV1D_GPT2
+        self.expert_prefixes = _expert_prefixes(ads, renames)
+
+    def _expert(self, name: str) -> bool:
+        return any(name.startswith(p) for p in self.expert_prefixes)
 
     def check(self, name: str, w1: torch.Tensor, exact_dtype: torch.dtype | None, err: torch.Tensor | float, what: str = "") -> None:
         """One tensor. ``exact_dtype``: the dtype copies must equal bit for bit after a cast (None: within ``err``)."""
@@ -156,6 +160,9 @@ class _Checker:
         e = self.exp.get(name)
         if e is not None and e.kind == "skip":
             rep.not_checkable(name, e.reason)
+            return
+        if e is None and self._expert(name):
+            rep.not_checkable(name, "MoE experts changed by a target_parameters LoRA not probed")
             return
         if e is None or e.kind == "replace":
             if e is not None:
@@ -199,6 +206,22 @@ class _Checker:
             rep.fail(name, f"{e.kind}: W' differs from {recipe} by {worst:.1f}× the rounding bound (wrong scaling, rank, layout or corrupted bytes){what}")
         else:
             rep.probed(worst)
+
+
+def _expert_prefixes(ads: list[Any], renames: dict[str, str]) -> tuple[str, ...]:
+    """``"<module>."`` of every module whose parameters a ``target_parameters`` LoRA changes (its checkpoint
+    tensors, fused or per expert, start with it)."""
+    prefixes = []
+    for ad in ads:
+        params = ad.config.get("target_parameters") or []
+        owners = {str(p).rpartition(".")[0] for p in params if isinstance(p, str)}
+        for module in ad.parts:
+            m = module
+            while m.endswith(".base_layer"):
+                m = m.removesuffix(".base_layer")
+            if any(o and (m == o or m.endswith("." + o)) for o in owners):
+                prefixes.append(renames.get(m, m) + ".")
+    return tuple(dict.fromkeys(prefixes))
 
 
 def _elem(err: torch.Tensor | float, w0: torch.Tensor) -> torch.Tensor | float:
