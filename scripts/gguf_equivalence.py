@@ -327,6 +327,7 @@ LLAMA4_VISION: dict[str, Any] = {
     **{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
     **{"vision_output_dim": 32, "projector_input_dim": 32, "projector_output_dim": 32},
 }
+DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0}
 #: Per ``model_type`` changes to the tiny config (after :data:`TINY`; into its ``text_config`` too).
 OVERRIDES: dict[str, dict[str, Any]] = {
     "mistral": {"sliding_window": None},
@@ -340,6 +341,34 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # mrope_section sums to head_dim / 2 (16 / 2), as [16, 24, 24] does for Qwen2.5-VL's 128
     "qwen2_5_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
     "qwen3_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2], "mrope_interleaved": True}},
+    # MLA needs one K/V head per head; one leading dense layer; 4 experts in 2 groups, 1 kept; DeepSeek-V3's
+    # config.json names its sigmoid gating (scoring_func), and its YaRN has mscale = mscale_all_dim
+    "deepseek_v3": {
+        **{
+            "num_key_value_heads": 4,
+            "head_dim": 8,
+            "first_k_dense_replace": 1,
+            "n_group": 2,
+            "topk_group": 1,
+            "scoring_func": "sigmoid",
+            "routed_scaling_factor": 2.5,
+        },
+        "rope_parameters": {**DEEPSEEK_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+    },
+    # DeepSeek-V2-Lite's shape: q_proj without a q_lora_rank, which llama.cpp reads only with 26 or 27 layers;
+    # no padding row (its zero embedding gave NaN gradients when the LoRA of this 26-layer case was trained)
+    "deepseek_v2": {
+        **{
+            "num_key_value_heads": 4,
+            "head_dim": 8,
+            "num_hidden_layers": 26,
+            "q_lora_rank": None,
+            "first_k_dense_replace": 1,
+            "n_shared_experts": 2,
+            "pad_token_id": None,
+        },
+        "rope_parameters": {**DEEPSEEK_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+    },
 }
 #: Special tokens the converter's ``set_vocab`` looks up, per model type (``Glm4Model``: ``<|user|>`` ...).
 SPECIALS: dict[str, tuple[str, ...]] = {

@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorasave.errors import UnsupportedModelError
-from lorasave.formats.gguf.arch import gemma, gemma4, glm, gptoss, granite, llama, llama4, mistral, olmo, phi, qwen, qwen35, qwenvl, smollm
+from lorasave.formats.gguf.arch import deepseek, gemma, gemma4, glm, gptoss, granite, llama, llama4, mistral, olmo, phi, qwen, qwen35, qwenvl, smollm
 from lorasave.formats.gguf.arch.base import MULTIMODAL, GgufArch, Hparams, MetaItem, TextOf, VocabKind, head_counts, no_check, no_extra, rope_theta, text_params
 
 __all__ = [
@@ -57,6 +57,7 @@ ARCHITECTURES: dict[str, GgufArch] = {
     **glm.ARCHITECTURES,
     **gptoss.ARCHITECTURES,
     **qwenvl.ARCHITECTURES,
+    **deepseek.ARCHITECTURES,
 }
 
 #: ``model_type`` -> one-line reason: known architectures the export refuses (the runtime may load them).
