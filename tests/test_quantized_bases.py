@@ -474,3 +474,96 @@ def test_fp8_block_refused_without_blocks(built: Any, tmp_path: Path) -> None:
     with pytest.raises(QuantizedBaseError, match="weight_block_size") as e:
         lorasave.merge(c["base"], c["lora"], tmp_path / "out", save_method="fp8_block")
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------- compressed-tensors FP8 bases
+
+
+def save_compressed_fp8(model: torch.nn.Module, folder: Path, preset: str) -> Path:
+    """``model`` in bfloat16 as llm-compressor's data-free ``preset`` writes it: each ``*_proj`` weight observed
+    min-max per the scheme's strategy, compressed-tensors' ``calculate_qparams`` and compressor; the config by
+    its ``ModelCompressor``."""
+    from compressed_tensors.compressors import BaseCompressor, ModelCompressor
+    from compressed_tensors.compressors.format import infer_module_format
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationStatus, preset_name_to_scheme
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    model.to(torch.bfloat16).save_pretrained(folder)
+    scheme = preset_name_to_scheme(preset, ["Linear"])
+    scheme.format = infer_module_format(torch.nn.Linear, scheme)
+    compressor = BaseCompressor.get_value_from_registry(scheme.format.value)
+    state, out = load_file(folder / "model.safetensors"), {}
+    for k, w in state.items():
+        if not k.endswith("_proj.weight"):
+            out[k] = w
+            continue
+        if scheme.weights.strategy == "channel":
+            mn, mx = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+        else:
+            bh, bw = scheme.weights.block_structure
+            p = torch.nn.functional.pad(w, (0, -w.shape[1] % bw, 0, -w.shape[0] % bh))
+            blk = p.reshape(p.shape[0] // bh, bh, p.shape[1] // bw, bw).transpose(1, 2).flatten(-2)
+            mn, mx = blk.amin(-1), blk.amax(-1)
+        scale, zp = calculate_qparams(mn, mx, scheme.weights)
+        module = k.removesuffix(".weight")
+        out.update({f"{module}.{n}": t for n, t in compressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zp}, scheme).items()})
+    save_file(out, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = QuantizationConfig(
+        config_groups={"group_0": scheme}, format=scheme.format.value, quantization_status=QuantizationStatus.COMPRESSED, ignore=["lm_head"]
+    )
+    ModelCompressor(quantization_config=cfg).update_config(str(folder))
+    return folder
+
+
+def exact_dequantized(folder: Path) -> dict[str, torch.Tensor]:
+    """The compressed base's weights as compressed-tensors' ``dequantize`` computes them with the scale in float32."""
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.quantization.lifecycle.forward import dequantize
+
+    qc = QuantizationConfig.model_validate(M.read_json(folder / "config.json")["quantization_config"])
+    args = qc.config_groups["group_0"].weights
+    state = load_file(folder / "model.safetensors")
+    out = {}
+    for k, v in state.items():
+        if k.endswith("_scale"):
+            continue
+        out[k] = dequantize(v, state[k + "_scale"].float(), None, args, dtype=torch.float32) if v.dtype == torch.float8_e4m3fn else v.float()
+    return out
+
+
+@pytest.mark.parametrize("preset", ["FP8_DYNAMIC", "FP8_BLOCK"])
+def test_compressed_tensors_fp8_base(preset: str, tmp_path: Path) -> None:
+    """A compressed-tensors FP8 base (per-channel / 128x128 blocks, bf16 scales): merged in float32 from the exact
+    products, bit-identical to PEFT ``merge_and_unload`` on compressed-tensors' dequantization with float32 scales;
+    the bf16 output against transformers loading the compressed base (``dequantize=True``) + the PeftModel;
+    ``fp8_block`` on the FP8_BLOCK base keeps its layout."""
+    from transformers import CompressedTensorsConfig
+
+    base = save_compressed_fp8(fit(build_llama128(), chain(1), 15), tmp_path / "base", preset)
+    exact = build_llama128()
+    exact.load_state_dict(exact_dequantized(base))
+    torch.manual_seed(3)
+    peft = fit(get_peft_model(exact.float(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")), torch.cat([chain(1), chain(2)]), 4, lr=2e-2)
+    peft.save_pretrained(tmp_path / "lora")
+    ref = {k: v.detach().clone() for k, v in peft.merge_and_unload().state_dict().items()}
+    lorasave.merge(base, tmp_path / "lora", tmp_path / "f32", dtype="float32")
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "f32", dtype=torch.float32).state_dict()
+    assert all(torch.equal(got[k], v) for k, v in ref.items())
+    lorasave.merge(base, tmp_path / "lora", tmp_path / "bf16")
+    assert not any(k.endswith("_scale") for k in M.read_tensors(tmp_path / "bf16"))
+    loaded = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True))
+    want = M.logits_of(PeftModel.from_pretrained(loaded, tmp_path / "lora"), eval_ids())
+    logits = M.logits_of(AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32), eval_ids())
+    scale = float(want.abs().max())
+    top1, n = margin_top1(logits, want, 0.02 * scale)
+    diff = float((logits - want).abs().max()) / scale
+    print(f"compressed-tensors {preset} base, bf16 merge vs transformers+PeftModel: max|diff| {diff:.4f} x max|logit|, top-1 {top1:.3f} over {n} tokens")
+    assert top1 >= 0.99
+    if preset == "FP8_BLOCK":
+        lorasave.merge(base, tmp_path / "lora", tmp_path / "block", save_method="fp8_block")
+        kept, src = M.read_tensors(tmp_path / "block"), load_file(base / "model.safetensors")
+        assert set(kept) == set(src) and all(kept[k].dtype == v.dtype for k, v in src.items())
+        assert M.read_json(tmp_path / "block" / "config.json")["quantization_config"] == M.read_json(base / "config.json")["quantization_config"]
+    else:
+        with pytest.raises(QuantizedBaseError, match="weight_block_size"):
+            lorasave.merge(base, tmp_path / "lora", tmp_path / "block", save_method="fp8_block")

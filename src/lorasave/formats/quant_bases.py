@@ -10,6 +10,9 @@ float32, adds the delta and rounds once to the output dtype:
 bitsandbytes      NF4/FP4 (double quant), LLM.int8       bitsandbytes itself (``formats.bnb``)
 fp8               FP8 + ``_scale_inv`` (block, tensor,   transformers' ``Fp8Dequantize`` arithmetic
                   channel)                               (``formats.fp8``)
+compressed-       ``float-quantized`` FP8 +              the same product in float32
+tensors           ``weight_scale`` (``FP8_DYNAMIC``,     (``formats.fp8_compressed``)
+                  ``FP8_BLOCK``, ``FP8`` presets)
 mxfp4             gpt-oss experts ``_blocks`` /          transformers' ``convert_moe_packed_tensors``
                   ``_scales``                            arithmetic (``formats.mxfp4``)
 ================  =====================================  ==============================================
@@ -26,6 +29,8 @@ from lorasave.errors import CheckpointFormatError, UnsupportedModelError
 from lorasave.formats import bnb
 from lorasave.formats.bnb import Bnb4bitWeight, Int8Weight, quantization_config
 from lorasave.formats.fp8 import Fp8Weight, compute_dtype, group_fp8
+from lorasave.formats.fp8_compressed import SCALE_SUFFIX as CT_SCALE_SUFFIX
+from lorasave.formats.fp8_compressed import describe_format, fp8_layout
 from lorasave.formats.mxfp4 import Mxfp4Weight, group_mxfp4
 from lorasave.formats.safetensors.header import TensorEntry
 
@@ -52,7 +57,8 @@ QUANTIZED_TYPES: tuple[type, ...] = (Bnb4bitWeight, Int8Weight, Fp8Weight, Mxfp4
 
 
 def check_quant_method(config: dict[str, Any], where: str) -> str | None:
-    """The base's quantization method if lorasave reads it (``"bitsandbytes"``, ``"fp8"``, ``"mxfp4"``), None when not quantized.
+    """The base's quantization method if lorasave reads it (``"bitsandbytes"``, ``"fp8"``, ``"mxfp4"``, ``"compressed-tensors"``
+    for FP8 ones), None when not quantized.
 
     Raises:
         UnsupportedModelError: a method lorasave does not read (GPTQ, AWQ, HQQ, compressed-tensors...).
@@ -65,7 +71,11 @@ def check_quant_method(config: dict[str, Any], where: str) -> str | None:
         return "bitsandbytes"
     if method in ("fp8", "mxfp4"):
         return method
+    if method == "compressed-tensors" and fp8_layout(qc) is not None:
+        return method
     name = UNSUPPORTED_METHODS.get(method, method or "unknown")
+    if method == "compressed-tensors":
+        name = f"compressed-tensors ({describe_format(qc)}; lorasave reads its FP8 float-quantized checkpoints only)"
     raise UnsupportedModelError(
         f"{where} is quantized with {name} (quant_method {method!r}), which lorasave cannot dequantize; "
         "merge into the original 16-bit checkpoint instead (with --merge-into dequantized if the adapter was trained on a 4-bit base)",
@@ -99,6 +109,11 @@ def group_quantized(method: str, config: dict[str, Any], tensors: dict[str, Tens
         mx, used = group_mxfp4(tensors, compute_dtype(config), where)
         return dict(mx), used
     qc = quantization_config(config) or {}
+    if method == "compressed-tensors":
+        layout = fp8_layout(qc)
+        assert layout is not None
+        fp8, used = group_fp8(tensors, layout, compute_dtype(config), where, CT_SCALE_SUFFIX)
+        return dict(fp8), used
     fp8, used = group_fp8(tensors, qc, compute_dtype(config), where)
     return dict(fp8), used
 

@@ -21,6 +21,7 @@ from lorasave.errors import AdapterMismatchError, InvalidOptionError, Unsupporte
 from lorasave.formats.bnb import Bnb4bitSpec, quantization_config
 from lorasave.formats.compressed import CompressedSpec, select_modules
 from lorasave.formats.fp8 import Fp8BlockSpec, Fp8Weight, fp8_block_spec
+from lorasave.formats.fp8_compressed import fp8_layout
 from lorasave.formats.mxfp4 import Mxfp4Spec, Mxfp4Weight
 from lorasave.formats.quant_bases import QuantizedWeight
 from lorasave.formats.safetensors.header import TensorEntry, TensorLayout, layout, serialize_header
@@ -331,8 +332,10 @@ def build_plan(
 
     chosen = arch.bnb_quantizable
     keep_layout = False
-    if isinstance(quantize, CompressedSpec) and quantize.save_method == "fp8_block" and ckpt.quant_method == "fp8":
-        quantize, chosen = fp8_block_spec(dict(ckpt.tensors), quantization_config(ckpt.config) or {}, ckpt.root / "config.json")
+    if isinstance(quantize, CompressedSpec) and quantize.save_method == "fp8_block" and ckpt.quant_method in ("fp8", "compressed-tensors"):
+        qc = quantization_config(ckpt.config) or {}
+        layout = fp8_layout(qc) if ckpt.quant_method == "compressed-tensors" else None
+        quantize, chosen = fp8_block_spec(dict(ckpt.tensors), qc, ckpt.root / "config.json", layout)
         keep_layout = True
     elif isinstance(quantize, CompressedSpec):
         linear = [m for m, k in arch.module_kinds.items() if k is ModuleKind.LINEAR]
