@@ -237,3 +237,102 @@ def compute_dtype(config: dict[str, Any]) -> StDtype:
         name = config["text_config"].get("dtype") or config["text_config"].get("torch_dtype")
     st = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(str(name).removeprefix("torch."), "BF16")
     return ST_DTYPES[st]
+
+
+@dataclass(frozen=True)
+class Fp8BlockSpec:
+    """``--save-method fp8_block`` on a block-scaled FP8 base: its own layout kept.
+
+    Tensors no adapter changes are copied as they are (FP8 values and ``_scale_inv``, byte for byte);
+    a merged one is re-quantized the way ``formats.compressed``'s ``fp8_block`` quantizes a 16-bit weight
+    (llm-compressor's ``oneshot`` with the ``FP8_BLOCK`` preset: the merge rounded to the output dtype,
+    min-max over each block, compressed-tensors' ``calculate_qparams`` and compressor), with the base's
+    block size, its scale written as ``<name>_scale_inv`` in the base's scale dtype (float32: exact).
+    ``config.json`` keeps the base's ``quantization_config``.
+
+    Attributes:
+        block: the base's ``weight_block_size``.
+        scale_dtype: safetensors dtype of the base's scales.
+        quantization: the base's ``quantization_config`` (JSON).
+    """
+
+    block: tuple[int, int]
+    scale_dtype: str
+    quantization: str
+    base_layout = True
+
+    def _scheme_spec(self) -> Any:
+        from lorasave.formats.compressed import CompressedSpec
+
+        spec = CompressedSpec("fp8_block")
+        scheme = spec.scheme
+        weights = scheme.weights.model_copy(update={"block_structure": list(self.block)})
+        spec.__dict__["scheme"] = scheme.model_copy(update={"weights": weights})  # the cached_property, with the base's block
+        return spec
+
+    def serialized(self, name: str, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The merged float32 tensor ``(..., out, in)`` as FP8 values ``name`` and block scales ``name_scale_inv``."""
+        spec = self._scheme_spec()
+        flat = w.reshape(-1, *w.shape[-2:])
+        values, scales = [], []
+        for m in flat:  # one 2-D weight at a time (fused experts: each expert)
+            out = spec.serialized("w.weight", m, dtype)
+            values.append(out["w.weight"])
+            scales.append(out["w.weight_scale"])
+        sdt = ST_DTYPES[self.scale_dtype].torch_dtype
+        v = torch.stack(values).reshape(w.shape)
+        s = torch.stack(scales).reshape(*w.shape[:-2], *scales[0].shape).to(sdt)
+        return {name: v.contiguous(), name + SCALE_SUFFIX: s.contiguous()}
+
+    def planned_shapes(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, tuple[StDtype, tuple[int, ...]]]:
+        """Names, dtypes and shapes :meth:`serialized` produces."""
+        grid = (-(-shape[-2] // self.block[0]), -(-shape[-1] // self.block[1]))
+        return {name: (ST_DTYPES["F8_E4M3"], tuple(shape)), name + SCALE_SUFFIX: (ST_DTYPES[self.scale_dtype], (*shape[:-2], *grid))}
+
+    def quantization_config(self, compute_dtype: torch.dtype) -> dict[str, Any]:
+        """The base's ``quantization_config``."""
+        import json
+
+        return dict(json.loads(self.quantization))
+
+    def describe(self) -> dict[str, Any]:
+        """JSON form for the manifest."""
+        return {"format": "fp8 (the base's layout)", "weight_block_size": list(self.block), "scale_dtype": self.scale_dtype}
+
+    @property
+    def label(self) -> str:
+        """Short description."""
+        return f"FP8 {self.block[0]}x{self.block[1]} blocks (the base's layout)"
+
+
+def fp8_block_spec(weights: dict[str, Any], qc: dict[str, Any], where: Path) -> tuple[Fp8BlockSpec, set[str]]:
+    """The ``fp8_block`` output of an FP8 base, and the names of the tensors it writes as FP8.
+
+    Raises:
+        QuantizedBaseError: the base is not block-scaled (``weight_block_size`` null), its activation
+            scales are static (they would need calibration again), or its scales differ in dtype.
+    """
+    import json
+
+    block = _block_size(qc, where)
+    if block is None:
+        raise QuantizedBaseError(
+            f"{where}: --save-method fp8_block keeps a block-scaled FP8 base's layout, and this base has no weight_block_size "
+            "(per-tensor or per-channel scales); use merged_16bit, or fp8_dynamic for per-channel compressed-tensors weights",
+            path=where,
+        )
+    if str(qc.get("activation_scheme", "dynamic")).lower() != "dynamic":
+        raise QuantizedBaseError(
+            f"{where}: the base's FP8 activation scales are static (activation_scheme {qc.get('activation_scheme')!r}); they would have to be "
+            "calibrated again for the merged model, which lorasave does not do: use merged_16bit",
+            path=where,
+        )
+    bh, bw = block
+    chosen = {n for n, w in weights.items() if isinstance(w, Fp8Weight) and tuple(w.scale.shape[-2:]) == (-(-w.shape[-2] // bh), -(-w.shape[-1] // bw))}
+    dtypes = {weights[n].scale.dtype.name for n in chosen}
+    if len(dtypes) > 1 or dtypes & {"U8", "F8_E8M0"}:
+        raise QuantizedBaseError(
+            f"{where}: the base's FP8 scales are {', '.join(sorted(dtypes))}; --save-method fp8_block re-quantizes with float scales only: use merged_16bit",
+            path=where,
+        )
+    return Fp8BlockSpec(block, dtypes.pop() if dtypes else "F32", json.dumps(qc, sort_keys=True)), chosen

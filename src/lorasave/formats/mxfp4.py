@@ -173,6 +173,7 @@ class Mxfp4Spec:
     """
 
     quantization: str = json.dumps(GPT_OSS_QUANTIZATION, sort_keys=True)
+    base_layout = True
 
     def serialized(self, name: str, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """The merged float32 run-time parameter ``(E, in, out)`` as ``name_blocks`` / ``name_scales``."""

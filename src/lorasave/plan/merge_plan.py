@@ -20,6 +20,7 @@ import torch
 from lorasave.errors import AdapterMismatchError, InvalidOptionError, UnsupportedAdapterError, UnsupportedModelError
 from lorasave.formats.bnb import Bnb4bitSpec, quantization_config
 from lorasave.formats.compressed import CompressedSpec, select_modules
+from lorasave.formats.fp8 import Fp8BlockSpec, Fp8Weight, fp8_block_spec
 from lorasave.formats.mxfp4 import Mxfp4Spec, Mxfp4Weight
 from lorasave.formats.quant_bases import QuantizedWeight
 from lorasave.formats.safetensors.header import TensorEntry, TensorLayout, layout, serialize_header
@@ -61,7 +62,7 @@ class OutputTensor:
     source: Source
     ops: tuple[Operation, ...] = ()
     roundtrip: Bnb4bitSpec | None = None
-    quantize: Bnb4bitSpec | CompressedSpec | Mxfp4Spec | None = None
+    quantize: Bnb4bitSpec | CompressedSpec | Mxfp4Spec | Fp8BlockSpec | None = None
 
     @property
     def changed(self) -> bool:
@@ -130,7 +131,7 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
     config_updates: dict[str, object] = field(default_factory=dict)
     converter: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
-    quantizer: Bnb4bitSpec | CompressedSpec | Mxfp4Spec | None = None
+    quantizer: Bnb4bitSpec | CompressedSpec | Mxfp4Spec | Fp8BlockSpec | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -221,7 +222,7 @@ def build_plan(
     max_shard_size: int,
     weights: list[float] | None = None,
     merge_into: Bnb4bitSpec | None = None,
-    quantize: Bnb4bitSpec | CompressedSpec | Mxfp4Spec | None = None,
+    quantize: Bnb4bitSpec | CompressedSpec | Mxfp4Spec | Fp8BlockSpec | None = None,
 ) -> MergePlan:
     """Decide every output tensor, its dtype, recipe and shard.
 
@@ -237,7 +238,9 @@ def build_plan(
         quantize: write the Linear weights transformers would quantize as bitsandbytes 4-bit, or
             (compressed-tensors) the ``nn.Linear`` weights but ``lm_head``, routers and shapes the
             scheme cannot take, which go to its ``ignore`` list; or (``Mxfp4Spec``) gpt-oss's fused
-            experts as MXFP4, those no adapter changes copied from an MXFP4 base as they are.
+            experts as MXFP4, those no adapter changes copied from an MXFP4 base as they are; ``fp8_block``
+            on a block-scaled FP8 base keeps its layout (``Fp8BlockSpec``): unchanged FP8 tensors copied,
+            merged ones re-quantized.
 
     Raises:
         AdapterMismatchError: an adapter targets a tensor the base lacks, shapes disagree, or
@@ -327,14 +330,18 @@ def build_plan(
             notes.append(f"{len(unknown)} tensors unknown to {arch.model_class} kept (first: {unknown[0]})")
 
     chosen = arch.bnb_quantizable
-    if isinstance(quantize, CompressedSpec):
+    keep_layout = False
+    if isinstance(quantize, CompressedSpec) and quantize.save_method == "fp8_block" and ckpt.quant_method == "fp8":
+        quantize, chosen = fp8_block_spec(dict(ckpt.tensors), quantization_config(ckpt.config) or {}, ckpt.root / "config.json")
+        keep_layout = True
+    elif isinstance(quantize, CompressedSpec):
         linear = [m for m, k in arch.module_kinds.items() if k is ModuleKind.LINEAR]
         weight_shapes = {n.removesuffix(".weight"): shapes[n] for n in names if n.endswith(".weight")}
         chosen, ignore, q_notes = select_modules(quantize, linear, arch.bnb_quantizable, weight_shapes)
         quantize = CompressedSpec(quantize.save_method, tuple(ignore))
         notes.extend(q_notes)
-    keep_layout = isinstance(quantize, Mxfp4Spec)
     if isinstance(quantize, Mxfp4Spec):
+        keep_layout = True
         chosen = {n for n in names if quantize.quantizable(n, shapes[n])}
         if not chosen:
             raise UnsupportedAdapterError(
@@ -351,8 +358,8 @@ def build_plan(
         if tdt.torch_dtype in FLOAT_DTYPES and not is_scale(name):
             tdt = ST_DTYPES["F32"] if fp32 is not None and fp32.search(name) else st_dtype(dtype)
         t_ops = tuple(ops.get(name, ()))
-        if keep_layout and name in chosen and not t_ops and isinstance(src, Mxfp4Weight):
-            for e in src.entries():  # unchanged: the base's own blocks and scales, byte for byte
+        if keep_layout and name in chosen and not t_ops and isinstance(src, (Mxfp4Weight, Fp8Weight)):
+            for e in src.entries():  # unchanged: the base's own codes and scales, byte for byte
                 tensors[e.name] = OutputTensor(e.name, tuple(e.shape), e.dtype, e)
             continue
         rt = merge_into if isinstance(src, (TensorEntry, MemoryEntry)) and any(isinstance(o, LoraDelta) for o in t_ops) else None

@@ -195,7 +195,7 @@ def save_pretrained_merged(
                 names.append("generation_config.json")
             write_card(
                 folder,
-                kind=card_kind(method.value),
+                kind=card_kind(method.value, plan.quantizer),
                 base_model=hub_id(getattr(base.config, "_name_or_path", None)),
                 architectures=ckpt.config.get("architectures"),
                 adapters=[
@@ -209,7 +209,7 @@ def save_pretrained_merged(
                 ],
                 settings={"dtype": str(plan.out_dtype).removeprefix("torch."), "save_method": save_method},
                 base_dir=None,
-                load_snippet=merged_snippet(final.name, method.value),
+                load_snippet=merged_snippet(final.name, method.value, plan.quantizer),
                 title=final.name,
             )
             names.append("README.md")
