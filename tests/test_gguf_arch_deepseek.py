@@ -45,16 +45,17 @@ YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max
 MLA_LORA = ["q_a_proj", "q_b_proj", "q_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def _v3_config(vocab: int = 320) -> Any:
+def _v3_config(vocab: int = 320, **changes: Any) -> Any:
     from transformers import DeepseekV3Config
 
-    return DeepseekV3Config(
+    kwargs = dict(
         vocab_size=vocab, hidden_size=128, intermediate_size=192, moe_intermediate_size=32, num_hidden_layers=3, num_attention_heads=4,
         num_key_value_heads=4, q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16, qk_nope_head_dim=32, v_head_dim=32,
         n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
         routed_scaling_factor=2.5, norm_topk_prob=True, max_position_embeddings=256, rope_parameters={**YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
         initializer_range=0.1, tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0,
     )  # fmt: skip
+    return DeepseekV3Config(**{**kwargs, **changes})
 
 
 def _v2_config(vocab: int = 320) -> Any:
@@ -212,6 +213,32 @@ def test_fused_checkpoint_and_mtp_same_file(deepseek_v3: GgufCase, tmp_path: Pat
         for name, t in ref.items():
             assert np.asarray(ours[name].data).tobytes() == np.asarray(t.data).tobytes(), (type, name)
     assert any("3 multi-token-prediction (nextn) layer tensors left out" in n for n in res.notes), res.notes
+
+
+def test_kquant_bit_identical(tmp_path: Path) -> None:
+    """q4_k_m of a V3 base whose rows are multiples of 256 (k-quant blocks; ``attn_k_b`` / ``attn_v_b``
+    3-D): every tensor's type and bytes as ``llama_model_quantize`` of the f32 file writes them."""
+    need_llama_cpp()
+    from transformers import DeepseekV3ForCausalLM
+
+    from lorasave.runtimes.llama_cpp import lib as llama_cpp
+
+    torch.manual_seed(2)
+    tok = build_bpe_tokenizer("llama3", vocab=320)
+    sizes = {"hidden_size": 256, "intermediate_size": 512, "moe_intermediate_size": 256, "q_lora_rank": 256, "kv_lora_rank": 256, "v_head_dim": 64}
+    experts = {"n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 2, "topk_group": 1}
+    config = _v3_config(len(tok), **sizes, **experts, qk_rope_head_dim=32, qk_nope_head_dim=64)
+    DeepseekV3ForCausalLM(config).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    f32 = export_gguf(tmp_path / "base", [], tmp_path / "f32", type="f32", modelfile=False).gguf_file
+    ours = _tensors(export_gguf(tmp_path / "base", [], tmp_path / "q4_k_m", type="q4_k_m", modelfile=False).gguf_file)
+    llama_cpp.quantize(f32, tmp_path / "llama.gguf", "q4_k_m")
+    theirs = _tensors(tmp_path / "llama.gguf")
+    assert set(ours) == set(theirs)
+    for name, t in ours.items():
+        assert t.tensor_type == theirs[name].tensor_type, (name, t.tensor_type.name, theirs[name].tensor_type.name)
+        assert np.asarray(t.data).tobytes() == np.asarray(theirs[name].data).tobytes(), name
+    assert Q(ours["blk.1.attn_v_b.weight"].tensor_type) is not Q.F32 and Q(ours["blk.1.ffn_gate_exps.weight"].tensor_type) is Q.Q4_K
 
 
 @pytest.mark.parametrize(
