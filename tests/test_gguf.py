@@ -101,7 +101,10 @@ def _expected_names(kind: str) -> set[str]:
 
 def test_file_layout_and_manifest(tiny: dict[str, Any]) -> None:
     res = tiny["results"]["f16"]
-    assert res.gguf_file == res.output / "out-f16-f16.gguf" and res.gguf_file.is_file()
+    # named as llama.cpp's converter names a conversion of the base folder (llama-base): no longer after OUT
+    size = _field(_reader(res), "general.size_label")
+    assert res.gguf_file == res.output / f"{tiny['kind'].title()}-Base-{size}-F16.gguf" and res.gguf_file.is_file()
+    assert _field(_reader(res), "general.name") == f"{tiny['kind'].title()} Base"
     manifest = json.loads((res.output / "lorasave.json").read_text())
     assert manifest["command"] == "gguf" and manifest["settings"]["type"] == "f16"
     assert manifest["files"][res.gguf_file.name]["bytes"] == res.gguf_file.stat().st_size == res.total_bytes

@@ -161,10 +161,11 @@ def _permute_rows(b: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def test_metadata_names_shapes(zoo: dict[str, Any], exported: dict[str, GgufAdapterResult]) -> None:
     res = exported["plain"]
-    assert res.gguf_file == res.output / "out-plain-lora-f32.gguf"
+    # named as convert_lora_to_gguf.py names it: from the adapter folder (ad-plain), the type, then LoRA
+    assert res.gguf_file == res.output / "Ad-Plain-F32-LoRA.gguf"
     kv, tensors = _fields(res.gguf_file)
     assert kv["general.type"] == "adapter" and kv["adapter.type"] == "lora" and kv["general.architecture"] == "llama"
-    assert kv["adapter.lora.alpha"] == pytest.approx(16.0) and kv["general.name"] == "out-plain"
+    assert kv["adapter.lora.alpha"] == pytest.approx(16.0) and kv["general.name"] == "Ad Plain"
     assert not [k for k in kv if k.startswith(("llama.", "tokenizer."))]  # as convert_lora_to_gguf.py: no hparams, no vocab
     ab = M.adapter_weights(zoo["plain"])
     expect = {}
@@ -313,7 +314,7 @@ def test_cli_refusal_one_line(zoo: dict[str, Any], refused: dict[str, Path]) -> 
 
 def test_cli_writes_same_file(zoo: dict[str, Any], exported: dict[str, GgufAdapterResult]) -> None:
     out = zoo["root"] / "out-plain-cli"
-    args = [str(zoo["llama"]), str(zoo["plain"]), "-o", str(out), "--type", "f32", "--name", "out-plain", "--json"]
+    args = [str(zoo["llama"]), str(zoo["plain"]), "-o", str(out), "--type", "f32", "--json"]
     proc = subprocess.run(
         [sys.executable, "-m", "lorasave", "gguf-adapter", *args],
         capture_output=True,

@@ -149,7 +149,7 @@ def test_metadata(case: dict[str, Any]) -> None:
     f = _fields(case["results"]["q8_0"].gguf_file)
     cfg = json.loads((case["base"] / "config.json").read_text())
     arch = {"llama": "llama", "qwen3": "qwen3", "gemma3": "gemma3", "phi3": "phi3"}[kind]
-    assert f["general.architecture"] == arch and f["general.type"] == "model" and f["general.name"] == "out-q8_0"
+    assert f["general.architecture"] == arch and f["general.type"] == "model" and f["general.name"] == "Base"  # the base folder's name
     assert f["general.file_type"] == int(gguf.LlamaFileType.MOSTLY_Q8_0)
     expect = {
         "block_count": cfg["num_hidden_layers"],

@@ -19,6 +19,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import gguf
 import pytest
 import torch
 from peft import LoraConfig
@@ -144,6 +145,11 @@ def test_fallback_logits_match_transformers(case: GgufCase) -> None:
     assert not [p for p in result.output.iterdir() if p.suffix in (".safetensors", ".json") and p.name != "lorasave.json"]
     assert any("llama.cpp's own converter" in n for n in result.notes)
     assert "written by llama.cpp's convert_hf_to_gguf.py (v0.5.0)" in result.summary()
+    # named as the native export names a file (the base folder's names, handed to the converter as --metadata),
+    # not after the staging folder the converter reads
+    fields = gguf.GGUFReader(result.gguf_file).fields
+    assert fields["general.name"].contents() == "Base" and "general.finetune" not in fields
+    assert result.gguf_file.name == f"Base-{fields['general.size_label'].contents()}-F32.gguf"
 
 
 def test_fallback_llama_quantize_type(case: GgufCase) -> None:

@@ -53,6 +53,11 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return m
 
 
+def _stem(m: dict[str, Any]) -> str:
+    """The converter-style name every file of the model gets before its type (``Base-1.2M`` of ``Base-1.2M-F32.gguf``)."""
+    return str(m["f32"].gguf_file.name.removesuffix("-F32.gguf"))
+
+
 def _write_imatrix(path: Path, sums: dict[str, np.ndarray], counts: dict[str, float]) -> dict[str, np.ndarray]:
     """An importance matrix in llama-imatrix's GGUF layout (``<name>.in_sum2`` F32 ``[ne0, n_mat]``,
     ``<name>.counts`` F32 ``[1, n_mat]``, ``imatrix.*`` keys); returns what llama-quantize hands
@@ -121,7 +126,8 @@ def test_every_type_with_imatrix_bit_identical(tiny256: dict[str, Any], type: st
     counts = _same(res.gguf_file, _reference(tiny256, type, values), type)
     assert GgufType(type).default_qtype.name in counts or type == "mxfp4_moe", counts  # dense: no expert tensor, all Q8_0
     manifest = json.loads((res.output / "lorasave.json").read_text())
-    assert manifest["sources"]["imatrix"]["file"] == f"im-{type}.imatrix" and (res.output / f"im-{type}.imatrix").read_bytes() == path.read_bytes()
+    imx = f"{_stem(tiny256)}.imatrix"  # beside the GGUF file, named like it (without the type)
+    assert manifest["sources"]["imatrix"]["file"] == imx and (res.output / imx).read_bytes() == path.read_bytes()
     assert manifest["settings"]["imatrix_sha256"] == manifest["sources"]["imatrix"]["sha256"]
 
 
@@ -220,16 +226,18 @@ def test_type_list_with_imatrix_in_one_pass(tiny256: dict[str, Any], monkeypatch
     assert r.exit_code == 0, r.output
     assert len(passes) == 1
     for t in types[1:]:
-        _same(out / f"ladder-{t}.gguf", _reference(tiny256, t, values), t)
+        _same(out / f"{_stem(tiny256)}-{t.upper()}.gguf", _reference(tiny256, t, values), t)
     q8 = export_gguf(tiny256["base"], tiny256["lora"], tiny256["root"] / "ladder-q8", type="q8_0", modelfile=False)
-    assert _tensors(out / "ladder-q8_0.gguf").keys() == _tensors(q8.gguf_file).keys()
-    assert all(np.asarray(t.data).tobytes() == np.asarray(_tensors(q8.gguf_file)[n].data).tobytes() for n, t in _tensors(out / "ladder-q8_0.gguf").items())
+    ours_q8 = out / f"{_stem(tiny256)}-Q8_0.gguf"
+    assert _tensors(ours_q8).keys() == _tensors(q8.gguf_file).keys()
+    assert all(np.asarray(t.data).tobytes() == np.asarray(_tensors(q8.gguf_file)[n].data).tobytes() for n, t in _tensors(ours_q8).items())
     v = CliRunner().invoke(main, ["verify", str(out)])
     assert v.exit_code == 0 and "FAIL" not in v.output, v.output
-    (out / "ladder.imatrix").chmod(0o644)
-    data = bytearray((out / "ladder.imatrix").read_bytes())
+    imx = out / f"{_stem(tiny256)}.imatrix"
+    imx.chmod(0o644)
+    data = bytearray(imx.read_bytes())
     data[-4:] = b"\x00\x00\xc0\x7f"  # a NaN in the last value: the file no longer matches its sha256
-    (out / "ladder.imatrix").write_bytes(bytes(data))
+    imx.write_bytes(bytes(data))
     assert CliRunner().invoke(main, ["verify", str(out)]).exit_code != 0
 
 
@@ -243,9 +251,9 @@ def test_cli_refusals_and_aliases(tiny256: dict[str, Any], tmp_path: Path) -> No
     r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "b"), "--type", "q8_0,f16", "--imatrix", str(path)])
     assert r.exit_code == 2 and "--imatrix" in r.output and not (tmp_path / "b").exists(), r.output
     assert {k: v.value for k, v in ALIASES.items()} == {"q3_k": "q3_k_m", "q4_k": "q4_k_m", "q5_k": "q5_k_m"}
-    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "c"), "--type", "q4_k", "--no-modelfile"])
+    r = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "c"), "--type", "Q4_K", "--no-modelfile"])  # case-insensitive too
     assert r.exit_code == 0, r.output
-    _same(tmp_path / "c" / "c-q4_k_m.gguf", _reference(tiny256, "q4_k_m", None), "q4_k alias")
+    _same(tmp_path / "c" / f"{_stem(tiny256)}-Q4_K_M.gguf", _reference(tiny256, "q4_k_m", None), "q4_k alias")
 
 
 @pytest.mark.parametrize("tiny256", ["tied"], indirect=True)
@@ -266,7 +274,7 @@ def test_batch_takes_imatrix_beside_the_jobs_file(tiny256: dict[str, Any], tmp_p
     r = CliRunner().invoke(main, ["batch", str(tmp_path / "jobs.json")])
     assert r.exit_code == 0, r.output
     for t in ("iq2_xs", "q3_k_m"):
-        _same(tmp_path / "out" / f"out-{t}.gguf", _reference(tiny256, t, values), t)
+        _same(tmp_path / "out" / f"{_stem(tiny256)}-{t.upper()}.gguf", _reference(tiny256, t, values), t)
 
 
 @pytest.mark.parametrize("tiny256", ["untied"], indirect=True)
@@ -285,4 +293,4 @@ def test_lorasave_imatrix_output_feeds_gguf(tiny256: dict[str, Any], tmp_path: P
     assert r.exit_code == 0, r.output
     ref = tmp_path / "ref.gguf"
     llama_cpp.quantize(tiny256["f32"].gguf_file, ref, "iq2_xxs", imatrix=load_imatrix(tmp_path / "im").importances())
-    _same(tmp_path / "g" / "g-iq2_xxs.gguf", ref, "lorasave imatrix")
+    _same(tmp_path / "g" / f"{_stem(tiny256)}-IQ2_XXS.gguf", ref, "lorasave imatrix")

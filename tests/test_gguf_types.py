@@ -103,6 +103,8 @@ def tiny(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     need_llama_cpp()
     m = _make(tmp_path_factory.mktemp(request.param), request.param)
     m["f32"] = export_gguf(m["base"], m["lora"], m["root"] / "out-f32", type="f32")
+    # files are named as llama.cpp's converter names them (general.name / size label of the base, then the type)
+    m["stem"] = m["f32"].gguf_file.name.removesuffix("-F32.gguf")
     m["ours"] = {}
     m["llama"] = {}
     return m
@@ -200,7 +202,7 @@ def test_q4_k_m_streamed(tiny: dict[str, Any], monkeypatch: pytest.MonkeyPatch) 
     theirs = _tensors(_llama_quantized(tiny, "q4_k_m"))
     assert {n: t.tensor_type for n, t in ours.items()} == {n: t.tensor_type for n, t in theirs.items()}
     assert _file_type(res.gguf_file) == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
-    assert sorted(p.name for p in res.output.iterdir()) == sorted(["Modelfile", "README.md", "lorasave.json", "out-q4_k_m-q4_k_m.gguf"])
+    assert sorted(p.name for p in res.output.iterdir()) == sorted(["Modelfile", "README.md", "lorasave.json", f"{tiny['stem']}-Q4_K_M.gguf"])
     assert not [p for p in res.output.parent.iterdir() if "lorasave-tmp" in p.name]
     manifest = json.loads((res.output / "lorasave.json").read_text())
     assert set(manifest["files"]) == {"Modelfile", "README.md", res.gguf_file.name}
@@ -220,7 +222,9 @@ def test_bf16_base_quantizes_from_the_f32_merge(tiny: dict[str, Any], tmp_path: 
     res = export_gguf(base, tiny["lora"], tmp_path / "out", type="q6_k", modelfile=False)
     manifest = json.loads((res.output / "lorasave.json").read_text())
     assert manifest["result"]["quantized_from"] == "f32" and set(res.tensor_types) <= {"F32", "Q6_K", "Q8_0", "F16"}
-    assert sorted(p.name for p in res.output.iterdir()) == ["README.md", "lorasave.json", "out-q6_k.gguf"]
+    # bf16-base: the converter's heuristics make "bf16" a type and "base" the finetune
+    assert res.gguf_file.name == f"Bf16-Base-{res.gguf_file.name.split('-')[2]}-base-Q6_K.gguf"
+    assert sorted(p.name for p in res.output.iterdir()) == sorted([res.gguf_file.name, "README.md", "lorasave.json"])
 
 
 def test_missing_runtime_writes_nothing(tiny: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -254,7 +258,7 @@ def test_no_modelfile_flag(tiny: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(out), "--type", "q4_0", "--no-modelfile", "--json"])
     assert r.exit_code == 0, r.output
-    assert sorted(p.name for p in out.iterdir()) == ["README.md", "lorasave.json", "out-q4_0.gguf"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(["README.md", "lorasave.json", f"{tiny['stem']}-Q4_0.gguf"])
     assert "ollama create" not in (out / "README.md").read_text()
 
 
@@ -276,25 +280,26 @@ def test_many_types_from_one_read(tiny: dict[str, Any], types: list[str], tmp_pa
     r = CliRunner().invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(out), "--type", ",".join(types), "--verify", "--json"])
     assert r.exit_code == 0, r.output
     assert passes == [len(types)], "one pass: a writer per type"
-    files = {f"m-{t}.gguf" for t in types}
+    name = {t: f"{tiny['stem']}-{t.upper()}.gguf" for t in types}
+    files = set(name.values())
     assert {p.name for p in out.iterdir()} == files | {"README.md", "Modelfile", "lorasave.json"}, "no intermediate left"
     doc = json.loads(r.output)
-    assert doc["types"] == types and [Path(p).name for p in doc["gguf_files"]] == [f"m-{t}.gguf" for t in types]
+    assert doc["types"] == types and [Path(p).name for p in doc["gguf_files"]] == [name[t] for t in types]
     manifest = json.loads((out / "lorasave.json").read_text())
     assert manifest["settings"]["type"] == ",".join(types) and set(manifest["result"]["gguf_files"]) == files
     assert manifest["result"]["verification"]["ok"] and manifest["result"]["verification"]["tensors_exact"] > 0
     for t in types:
         single = export_gguf(tiny["base"], tiny["lora"], tmp_path / t / "m", type=t)
-        assert (out / f"m-{t}.gguf").read_bytes() == single.gguf_file.read_bytes(), t
-        assert manifest["result"]["gguf_files"][f"m-{t}.gguf"]["tensor_types"] == single.tensor_types
+        assert (out / name[t]).read_bytes() == single.gguf_file.read_bytes(), t
+        assert manifest["result"]["gguf_files"][name[t]]["tensor_types"] == single.tensor_types
         if t == types[0]:
             assert (out / "Modelfile").read_bytes() == (single.output / "Modelfile").read_bytes()
     card = (out / "README.md").read_text()
-    assert all(f"`m-{t}.gguf`" in card for t in types)
+    assert all(f"`{name[t]}`" in card for t in types)
     r = CliRunner().invoke(main, ["verify", str(out)])
     assert r.exit_code == 0, r.output
     r = CliRunner().invoke(main, ["inspect", str(out)])
-    assert r.exit_code == 0 and all(f"m-{t}.gguf" in r.output for t in types), r.output
+    assert r.exit_code == 0 and all(name[t] in r.output for t in types), r.output
     bad = CliRunner().invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(tmp_path / "bad"), "--type", "q8_0,q9_9"])
     assert bad.exit_code == 2 and "'q9_9' is not a GGUF type" in bad.output and not (tmp_path / "bad").exists()
 

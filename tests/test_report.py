@@ -99,7 +99,7 @@ def test_report_figures_are_recomputed_from_logits(tiny: dict[str, Any]) -> None
     ids = _ids(files[next(iter(files))], EVAL)
     assert rep.n_tokens == len(ids) and rep.n_scored == len(ids) - 1 < quality.N_CTX  # one chunk
     targets = np.asarray(ids[1:])
-    f32 = _llama_logits(out / next(n for n in files if n.endswith("-f32.gguf")), ids)[:-1]
+    f32 = _llama_logits(out / next(n for n in files if n.endswith("-F32.gguf")), ids)[:-1]
     with torch.no_grad():
         base = AutoModelForCausalLM.from_pretrained(tiny["base"], dtype=torch.float32)
         peft = PeftModel.from_pretrained(base, tiny["lora"]).eval()
@@ -164,7 +164,7 @@ def test_compare_cli_on_the_output_and_on_plain_files(tiny: dict[str, Any]) -> N
     got = json.loads(r.stdout)
     got.pop("seconds")
     assert got == tiny["res"].quality.figures()
-    q8, q4 = (p for p in tiny["res"].gguf_files if "-q8_0" in p.name or "-q4_0" in p.name)
+    q8, q4 = (p for p in tiny["res"].gguf_files if "-Q8_0" in p.name or "-Q4_0" in p.name)
     r = CliRunner().invoke(main, ["compare", str(q4), str(q8), "--text", str(tiny["text"]), "--chart", str(tiny["root"] / "c.png")])
     assert r.exit_code == 0, r.output
     assert f"KL vs {q8.name}" in r.stdout and "highest-precision file given" in r.stdout
@@ -195,7 +195,7 @@ def test_cli_report_without_matplotlib(tiny: dict[str, Any], tmp_path: Path, mon
     out = tmp_path / "out"
     r = CliRunner().invoke(main, ["gguf", str(tiny["base"]), str(tiny["lora"]), "-o", str(out), "--type", "q8_0", "--report"])
     assert r.exit_code == 0, r.output
-    assert "| **q8_0** | `out-q8_0.gguf` |" in r.stdout and "KL vs f32 merge" in r.stdout and "the built-in text" in r.stdout
+    assert f"| **q8_0** | `{next(out.glob('*-Q8_0.gguf')).name}` |" in r.stdout and "KL vs f32 merge" in r.stdout and "the built-in text" in r.stdout
     assert "pip install lorasave[report]" in r.stderr
     assert not (out / "quality.png").exists() and "| **q8_0** |" in (out / "README.md").read_text()
     assert CliRunner().invoke(main, ["verify", str(out), "--level", "files"]).exit_code == 0

@@ -15,6 +15,7 @@ from collections import namedtuple
 from pathlib import Path
 
 import click.testing
+import gguf
 import pytest
 
 import lorasave
@@ -100,9 +101,18 @@ def test_derived_names_sanitised(tmp_path: Path) -> None:
     assert safe_file_name("..") == "model" and safe_file_name("/etc/passwd") == "--etc--passwd"
     for derived in ("org/model", "../../x", "a\\b", "x\ny", "..", "\x00"):
         assert check_file_name(safe_file_name(derived)) == safe_file_name(derived)
-    res = lorasave.export_gguf(BASE, LORA, tmp_path / "tiny\nFROM evil", type="f32")
+    # GGUF file names come from the model now (llama.cpp's converter's names): a card's name is derived, so sanitised
+    base = _copy(BASE, tmp_path / "base")
+    (base / "README.md").write_text('---\nname: "../../x\\nFROM evil"\n---\n', encoding="utf-8")
+    res = lorasave.export_gguf(base, LORA, tmp_path / "tiny\nFROM evil", type="f32")
     assert res.gguf_file.parent == res.output
-    assert "\n" not in res.gguf_file.name and res.gguf_file.name == "tiny_FROM evil-f32.gguf"
+    assert gguf.GGUFReader(res.gguf_file).fields["general.name"].contents() == "../../x\nFROM evil"  # data in the file, as written
+    assert res.gguf_file.name == "x_FROM-evil-107K-F32.gguf" and check_file_name(res.gguf_file.name)
+    (base / "README.md").write_text('---\nbasename: "a/../b"\n---\n', encoding="utf-8")
+    res = lorasave.export_gguf(base, LORA, tmp_path / "out1", type="f32")
+    assert res.gguf_file.name == "a-..-b-107K-F32.gguf"  # the basename wins, as in gguf.naming_convention
+    res = lorasave.export_gguf(base, LORA, tmp_path / "out2", type="f32", name="my model")
+    assert res.gguf_file.name == "my-model-F32.gguf"
 
 
 # ----------------------------------------------------------------------------- 3. the symlink rule

@@ -34,9 +34,11 @@ from lorasave.plan.merge_plan import INDEX_NAME, MergePlan, build_plan
 from lorasave.sources import stamp as source_stamp
 from lorasave.sources.adapter import ADAPTER_CONFIG_NAME, ADAPTER_SAFE_NAME, Adapter, load_adapter, load_adapters
 from lorasave.sources.architecture import inspect_architecture
-from lorasave.sources.checkpoint import Checkpoint, TensorReader, open_checkpoint
+from lorasave.sources.checkpoint import Checkpoint, TensorReader
+from lorasave.sources.named_base import open_base
 from lorasave.util.dtypes import FLOAT_DTYPES, dtype_name, parse_output_dtype, st_dtype
 from lorasave.util.jsonio import read_json
+from lorasave.util.notes import log_notes
 from lorasave.util.options import MergeInto, OutputQuantizer, SaveMethod, bnb_spec, output_quantizer, parse_enum
 from lorasave.util.sizes import DEFAULT_MAX_SHARD_SIZE, parse_size
 
@@ -109,7 +111,7 @@ def _describe_adapter(ad: Adapter, hashes: dict[str, str]) -> dict[str, Any]:
 
 
 def plan_merge(
-    base: PathLike,
+    base: PathLike | Checkpoint | None,
     adapters: PathLike | Sequence[PathLike],
     output: PathLike,
     *,
@@ -140,7 +142,9 @@ def plan_merge(
     ``lorasave.json``. It appears atomically: complete, or not at all.
 
     Args:
-        base: base folder (``config.json`` + safetensors) or a Hub id in the local HF cache.
+        base: base folder (``config.json`` + safetensors) or a Hub id in the local HF cache; None: the
+            base the adapters' ``adapter_config.json`` name (``base_model_name_or_path``,
+            ``sources.named_base``), said in the notes.
         adapters: one PEFT adapter folder or several (their deltas add up).
         output: the folder to create.
         dtype: ``"auto"`` (the base's dtype), ``"bfloat16"``, ``"float16"`` or ``"float32"``;
@@ -182,7 +186,7 @@ def plan_merge(
     t_start = time.perf_counter()
     out_dtype = parse_output_dtype(dtype)
     shard_limit = parse_size(max_shard_size)
-    ckpt = open_checkpoint(base)
+    ckpt = open_base(base, adapters)
     ads = load_adapters(adapters, allow_pickle=allow_pickle)
     tok_dir = tokenizer_source(tokenizer, [a.root for a in ads], ckpt.root)
     final = check_output_path(Path(output), [ckpt.root, *(a.root for a in ads), tok_dir], overwrite)
@@ -340,8 +344,7 @@ def plan_merge_sources(
         merge_into=spec if into is MergeInto.DEQUANTIZED else None,
         quantize=quantizer,
     )
-    for note in plan.notes:
-        logger.info("%s", note)
+    log_notes(logger, plan.notes)
     writer = SafetensorsOutput(plan)
 
     def finish(folder: Path, job_timings: Timings) -> MergeResult:
@@ -424,27 +427,52 @@ def merge_sources(ckpt: Checkpoint, ads: list[Adapter], final: Path, **options: 
 
 @dataclass
 class AdapterResult:
-    """What ``save_adapter`` wrote.
+    """What ``save_adapter`` (and ``save_pretrained_merged(save_method="lora")``) wrote.
 
     Attributes:
         output: the output folder.
-        files: names of the files written.
+        files: names of the files written, manifest included.
         n_tensors: tensors in ``adapter_model.safetensors``.
         dtype: dtype of floating tensors (``"as-is"`` when unchanged).
+        tokenizer_files: the tokenizer and chat template files carried (the adapter folder's, or the
+            live tokenizer's ``save_pretrained``); empty when there was none.
+        chat_template: whether OUT holds a chat template (``chat_template.jinja`` / ``.json``, or one in
+            ``tokenizer_config.json``).
     """
 
     output: Path
     files: list[str]
     n_tensors: int
     dtype: str
+    tokenizer_files: list[str] = field(default_factory=list)
+    chat_template: bool = False
+
+    @property
+    def manifest(self) -> Path:
+        """``OUT/lorasave.json``."""
+        return self.output / MANIFEST_NAME
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
-        return result_dict(self)
+        """JSON-ready form (``--json``), the manifest's path included."""
+        return {**result_dict(self), "manifest": str(self.manifest)}
 
     def summary(self) -> str:
         """One line for humans."""
-        return f"saved adapter ({self.n_tensors} tensors, {self.dtype}) to {self.output}"
+        tok = ""
+        if self.tokenizer_files:
+            tok = " with its tokenizer and chat template" if self.chat_template else " with its tokenizer"
+        return f"saved adapter ({self.n_tensors} tensors, {self.dtype}){tok} to {self.output}"
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether ``folder`` holds a chat template: ``chat_template.jinja`` / ``.json``, or ``chat_template`` in ``tokenizer_config.json``."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    try:
+        cfg = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+    except (OSError, ValueError):
+        return False
+    return bool(isinstance(cfg, dict) and cfg.get("chat_template"))
 
 
 def save_adapter(
@@ -458,7 +486,11 @@ def save_adapter(
     """Re-save a PEFT adapter as ``adapter_config.json`` + ``adapter_model.safetensors`` (+ ``lorasave.json``).
 
     The output loads with ``PeftModel.from_pretrained``. Tensor names are kept; floating
-    tensors are cast to ``dtype`` when given.
+    tensors are cast to ``dtype`` when given. The adapter folder's tokenizer and chat template
+    (``pipeline.output.TOKENIZER_FILES``: ``tokenizer.json``, ``tokenizer_config.json`` with its
+    template, ``chat_template.jinja``...) are carried as they are, as ``save_method="lora"`` keeps
+    the live tokenizer; a tokenizer file linking out of the folder is refused, an optional one skipped
+    with a note (``carry_plan``).
 
     Args:
         adapter: PEFT adapter folder.
@@ -467,12 +499,17 @@ def save_adapter(
         overwrite: replace an existing output.
         allow_pickle: accept ``adapter_model.bin`` (``torch.load(weights_only=True)``).
 
+    Returns:
+        AdapterResult (``summary()``, ``to_dict()``, ``manifest``).
+
     Raises:
-        LorasaveError subclasses, as ``load_adapter`` and ``check_output_path``.
+        LorasaveError subclasses, as ``load_adapter`` and ``check_output_path``; UnsafePathError for a
+        tokenizer file linking out of the adapter folder.
     """
     out_dtype = parse_output_dtype(dtype)
     ad = load_adapter(adapter, allow_pickle=allow_pickle)
     final = check_output_path(Path(output), [ad.root], overwrite)
+    carry = carry_plan(None, ad.root)
     keys = ad.keys()
     with TensorReader() as reader:
         tensors = {}
@@ -494,6 +531,9 @@ def save_adapter(
         files[ADAPTER_SAFE_NAME] = writer.end()
         shutil.copyfile(ad.root / ADAPTER_CONFIG_NAME, folder / ADAPTER_CONFIG_NAME)
         files[ADAPTER_CONFIG_NAME] = sha256_file(folder / ADAPTER_CONFIG_NAME)
+        carried = carry_files(None, ad.root, folder, carry)
+        for n in carried:
+            files[n] = sha256_file(folder / n)
         base_name = ad.config.get("base_model_name_or_path")
         write_card(
             folder,
@@ -513,10 +553,11 @@ def save_adapter(
             command="adapter",
             sources={"adapters": [_describe_adapter(ad, hashes)]},
             settings={"dtype": dtype_name(out_dtype) if out_dtype else "as-is", "allow_pickle": allow_pickle},
-            result={"n_tensors": len(tensors)},
+            result={"n_tensors": len(tensors), "tokenizer_files": carried},
             files=files,
         )
-        return AdapterResult(final, sorted([*files, MANIFEST_NAME]), len(tensors), dtype_name(out_dtype) if out_dtype else "as-is")
+        dt = dtype_name(out_dtype) if out_dtype else "as-is"
+        return AdapterResult(final, sorted([*files, MANIFEST_NAME]), len(tensors), dt, carried, has_chat_template(folder))
 
     planned = PlannedOutput(
         command="adapter",
@@ -524,7 +565,7 @@ def save_adapter(
         overwrite=overwrite,
         stamps=source_stamp.record(None, [ad]),
         needed_bytes=len(header) + (lay[-1].end if lay else 0),
-        carried_bytes=(ad.root / ADAPTER_CONFIG_NAME).stat().st_size,
+        carried_bytes=(ad.root / ADAPTER_CONFIG_NAME).stat().st_size + carry.nbytes,
         finish=finish,
     )
     result: AdapterResult = run_single(planned)

@@ -17,6 +17,8 @@ by one ``pipeline.run.run_outputs``: each base tensor read once, merged once per
 every writer of the job. Every output is atomic on its own; a job or output that fails is
 reported and the others go on. Relative paths in JOBS are relative to the JOBS file's folder, never
 to the current folder; a base or adapter that is no folder there may be a Hub id in the local cache.
+A job with no ``base`` (and no top-level one) takes the base its adapters name in
+``adapter_config.json`` (``sources.named_base``: as PEFT resolves ``base_model_name_or_path``).
 """
 
 from __future__ import annotations
@@ -267,8 +269,6 @@ def _job(i: int, job: Any, default_base: Any, root: Path) -> JobSpec:
     if unknown:
         raise InvalidOptionError(f"{where}: unknown key(s) {', '.join(sorted(map(str, unknown)))}; expected {', '.join(sorted(_JOB_KEYS))}")
     base = job.get("base", default_base)
-    if base is None:
-        raise InvalidOptionError(f"{where} names no base and the jobs file has no top-level base")
     adapters = job.get("adapters", [])
     adapters = [adapters] if isinstance(adapters, str) else adapters
     if not isinstance(adapters, list):
@@ -300,13 +300,32 @@ def _job(i: int, job: Any, default_base: Any, root: Path) -> JobSpec:
         except InvalidOptionError as e:
             raise InvalidOptionError(f"{w}: {e}") from None
         specs.append(OutputSpec(fmt, path, options))
+    adapter_paths = [_source(_str(a, f"{where}: adapter"), root) for a in adapters]
     return JobSpec(
         i,
-        _source(_str(base, f"{where}: base"), root),
-        [_source(_str(a, f"{where}: adapter"), root) for a in adapters],
+        _source(_str(base, f"{where}: base"), root) if base is not None else _named_base(where, adapter_paths),
+        adapter_paths,
         [float(w) for w in weights] if weights is not None else None,
         specs,
     )
+
+
+def _named_base(where: str, adapters: list[str]) -> str:
+    """The base a job's adapters name (``sources.named_base``), when neither the job nor the file names one.
+
+    Raises:
+        InvalidOptionError: no adapter, or no base to be found from them (the message says why).
+    """
+    from lorasave.sources.named_base import named_base
+
+    if not adapters:
+        raise InvalidOptionError(f"{where} names no base and the jobs file has no top-level base")
+    try:
+        found = named_base(adapters)
+    except LorasaveError as e:
+        raise InvalidOptionError(f"{where} names no base and the jobs file has no top-level base; its adapters do not give one: {e}") from None
+    logger.info("%s: %s", where, found.note())
+    return found.hub_id if found.hub_id and not found.revision else str(found.folder.resolve())
 
 
 def base_key(base: str) -> str:

@@ -48,6 +48,7 @@ def _hub_handlers() -> list[logging.Handler]:
 
 def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: bool, interrupted: str = "no output was written") -> None:
     from lorasave.util.hints import INVOKED_AS, missing_package_message
+    from lorasave.util.notes import VERBOSE
     from lorasave.util.redact import add_filter, remove_filter, scrub
 
     debug = ctx.obj.get("debug", False)
@@ -56,7 +57,9 @@ def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: boo
     add_filter([handler])  # no token in any log line (lorasave.util.redact)
     log = logging.getLogger("lorasave")
     log.addHandler(handler)
-    log.setLevel(logging.DEBUG if debug else (logging.WARNING if quiet or as_json else logging.INFO))
+    # --verbose: also the notes that say the same on every run (lorasave.util.notes.Detail)
+    level = logging.WARNING if quiet or as_json else VERBOSE if ctx.obj.get("verbose") else logging.INFO
+    log.setLevel(logging.DEBUG if debug else level)
     if not debug:  # bitsandbytes warns at import about optional CPU kernels it does not need here
         logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     signal.signal(signal.SIGTERM, _sigterm)
@@ -98,14 +101,22 @@ def _run(ctx: click.Context, fn: Callable[[], Any], *, quiet: bool, as_json: boo
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="lorasave")
 @click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("--verbose", "-v", is_flag=True, help="Also show the notes that say the same on every run (defaults spelled out, how a type is encoded).")
 @click.pass_context
-def main(ctx: click.Context, debug: bool) -> None:
+def main(ctx: click.Context, debug: bool, verbose: bool) -> None:
     """Save LoRA fine-tuned models for deployment.
 
-    Grammar: lorasave COMMAND BASE [ADAPTER ...] -o OUT [options]
+    Grammar: lorasave COMMAND [BASE] ADAPTER... -o OUT [options]. BASE may be left out when the
+    adapter's adapter_config.json names it (base_model_name_or_path).
     """
     ctx.ensure_object(dict)
     ctx.obj["debug"] = debug
+    ctx.obj["verbose"] = verbose
+
+
+def _set_verbose(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+    if value:  # `lorasave COMMAND ... --verbose` works like `lorasave --verbose COMMAND ...`
+        ctx.ensure_object(dict)["verbose"] = True
 
 
 def _set_debug(ctx: click.Context, param: click.Parameter, value: bool) -> None:
@@ -151,6 +162,10 @@ _threads_option = click.option(
 
 #: The hidden ``--debug`` every command also accepts after its arguments.
 _debug_option = click.option("--debug", is_flag=True, hidden=True, expose_value=False, callback=_set_debug)
+#: ``--verbose`` of the commands that write an output (also ``lorasave --verbose COMMAND``).
+_verbose_option = click.option(
+    "--verbose", "-v", is_flag=True, expose_value=False, callback=_set_verbose, help="Also show the notes that say the same on every run."
+)
 
 
 def _common(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -158,6 +173,7 @@ def _common(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--quiet", "-q", is_flag=True, help="No progress bar, notes or summary.")(f)
     f = click.option("--overwrite", is_flag=True, help="Replace OUT if it exists (only once the new output is complete).")(f)
     f = click.option("--allow-pickle", is_flag=True, help="Accept .bin pickle weights, loaded with torch.load(weights_only=True).")(f)
+    f = _verbose_option(f)
     f = _debug_option(f)
     return f
 
@@ -190,6 +206,27 @@ def _push_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = click.option("--private", is_flag=True, help="With --push-to-hub: create the Hub repo private.")(f)
     f = click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID", help="Push OUT to this Hub model repo once it is complete.")(f)
     return f
+
+
+def _sources_argument(adapter_required: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """``[BASE] ADAPTER...`` as one argument ``sources``, split when the command runs (:func:`_with_sources`)."""
+    return click.argument("sources", nargs=-1, required=True, metavar="[BASE] ADAPTER..." if adapter_required else "[BASE] [ADAPTER]...")
+
+
+def _with_sources(fn: Callable[..., Any], sources: Sequence[str], *, adapter_required: bool = True) -> Callable[..., Any]:
+    """``fn(base, adapters, *args, **kwargs)`` with BASE and the adapters split from ``sources`` when called (inside ``_run``).
+
+    The rule is ``sources.named_base.split_sources``: a first folder with ``adapter_config.json`` and no model
+    weights is an adapter, and BASE is then None (the adapters name it).
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        from lorasave.sources.named_base import split_sources
+
+        base, adapters = split_sources(sources, adapter_required=adapter_required)
+        return fn(base, adapters, *args, **kwargs)
+
+    return call
 
 
 #: ``-o/--output OUT`` of every saving command.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Callable
 from typing import Any
@@ -21,9 +22,11 @@ from lorasave.cli.app import (
     _run,
     _save_options,
     _SaveOptions,
+    _sources_argument,
     _threads_option,
     _tokenizer_option,
     _weights_option,
+    _with_sources,
     main,
 )
 from lorasave.util.sizes import DEFAULT_MAX_SHARD_SIZE
@@ -56,8 +59,7 @@ def _method_options(f: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @main.command("merge", short_help="Merge adapter(s) into a base; write a sharded checkpoint.")
-@click.argument("base")
-@click.argument("adapters", nargs=-1, required=True)
+@_sources_argument(adapter_required=True)
 @_output_option
 @click.option("--dtype", type=_DTYPE, default="auto", show_default=True, help="Floating dtype of the output; auto = the base's.")
 @click.option(
@@ -76,8 +78,7 @@ def _method_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.pass_context
 def merge_cmd(
     ctx: click.Context,
-    base: str,
-    adapters: tuple[str, ...],
+    sources: tuple[str, ...],
     output: str,
     dtype: str,
     max_shard_size: str,
@@ -91,6 +92,7 @@ def merge_cmd(
     """Merge ADAPTER(s) into BASE and write a sharded safetensors checkpoint to OUT.
 
     BASE is a Hugging Face model folder or a Hub id in the local cache; ADAPTER a PEFT folder.
+    Without BASE, the base is the one the adapters' adapter_config.json name (base_model_name_or_path).
     """
     from lorasave.api import merge
 
@@ -102,7 +104,13 @@ def merge_cmd(
         from lorasave.api import plan_merge
         from lorasave.pipeline.ray import run_split
 
-        def merge(base: str, adapters: list[str], output: str, **kwargs: Any) -> Any:  # the shards written by Ray tasks
+        def merge(base: str | None, adapters: list[str], output: str, **kwargs: Any) -> Any:  # the shards written by Ray tasks
+            if base is None:  # resolved here: the tasks run in other folders
+                from lorasave.sources.named_base import named_base
+
+                named = named_base(adapters)
+                logging.getLogger("lorasave").info("%s", named.note())
+                base = named.hub_id or str(named.folder)
             # the tasks plan again in other processes, maybe on other nodes: local paths made absolute
             here = [os.path.abspath(p) if os.path.exists(p) else p for p in (base, *adapters)]
             for key in ("tokenizer", "quantization_from"):
@@ -113,9 +121,7 @@ def merge_cmd(
 
     opts.save(
         ctx,
-        merge,
-        base,
-        list(adapters),
+        _with_sources(merge, sources),
         output,
         dtype=dtype,
         max_shard_size=max_shard_size,
@@ -141,8 +147,7 @@ def adapter_cmd(ctx: click.Context, adapter: str, output: str, dtype: str, opts:
 
 
 @main.command("onnx", short_help="Merge and export an ONNX decoder with KV cache.")
-@click.argument("base")
-@click.argument("adapters", nargs=-1)
+@_sources_argument(adapter_required=False)
 @_output_option
 @click.option(
     "--dtype", type=click.Choice(["float32", "float16"], case_sensitive=False), default="float32", show_default=True, help="Weights, KV cache and logits."
@@ -168,8 +173,7 @@ def adapter_cmd(ctx: click.Context, adapter: str, output: str, dtype: str, opts:
 @click.pass_context
 def onnx_cmd(
     ctx: click.Context,
-    base: str,
-    adapters: tuple[str, ...],
+    sources: tuple[str, ...],
     output: str,
     dtype: str,
     quantize: str | None,
@@ -184,15 +188,13 @@ def onnx_cmd(
     """Merge ADAPTER(s) into BASE and export an ONNX decoder with KV cache to OUT, weights streamed.
 
     optimum's layout, run by onnxruntime and (genai_config.json) onnxruntime-genai. With no ADAPTER,
-    BASE itself is exported. Needs pip install 'lorasave[onnx]'.
+    BASE itself is exported; with no BASE, the adapters' adapter_config.json names it. Needs pip install 'lorasave[onnx]'.
     """
     export = _deferred("lorasave.formats.onnx.export", "export_onnx")
     quant = {"quantize": quantize, "block_size": block_size, "symmetric": not asymmetric} if quantize else {}
     opts.save(
         ctx,
-        export,
-        base,
-        list(adapters),
+        _with_sources(export, sources, adapter_required=False),
         output,
         dtype=dtype,
         opset=opset,

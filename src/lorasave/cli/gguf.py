@@ -7,7 +7,19 @@ from __future__ import annotations
 
 import click
 
-from lorasave.cli.app import _debug_option, _deferred, _output_option, _run, _save_options, _SaveOptions, _threads_option, _tokenizer_option, main
+from lorasave.cli.app import (
+    _debug_option,
+    _deferred,
+    _output_option,
+    _run,
+    _save_options,
+    _SaveOptions,
+    _sources_argument,
+    _threads_option,
+    _tokenizer_option,
+    _with_sources,
+    main,
+)
 
 #: ``lorasave.formats.gguf.quant.GgufType`` values, listed here so that ``--help`` does not import gguf
 #: (tests/test_gguf_types.py checks they agree).
@@ -54,7 +66,9 @@ GGML_OVERRIDE_CHOICES = (
 
 
 #: ``--name`` of the GGUF commands.
-_name_option = click.option("--name", default=None, help="general.name and file stem (default: the output folder's name).")
+_name_option = click.option(
+    "--name", default=None, help="general.name and file stem, NAME-<TYPE>.gguf (default: llama.cpp's converter's names, from the model)."
+)
 
 
 class GgufTypeList(click.ParamType):
@@ -75,8 +89,7 @@ class GgufTypeList(click.ParamType):
 
 
 @main.command("gguf", short_help="Merge adapter(s) into a base; write GGUF file(s) (f16, q8_0, q4_k_m...) from one read.")
-@click.argument("base")
-@click.argument("adapters", nargs=-1)
+@_sources_argument(adapter_required=False)
 @_output_option
 @click.option(
     "--type",
@@ -125,8 +138,7 @@ class GgufTypeList(click.ParamType):
 @click.pass_context
 def gguf_cmd(
     ctx: click.Context,
-    base: str,
-    adapters: tuple[str, ...],
+    sources: tuple[str, ...],
     output: str,
     gguf_type: str,
     imatrix: str | None,
@@ -141,9 +153,11 @@ def gguf_cmd(
     tokenizer: str | None,
     opts: _SaveOptions,
 ) -> None:
-    """Merge ADAPTER(s) into BASE and write OUT/<name>-<type>.gguf for llama.cpp (one per --type), streaming.
+    """Merge ADAPTER(s) into BASE and write OUT/<Name>-<size>-<TYPE>.gguf for llama.cpp (one per --type), streaming.
 
-    With no ADAPTER, BASE is converted as it is. Llama (incl. Llama 3.1 RoPE), Mistral, Qwen2,
+    Files are named as llama.cpp's converter names them (general.name, basename, finetune, size_label from
+    BASE's card, config and folder name; --name NAME: NAME-<TYPE>.gguf). With no ADAPTER, BASE is converted
+    as it is; with no BASE, the adapters' adapter_config.json names it. Llama (incl. Llama 3.1 RoPE), Mistral, Qwen2,
     Qwen3, Gemma 3 (text) and Phi-3; BPE, SentencePiece and tokenizer.json tokenizers. OUT also
     gets README.md and, when the model has a chat template, an Ollama Modelfile.
     """
@@ -154,24 +168,28 @@ def gguf_cmd(
         options.update(report=True, report_text=report_text)
     if imatrix is not None:
         options["imatrix"] = imatrix
-    opts.save(ctx, _deferred("lorasave.formats.gguf.export", "export_gguf"), base, list(adapters), output, progress=opts.progress, **options)
+    export = _with_sources(_deferred("lorasave.formats.gguf.export", "export_gguf"), sources, adapter_required=False)
+    opts.save(ctx, export, output, progress=opts.progress, **options)
 
 
 @main.command("gguf-adapter", short_help="Write a LoRA adapter as a GGUF adapter for llama.cpp --lora.")
-@click.argument("base")
-@click.argument("adapters", nargs=-1, required=True, metavar="ADAPTER")
+@_sources_argument(adapter_required=True)
 @_output_option
 @click.option("--type", "gguf_type", type=click.Choice(["f32", "f16", "bf16", "q8_0"]), default="f16", show_default=True, help="GGML type of lora_a/lora_b.")
 @_name_option
 @_save_options
 @click.pass_context
-def gguf_adapter_cmd(ctx: click.Context, base: str, adapters: tuple[str, ...], output: str, gguf_type: str, name: str | None, opts: _SaveOptions) -> None:
-    """Write ADAPTER (trained on BASE) as OUT/<name>-lora-<type>.gguf, loaded by llama.cpp with --lora on BASE's GGUF.
+def gguf_adapter_cmd(ctx: click.Context, sources: tuple[str, ...], output: str, gguf_type: str, name: str | None, opts: _SaveOptions) -> None:
+    """Write ADAPTER (trained on BASE) as OUT/<Name>-<TYPE>-LoRA.gguf, loaded by llama.cpp with --lora on BASE's GGUF.
+
+    Named as convert_lora_to_gguf.py names it, from the adapter folder (--name NAME: NAME-<TYPE>-LoRA.gguf).
+    Without BASE, the base is the one adapter_config.json names.
 
     PEFT's scaling (rsLoRA, rank/alpha patterns) is kept exactly. DoRA, modules_to_save, new tokens and
     non-LoRA tuners are refused: use `lorasave gguf BASE ADAPTER` for a merged GGUF.
     """
-    opts.save(ctx, _deferred("lorasave.formats.gguf.adapter", "export_gguf_adapter"), base, list(adapters), output, type=gguf_type, name=name)
+    export = _with_sources(_deferred("lorasave.formats.gguf.adapter", "export_gguf_adapter"), sources)
+    opts.save(ctx, export, output, type=gguf_type, name=name)
 
 
 @main.command("install-llama-cpp", short_help="Install the optional llama.cpp runtime (k-quants, checks in llama.cpp) or its converter.")

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import click
 
-from lorasave.cli.app import _common, _deferred, _output_option, _run, _tokenizer_option, main
+from lorasave.cli.app import _common, _deferred, _output_option, _run, _sources_argument, _tokenizer_option, _with_sources, main
 
 
 @main.command("imatrix", short_help="Compute an importance matrix (llama-imatrix's GGUF) of the merge from calibration text.")
-@click.argument("base")
-@click.argument("adapters", nargs=-1)
+@_sources_argument(adapter_required=False)
 @_output_option
 @click.option("--text", required=True, type=click.Path(), help="Calibration text file (UTF-8), tokenized whole and cut into chunks.")
 @click.option(
@@ -30,8 +29,7 @@ from lorasave.cli.app import _common, _deferred, _output_option, _run, _tokenize
 @click.pass_context
 def imatrix_cmd(
     ctx: click.Context,
-    base: str,
-    adapters: tuple[str, ...],
+    sources: tuple[str, ...],
     output: str,
     text: str,
     chunk_size: int,
@@ -48,6 +46,6 @@ def imatrix_cmd(
     The layout is llama-imatrix's GGUF (<weight>.in_sum2, <weight>.counts, imatrix.* keys): give it to
     `lorasave gguf --imatrix OUT` or to llama-quantize --imatrix OUT/imatrix.gguf for the i-quants.
     """
-    compute = _deferred("lorasave.formats.gguf.calibrate", "compute_imatrix")
+    compute = _with_sources(_deferred("lorasave.formats.gguf.calibrate", "compute_imatrix"), sources, adapter_required=False)
     options = {"text": text, "chunk_size": chunk_size, "chunks": chunks, "process_output": process_output, "tokenizer": tokenizer}
-    _run(ctx, lambda: compute(base, list(adapters), output, overwrite=overwrite, allow_pickle=allow_pickle, **options), quiet=quiet, as_json=as_json)
+    _run(ctx, lambda: compute(output, overwrite=overwrite, allow_pickle=allow_pickle, **options), quiet=quiet, as_json=as_json)

@@ -375,7 +375,7 @@ class CarryPlan:
         return sum(src.stat().st_size for src, _ in self.files)
 
 
-def carry_plan(base: Path, tokenizer_dir: Path) -> CarryPlan:
+def carry_plan(base: Path | None, tokenizer_dir: Path) -> CarryPlan:
     """Which of ``generation_config.json``, license files and tokenizer files an output gets.
 
     A file that is a symlink resolving outside the folder it was found in (and outside that
@@ -384,7 +384,7 @@ def carry_plan(base: Path, tokenizer_dir: Path) -> CarryPlan:
     configs) is skipped with a note, a tokenizer file is an error.
 
     Args:
-        base: base folder (generation config, licenses).
+        base: base folder (generation config, licenses); None: the tokenizer files only (an adapter output).
         tokenizer_dir: folder whose tokenizer files are copied.
 
     Raises:
@@ -392,11 +392,12 @@ def carry_plan(base: Path, tokenizer_dir: Path) -> CarryPlan:
     """
     plan = CarryPlan()
     found: list[tuple[Path, str, bool]] = []
-    if (base / "generation_config.json").is_file():
-        found.append((base, "generation_config.json", False))
-    for p in sorted(base.iterdir()):
-        if p.is_file() and p.name.upper().startswith(LICENSE_PREFIXES):
-            found.append((base, p.name, False))
+    if base is not None:
+        if (base / "generation_config.json").is_file():
+            found.append((base, "generation_config.json", False))
+        for p in sorted(base.iterdir()):
+            if p.is_file() and p.name.upper().startswith(LICENSE_PREFIXES):
+                found.append((base, p.name, False))
     for n in TOKENIZER_FILES:
         if (tokenizer_dir / n).is_file():
             found.append((tokenizer_dir, n, n not in OPTIONAL_TOKENIZER_FILES))
@@ -412,7 +413,7 @@ def carry_plan(base: Path, tokenizer_dir: Path) -> CarryPlan:
     return plan
 
 
-def carry_files(base: Path, tokenizer_dir: Path, dst: Path, plan: CarryPlan | None = None) -> list[str]:
+def carry_files(base: Path | None, tokenizer_dir: Path, dst: Path, plan: CarryPlan | None = None) -> list[str]:
     """Copy ``generation_config.json``, license files and the tokenizer into ``dst``.
 
     Args:

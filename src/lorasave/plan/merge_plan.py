@@ -250,7 +250,7 @@ def build_plan(
         UnsupportedDtypeError: a sub-byte base tensor, or a changed weight that is not a 16/32/64-bit float.
         Fp8WeightsError: FP8 weights with scale tensors and no quantization_config (``weight_dtypes``).
     """
-    notes: list[str] = []
+    notes: list[str] = [ckpt.named_by] if ckpt.named_by else []
     if arch.note:
         notes.append(arch.note)
     if ckpt.config.get("auto_map") and arch.model_class:

@@ -68,14 +68,14 @@ def resolve_source(spec: str | os.PathLike[str], what: str) -> tuple[Path, str |
     raise SourceNotFoundError(f"{what} folder {spec} does not exist", path=path)
 
 
-def cached_hub_folder(hub_id: str) -> Path | None:
-    """The local Hugging Face cache's snapshot folder of ``hub_id`` (no network), or None when it is not there."""
+def cached_hub_folder(hub_id: str, revision: str | None = None) -> Path | None:
+    """The local Hugging Face cache's snapshot folder of ``hub_id`` (at ``revision``, default main; no network), or None when it is not there."""
     if not _HUB_ID.match(hub_id) or hub_id.startswith((".", "/")):
         return None
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(hub_id, local_files_only=True))
+        return Path(snapshot_download(hub_id, revision=revision, local_files_only=True))
     except Exception:
         return None
 
@@ -103,6 +103,8 @@ class Checkpoint:
             a quantized weight (bitsandbytes, FP8) appears once, as a ``QuantizedWeight``, its
             statistics and scales folded in.
         quant_method: ``"bitsandbytes"`` or ``"fp8"`` for a quantized base, else None.
+        named_by: when no BASE was given, the note saying which base the adapters named
+            (``named_base.open_base``), else None.
     """
 
     root: Path
@@ -112,6 +114,7 @@ class Checkpoint:
     index_path: Path | None
     tensors: dict[str, TensorEntry | QuantizedWeight] = field(default_factory=dict)
     quant_method: str | None = None
+    named_by: str | None = None
 
     @property
     def nbytes(self) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lorasave.api import MergeResult, merge_sources
+from lorasave.api import AdapterResult, MergeResult, has_chat_template, merge_sources
 from lorasave.errors import InvalidOptionError, UnsupportedModelError
 from lorasave.formats.quant_bases import check_quant_method, group_quantized
 from lorasave.pipeline.cards import card_kind, hub_id, merged_snippet, write_card
@@ -130,7 +130,7 @@ def save_pretrained_merged(
     quant_type: str = "nf4",
     double_quant: bool = True,
     push_to_hub: bool = False,
-) -> MergeResult | Path:
+) -> MergeResult | AdapterResult:
     """Save a live ``PeftModel`` merged (``merged_16bit`` / ``merged_4bit`` / compressed-tensors) or as its adapter (``lora``).
 
     Streams from the model's own tensors, module by module: peak memory grows by a few tensors,
@@ -153,7 +153,8 @@ def save_pretrained_merged(
             afterwards with ``lorasave push OUT REPO_ID`` or ``lorasave.push``).
 
     Returns:
-        MergeResult for merged outputs; the folder for ``lora``.
+        MergeResult for merged outputs; AdapterResult for ``lora`` (``summary()``, ``to_dict()``,
+        ``manifest``; its ``output`` is the folder).
 
     Raises:
         LorasaveError subclasses, as ``lorasave.merge``; InvalidOptionError for an unknown
@@ -282,10 +283,14 @@ def _base_folder(base: Any, ckpt: Checkpoint) -> dict[str, Any] | None:
     return {"path": str(folder.resolve()), "hub_id": hub, "from": "the live model's config._name_or_path"}
 
 
-def _save_lora(model: Any, final: Path, tokenizer: Any, overwrite: bool) -> Path:
+def _save_lora(model: Any, final: Path, tokenizer: Any, overwrite: bool) -> AdapterResult:
+    """``model.save_pretrained`` and ``tokenizer.save_pretrained`` into ``final``, with ``lorasave.json``, as one atomic output."""
     check_output_path(final, [], overwrite)
 
-    def finish(folder: Path, _: Any) -> Path:
+    def finish(folder: Path, _: Any) -> AdapterResult:
+        from lorasave.formats.safetensors.header import read_header
+        from lorasave.pipeline.output import TOKENIZER_FILES
+
         model.save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
@@ -300,9 +305,12 @@ def _save_lora(model: Any, final: Path, tokenizer: Any, overwrite: bool) -> Path
             result={"peft_type": str(getattr(cfg, "peft_type", ""))},
             files=files,
         )
-        return final
+        weights = folder / "adapter_model.safetensors"
+        n_tensors = len(read_header(weights).tensors) if weights.is_file() else 0
+        tok_files = [n for n in TOKENIZER_FILES if n in files]
+        return AdapterResult(final, sorted([*files, MANIFEST_NAME]), n_tensors, "as-is", tok_files, has_chat_template(folder))
 
-    saved: Path = run_single(PlannedOutput(command="adapter", final=final, overwrite=overwrite, stamps={}, needed_bytes=0, finish=finish))
+    saved: AdapterResult = run_single(PlannedOutput(command="adapter", final=final, overwrite=overwrite, stamps={}, needed_bytes=0, finish=finish))
     return saved
 
 

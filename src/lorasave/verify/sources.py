@@ -68,17 +68,12 @@ def _open_base(out: Path, manifest: dict[str, Any], base: Any, ad_paths: list[An
                 pass
         raise _gone(out, "base", str(path), "--base")
     if manifest.get("command") == "adapter" and ad_paths:  # an adapter output: its config names the base
-        from lorasave.sources.adapter import load_adapter
+        from lorasave.sources.named_base import open_base
 
-        named = load_adapter(ad_paths[0]).config.get("base_model_name_or_path")
-        if named:
-            try:
-                return open_checkpoint(str(named))
-            except SourceNotFoundError:
-                raise SourceNotFoundError(
-                    f"the adapter's base_model_name_or_path {named!r} is neither a folder nor a cached Hub id: pass --base with the base model's folder",
-                    path=out,
-                ) from None
+        try:
+            return open_base(None, [ad_paths[0]])
+        except SourceNotFoundError as e:
+            raise SourceNotFoundError(f"{e.message}; or pass --base with the base model's folder", path=out) from None
     live = _recorded(src.get("live_model")).get("name_or_path")
     origin = f" (saved from a live PeftModel whose base was loaded from {live!r})" if live else ""
     raise SourceNotFoundError(f"{out / _MANIFEST} names no base path{origin}: pass --base with the base model's folder", path=out)

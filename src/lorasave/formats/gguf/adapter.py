@@ -53,6 +53,7 @@ import torch
 from lorasave.errors import InvalidOptionError, UnsupportedAdapterError
 from lorasave.formats.gguf.arch import GgufArch, gguf_arch_for
 from lorasave.formats.gguf.export import ggml_type, gguf_tensors, permute_qk
+from lorasave.formats.gguf.naming import gguf_file_name, model_metadata
 from lorasave.formats.gguf.quant import GgufType, encode, tensor_nbytes
 from lorasave.formats.safetensors.header import TensorEntry
 from lorasave.merging.stream import Timings
@@ -64,8 +65,10 @@ from lorasave.plan.recipes import LoraDelta
 from lorasave.sources import stamp as source_stamp
 from lorasave.sources.adapter import TOKENS_ROLE, Adapter, TunerType, adapter_list, load_adapters
 from lorasave.sources.architecture import inspect_architecture
-from lorasave.sources.checkpoint import Checkpoint, TensorReader, open_checkpoint
-from lorasave.util.names import check_file_name, safe_file_name
+from lorasave.sources.checkpoint import Checkpoint, TensorReader
+from lorasave.sources.named_base import open_base
+from lorasave.util.names import check_file_name
+from lorasave.util.notes import log_notes
 
 logger = logging.getLogger(__name__)
 
@@ -310,7 +313,7 @@ def _write_card(folder: Path, title: str, filename: str, type: str, counts: dict
 
 
 def export_gguf_adapter(
-    base: PathLike,
+    base: PathLike | None,
     adapter: PathLike | Sequence[PathLike],
     output_dir: PathLike,
     *,
@@ -319,7 +322,7 @@ def export_gguf_adapter(
     name: str | None = None,
     allow_pickle: bool = False,
 ) -> GgufAdapterResult:
-    """Write a PEFT LoRA adapter as ``OUTPUT_DIR/<name>-lora-<type>.gguf`` plus ``lorasave.json``.
+    """Write a PEFT LoRA adapter as ``OUTPUT_DIR/<Name>-<TYPE>-LoRA.gguf`` plus ``lorasave.json``.
 
     The file is loaded by llama.cpp on the base's GGUF (``lorasave gguf BASE``): ``llama-cli -m
     base.gguf --lora adapter.gguf``, ``llama_adapter_lora_init``. Every module's PEFT scaling
@@ -327,13 +330,15 @@ def export_gguf_adapter(
     folder appears atomically.
 
     Args:
-        base: the base model folder (``config.json`` + safetensors) the adapter was trained on.
+        base: the base model folder (``config.json`` + safetensors) the adapter was trained on; None: the
+            one its ``adapter_config.json`` names (``base_model_name_or_path``, ``sources.named_base``).
         adapter: one PEFT LoRA adapter folder (a list of more than one is refused).
         output_dir: the folder to create.
         type: ``"f32"``, ``"f16"``, ``"bf16"`` or ``"q8_0"`` for the ``lora_a``/``lora_b`` tensors.
         overwrite: replace an existing ``output_dir`` written by lorasave.
-        name: ``general.name`` and file stem, a plain file name (no path separator, ``..``, NUL); default:
-            the output folder's name, sanitised (``names.safe_file_name``).
+        name: ``general.name`` and file stem (``<name>-<TYPE>-LoRA.gguf``), a plain file name (no path
+            separator, ``..``, NUL); default: the names ``convert_lora_to_gguf.py`` gives, from the adapter
+            folder's card and name (``naming``).
         allow_pickle: accept ``adapter_model.bin``.
 
     Returns:
@@ -359,16 +364,15 @@ def export_gguf_adapter(
             f"a GGUF LoRA adapter holds one adapter, {len(specs)} were given; write one file per adapter (llama.cpp takes several --lora), "
             "or write a merged GGUF instead with `lorasave gguf BASE ADAPTER ADAPTER ...`"
         )
-    ckpt = open_checkpoint(base)
+    ckpt = open_base(base, specs)
     rules = gguf_arch_for(ckpt.config)
     ad = load_adapters(specs, allow_pickle=allow_pickle)[0]
     check_expressible(ad, ckpt)
     final = check_output_path(Path(output_dir), [ckpt.root, ad.root], overwrite)
-    stem = name if name is not None else safe_file_name(final.name)
     alpha = _file_alpha(ad)
     pairs = plan_pairs(ckpt, ad, rules, type, alpha)
     nbytes = sum(tensor_nbytes(p.a_shape, p.a_type) + tensor_nbytes(p.b_shape, p.b_type) for p in pairs)
-    notes: list[str] = []
+    notes: list[str] = [ckpt.named_by] if ckpt.named_by else []
     folded = {p.name: p.fold for p in pairs if p.fold != 1.0}
     if folded:
         notes.append(f"{len(folded)} modules have PEFT scaling other than alpha/r (rsLoRA or patterns); the factor is folded into lora_b")
@@ -376,20 +380,23 @@ def export_gguf_adapter(
     if fallback:
         notes.append(f"{len(fallback)} LoRA pairs keep F16 tensors: rows not a multiple of 32 for Q8_0 (first: {fallback[0]})")
 
-    filename = f"{stem}-lora-{type}.gguf"
     counts: dict[str, int] = {}
+    writer = gguf.GGUFWriter(None, rules.name)
+    for p in pairs:
+        for suffix, shape, qtype in ((".lora_a", p.a_shape, p.a_type), (".lora_b", p.b_shape, p.b_type)):
+            writer.add_tensor_info(p.name + suffix, shape, np.dtype(np.float32), tensor_nbytes(shape, qtype), raw_dtype=qtype)
+            counts[qtype.name] = counts.get(qtype.name, 0) + 1
+    # convert_lora_to_gguf.py: the adapter folder's card and name, a negative parameter count (no size label)
+    meta = model_metadata(ad.root, name=name, counts=writer.get_total_parameter_count())
+    filename = gguf_file_name(meta, type, chosen=name, lora=True)
 
     def finish(folder: Path, _: Timings) -> GgufAdapterResult:
-        writer = gguf.GGUFWriter(None, rules.name)
+        # LoraModel.prepare_metadata's order: set_type, the model's names, set_gguf_parameters, quantization version
         writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_name(stem)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        meta.set_gguf_meta_model(writer)
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for p in pairs:
-            for suffix, shape, qtype in ((".lora_a", p.a_shape, p.a_type), (".lora_b", p.b_shape, p.b_type)):
-                writer.add_tensor_info(p.name + suffix, shape, np.dtype(np.float32), tensor_nbytes(shape, qtype), raw_dtype=qtype)
-                counts[qtype.name] = counts.get(qtype.name, 0) + 1
         writer.write_header_to_file(folder / filename)
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -414,7 +421,7 @@ def export_gguf_adapter(
             "tensor_types": counts,
             "notes": notes,
         }
-        settings = {"type": type, "name": stem, "allow_pickle": allow_pickle}
+        settings = {"type": type, "name": name, "allow_pickle": allow_pickle}
         write_manifest(folder, command="gguf-adapter", sources=sources, settings=settings, result=result, files=files)
         total = (folder / filename).stat().st_size
         res = GgufAdapterResult(
@@ -431,8 +438,7 @@ def export_gguf_adapter(
             seconds=round(time.perf_counter() - t_start, 3),
             notes=notes,
         )
-        for note in notes:
-            logger.info("%s", note)
+        log_notes(logger, notes)
         logger.debug("%s", res.summary())
         return res
 

@@ -44,7 +44,9 @@ from lorasave.pipeline.output import check_output_path, tokenizer_source
 from lorasave.pipeline.run import PlannedOutput, single_output
 from lorasave.sources import stamp as source_stamp
 from lorasave.sources.adapter import Adapter, load_adapters
-from lorasave.sources.checkpoint import TensorReader, open_checkpoint
+from lorasave.sources.checkpoint import TensorReader
+from lorasave.sources.named_base import open_base
+from lorasave.util.notes import log_notes
 from lorasave.util.textfile import read_utf8
 
 logger = logging.getLogger(__name__)
@@ -248,7 +250,7 @@ def _read_text(text: PathLike) -> str:
 
 
 def plan_imatrix(
-    base: PathLike,
+    base: PathLike | None,
     adapters: PathLike | Sequence[PathLike] | Sequence[Adapter] | None,
     output: PathLike,
     *,
@@ -293,7 +295,7 @@ def plan_imatrix(
     if chunks is not None and (isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1):
         raise InvalidOptionError(f"chunks {chunks!r}: give a number of chunks of at least 1, or none for all")
     body = _read_text(text)
-    ckpt = open_checkpoint(base)
+    ckpt = open_base(base, adapters)
     ads = load_adapters(adapters, allow_pickle=allow_pickle)
     tok_dir = tokenizer_source(tokenizer, [a.root for a in ads], ckpt.root)
     final = check_output_path(Path(output), [ckpt.root, *(a.root for a in ads), tok_dir], overwrite)
@@ -352,8 +354,7 @@ def plan_imatrix(
         logger.debug("%s", result.summary())
         return result
 
-    for note in notes:
-        logger.info("%s", note)
+    log_notes(logger, notes)
     return PlannedOutput(
         command="imatrix",
         final=final,

@@ -33,6 +33,7 @@ from lorasave.formats.gguf.model import (
     gguf_tensors,
     permute_qk,
 )
+from lorasave.formats.gguf.naming import model_stem
 from lorasave.formats.gguf.output import GgufOutput
 from lorasave.formats.gguf.quant import GgufType
 from lorasave.merging.stream import Timings
@@ -41,12 +42,14 @@ from lorasave.pipeline.output import check_output_path, tokenizer_source
 from lorasave.pipeline.run import PlannedOutput, single_output
 from lorasave.sources import stamp as source_stamp
 from lorasave.sources.adapter import Adapter, load_adapters
-from lorasave.sources.checkpoint import Checkpoint, open_checkpoint
-from lorasave.util.names import check_file_name, safe_file_name
+from lorasave.sources.checkpoint import Checkpoint
+from lorasave.sources.named_base import open_base
+from lorasave.util.names import check_file_name
+from lorasave.util.notes import log_notes
 
 logger = logging.getLogger(__name__)
 
-#: Suffix of the ``--imatrix`` file's copy in the output, ``<name>.imatrix`` (as imatrix files are
+#: Suffix of the ``--imatrix`` file's copy in the output, ``<stem>.imatrix`` (``naming.model_stem``; as imatrix files are
 #: published beside GGUF files; llama.cpp tells its GGUF and legacy layouts apart by content). Not
 #: ``.gguf``: it is not a model.
 IMATRIX_SUFFIX = ".imatrix"
@@ -214,7 +217,7 @@ def parse_types(type: str | Sequence[str]) -> list[GgufType]:
 
 
 def plan_gguf(
-    base: PathLike | Checkpoint,
+    base: PathLike | Checkpoint | None,
     adapters: PathLike | Sequence[PathLike] | Sequence[Adapter],
     output_dir: PathLike,
     *,
@@ -233,7 +236,7 @@ def plan_gguf(
     report_text: PathLike | None = None,
     imatrix: PathLike | None = None,
 ) -> PlannedOutput:
-    """Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<name>-<type>.gguf`` (one per type) plus ``lorasave.json``.
+    """Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<Name>-<size>-<TYPE>.gguf`` (one per type, named as llama.cpp names them) and ``lorasave.json``.
 
     Each tensor's merged float32 value W0 + Σ scaling·(B @ A) is computed once, row block by row
     block, and every streamed type's writer encodes the blocks at once; each tensor is renamed,
@@ -241,7 +244,8 @@ def plan_gguf(
     The folder appears atomically.
 
     Args:
-        base: base folder (``config.json`` + safetensors) or a Hub id in the local HF cache.
+        base: base folder (``config.json`` + safetensors) or a Hub id in the local HF cache; None: the
+            base the adapters name (``base_model_name_or_path``, ``sources.named_base``).
         adapters: one PEFT adapter folder or several (their deltas add up).
         output_dir: the folder to create.
         type: a :class:`gguf_quant.GgufType` value, or several (a list or a comma-separated string,
@@ -253,8 +257,10 @@ def plan_gguf(
             ``llama_model_quantize`` writes from an f32 GGUF of the merge; they need the llama.cpp
             runtime (``lorasave install-llama-cpp``).
         overwrite: replace an existing ``output_dir`` written by lorasave.
-        name: ``general.name`` and file stem, a plain file name (no path separator, ``..``, NUL); default:
-            the output folder's name, sanitised (``names.safe_file_name``).
+        name: ``general.name`` and file stem (``<name>-<TYPE>.gguf``), a plain file name (no path separator,
+            ``..``, NUL); default: the names llama.cpp's converter gives (``naming``: ``general.name``,
+            ``basename``, ``finetune``, ``size_label`` from the base's card, config and folder name; the
+            file ``gguf.naming_convention``'s, e.g. ``SmolLM2-135M-Instruct-Q8_0.gguf``).
         tokenizer: folder with ``tokenizer.json``; default: the first adapter's, else the base's.
         allow_pickle: accept ``adapter_model.bin``.
         verify: run ``lorasave verify`` on the staged output before the rename; a failure leaves nothing.
@@ -285,7 +291,7 @@ def plan_gguf(
             it (``llama_model_quantize_params.imatrix``) and the mix follows ``has_imatrix``; the
             types that need one (:attr:`GgufType.needs_imatrix`: iq2_*, iq1_*, iq3_xxs, iq3_xs,
             q2_k_s) are refused without it. The file is copied into the output
-            (``<name>.imatrix``, :data:`IMATRIX_SUFFIX`) so ``verify`` needs nothing else.
+            (``<stem>.imatrix``, :data:`IMATRIX_SUFFIX`) so ``verify`` needs nothing else.
 
     Returns:
         The planned output; ``pipeline.run.run_single`` writes it and returns a GgufResult.
@@ -331,11 +337,10 @@ def plan_gguf(
         from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
         llama_cpp.require()
-    ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
+    ckpt = open_base(base, adapters)
     ads: list[Adapter] = load_adapters(adapters, allow_pickle=allow_pickle)
     tok_dir = tokenizer_source(tokenizer, [a.root for a in ads], ckpt.root)
     final = check_output_path(Path(output_dir), [ckpt.root, *(a.root for a in ads), tok_dir], overwrite)
-    stem = name if name is not None else safe_file_name(final.name)
     from lorasave.formats.gguf.arch import ARCHITECTURES
 
     if str(ckpt.config.get("model_type")) not in ARCHITECTURES:  # llama.cpp's own converter, when it knows the architecture
@@ -350,7 +355,7 @@ def plan_gguf(
             ads,
             final,
             types,
-            stem=stem,
+            name=name,
             tok_dir=tok_dir,
             overwrite=overwrite,
             modelfile=modelfile,
@@ -358,10 +363,12 @@ def plan_gguf(
             quant_options=quant_options,
             t_start=t_start,
         )
-    model = GgufModel.build(ckpt, ads, tok_dir, stem)
+    model = GgufModel.build(ckpt, ads, tok_dir, name)
     writers: dict[GgufType, tuple[GgufOutput, list[str]]] = {}
     for st in types:
-        writers[st] = model.writer(st, f"{stem}-{st.value}.gguf", permute_qk, gguf_mix.for_type(st, options))
+        writers[st] = model.writer(st, None, permute_qk, gguf_mix.for_type(st, options))
+    assert model.meta is not None
+    stem = model_stem(model.meta, chosen=name)
     needed = sum(w.needed_bytes for w, _ in writers.values())
 
     def finish(folder: Path, job_timings: Timings) -> GgufResult:
@@ -433,7 +440,7 @@ def plan_gguf(
         if quality is not None:
             result["quality"] = quality.report.figures()
         type_setting = types[0].value if len(types) == 1 else ",".join(t.value for t in types)
-        settings = {"type": type_setting, "name": stem, "allow_pickle": allow_pickle, "modelfile": modelfile, **options.settings()}
+        settings = {"type": type_setting, "name": name, "allow_pickle": allow_pickle, "modelfile": modelfile, **options.settings()}
         write_manifest(folder, command="gguf", sources=sources, settings=settings, result=result, files=files)
         if verify:
             from lorasave.pipeline.finalize import verify_staged
@@ -468,8 +475,7 @@ def plan_gguf(
             types=[t.value for t in types],
             quality=quality.report if quality is not None else None,
         )
-        for note in notes:
-            logger.info("%s", note)
+        log_notes(logger, notes)
         logger.debug("%s", res.summary())
         return res
 
@@ -489,5 +495,8 @@ def plan_gguf(
 
 
 export_gguf = single_output(
-    plan_gguf, "export_gguf", "Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<name>-<type>.gguf`` (one per type) plus ``lorasave.json``.", "GgufResult"
+    plan_gguf,
+    "export_gguf",
+    "Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<Name>-<size>-<TYPE>.gguf`` (one per type, named as llama.cpp names them) and ``lorasave.json``.",
+    "GgufResult",
 )

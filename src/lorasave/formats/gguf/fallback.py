@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import shutil
 import time
 from dataclasses import replace
 from functools import cache
@@ -33,12 +34,14 @@ import gguf
 import torch
 
 from lorasave.errors import InvalidOptionError, UnsupportedModelError
+from lorasave.formats.gguf.naming import gguf_file_name
 from lorasave.formats.gguf.quant import GgufType
 from lorasave.merging.stream import Timings
 from lorasave.pipeline.manifest import MANIFEST_NAME, sha256_file, sha256_source, write_manifest
 from lorasave.pipeline.run import PlannedOutput
 from lorasave.sources.adapter import Adapter
 from lorasave.sources.checkpoint import Checkpoint
+from lorasave.util.notes import log_notes
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +104,45 @@ def merge_dtype(ckpt: Checkpoint, types: list[GgufType]) -> torch.dtype:
     return torch.float32
 
 
+def _converter_names(ckpt: Checkpoint, folder: Path, name: str | None) -> Path:
+    """The converter's ``--metadata`` file (in ``folder``, which the caller clears) naming the model as the native export does.
+
+    Every naming key is given, null included: the converter reads the staging folder, whose name would
+    otherwise become the model's (``general.size_label`` null: it counts the parameters itself). The
+    base's ``README.md`` is put beside the merge when the symlink rule allows, for the card's facts.
+    """
+    from lorasave.formats.gguf.naming import NAME_FIELDS, model_metadata
+    from lorasave.util.paths import escaping_target
+
+    meta = model_metadata(ckpt.root, hub_id=ckpt.hub_id, name=name)
+    card = ckpt.root / "README.md"
+    if card.is_file() and escaping_target(card, ckpt.root) is None and not (folder / "README.md").exists():
+        shutil.copyfile(card, folder / "README.md")
+    fields = {f"general.{f}": getattr(meta, f) for f in NAME_FIELDS if f != "size_label"}
+    path = folder / ".converter-metadata.json"
+    path.write_text(json.dumps({**fields, "general.organization": meta.organization, "general.size_label": None}), encoding="utf-8")
+    return path
+
+
+def _written_names(path: Path) -> gguf.Metadata:
+    """The naming keys the converter wrote into ``path`` (``general.name``, ``basename``, ``finetune``, ``version``, ``size_label``)."""
+    from lorasave.formats.gguf.naming import NAME_FIELDS
+
+    fields = gguf.GGUFReader(path).fields
+    meta = gguf.Metadata()
+    for f in NAME_FIELDS:
+        field = fields.get(f"general.{f}")
+        setattr(meta, f, field.contents() if field is not None else None)
+    return meta
+
+
 def plan_via_converter(
     ckpt: Checkpoint,
     ads: list[Adapter],
     final: Path,
     types: list[GgufType],
     *,
-    stem: str,
+    name: str | None,
     tok_dir: Path,
     overwrite: bool,
     modelfile: bool,
@@ -118,6 +153,10 @@ def plan_via_converter(
     """Plan ``lorasave gguf`` through llama.cpp's converter (see the module docstring).
 
     Args:
+        name: ``--name``, else None: the names of the native export (``naming.model_metadata`` of the base),
+            handed to the converter as its ``--metadata`` override (it would name the model after the
+            staging folder), the base's ``README.md`` beside the merge for the card's facts; the files are
+            named from the keys the converter wrote (``naming.gguf_file_name``).
         quant_options: ``pure`` / ``output_tensor_type`` / ``token_embedding_type`` for the
             llama-quantize types (``lib.quantize``'s keywords; None values are dropped).
 
@@ -195,20 +234,24 @@ def plan_via_converter(
         from lorasave.formats.gguf.export import GgufResult, _side_files
 
         merge_finish(folder, job_timings)  # index, config.json, tokenizer: a checkpoint the converter reads
+        override = _converter_names(ckpt, folder, name)
         checkpoint_files = [p for p in folder.iterdir() if p.is_file()]
-        names: dict[GgufType, str] = {t: f"{stem}-{t.value}.gguf" for t in types}
+        names: dict[GgufType, str] = {}
         seconds: dict[str, float] = {}
-        intermediate = folder / f".{stem}-converter-f32.gguf"
+        intermediate = folder / ".converter-f32.gguf"
         for t in types:
             start = time.perf_counter()
+            written = folder / f".converter-{t.value}.gguf"
             if t in CONVERTER_TYPES:
-                conv.convert(folder, folder / names[t], t.value)
+                conv.convert(folder, written, t.value, metadata=override)
             else:
                 from lorasave.runtimes.llama_cpp.lib import quantize
 
                 if not intermediate.is_file():
-                    conv.convert(folder, intermediate, "f32")
-                quantize(intermediate, folder / names[t], t.value, **options)
+                    conv.convert(folder, intermediate, "f32", metadata=override)
+                quantize(intermediate, written, t.value, **options)
+            names[t] = gguf_file_name(_written_names(written), t, chosen=name)
+            written.rename(folder / names[t])
             seconds[names[t]] = round(time.perf_counter() - start, 3)
         removed = sorted(p.name for p in checkpoint_files) + ([intermediate.name] if intermediate.exists() else [])
         for p in [*checkpoint_files, intermediate]:
@@ -257,10 +300,9 @@ def plan_via_converter(
         }
         if len(types) > 1:
             result["gguf_files"] = {f: {"type": e["type"], "tensor_types": e["tensor_types"]} for f, e in per_file.items()}
-        settings = {"type": ",".join(t.value for t in types), "name": stem, "modelfile": modelfile, **options}
+        settings = {"type": ",".join(t.value for t in types), "name": name, "modelfile": modelfile, **options}
         write_manifest(folder, command="gguf", sources=sources, settings=settings, result=result, files=files)
-        for note in notes:
-            logger.info("%s", note)
+        log_notes(logger, notes)
         return GgufResult(
             output=final,
             gguf_file=final / first,

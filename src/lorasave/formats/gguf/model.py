@@ -43,6 +43,7 @@ from lorasave.formats.gguf import mix as gguf_mix
 from lorasave.formats.gguf import quant as gguf_quant
 from lorasave.formats.gguf.arch import GgufArch, Hparams, gguf_arch_for
 from lorasave.formats.gguf.experts import Piece, Source, gguf_sources
+from lorasave.formats.gguf.naming import gguf_file_name, model_metadata
 from lorasave.formats.gguf.output import GgufOutput
 from lorasave.formats.gguf.quant import GgufType, tensor_nbytes
 from lorasave.formats.gguf.vocab import add_tokenizer, embedding_rows
@@ -298,20 +299,14 @@ def extra_tensors(config: dict[str, Any], rules: GgufArch, type: str) -> list[Ex
     return out
 
 
-def add_model_params(writer: gguf.GGUFWriter, config: dict[str, Any], rules: GgufArch, name: str, type: str, model_dir: Path | None = None) -> None:
+def add_model_params(writer: gguf.GGUFWriter, config: dict[str, Any], rules: GgufArch, meta: gguf.Metadata, type: str) -> None:
     """``general.*`` and ``{arch}.*`` keys (``ModelBase.prepare_metadata`` + ``set_gguf_parameters``).
 
-    Call it once the tensor infos are added: ``general.size_label`` comes from the writer's
-    ``get_total_parameter_count`` (``8x7B`` for a mixture of experts), as in ``prepare_metadata``.
-
     Args:
-        model_dir: folder whose README.md / config.json ``gguf.Metadata.load`` reads (the base).
+        meta: the model's names and card facts (``naming.model_metadata``: ``general.name``,
+            ``basename``, ``finetune``, ``size_label``...).
     """
     writer.add_type(gguf.GGUFType.MODEL)
-    total, shared, expert, n_expert = writer.get_total_parameter_count()
-    meta = gguf.Metadata.load(None, model_dir, name, total)
-    if meta.size_label is None and total > 0:
-        meta.size_label = gguf.size_label(total, shared, expert, n_expert)
     meta.set_gguf_meta_model(writer)
     for key, value, vtype in rules.params(Hparams.of(config)):
         writer.add_key_value(key.format(arch=rules.name), value, vtype)
@@ -339,8 +334,9 @@ class GgufModel:
         config: the base's config with the adapters' updates (``vocab_size``...).
         rules: the architecture's GGUF rules.
         tok_dir: the tokenizer folder the files get.
-        stem: ``general.name`` and the file stem.
+        name: ``--name`` (``general.name`` and the file stem), or None: the converter's names (``naming``).
         notes: the plan's notes and the tokenizer's, appended to as writers are built.
+        meta: the names (``naming.model_metadata``), set by the first :meth:`writer`.
     """
 
     ckpt: Checkpoint
@@ -349,11 +345,12 @@ class GgufModel:
     config: dict[str, Any]
     rules: GgufArch
     tok_dir: Path
-    stem: str
+    name: str | None
     notes: list[str] = field(default_factory=list)
+    meta: gguf.Metadata | None = None
 
     @classmethod
-    def build(cls, ckpt: Checkpoint, ads: list[Adapter], tok_dir: Path, stem: str) -> GgufModel:
+    def build(cls, ckpt: Checkpoint, ads: list[Adapter], tok_dir: Path, name: str | None = None) -> GgufModel:
         """Plan the merge of ``ads`` into ``ckpt`` for GGUF (float32 values, one block stream).
 
         Raises:
@@ -366,16 +363,32 @@ class GgufModel:
         for key, value in plan.config_updates.items():
             if "." not in key:
                 config[key] = value
-        return cls(ckpt, ads, plan, config, rules, tok_dir, stem, list(plan.notes))
+        return cls(ckpt, ads, plan, config, rules, tok_dir, name, list(plan.notes))
+
+    def metadata(self, tensors: list[GgufTensor], extras: list[ExtraTensor]) -> gguf.Metadata:
+        """The file's names (the same for every type): ``naming.model_metadata`` of the base folder with the parameter count of ``tensors``."""
+        if self.meta is None:
+            w = gguf.GGUFWriter(None, self.rules.name)
+            for e in extras:
+                w.add_tensor_info(e.name, e.data.shape, np.dtype(np.float32), e.nbytes, raw_dtype=e.qtype)
+            for g in tensors:
+                w.add_tensor_info(g.name, g.shape, np.dtype(np.float32), g.nbytes, raw_dtype=g.qtype)
+            self.meta = model_metadata(self.ckpt.root, hub_id=self.ckpt.hub_id, name=self.name, counts=w.get_total_parameter_count())
+        return self.meta
+
+    def file_name(self, stream: GgufType) -> str:
+        """The file name of type ``stream`` (``naming.gguf_file_name``); call :meth:`writer` (or :meth:`metadata`) first."""
+        assert self.meta is not None
+        return gguf_file_name(self.meta, stream, chosen=self.name)
 
     def writer(
         self,
         stream: GgufType,
-        filename: str,
+        filename: str | None = None,
         permute: Callable[[torch.Tensor, int, int | None], torch.Tensor] = permute_qk,
         options: gguf_quant.QuantOptions | None = None,
     ) -> tuple[GgufOutput, list[str]]:
-        """The writer of ``filename``: this model with per-tensor types of streamed type ``stream``
+        """The writer of ``filename`` (default :meth:`file_name`): this model with per-tensor types of streamed type ``stream``
         (and llama-quantize's ``options``: ``--pure``, ``--output-tensor-type``, ``--token-embedding-type``).
 
         Returns:
@@ -393,6 +406,8 @@ class GgufModel:
         exps = sorted({g.qtype.name for g in tensors if "_exps." in g.name and g.name.endswith(".weight")})
         if self.rules.expert_note and exps:
             type_notes = [*type_notes, self.rules.expert_note.format(types="/".join(exps))]
+        meta = self.metadata(tensors, extras)
+        filename = filename if filename is not None else self.file_name(stream)
 
         def start(path: Path) -> gguf.GGUFWriter:  # header, metadata, tensor infos
             w = gguf.GGUFWriter(None, self.rules.name)
@@ -400,7 +415,7 @@ class GgufModel:
                 w.add_tensor_info(e.name, e.data.shape, np.dtype(np.float32), e.nbytes, raw_dtype=e.qtype)
             for g in tensors:  # infos first (kept apart from the KV data): the size label counts them
                 w.add_tensor_info(g.name, g.shape, np.dtype(np.float32), g.nbytes, raw_dtype=g.qtype)
-            add_model_params(w, self.config, self.rules, self.stem, stream.value, self.ckpt.root)
+            add_model_params(w, self.config, self.rules, meta, stream.value)
             said: list[str] = []
             add_tokenizer(w, self.tok_dir, vocab_size(self.ckpt, self.plan, tensors), self.rules, self.config, said)
             self.notes.extend(n for n in said if n not in self.notes)  # every type's file says the same

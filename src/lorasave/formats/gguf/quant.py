@@ -48,6 +48,8 @@ from typing import Protocol
 import gguf
 import numpy as np
 
+from lorasave.util.notes import Detail
+
 Q = gguf.GGMLQuantizationType
 F = gguf.LlamaFileType
 
@@ -553,7 +555,7 @@ def encode(w: np.ndarray, qtype: gguf.GGMLQuantizationType, *, ggml: bool = Fals
     return data.reshape(gguf.quants.quant_shape_to_byte_shape(w.shape, qtype))
 
 
-def kquant_note(type: GgufType, options: QuantOptions | None = None) -> str:
+def kquant_note(type: GgufType, options: QuantOptions | None = None) -> Detail:
     """The result note saying how a k-quant file (or one with llama-quantize's options) was made."""
     from lorasave.runtimes.llama_cpp import lib as llama_cpp
 
@@ -562,7 +564,7 @@ def kquant_note(type: GgufType, options: QuantOptions | None = None) -> str:
     over = "".join(f", {k.replace('_', ' ')} {v}" for k, v in opts.settings().items() if k not in ("pure", "imatrix_sha256") and v)
     if opts.imatrix is not None:
         over += f", the importance matrix {getattr(opts.imatrix, 'path', '')}".rstrip()
-    return (
+    return Detail(
         f"{type.value}: every block encoded in the streaming pass by llama.cpp's own quantizer (ggml_quantize_chunk, llama.cpp "
         f"{llama_cpp.LLAMA_CPP_TAG}) from the float32 merge, with {mix}{over}; no intermediate file"
     )

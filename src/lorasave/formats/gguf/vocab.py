@@ -37,6 +37,7 @@ from lorasave.errors import UnsupportedModelError
 from lorasave.formats.gguf.arch import GgufArch, VocabKind
 from lorasave.sources.hf_load import load_tokenizer
 from lorasave.util.jsonio import read_json
+from lorasave.util.notes import Detail
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +307,7 @@ def _add_flags(special: gguf.SpecialVocab, tok_dir: Path, notes: list[str]) -> N
     for typ, value in derived.items():
         if typ not in special.add_special_token:
             special.add_special_token[typ] = value
-            notes.append(f"tokenizer.ggml.add_{typ}_token = {value}, as the tokenizer does (its files do not say)")
+            notes.append(Detail(f"tokenizer.ggml.add_{typ}_token = {value}, as the tokenizer does (its files do not say)"))
 
 
 def _arch_special_tokens(special: gguf.SpecialVocab, tok_dir: Path, rules: GgufArch, notes: list[str]) -> None:
@@ -335,7 +336,7 @@ def _fallback_ids(special: gguf.SpecialVocab, tok_dir: Path, base_config: dict[s
             value = value[0] if isinstance(value, list) and value else value
             if isinstance(value, int) and 0 <= value < n_vocab:
                 special.special_token_ids[typ] = value
-                notes.append(f"tokenizer.ggml.{typ}_token_id {value} from {source}")
+                notes.append(Detail(f"tokenizer.ggml.{typ}_token_id {value} from {source}"))
                 break
 
 

@@ -42,7 +42,9 @@ from lorasave.plan.merge_plan import build_plan
 from lorasave.sources import stamp as source_stamp
 from lorasave.sources.adapter import Adapter, adapter_list, load_adapters
 from lorasave.sources.architecture import inspect_architecture
-from lorasave.sources.checkpoint import open_checkpoint
+from lorasave.sources.checkpoint import Checkpoint
+from lorasave.sources.named_base import open_base
+from lorasave.util.notes import log_notes
 
 logger = logging.getLogger(__name__)
 
@@ -159,7 +161,7 @@ def _reference(ckpt_root: Path, ads: list[Adapter]) -> Any:
 
 
 def plan_onnx(
-    base: PathLike,
+    base: PathLike | Checkpoint | None,
     adapters: PathLike | Sequence[PathLike] | None,
     output: PathLike,
     *,
@@ -210,13 +212,14 @@ def plan_onnx(
     onnx, ort = import_onnx(exporter=False)
     if opset > onnx.defs.onnx_opset_version():
         raise InvalidOptionError(f"opset {opset}: the installed onnx {onnx.__version__} knows opsets up to {onnx.defs.onnx_opset_version()}")
-    ckpt = open_checkpoint(base)
+    ckpt = open_base(base, adapter_list(adapters))
     ads = load_adapters(adapter_list(adapters), allow_pickle=allow_pickle)
     tok_dir = tokenizer_source(tokenizer, [a.root for a in ads], ckpt.root)
     final = check_output_path(Path(output), [ckpt.root, *(a.root for a in ads), tok_dir], overwrite)
     plan = build_plan(
         ckpt, ads, inspect_architecture(ckpt.config), out_dtype=torch.float32, max_shard_size=1 << 62, weights=list(weights) if weights is not None else None
     )
+    log_notes(logger, plan.notes)
     config = dict(ckpt.config)
     config.update({k: v for k, v in plan.config_updates.items() if "." not in k})
     spec = decoder_spec(config, plan.tensors)
@@ -356,7 +359,7 @@ def _write_card(
 _plan_export = single_output(plan_onnx, "export_onnx", "Merge LoRA adapter(s) into a base and export an ONNX decoder with KV cache.", "OnnxResult")
 
 
-def export_onnx(base: PathLike, adapters: PathLike | Sequence[PathLike] | None, output: PathLike, **options: Any) -> OnnxResult:
+def export_onnx(base: PathLike | None, adapters: PathLike | Sequence[PathLike] | None, output: PathLike, **options: Any) -> OnnxResult:
     """Merge LoRA adapter(s) into a base and export an ONNX decoder with KV cache (``plan_onnx``'s options).
 
     Architectures of ``formats.onnx.spec.FAMILIES`` are built directly and streamed (``plan_onnx``);
@@ -366,9 +369,9 @@ def export_onnx(base: PathLike, adapters: PathLike | Sequence[PathLike] | None, 
     Raises:
         As ``plan_onnx``; for the fallback, as ``formats.onnx.legacy.export_onnx``.
     """
-    ckpt = open_checkpoint(base)
+    ckpt = open_base(base, adapter_list(adapters))
     if ckpt.config.get("model_type") in FAMILIES:
-        result: OnnxResult = _plan_export(ckpt.root if ckpt.hub_id is None else base, adapters, output, **options)
+        result: OnnxResult = _plan_export(ckpt, adapters, output, **options)
         return result
     from lorasave.formats.onnx import legacy
 
@@ -378,5 +381,5 @@ def export_onnx(base: PathLike, adapters: PathLike | Sequence[PathLike] | None, 
         )
     options.pop("progress", None)
     options.setdefault("opset", 18)
-    out: OnnxResult = legacy.export_onnx(base, adapters, output, **options)
+    out: OnnxResult = legacy.export_onnx(ckpt, adapters, output, **options)
     return out

@@ -32,7 +32,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -46,6 +46,9 @@ from lorasave.pipeline.run import PlannedOutput, run_single
 from lorasave.sources import stamp as source_stamp
 from lorasave.sources.adapter import adapter_list
 from lorasave.util.jsonio import read_json
+
+if TYPE_CHECKING:
+    from lorasave.sources.checkpoint import Checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -421,7 +424,7 @@ def _write_card(
 
 
 def export_onnx(
-    base: PathLike,
+    base: PathLike | Checkpoint | None,
     adapters: PathLike | Sequence[PathLike] | None,
     output: PathLike,
     *,
@@ -466,7 +469,7 @@ def export_onnx(
         InsufficientDiskError (``onnx_run.onnx_bytes_bound`` plus carried files exceed the free
         space; DiskFullError when the disk fills anyway), and those of ``lorasave.merge``.
     """
-    from lorasave.sources.checkpoint import open_checkpoint
+    from lorasave.sources.named_base import open_base
 
     t_start = time.perf_counter()
     dtype_name, quant = parse_onnx_options(dtype, quantize, opset)
@@ -474,7 +477,7 @@ def export_onnx(
     if opset > onnx.defs.onnx_opset_version():
         raise InvalidOptionError(f"opset {opset}: the installed onnx {onnx.__version__} knows opsets up to {onnx.defs.onnx_opset_version()}")
     ads = adapter_list(adapters)
-    ckpt = open_checkpoint(base)
+    ckpt = open_base(base, ads)
     if not ads and ckpt.quant_method is not None:
         raise UnsupportedModelError(
             f"{ckpt.root} is a {ckpt.quant_method} quantized checkpoint; give its adapter (the merge dequantizes it) "
@@ -496,7 +499,7 @@ def export_onnx(
             from lorasave.api import merge
 
             with _timed(timings, "merge"):
-                merge(base, ads, work / "merged", dtype="float32", weights=weights, tokenizer=tokenizer, allow_pickle=allow_pickle)
+                merge(ckpt, ads, work / "merged", dtype="float32", weights=weights, tokenizer=tokenizer, allow_pickle=allow_pickle)
             model_dir = work / "merged"
             merge_manifest = json.loads((model_dir / MANIFEST_NAME).read_text(encoding="utf-8"))
             described = merge_manifest["sources"]
