@@ -324,6 +324,18 @@ QWEN35: dict[str, Any] = {
     "linear_value_head_dim": 16,
     "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25, "mrope_section": [1, 1, 0], "mrope_interleaved": True},
 }
+LLAMA4_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0}
+LLAMA4_ROPE["original_max_position_embeddings"] = 8192
+LLAMA4: dict[str, Any] = {
+    **{"num_hidden_layers": 4, "interleave_moe_layer_step": 2, "intermediate_size_mlp": 192, "rope_parameters": LLAMA4_ROPE},
+    **{"no_rope_layers": None, "moe_layers": None},  # regenerated for the new layer count
+}
+#: A tiny Llama 4 vision tower (its projector sizes are not among :data:`TINY`'s keys).
+LLAMA4_VISION: dict[str, Any] = {
+    **{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
+    **{"vision_output_dim": 32, "projector_input_dim": 32, "projector_output_dim": 32},
+}
+DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0}
 #: Per ``model_type`` changes to the tiny config (after :data:`TINY`; into its ``text_config`` too).
 OVERRIDES: dict[str, dict[str, Any]] = {
     "mistral": {"sliding_window": None},
@@ -331,12 +343,43 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "ministral3": {"sliding_window": None},
     "phi3": {"pad_token_id": None},
     "qwen3_moe": {"norm_topk_prob": True},
+    # Llama 4: 4 layers (RoPE skipped on layer 3), MoE every 2nd layer (Maverick), Scout's llama3 RoPE, dense MLP 2x the expert's
+    "llama4_text": LLAMA4,
+    "llama4": {**LLAMA4, "vision_config": LLAMA4_VISION},
     # mrope_section sums to head_dim / 2 (16 / 2), as [16, 24, 24] does for Qwen2.5-VL's 128
     "qwen2_5_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
     "qwen3_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2], "mrope_interleaved": True}},
     # Qwen3.5: 4 layers (3 linear attention, 1 full); twice as many linear value heads as key heads (32 / 16),
     # head size hidden / value heads; a quarter of head_dim rotated, mrope_section summing to its half ([11, 11, 10])
     **dict.fromkeys(("qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe"), QWEN35),
+    # MLA needs one K/V head per head; one leading dense layer; 4 experts in 2 groups, 1 kept; DeepSeek-V3's
+    # config.json names its sigmoid gating (scoring_func), and its YaRN has mscale = mscale_all_dim
+    "deepseek_v3": {
+        **{
+            "num_key_value_heads": 4,
+            "head_dim": 8,
+            "first_k_dense_replace": 1,
+            "n_group": 2,
+            "topk_group": 1,
+            "scoring_func": "sigmoid",
+            "routed_scaling_factor": 2.5,
+        },
+        "rope_parameters": {**DEEPSEEK_YARN, "mscale": 1.0, "mscale_all_dim": 1.0},
+    },
+    # DeepSeek-V2-Lite's shape: q_proj without a q_lora_rank, which llama.cpp reads only with 26 or 27 layers;
+    # no padding row (its zero embedding gave NaN gradients when the LoRA of this 26-layer case was trained)
+    "deepseek_v2": {
+        **{
+            "num_key_value_heads": 4,
+            "head_dim": 8,
+            "num_hidden_layers": 26,
+            "q_lora_rank": None,
+            "first_k_dense_replace": 1,
+            "n_shared_experts": 2,
+            "pad_token_id": None,
+        },
+        "rope_parameters": {**DEEPSEEK_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
+    },
 }
 #: Options the converter runs with per model type: Qwen3.5 without its MTP block, as lorasave writes it
 #: (without ``--no-mtp`` the converter stops on a checkpoint that has none, any transformers save).
@@ -346,11 +389,20 @@ SPECIALS: dict[str, tuple[str, ...]] = {
     "glm4": ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
 }
 SPECIALS["glm4_moe"] = SPECIALS["glm4"]
-#: Modules of vision towers and projectors, left out of the case's LoRA (``LoraConfig.exclude_modules``).
-VISION_MODULES = r".*(vision|visual|multi_modal_projector|patch_embed|merger).*"
+#: Modules left out of the case's LoRA (``LoraConfig.exclude_modules``): vision towers and projectors, and
+#: Llama 4's router (an ``nn.Linear`` whose forward returns a tuple, which a LoRA layer cannot add to).
+VISION_MODULES = r".*(vision|visual|multi_modal_projector|patch_embed|merger|feed_forward\.router).*"
+#: Fused expert parameters the case's LoRA also targets (PEFT ``target_parameters``), per model type.
+TARGET_PARAMETERS: dict[str, list[str]] = {
+    "llama4_text": ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"],
+}
+TARGET_PARAMETERS["llama4"] = TARGET_PARAMETERS["llama4_text"]
 #: Model types run with a SentencePiece ``tokenizer.model``: the converter's class reads only that
 #: (``conversion/phi.py``) or lorasave's rules take no byte-level BPE (gemma2).
 SPM_ONLY = frozenset({"phi3", "gemma2"})
+#: Multimodal model types whose config ``AutoModelForCausalLM`` builds as the text model alone
+#: (``llama4`` -> ``Llama4ForCausalLM``): built as image-text-to-text, the checkpoint users have.
+IMAGE_TEXT = frozenset({"llama4"})
 #: Cases beyond one per model type: ``<model_type>-spm`` runs it with a SentencePiece ``tokenizer.model``.
 EXTRA_CASES = ("llama-spm", "gemma3_text-spm")
 
@@ -391,13 +443,16 @@ def tiny_config(model_type: str, vocab: int) -> Any:
 
 
 def tiny_model(model_type: str, vocab: int) -> Any:
-    """A tiny float32 model of ``model_type`` (seed 3): :func:`tiny_config`, causal LM head, else image-text-to-text."""
+    """A tiny float32 model of ``model_type`` (seed 3): :func:`tiny_config`, causal LM head, else (and for
+    :data:`IMAGE_TEXT`) image-text-to-text."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     config = tiny_config(model_type, vocab)
     torch.manual_seed(3)
     try:
+        if model_type in IMAGE_TEXT:
+            raise ValueError(model_type)
         model = AutoModelForCausalLM.from_config(config)
     except ValueError:
         model = AutoModelForImageTextToText.from_config(config)
@@ -440,7 +495,10 @@ def build_case(name: str, root: Path, tokenizer_dir: Path | None, base_dtype: st
         data["tokenizer_class"] = "PreTrainedTokenizerFast"
         tok_config.write_text(json.dumps(data, indent=2))
     # every linear layer of the language model (a vision tower gets no gradient from text)
-    config = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", exclude_modules=VISION_MODULES, task_type="CAUSAL_LM")
+    config = LoraConfig(
+        r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear", exclude_modules=VISION_MODULES,
+        target_parameters=TARGET_PARAMETERS.get(model_type), task_type="CAUSAL_LM",
+    )  # fmt: skip
     _models.train_lora(model, config, seed=5).save_pretrained(lora)
     return base, lora
 

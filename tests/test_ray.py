@@ -68,12 +68,11 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "lorasave.json"}
 
 
-@pytest.mark.skip(reason="fails in the CI run of 2026-12-03 with a JSONDecodeError on the CLI output (not investigated in time; see the closing note)")
 def test_batch_on_ray_equals_local(cluster: str, tmp_path: Path) -> None:
     jobs = _jobs(tmp_path)
     r = CliRunner().invoke(main, ["batch", str(jobs), "--ray", cluster, "--json"])
     assert r.exit_code == 0, r.output
-    doc = json.loads(r.output)
+    doc = json.loads(r.stdout)  # the document is stdout; stderr may carry Ray's own messages (r.output mixes both)
     assert doc["ok"] and len(doc["outputs"]) == 3
     shutil.move(tmp_path / "out", tmp_path / "ray-out")
     r = CliRunner().invoke(main, ["batch", str(jobs), "--quiet"])

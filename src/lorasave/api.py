@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from lorasave.formats.bnb import Bnb4bitSpec, import_bnb
+from lorasave.formats.compressed import CompressedSpec
 from lorasave.formats.safetensors import SafetensorsShardWriter
 from lorasave.formats.safetensors.header import layout, read_header, serialize_header
 from lorasave.formats.safetensors.output import SafetensorsOutput
@@ -215,13 +216,13 @@ def plan_merge(
         base_id = ckpt.hub_id or next((hub_id(a.config.get("base_model_name_or_path")) for a in ads if hub_id(a.config.get("base_model_name_or_path"))), None)
         write_card(
             folder,
-            kind=card_kind(method.value),
+            kind=card_kind(method.value, plan.quantizer),
             base_model=base_id,
             architectures=ckpt.config.get("architectures"),
             adapters=[_describe_adapter(a, {}) for a in ads],
             settings=_card_settings(plan, method, into, spec, weights),
             base_dir=ckpt.root,
-            load_snippet=merged_snippet(final.name, method.value),
+            load_snippet=merged_snippet(final.name, method.value, plan.quantizer),
             title=final.name,
         )
         return ["config.json", *carried, "README.md"]
@@ -266,7 +267,7 @@ def _card_settings(plan: MergePlan, method: SaveMethod, into: MergeInto, spec: B
         "save_method": method.value,
         "merge_into": into.value if into is not MergeInto.BASE else None,
         "4-bit quantization": f"{spec.quant_type}, blocksize {spec.blocksize}, double quant {spec.double_quant}" if spec and not method.compressed else None,
-        "quantization": plan.quantizer.label if method.compressed and plan.quantizer is not None else None,
+        "quantization": plan.quantizer.label if (method.compressed or getattr(plan.quantizer, "base_layout", False)) and plan.quantizer is not None else None,
         "adapter weights": ", ".join(map(str, weights)) if weights else None,
         "tensors changed by the adapters": len(plan.merged),
     }
@@ -364,7 +365,8 @@ def plan_merge_sources(
             "merge_into": into.value,
             "weights": list(weights) if weights is not None else None,
             "bnb_4bit": spec.describe() if spec else None,
-            "compressed_tensors": plan.quantizer.describe() if method.compressed and plan.quantizer is not None else None,
+            "compressed_tensors": plan.quantizer.describe() if isinstance(plan.quantizer, CompressedSpec) else None,
+            "base_layout": plan.quantizer.describe() if getattr(plan.quantizer, "base_layout", False) else None,
             **extra_settings,
         }
         summary = {

@@ -29,7 +29,7 @@ from lorasave.cli.app import (
 from lorasave.util.sizes import DEFAULT_MAX_SHARD_SIZE
 
 #: ``lorasave.util.options.SaveMethod``'s values (not imported here: it imports torch).
-_SAVE_METHODS = ("merged_16bit", "merged_4bit", "fp8_dynamic", "fp8_block", "w8a16", "w4a16", "w8a8", "nvfp4a16", "mxfp4a16")
+_SAVE_METHODS = ("merged_16bit", "merged_4bit", "fp8_dynamic", "fp8_block", "w8a16", "w4a16", "w8a8", "nvfp4a16", "mxfp4a16", "mxfp4")
 #: ``merge``'s 4-bit settings, named as ``lorasave.api.merge``'s keywords and as their options (``--quant-type``...).
 _QUANT_PARAMS = ("quant_type", "blocksize", "double_quant", "quant_input_dtype", "quantization_from")
 
@@ -49,7 +49,8 @@ def _method_options(f: Callable[..., Any]) -> Callable[..., Any]:
     f = _choice_option("--merge-into", ["base", "dequantized"], into)(f)
     method = (
         "merged_16bit: plain checkpoint in --dtype; merged_4bit: Linear weights as bitsandbytes 4-bit; "
-        "fp8_dynamic, fp8_block, w8a16, w4a16, w8a8, nvfp4a16, mxfp4a16: compressed-tensors for vLLM / SGLang (data-free)."
+        "fp8_dynamic, fp8_block, w8a16, w4a16, w8a8, nvfp4a16, mxfp4a16: compressed-tensors for vLLM / SGLang (data-free); "
+        "mxfp4: gpt-oss's own MXFP4 experts."
     )
     return _choice_option("--save-method", list(_SAVE_METHODS), method)(f)
 

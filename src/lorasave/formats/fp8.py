@@ -45,7 +45,7 @@ FP8_DTYPES = frozenset({"F8_E4M3", "F8_E5M2"})
 SCALE_DTYPES = frozenset({"F32", "BF16", "F16", "F8_E8M0", "U8"})
 SCALE_SUFFIX = "_scale_inv"
 #: Activation scales of the static scheme (transformers ``activation_scale``; ``input_scale`` in some exports).
-ACTIVATION_SUFFIXES = ("activation_scale", "input_scale")
+ACTIVATION_SUFFIXES = ("activation_scale", "input_scale", "input_zero_point")
 
 
 @dataclass
@@ -164,14 +164,18 @@ def _block_size(qc: dict[str, Any], where: Path) -> tuple[int, int] | None:
     return int(bs[0]), int(bs[1])
 
 
-def group_fp8(tensors: dict[str, TensorEntry], qc: dict[str, Any], out_dtype: StDtype, where: Path) -> tuple[dict[str, Fp8Weight], set[str]]:
+def group_fp8(
+    tensors: dict[str, TensorEntry], qc: dict[str, Any], out_dtype: StDtype, where: Path, suffix: str = SCALE_SUFFIX
+) -> tuple[dict[str, Fp8Weight], set[str]]:
     """Find the FP8 tensors of a ``quant_method: "fp8"`` checkpoint with their scales.
 
     Args:
         tensors: every entry of the checkpoint by name.
-        qc: config.json's ``quantization_config``.
+        qc: config.json's ``quantization_config`` (``weight_block_size``, ``scale_fmt``; for a
+            compressed-tensors base, its FP8 layout as ``formats.fp8_compressed`` normalizes it).
         out_dtype: the dtype the model computes in.
         where: config.json (named in errors about the config).
+        suffix: the scale's name is the FP8 tensor's plus this (``_scale_inv``; ``_scale`` for compressed-tensors).
 
     Returns:
         ``(FP8 tensors by name, names of every entry they consume)``; orphan activation scales are
@@ -188,7 +192,7 @@ def group_fp8(tensors: dict[str, TensorEntry], qc: dict[str, Any], out_dtype: St
     for name, e in tensors.items():
         if e.dtype.name not in FP8_DTYPES:
             continue
-        skey = name + SCALE_SUFFIX
+        skey = name + suffix
         s = tensors.get(skey)
         if s is None:
             raise QuantizedBaseError(
@@ -206,12 +210,12 @@ def group_fp8(tensors: dict[str, TensorEntry], qc: dict[str, Any], out_dtype: St
             )
         block = scale_grid(e, s, block_size)
         stem = name.removesuffix("weight") if name.endswith(".weight") else name + "_"
-        extra = [tensors[stem + a] for a in ACTIVATION_SUFFIXES if stem + a in tensors]
+        extra = [tensors[x] for x in (*(stem + a for a in ACTIVATION_SUFFIXES), name + "_zero_point") if x in tensors]
         weights[name] = Fp8Weight(name, e, s, block, out_dtype, extra)
         used |= {name, skey, *(x.name for x in extra)}
     for name, e in tensors.items():
-        if name.endswith(SCALE_SUFFIX) and name not in used:
-            target = name.removesuffix(SCALE_SUFFIX)
+        if name.endswith(suffix) and not name.endswith(ACTIVATION_SUFFIXES) and name not in used:
+            target = name.removesuffix(suffix)
             raise QuantizedBaseError(
                 f"{_where(e)}: scale tensor {name!r} has no FP8 tensor {target!r} beside it"
                 f"{f' ({target!r} is stored as ' + tensors[target].dtype.name + ')' if target in tensors else ''}; "
@@ -223,7 +227,7 @@ def group_fp8(tensors: dict[str, TensorEntry], qc: dict[str, Any], out_dtype: St
             used.add(name)
     if not weights:
         raise QuantizedBaseError(
-            f"{where} declares FP8 quantization (quant_method 'fp8'), but no tensor of the checkpoint is FP8 with a {SCALE_SUFFIX} scale "
+            f"{where} declares FP8 quantization (quant_method {qc.get('quant_method', 'fp8')!r}), but no tensor of the checkpoint is FP8 with a {suffix} scale "
             "beside it; fix config.json or re-download the model",
             path=where,
         )
@@ -237,3 +241,107 @@ def compute_dtype(config: dict[str, Any]) -> StDtype:
         name = config["text_config"].get("dtype") or config["text_config"].get("torch_dtype")
     st = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}.get(str(name).removeprefix("torch."), "BF16")
     return ST_DTYPES[st]
+
+
+@dataclass(frozen=True)
+class Fp8BlockSpec:
+    """``--save-method fp8_block`` on a block-scaled FP8 base: its own layout kept.
+
+    Tensors no adapter changes are copied as they are (FP8 values and ``_scale_inv``, byte for byte);
+    a merged one is re-quantized the way ``formats.compressed``'s ``fp8_block`` quantizes a 16-bit weight
+    (llm-compressor's ``oneshot`` with the ``FP8_BLOCK`` preset: the merge rounded to the output dtype,
+    min-max over each block, compressed-tensors' ``calculate_qparams`` and compressor), with the base's
+    block size, its scale written as ``<name>_scale_inv`` in the base's scale dtype (float32: exact).
+    ``config.json`` keeps the base's ``quantization_config``.
+
+    Attributes:
+        block: the base's ``weight_block_size``.
+        scale_dtype: safetensors dtype of the base's scales.
+        quantization: the base's ``quantization_config`` (JSON).
+    """
+
+    block: tuple[int, int]
+    scale_dtype: str
+    quantization: str
+    scale_suffix: str = SCALE_SUFFIX
+    base_layout = True
+
+    def _scheme_spec(self) -> Any:
+        from lorasave.formats.compressed import CompressedSpec
+
+        spec = CompressedSpec("fp8_block")
+        scheme = spec.scheme
+        weights = scheme.weights.model_copy(update={"block_structure": list(self.block)})
+        spec.__dict__["scheme"] = scheme.model_copy(update={"weights": weights})  # the cached_property, with the base's block
+        return spec
+
+    def serialized(self, name: str, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The merged float32 tensor ``(..., out, in)`` as FP8 values ``name`` and block scales ``name_scale_inv``."""
+        spec = self._scheme_spec()
+        flat = w.reshape(-1, *w.shape[-2:])
+        values, scales = [], []
+        for m in flat:  # one 2-D weight at a time (fused experts: each expert)
+            out = spec.serialized("w.weight", m, dtype)
+            values.append(out["w.weight"])
+            scales.append(out["w.weight_scale"])
+        sdt = ST_DTYPES[self.scale_dtype].torch_dtype
+        v = torch.stack(values).reshape(w.shape)
+        s = torch.stack(scales).reshape(*w.shape[:-2], *scales[0].shape).to(sdt)
+        return {name: v.contiguous(), name + self.scale_suffix: s.contiguous()}
+
+    def planned_shapes(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, tuple[StDtype, tuple[int, ...]]]:
+        """Names, dtypes and shapes :meth:`serialized` produces."""
+        grid = (-(-shape[-2] // self.block[0]), -(-shape[-1] // self.block[1]))
+        return {name: (ST_DTYPES["F8_E4M3"], tuple(shape)), name + self.scale_suffix: (ST_DTYPES[self.scale_dtype], (*shape[:-2], *grid))}
+
+    def quantization_config(self, compute_dtype: torch.dtype) -> dict[str, Any]:
+        """The base's ``quantization_config``."""
+        import json
+
+        return dict(json.loads(self.quantization))
+
+    def describe(self) -> dict[str, Any]:
+        """JSON form for the manifest."""
+        return {"format": "fp8 (the base's layout)", "weight_block_size": list(self.block), "scale_dtype": self.scale_dtype}
+
+    @property
+    def label(self) -> str:
+        """Short description."""
+        return f"FP8 {self.block[0]}x{self.block[1]} blocks (the base's layout)"
+
+
+def fp8_block_spec(weights: dict[str, Any], qc: dict[str, Any], where: Path, layout: dict[str, Any] | None = None) -> tuple[Fp8BlockSpec, set[str]]:
+    """The ``fp8_block`` output of an FP8 base, and the names of the tensors it writes as FP8.
+
+    Raises:
+        QuantizedBaseError: the base is not block-scaled (``weight_block_size`` null), its activation
+            scales are static (they would need calibration again), or its scales differ in dtype.
+
+    ``layout``: a compressed-tensors base's FP8 layout (``formats.fp8_compressed``); ``qc`` is then written back as it is.
+    """
+    import json
+
+    src = layout if layout is not None else qc
+    block = _block_size(src, where)
+    if block is None:
+        raise QuantizedBaseError(
+            f"{where}: --save-method fp8_block keeps a block-scaled FP8 base's layout, and this base has no weight_block_size "
+            "(per-tensor or per-channel scales); use merged_16bit, or fp8_dynamic for per-channel compressed-tensors weights",
+            path=where,
+        )
+    if str(src.get("activation_scheme", "dynamic")).lower() != "dynamic":
+        raise QuantizedBaseError(
+            f"{where}: the base's FP8 activation scales are static (activation_scheme {src.get('activation_scheme')!r}); they would have to be "
+            "calibrated again for the merged model, which lorasave does not do: use merged_16bit",
+            path=where,
+        )
+    bh, bw = block
+    chosen = {n for n, w in weights.items() if isinstance(w, Fp8Weight) and tuple(w.scale.shape[-2:]) == (-(-w.shape[-2] // bh), -(-w.shape[-1] // bw))}
+    dtypes = {weights[n].scale.dtype.name for n in chosen}
+    if len(dtypes) > 1 or dtypes & {"U8", "F8_E8M0"}:
+        raise QuantizedBaseError(
+            f"{where}: the base's FP8 scales are {', '.join(sorted(dtypes))}; --save-method fp8_block re-quantizes with float scales only: use merged_16bit",
+            path=where,
+        )
+    suffix = str(src.get("scale_suffix", SCALE_SUFFIX))
+    return Fp8BlockSpec(block, dtypes.pop() if dtypes else "F32", json.dumps(qc, sort_keys=True), suffix), chosen

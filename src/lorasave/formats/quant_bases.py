@@ -10,6 +10,9 @@ float32, adds the delta and rounds once to the output dtype:
 bitsandbytes      NF4/FP4 (double quant), LLM.int8       bitsandbytes itself (``formats.bnb``)
 fp8               FP8 + ``_scale_inv`` (block, tensor,   transformers' ``Fp8Dequantize`` arithmetic
                   channel)                               (``formats.fp8``)
+compressed-       ``float-quantized`` FP8 +              the same product in float32
+tensors           ``weight_scale`` (``FP8_DYNAMIC``,     (``formats.fp8_compressed``)
+                  ``FP8_BLOCK``, ``FP8`` presets)
 mxfp4             gpt-oss experts ``_blocks`` /          transformers' ``convert_moe_packed_tensors``
                   ``_scales``                            arithmetic (``formats.mxfp4``)
 ================  =====================================  ==============================================
@@ -26,6 +29,9 @@ from lorasave.errors import CheckpointFormatError, UnsupportedModelError
 from lorasave.formats import bnb
 from lorasave.formats.bnb import Bnb4bitWeight, Int8Weight, quantization_config
 from lorasave.formats.fp8 import Fp8Weight, compute_dtype, group_fp8
+from lorasave.formats.fp8_compressed import SCALE_SUFFIX as CT_SCALE_SUFFIX
+from lorasave.formats.fp8_compressed import describe_format, fp8_layout
+from lorasave.formats.mxfp4 import Mxfp4Weight, group_mxfp4
 from lorasave.formats.safetensors.header import TensorEntry
 
 #: ``quant_method`` values lorasave does not read, with what to call them.
@@ -45,13 +51,14 @@ UNSUPPORTED_METHODS = {
     "gguf": "GGUF",
 }
 
-QuantizedWeight = Bnb4bitWeight | Int8Weight | Fp8Weight
+QuantizedWeight = Bnb4bitWeight | Int8Weight | Fp8Weight | Mxfp4Weight
 #: The classes of :data:`QuantizedWeight`, for ``isinstance``.
-QUANTIZED_TYPES: tuple[type, ...] = (Bnb4bitWeight, Int8Weight, Fp8Weight)
+QUANTIZED_TYPES: tuple[type, ...] = (Bnb4bitWeight, Int8Weight, Fp8Weight, Mxfp4Weight)
 
 
 def check_quant_method(config: dict[str, Any], where: str) -> str | None:
-    """The base's quantization method if lorasave reads it (``"bitsandbytes"``, ``"fp8"``), None when not quantized.
+    """The base's quantization method if lorasave reads it (``"bitsandbytes"``, ``"fp8"``, ``"mxfp4"``, ``"compressed-tensors"``
+    for FP8 ones), None when not quantized.
 
     Raises:
         UnsupportedModelError: a method lorasave does not read (GPTQ, AWQ, HQQ, compressed-tensors...).
@@ -62,9 +69,13 @@ def check_quant_method(config: dict[str, Any], where: str) -> str | None:
     method = str(qc.get("quant_method", "")).lower()
     if method == "bitsandbytes" or qc.get("load_in_4bit") or qc.get("load_in_8bit"):
         return "bitsandbytes"
-    if method == "fp8":
+    if method in ("fp8", "mxfp4"):
+        return method
+    if method == "compressed-tensors" and fp8_layout(qc) is not None:
         return method
     name = UNSUPPORTED_METHODS.get(method, method or "unknown")
+    if method == "compressed-tensors":
+        name = f"compressed-tensors ({describe_format(qc)}; lorasave reads its FP8 float-quantized checkpoints only)"
     raise UnsupportedModelError(
         f"{where} is quantized with {name} (quant_method {method!r}), which lorasave cannot dequantize; "
         "merge into the original 16-bit checkpoint instead (with --merge-into dequantized if the adapter was trained on a 4-bit base)",
@@ -94,7 +105,15 @@ def group_quantized(method: str, config: dict[str, Any], tensors: dict[str, Tens
         if not weights:
             raise CheckpointFormatError(f"{where} declares bitsandbytes quantization but no quantized weights were found", path=where)
         return dict(weights), used
+    if method == "mxfp4":
+        mx, used = group_mxfp4(tensors, compute_dtype(config), where)
+        return dict(mx), used
     qc = quantization_config(config) or {}
+    if method == "compressed-tensors":
+        layout = fp8_layout(qc)
+        assert layout is not None
+        fp8, used = group_fp8(tensors, layout, compute_dtype(config), where, CT_SCALE_SUFFIX)
+        return dict(fp8), used
     fp8, used = group_fp8(tensors, qc, compute_dtype(config), where)
     return dict(fp8), used
 
@@ -113,4 +132,4 @@ def label(weight: Any) -> str:
         return "NF4/FP4"
     if isinstance(weight, Int8Weight):
         return "INT8"
-    return "FP8"
+    return "MXFP4" if isinstance(weight, Mxfp4Weight) else "FP8"

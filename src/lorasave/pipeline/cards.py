@@ -149,16 +149,20 @@ def write_card(
     return path
 
 
-def card_kind(save_method: str) -> str:
-    """The card ``kind`` of a merge's ``save_method``: ``"merged"``, ``"merged-4bit"`` or ``"merged-compressed"``."""
+def card_kind(save_method: str, quantizer: object = None) -> str:
+    """The card ``kind`` of a merge's ``save_method``: ``"merged"``, ``"merged-4bit"`` or ``"merged-compressed"``.
+
+    An output that keeps a quantized base's own layout (``quantizer.base_layout``: gpt-oss MXFP4, an FP8
+    base's blocks) loads with a plain ``from_pretrained``: ``"merged"``.
+    """
     if save_method == "merged_4bit":
         return "merged-4bit"
-    return "merged" if save_method == "merged_16bit" else "merged-compressed"
+    return "merged" if save_method == "merged_16bit" or getattr(quantizer, "base_layout", False) else "merged-compressed"
 
 
-def merged_snippet(repo_or_path: str, save_method: str = "merged_16bit") -> str:
+def merged_snippet(repo_or_path: str, save_method: str = "merged_16bit", quantizer: object = None) -> str:
     """How to load a merged output: transformers; vLLM too for a compressed-tensors output."""
-    if card_kind(save_method) == "merged-compressed":
+    if card_kind(save_method, quantizer) == "merged-compressed":
         return (
             "# vLLM / SGLang load the compressed-tensors weights as they are (GPU):\n"
             "from vllm import LLM\n\n"

@@ -20,6 +20,9 @@ import torch
 from lorasave.errors import AdapterMismatchError, InvalidOptionError, UnsupportedAdapterError, UnsupportedModelError
 from lorasave.formats.bnb import Bnb4bitSpec, quantization_config
 from lorasave.formats.compressed import CompressedSpec, select_modules
+from lorasave.formats.fp8 import Fp8BlockSpec, Fp8Weight, fp8_block_spec
+from lorasave.formats.fp8_compressed import fp8_layout
+from lorasave.formats.mxfp4 import Mxfp4Spec, Mxfp4Weight
 from lorasave.formats.quant_bases import QuantizedWeight
 from lorasave.formats.safetensors.header import TensorEntry, TensorLayout, layout, serialize_header
 from lorasave.plan.recipes import AdapterTensor, LoraDelta, Operation, SetRows
@@ -60,7 +63,7 @@ class OutputTensor:
     source: Source
     ops: tuple[Operation, ...] = ()
     roundtrip: Bnb4bitSpec | None = None
-    quantize: Bnb4bitSpec | CompressedSpec | None = None
+    quantize: Bnb4bitSpec | CompressedSpec | Mxfp4Spec | Fp8BlockSpec | None = None
 
     @property
     def changed(self) -> bool:
@@ -129,7 +132,7 @@ class MergePlan:
     notes: list[str] = field(default_factory=list)
     config_updates: dict[str, object] = field(default_factory=dict)
     converter: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
-    quantizer: Bnb4bitSpec | CompressedSpec | None = None
+    quantizer: Bnb4bitSpec | CompressedSpec | Mxfp4Spec | Fp8BlockSpec | None = None
 
     @property
     def total_bytes(self) -> int:
@@ -220,7 +223,7 @@ def build_plan(
     max_shard_size: int,
     weights: list[float] | None = None,
     merge_into: Bnb4bitSpec | None = None,
-    quantize: Bnb4bitSpec | CompressedSpec | None = None,
+    quantize: Bnb4bitSpec | CompressedSpec | Mxfp4Spec | Fp8BlockSpec | None = None,
 ) -> MergePlan:
     """Decide every output tensor, its dtype, recipe and shard.
 
@@ -235,7 +238,10 @@ def build_plan(
             (the base the adapter saw when it was trained with QLoRA on a 16-bit original).
         quantize: write the Linear weights transformers would quantize as bitsandbytes 4-bit, or
             (compressed-tensors) the ``nn.Linear`` weights but ``lm_head``, routers and shapes the
-            scheme cannot take, which go to its ``ignore`` list.
+            scheme cannot take, which go to its ``ignore`` list; or (``Mxfp4Spec``) gpt-oss's fused
+            experts as MXFP4, those no adapter changes copied from an MXFP4 base as they are; ``fp8_block``
+            on a block-scaled FP8 base keeps its layout (``Fp8BlockSpec``): unchanged FP8 tensors copied,
+            merged ones re-quantized.
 
     Raises:
         AdapterMismatchError: an adapter targets a tensor the base lacks, shapes disagree, or
@@ -325,12 +331,29 @@ def build_plan(
             notes.append(f"{len(unknown)} tensors unknown to {arch.model_class} kept (first: {unknown[0]})")
 
     chosen = arch.bnb_quantizable
-    if isinstance(quantize, CompressedSpec):
+    keep_layout = False
+    if isinstance(quantize, CompressedSpec) and quantize.save_method == "fp8_block" and ckpt.quant_method in ("fp8", "compressed-tensors"):
+        qc = quantization_config(ckpt.config) or {}
+        layout = fp8_layout(qc) if ckpt.quant_method == "compressed-tensors" else None
+        quantize, chosen = fp8_block_spec(dict(ckpt.tensors), qc, ckpt.root / "config.json", layout)
+        keep_layout = True
+    elif isinstance(quantize, CompressedSpec):
         linear = [m for m, k in arch.module_kinds.items() if k is ModuleKind.LINEAR]
         weight_shapes = {n.removesuffix(".weight"): shapes[n] for n in names if n.endswith(".weight")}
         chosen, ignore, q_notes = select_modules(quantize, linear, arch.bnb_quantizable, weight_shapes)
         quantize = CompressedSpec(quantize.save_method, tuple(ignore))
         notes.extend(q_notes)
+    if isinstance(quantize, Mxfp4Spec):
+        keep_layout = True
+        chosen = {n for n in names if quantize.quantizable(n, shapes[n])}
+        if not chosen:
+            raise UnsupportedAdapterError(
+                f"--save-method mxfp4 writes gpt-oss's fused experts (mlp.experts.gate_up_proj / down_proj) as MXFP4; "
+                f"{arch.model_class or ckpt.root} has none: use merged_16bit, or mxfp4a16 (compressed-tensors MXFP4 Linear weights)",
+                path=ckpt.root,
+            )
+        if ckpt.quant_method == "mxfp4":  # the base's own quantization_config (its modules_to_not_convert)
+            quantize = Mxfp4Spec(json.dumps(quantization_config(ckpt.config), sort_keys=True))
     tensors: dict[str, OutputTensor] = {}
     for name in names:
         src: Source = sources.get(name) or untied.get(name) or ckpt.tensors[name]
@@ -338,8 +361,15 @@ def build_plan(
         if tdt.torch_dtype in FLOAT_DTYPES and not is_scale(name):
             tdt = ST_DTYPES["F32"] if fp32 is not None and fp32.search(name) else st_dtype(dtype)
         t_ops = tuple(ops.get(name, ()))
+        if keep_layout and name in chosen and not t_ops and isinstance(src, (Mxfp4Weight, Fp8Weight)):
+            for e in src.entries():  # unchanged: the base's own codes and scales, byte for byte
+                tensors[e.name] = OutputTensor(e.name, tuple(e.shape), e.dtype, e)
+            continue
         rt = merge_into if isinstance(src, (TensorEntry, MemoryEntry)) and any(isinstance(o, LoraDelta) for o in t_ops) else None
-        q = quantize if quantize is not None and name.endswith(".weight") and name.removesuffix(".weight") in chosen else None
+        if keep_layout:
+            q = quantize if name in chosen else None
+        else:
+            q = quantize if quantize is not None and name.endswith(".weight") and name.removesuffix(".weight") in chosen else None
         tensors[name] = OutputTensor(name, tuple(src.shape), tdt, src, t_ops, rt, q)
     missing = sorted(set(ops) - set(tensors))
     if missing:
@@ -352,7 +382,7 @@ def build_plan(
         raise UnsupportedAdapterError(
             f"{ckpt.root} is already quantized; --merge-into dequantized (merge_into) is for a 16-bit base: merge into this 4-bit base directly", path=ckpt.root
         )
-    if quantize is not None:
+    if quantize is not None and not keep_layout:
         if any(k is ModuleKind.CONV1D_GPT2 for k in arch.module_kinds.values()):
             raise UnsupportedAdapterError("quantized output of GPT-2 style Conv1D models is not supported yet", path=ckpt.root)
         if not any(t.quantize for t in tensors.values()):

@@ -201,14 +201,23 @@ def open_checkpoint(spec: str | os.PathLike[str]) -> Checkpoint:
     if ckpt.quant_method is not None:
         with TensorReader() as reader:
             weights, used = group_quantized(ckpt.quant_method, config, ckpt.tensors, lambda e: reader.read(e).numpy().tobytes(), cfg_path)
-        logical: dict[str, TensorEntry | QuantizedWeight] = {}
-        for name, entry in ckpt.tensors.items():
-            if name in weights:
-                logical[name] = weights[name]
-            elif name not in used:
-                logical[name] = entry
-        ckpt.tensors = logical
+        ckpt.tensors = logical_tensors(ckpt.tensors, weights, used)
     return ckpt
+
+
+def logical_tensors(entries: dict[str, Any], weights: dict[str, Any], used: set[str]) -> dict[str, Any]:
+    """The checkpoint's tensors with each quantized weight in place of the entries it consumes, where the first
+    of them stood (an MXFP4 parameter has no entry of its own name: it stands where its ``_blocks`` did)."""
+    owner = {e.name: w.name for w in weights.values() for e in w.entries()}
+    logical: dict[str, Any] = {}
+    for name, entry in entries.items():
+        if name in owner:
+            logical.setdefault(owner[name], weights[owner[name]])
+        elif name in weights:
+            logical[name] = weights[name]
+        elif name not in used:
+            logical[name] = entry
+    return logical
 
 
 @dataclass(frozen=True)

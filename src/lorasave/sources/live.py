@@ -37,7 +37,7 @@ from lorasave.pipeline.manifest import MANIFEST_NAME, sha256_file, write_manifes
 from lorasave.pipeline.output import check_free_space, check_output_path, set_generation_eos, write_config
 from lorasave.pipeline.run import PlannedOutput, run_single
 from lorasave.sources.adapter import KEY_PREFIX, Adapter, TunerType, _check_config, _resolve_modules
-from lorasave.sources.checkpoint import Checkpoint, MemoryEntry
+from lorasave.sources.checkpoint import Checkpoint, MemoryEntry, logical_tensors
 from lorasave.util.dtypes import FLOAT_DTYPES, parse_output_dtype
 from lorasave.util.jsonio import load_json
 from lorasave.util.options import MergeInto, SaveMethod, bnb_spec, output_quantizer, parse_enum
@@ -114,7 +114,7 @@ def _live_checkpoint(model: Any) -> Checkpoint:
 
         with TensorReader() as reader:
             weights, used = group_quantized(ckpt.quant_method, config, ckpt.tensors, lambda e: reader.read(e).numpy().tobytes(), LIVE)  # type: ignore[arg-type]
-        ckpt.tensors = {n: weights.get(n, e) for n, e in ckpt.tensors.items() if n in weights or n not in used}
+        ckpt.tensors = logical_tensors(ckpt.tensors, weights, used)
     return ckpt
 
 
@@ -195,7 +195,7 @@ def save_pretrained_merged(
                 names.append("generation_config.json")
             write_card(
                 folder,
-                kind=card_kind(method.value),
+                kind=card_kind(method.value, plan.quantizer),
                 base_model=hub_id(getattr(base.config, "_name_or_path", None)),
                 architectures=ckpt.config.get("architectures"),
                 adapters=[
@@ -209,7 +209,7 @@ def save_pretrained_merged(
                 ],
                 settings={"dtype": str(plan.out_dtype).removeprefix("torch."), "save_method": save_method},
                 base_dir=None,
-                load_snippet=merged_snippet(final.name, method.value),
+                load_snippet=merged_snippet(final.name, method.value, plan.quantizer),
                 title=final.name,
             )
             names.append("README.md")

@@ -29,7 +29,7 @@ from lorasave.util.dtypes import ST_DTYPES, StDtype
 MERGEABLE = frozenset(ST_DTYPES[n] for n in ("F16", "BF16", "F32", "F64"))
 FP8 = frozenset(ST_DTYPES[n] for n in ("F8_E4M3", "F8_E5M2"))
 SCALE_SUFFIXES = ("_scale", "_scale_inv")
-_SCALE_NAMES = (".weight_scale", ".weight_scale_inv", ".input_scale")
+_SCALE_NAMES = (".weight_scale", "_scale_inv", ".input_scale", ".activation_scale")
 
 
 def is_scale(name: str) -> bool:

@@ -16,6 +16,7 @@ import torch
 from lorasave.errors import InvalidOptionError, SourceNotFoundError
 from lorasave.formats.bnb import Bnb4bitSpec, quantization_config
 from lorasave.formats.compressed import SAVE_METHODS, CompressedSpec, import_compressed_tensors
+from lorasave.formats.mxfp4 import Mxfp4Spec
 from lorasave.util.jsonio import read_json
 
 
@@ -32,6 +33,7 @@ class SaveMethod(enum.Enum):
     W8A8 = "w8a8"
     NVFP4A16 = "nvfp4a16"
     MXFP4A16 = "mxfp4a16"
+    MXFP4 = "mxfp4"  # gpt-oss's own MXFP4 experts (formats.mxfp4), the rest 16-bit
 
     @property
     def compressed(self) -> bool:
@@ -104,7 +106,7 @@ def bnb_spec(
 
 
 #: What ``merge`` quantizes its output with, if anything.
-OutputQuantizer = Bnb4bitSpec | CompressedSpec
+OutputQuantizer = Bnb4bitSpec | CompressedSpec | Mxfp4Spec
 
 
 def output_quantizer(method: SaveMethod, spec: Bnb4bitSpec | None) -> OutputQuantizer | None:
@@ -115,6 +117,8 @@ def output_quantizer(method: SaveMethod, spec: Bnb4bitSpec | None) -> OutputQuan
     """
     if method is SaveMethod.MERGED_4BIT:
         return spec
+    if method is SaveMethod.MXFP4:
+        return Mxfp4Spec()
     if method.compressed:
         import_compressed_tensors()
         return CompressedSpec(method.value)

@@ -398,10 +398,10 @@ class GgufModel:
 
         def start(path: Path) -> gguf.GGUFWriter:  # header, metadata, tensor infos
             w = gguf.GGUFWriter(None, self.rules.name)
+            for e in extras:  # generated first, as the converter's prepare_tensors
+                w.add_tensor_info(e.name, e.data.shape, np.dtype(np.float32), e.nbytes, raw_dtype=e.qtype)
             for g in tensors:  # infos first (kept apart from the KV data): the size label counts them
                 w.add_tensor_info(g.name, g.shape, np.dtype(np.float32), g.nbytes, raw_dtype=g.qtype)
-            for e in extras:
-                w.add_tensor_info(e.name, e.data.shape, np.dtype(np.float32), e.nbytes, raw_dtype=e.qtype)
             add_model_params(w, self.config, self.rules, self.stem, stream.value, self.ckpt.root)
             said: list[str] = []
             add_tokenizer(w, self.tok_dir, vocab_size(self.ckpt, self.plan, tensors), self.rules, self.config, said)

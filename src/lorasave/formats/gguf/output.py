@@ -4,7 +4,8 @@ The header, metadata and tensor infos are written at ``begin`` (every type and s
 the plan: ``formats.gguf.export.gguf_tensors``); then each tensor's blocks are encoded as they
 arrive (``formats.gguf.stream.EncodedTensor``), Q/K rows permuted once the tensor is complete, and
 the finished tensor queued for the writer thread (``HashingWriteBehind``), which writes and hashes
-it. The generated tensors (``rope_freqs``) follow the checkpoint's. Tensors must arrive in the
+it. The generated tensors (``rope_freqs``) come first, as in the converter's ``prepare_tensors``
+(``generate_extra_tensors`` before the checkpoint's). Tensors must arrive in the
 order of the tensor infos (the plan's order, a stacked expert tensor's pieces one after the other):
 :meth:`GgufOutput.order`.
 """
@@ -77,7 +78,7 @@ class GgufOutput(OutputWriter):
         start: writes the header, metadata and tensor infos to a path and returns the open
             ``gguf.GGUFWriter`` (``formats.gguf.export.start_gguf``).
         tensors: the checkpoint tensors (``GgufTensor``), in tensor-info order.
-        extras: the generated tensors (``ExtraTensor``), written last.
+        extras: the generated tensors (``ExtraTensor``), written first.
         permute: the Q/K row permutation (``formats.gguf.export.permute_qk``) applied to encoded rows.
         ggml: encode with llama.cpp's ``ggml_quantize_chunk`` (a k-quant file: every tensor but the
             F32 ones, so that each is byte for byte what ``llama_model_quantize`` writes).
@@ -128,14 +129,14 @@ class GgufOutput(OutputWriter):
         self._path = folder / self.filename
         self._writer = self._start(self._path)
         self.behind = HashingWriteBehind(self._writer, self.timings)
+        for e in self.extras:
+            self.behind.put(encode(e.data, e.qtype, ggml=self.ggml))
 
     def open_tensor(self, name: str) -> TensorSink | None:
         feeds = self._feeds.get(name)
         return None if feeds is None else _Sink(self, self._srcs[name], feeds)
 
     def end(self) -> dict[str, str]:
-        for e in self.extras:
-            self.behind.put(encode(e.data, e.qtype, ggml=self.ggml))
         digest, length = self.behind.finish()
         assert self._writer is not None and self._path is not None
         self._writer.close()

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorasave.errors import UnsupportedModelError
-from lorasave.formats.gguf.arch import gemma, gemma4, glm, gptoss, granite, llama, mistral, olmo, phi, qwen, qwen35, qwenvl, smollm
+from lorasave.formats.gguf.arch import deepseek, gemma, gemma4, glm, gptoss, granite, llama, llama4, mistral, olmo, phi, qwen, qwen35, qwenvl, smollm
 from lorasave.formats.gguf.arch.base import MULTIMODAL, GgufArch, Hparams, MetaItem, TextOf, VocabKind, head_counts, no_check, no_extra, rope_theta, text_params
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
 #: Supported HF ``model_type`` -> GGUF rules (llama.cpp ``conversion/__init__.py`` TEXT_MODEL_MAP), every family's.
 ARCHITECTURES: dict[str, GgufArch] = {
     **llama.ARCHITECTURES,
+    **llama4.ARCHITECTURES,
     **qwen.ARCHITECTURES,
     **gemma.ARCHITECTURES,
     **gemma4.ARCHITECTURES,
@@ -58,6 +59,7 @@ ARCHITECTURES: dict[str, GgufArch] = {
     **gptoss.ARCHITECTURES,
     **qwenvl.ARCHITECTURES,
     **qwen35.ARCHITECTURES,
+    **deepseek.ARCHITECTURES,
 }
 
 #: ``model_type`` -> one-line reason: known architectures the export refuses (the runtime may load them).
