@@ -246,6 +246,8 @@ def plan_pairs(ckpt: Checkpoint, adapter: Adapter, rules: GgufArch, type: str, a
             raise _refuse(adapter, f"it adapts experts stacked in {g.name}")
         if not g.src.ops:
             continue
+        if g.transform is not None:  # GgufArch.transforms: Qwen3.5's V-head reorder...
+            raise _refuse(adapter, f"it adapts {g.src.name}, whose values llama.cpp's converter transforms")
         op = g.src.ops[0]
         if len(g.src.ops) != 1 or not isinstance(op, LoraDelta):
             raise _refuse(adapter, f"{g.src.name} gets {type_name(g.src.ops)}, not a plain LoRA delta")
