@@ -143,14 +143,14 @@ base.TextModel.get_vocab_base_pre = patched
 # --------------------------------------------------------------------------- the converter
 
 
-def convert(conv: Converter, model: Path, out: Path, outtype: str, fallback_pre: str) -> tuple[float, bool]:
-    """Run the converter through :data:`SHIM`; return (wall seconds, whether the pre-tokenizer was patched).
+def convert(conv: Converter, model: Path, out: Path, outtype: str, fallback_pre: str, args: tuple[str, ...] = ()) -> tuple[float, bool]:
+    """Run the converter through :data:`SHIM` (with more options ``args``); return (wall seconds, whether the pre-tokenizer was patched).
 
     Raises:
         LlamaCppConverterError: the converter failed.
     """
     start = time.perf_counter()
-    log = conv.convert(model, out, outtype, env={"LORASAVE_FALLBACK_PRE": fallback_pre}, prelude=SHIM)
+    log = conv.convert(model, out, outtype, env={"LORASAVE_FALLBACK_PRE": fallback_pre}, prelude=SHIM, args=args)
     return time.perf_counter() - start, "LORASAVE-SHIM" in log
 
 
@@ -336,6 +336,14 @@ TINY: dict[str, Any] = {
     "image_size": 32,
     "patch_size": 8,
 }
+QWEN35: dict[str, Any] = {
+    "num_hidden_layers": 4,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25, "mrope_section": [1, 1, 0], "mrope_interleaved": True},
+}
 LLAMA4_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0}
 LLAMA4_ROPE["original_max_position_embeddings"] = 8192
 LLAMA4: dict[str, Any] = {
@@ -378,6 +386,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # mrope_section sums to head_dim / 2 (16 / 2), as [16, 24, 24] does for Qwen2.5-VL's 128
     "qwen2_5_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
     "qwen3_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2], "mrope_interleaved": True}},
+    # Qwen3.5: 4 layers (3 linear attention, 1 full); twice as many linear value heads as key heads (32 / 16),
+    # head size hidden / value heads; a quarter of head_dim rotated, mrope_section summing to its half ([11, 11, 10])
+    **dict.fromkeys(("qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe"), QWEN35),
     # MLA needs one K/V head per head; one leading dense layer; 4 experts in 2 groups, 1 kept; DeepSeek-V3's
     # config.json names its sigmoid gating (scoring_func), and its YaRN has mscale = mscale_all_dim
     "deepseek_v3": {
@@ -407,6 +418,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "rope_parameters": {**DEEPSEEK_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
     },
 }
+#: Options the converter runs with per model type: Qwen3.5 without its MTP block, as lorasave writes it
+#: (without ``--no-mtp`` the converter stops on a checkpoint that has none, any transformers save).
+CONVERTER_ARGS: dict[str, tuple[str, ...]] = dict.fromkeys(("qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe"), ("--no-mtp",))
 #: Special tokens the converter's ``set_vocab`` looks up, per model type (``Glm4Model``: ``<|user|>`` ...).
 SPECIALS: dict[str, tuple[str, ...]] = {
     "glm4": ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
@@ -581,7 +595,7 @@ def run_case(name: str, workdir: Path, conv: Converter, types: list[str], tokeni
         ours = next(ours_dir.glob("*.gguf"))
         ref = case_root / f"converter-{merge_dtype}-{t}.gguf"
         try:
-            t_ref, patched = convert(conv, merged, ref, t, gguf_pre(ours))
+            t_ref, patched = convert(conv, merged, ref, t, gguf_pre(ours), CONVERTER_ARGS.get(name.removesuffix("-spm"), ()))
         except LlamaCppConverterError as exc:
             result.error = str(exc)
             return result

@@ -31,6 +31,7 @@ from lorasave.errors import InvalidOptionError, LlamaCppError, LlamaCppInstallEr
 from lorasave.formats.gguf.export import export_gguf, permute_qk
 from lorasave.runtimes.llama_cpp import install as llama_cpp_install
 from lorasave.runtimes.llama_cpp import lib as llama_cpp
+from lorasave.runtimes.llama_cpp import llama_h
 
 TEXT = "LoRA adapts a frozen model by adding a low-rank update to some of its weight matrices. Merging folds that update into the weights. " * 4
 SAMPLE = "Merging a low-rank update folds it into the frozen weights, adapter by adapter."
@@ -134,7 +135,7 @@ C_LAYOUT: dict[str, tuple[int, dict[str, int]]] = {
 
 @pytest.mark.parametrize("name", sorted(C_LAYOUT))
 def test_struct_layout_matches_c(name: str) -> None:
-    struct = getattr(llama_cpp, name)
+    struct = getattr(llama_h, name)
     size, offsets = C_LAYOUT[name]
     assert ctypes.sizeof(struct) == size
     for field, offset in offsets.items():

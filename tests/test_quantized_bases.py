@@ -392,12 +392,19 @@ def test_save_method_mxfp4(gpt_oss: dict[str, Any], tmp_path: Path) -> None:
     diff = float((logits - c["logits"]).abs().max()) / scale
     print(f"gpt-oss --save-method mxfp4 (transformers, dequantized) vs transformers+PEFT float32: max|diff| {diff:.3f} x max|logit|, top-1 {top1:.3f}")
     assert top1 >= 0.9  # 4-bit experts: the bytes are checked exactly above
+    from lorasave.verify.run import verify
+
+    rep = verify(out, level="tensors")
+    assert rep.ok and set(rep.not_probed) == {f"model.layers.{i}.{p}{x}" for i in range(2) for p in EXPERTS for x in ("_blocks", "_scales")}, rep.counts()
+    print(f"gpt-oss --save-method mxfp4: verify {rep.counts()}")
     # an adapter that leaves the experts alone: their blocks and scales are the base's, byte for byte
     attn = get_peft_model(load_reference(c["base"]), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     attn.save_pretrained(tmp_path / "attn")
     lorasave.merge(c["base"], tmp_path / "attn", tmp_path / "out", save_method="mxfp4")
     base, kept = load_file(c["base"] / "model.safetensors"), M.read_tensors(tmp_path / "out")
     assert all(torch.equal(kept[k], v) for k, v in base.items() if k.endswith(("_blocks", "_scales")))
+    rep = verify(tmp_path / "out", level="tensors")
+    assert rep.ok and not rep.not_probed, rep.counts()  # every expert block and scale bit-equal to the base's
 
 
 def test_mxfp4_layout_refused(gpt_oss: dict[str, Any], tmp_path: Path) -> None:
@@ -460,6 +467,11 @@ def test_fp8_block_keeps_the_base_layout(name: str, built: Any, tmp_path: Path) 
         assert torch.equal(got[k].view(torch.uint8), ref["weight"].view(torch.uint8)), k
         assert got[k + "_scale_inv"].dtype == torch.float32 and torch.equal(got[k + "_scale_inv"], ref["weight_scale"].float()), k
     assert changed
+    from lorasave.verify.run import verify
+
+    rep = verify(out, level="tensors")
+    assert rep.ok and len(rep.not_probed) == 2 * changed, rep.counts()  # re-quantized values and scales: not checkable
+    print(f"{name} --save-method fp8_block: verify {rep.counts()}")
     logits = M.logits_of(AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32), c["ids"])
     scale = float(c["logits"].abs().max())
     top1, n = margin_top1(logits, c["logits"], 0.02 * scale)
@@ -567,3 +579,25 @@ def test_compressed_tensors_fp8_base(preset: str, tmp_path: Path) -> None:
     else:
         with pytest.raises(QuantizedBaseError, match="weight_block_size"):
             lorasave.merge(base, tmp_path / "lora", tmp_path / "block", save_method="fp8_block")
+
+
+def test_cli(gpt_oss: dict[str, Any], built: Any, tmp_path: Path) -> None:
+    """``lorasave merge --save-method mxfp4`` writes what the API writes; on a model without gpt-oss experts, and on a
+    broken FP8 scale, one ``error:`` line."""
+    from click.testing import CliRunner
+
+    from lorasave.cli.main import main
+
+    c = gpt_oss
+    res = CliRunner().invoke(main, ["merge", str(c["base"]), str(c["lora"]), "-o", str(tmp_path / "cli"), "--save-method", "mxfp4"])
+    assert res.exit_code == 0, res.output
+    api = c["root"] / "out-mxfp4"
+    if not api.exists():
+        lorasave.merge(c["base"], c["lora"], api, save_method="mxfp4")
+    got, want = M.read_tensors(tmp_path / "cli"), M.read_tensors(api)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    llama = built("llama-block")
+    res = CliRunner().invoke(main, ["merge", str(llama["base"]), str(llama["lora"]), "-o", str(tmp_path / "no"), "--save-method", "mxfp4"])
+    assert res.exit_code == 1 and "mxfp4" in res.output and not (tmp_path / "no").exists()
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.output

@@ -8,7 +8,8 @@ Public API::
     lorasave.attach(peft_model)   # then peft_model.save_pretrained_merged(...), Unsloth-style
     lorasave.export_gguf(base, adapters, output, type="q8_0")
     lorasave.export_gguf_adapter(base, adapter, output, type="f16")
-    lorasave.export_onnx(base, adapters, output)
+    lorasave.export_onnx(base, adapters, output)   # lora_inputs="all-linear": LoRA weights as graph inputs
+    lorasave.export_onnx_adapter(onnx_base, adapter, output)   # an .onnx_adapter for that graph
     lorasave.compute_imatrix(base, adapters, output, text="calib.txt")   # llama-imatrix's GGUF
     lorasave.load_imatrix("imatrix.gguf").importances()   # what llama_model_quantize takes
     from lorasave.verify.run import verify; verify(output, level="tensors"
@@ -35,6 +36,9 @@ _LAZY = {
     "export_gguf_adapter": "formats.gguf.adapter",
     "GgufAdapterResult": "formats.gguf.adapter",
     "export_onnx": "formats.onnx.export",
+    "OnnxResult": "formats.onnx.export",
+    "export_onnx_adapter": "formats.onnx.adapter",
+    "OnnxAdapterResult": "formats.onnx.adapter",
     "compute_imatrix": "formats.gguf.calibrate",
     "ImatrixResult": "formats.gguf.calibrate",
     "load_imatrix": "formats.gguf.imatrix",
@@ -56,6 +60,8 @@ __all__ = [
     "ImatrixResult",
     "LorasaveError",
     "MergeResult",
+    "OnnxAdapterResult",
+    "OnnxResult",
     "PushResult",
     "VerifyReport",
     "__version__",
@@ -64,6 +70,7 @@ __all__ = [
     "export_gguf",
     "export_gguf_adapter",
     "export_onnx",
+    "export_onnx_adapter",
     "inspect_path",
     "load_imatrix",
     "merge",
@@ -79,7 +86,8 @@ if TYPE_CHECKING:
     from lorasave.formats.gguf.calibrate import ImatrixResult, compute_imatrix
     from lorasave.formats.gguf.export import GgufResult, export_gguf
     from lorasave.formats.gguf.imatrix import Imatrix, load_imatrix
-    from lorasave.formats.onnx.export import export_onnx
+    from lorasave.formats.onnx.adapter import OnnxAdapterResult, export_onnx_adapter
+    from lorasave.formats.onnx.export import OnnxResult, export_onnx
     from lorasave.hub.push import PushResult, push
     from lorasave.sources.live import attach, save_pretrained_merged
     from lorasave.verify.inspect import inspect_path

@@ -15,7 +15,8 @@ GGUF outputs (``verify_gguf``: float tensors probed, quantized ones bit-equal to
 quantizer's encoding of the merge; GGUF LoRA adapters probed pair by pair). Adapter outputs
 (``lorasave adapter``) must equal the source adapter's tensors cast to their dtype, bit for bit.
 LoHa/LoKr, trainable tokens, lora_bias, MoE experts, re-quantized bitsandbytes outputs and ONNX
-initializers are reported as not checkable, never as passed.
+initializers are reported as not checkable, never as passed. ONNX LoRA adapters (``onnx-adapter``)
+are probed pair by pair (``verify_onnx_adapter``).
 ``logits`` (``verify_judge``): OUT's logits against base + adapter(s) under PEFT (fp32) on a fixed text.
 
 Every level reports its counts (``verify_report``); a file whose size or sha256 differs from
@@ -113,6 +114,11 @@ def verify(
     command = manifest.get("command")
     if lvl is Level.TENSORS and command == "adapter":
         _check_adapter(out, manifest, report, adapters)
+    elif lvl is Level.TENSORS and command == "onnx-adapter":
+        from lorasave.verify.onnx_adapter import check_onnx_adapter
+
+        _, ads, _ = _sources(out, manifest, base, adapters)
+        check_onnx_adapter(out, manifest, report, ads, seed)
     elif lvl is Level.TENSORS and command == "onnx":
         report.skipped = "ONNX initializers are not compared with the merge yet (use --level logits)"
     elif lvl is Level.TENSORS and command in ("merge", "gguf", "gguf-adapter"):
@@ -161,9 +167,6 @@ class _Checker:
         if e is not None and e.kind == "skip":
             rep.not_checkable(name, e.reason)
             return
-        if e is None and self._expert(name):
-            rep.not_checkable(name, "MoE experts changed by a target_parameters LoRA not probed")
-            return
         if e is None or e.kind == "replace":
             if e is not None:
                 assert e.replace is not None
@@ -180,6 +183,8 @@ class _Checker:
                 good = w0.shape == w1.shape and bool(((w1.float() - w0.float()).abs() <= _elem(err, w0) + 1e-30).all())
             if good:
                 rep.exact()
+            elif e is None and self._expert(name):
+                rep.not_checkable(name, "MoE experts changed by a target_parameters LoRA not probed")
             else:
                 rep.fail(name, why + what)
             return
@@ -243,7 +248,8 @@ def _check_tensors(out: Path, manifest: dict[str, Any], report: VerifyReport, ba
 
         check_gguf_adapter(out, manifest, report, ckpt, ads, seed)
         return
-    if settings.get("save_method") not in (None, "merged_16bit") or settings.get("merge_into") == "dequantized":
+    keep_layout = settings.get("base_layout") is not None  # a quantized base's own layout (fp8_block on FP8, mxfp4)
+    if (settings.get("save_method") not in (None, "merged_16bit") and not keep_layout) or settings.get("merge_into") == "dequantized":
         report.skipped = "re-quantized output or merge into a quantization round trip: its tensors are not checkable (files level only)"
         return
     with TensorReader() as reader:
@@ -257,11 +263,44 @@ def _check_tensors(out: Path, manifest: dict[str, Any], report: VerifyReport, ba
         from lorasave.verify.sources import live_unprobed
 
         checker.exp.update({n: Expect("skip", reason=why) for n, why in live_unprobed(manifest, adapters).items()})
+        raw = _raw_entries(ckpt) if keep_layout else {}
         for shard in sorted(out.glob("*.safetensors")):
             for name, entry in read_header(shard).tensors.items():
+                if keep_layout and _quantized_piece(ckpt, name):
+                    _check_kept(name, entry, raw.get(name), reader, report)
+                    continue
                 w1 = reader.read(entry)
                 eps = torch.finfo(w1.dtype).eps if w1.dtype.is_floating_point else 0.0
                 checker.check(name, w1, w1.dtype, float(eps))
+
+
+def _raw_entries(ckpt: Any) -> dict[str, Any]:
+    """The base's safetensors entries by name, before quantized weights were folded (codes, scales)."""
+    from lorasave.formats.safetensors.header import read_header
+
+    entries: dict[str, Any] = {}
+    for f in ckpt.weight_files:
+        entries.update(read_header(f).tensors)
+    return entries
+
+
+def _quantized_piece(ckpt: Any, name: str) -> bool:
+    """Whether an output tensor of a kept-layout output is quantized data (FP8 values, scales, MXFP4 blocks)."""
+    from lorasave.formats.quant_bases import QUANTIZED_TYPES
+
+    return isinstance(ckpt.tensors.get(name), QUANTIZED_TYPES) or name not in ckpt.tensors
+
+
+def _check_kept(name: str, entry: Any, src: Any, reader: Any, report: VerifyReport) -> None:
+    """A quantized tensor of a kept-layout output: bit-equal to the base's own bytes, or re-quantized (not checkable)."""
+    if src is not None and src.dtype == entry.dtype and src.shape == entry.shape and torch.equal(_bytes(reader.read(src)), _bytes(reader.read(entry))):
+        report.exact()
+    else:
+        report.not_checkable(name, "re-quantized from the merge in the base's layout")
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().reshape(-1).view(torch.uint8)
 
 
 def _check_adapter(out: Path, manifest: dict[str, Any], report: VerifyReport, adapters: Any) -> None:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import gguf
 
 from lorasave.errors import UnsupportedModelError
-from lorasave.formats.gguf.arch.base import GgufArch, Hparams, K, MetaItem, V, VocabKind
-from lorasave.formats.gguf.arch.llama import llama_params
+from lorasave.formats.gguf.arch.base import GgufArch, Hparams, K, MetaItem, V
+from lorasave.formats.gguf.arch.llama import llama_like, llama_params
 
 #: config.json multiplier -> GGUF key (``GraniteModel.set_gguf_parameters``, in its order).
 MULTIPLIERS = (
@@ -61,12 +61,5 @@ def granite_check(hp: Hparams) -> None:
 
 #: HF ``model_type`` -> rules.
 ARCHITECTURES: dict[str, GgufArch] = {
-    "granite": GgufArch(
-        gguf.MODEL_ARCH.GRANITE,
-        granite_params,
-        permute_qk=True,
-        vocabs=(VocabKind.SPM, VocabKind.SPM_JSON, VocabKind.BPE),
-        bpe_pre="llama-bpe",
-        check=granite_check,
-    ),
+    "granite": llama_like(gguf.MODEL_ARCH.GRANITE, granite_params, check=granite_check),
 }

@@ -5,6 +5,8 @@ permuted to interleaved RoPE, ``vocab_size`` and ``rope.dimension_count``, Llama
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import gguf
 import numpy as np
@@ -52,15 +54,15 @@ def llama3_rope_freqs(hp: Hparams) -> list[tuple[str, np.ndarray]]:
     return [(name, torch.tensor(factors, dtype=torch.float32).numpy())]
 
 
-LLAMA = GgufArch(
-    gguf.MODEL_ARCH.LLAMA,
-    llama_params,
-    permute_qk=True,
-    vocabs=(VocabKind.SPM, VocabKind.SPM_JSON, VocabKind.BPE),
-    bpe_pre="llama-bpe",
-    extra_tensors=llama3_rope_freqs,
-    rope_types=frozenset({"default", "linear", "llama3"}),
-)
+def llama_like(arch: gguf.MODEL_ARCH, params: Callable[[Hparams], list[MetaItem]], **rules: Any) -> GgufArch:
+    """The rules every Llama-derived ``LlamaModel`` subclass of the converter shares: Q/K rows permuted
+    to interleaved RoPE pairs (``LlamaModel.modify_tensors``), the vocab tried as SentencePiece, then
+    SentencePiece-style tokenizer.json, then byte-level BPE (``LlamaModel.set_vocab``), ``llama-bpe`` as
+    the BPE pre-tokenizer; ``rules``: the architecture's other :class:`GgufArch` fields."""
+    return GgufArch(arch, params, permute_qk=True, vocabs=(VocabKind.SPM, VocabKind.SPM_JSON, VocabKind.BPE), bpe_pre="llama-bpe", **rules)
+
+
+LLAMA = llama_like(gguf.MODEL_ARCH.LLAMA, llama_params, extra_tensors=llama3_rope_freqs, rope_types=frozenset({"default", "linear", "llama3"}))
 
 
 #: HF ``model_type`` -> rules. Mixtral is ``llama`` with experts (``LlamaModel`` stacks

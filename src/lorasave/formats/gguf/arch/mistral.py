@@ -15,8 +15,8 @@ from dataclasses import replace
 import gguf
 
 from lorasave.errors import UnsupportedModelError
-from lorasave.formats.gguf.arch.base import MULTIMODAL, GgufArch, Hparams, K, MetaItem, V, VocabKind, set_item
-from lorasave.formats.gguf.arch.llama import llama_params
+from lorasave.formats.gguf.arch.base import MULTIMODAL, GgufArch, Hparams, K, MetaItem, V, set_item
+from lorasave.formats.gguf.arch.llama import llama_like, llama_params
 
 
 def yarn_params(hp: Hparams) -> list[MetaItem]:
@@ -88,15 +88,7 @@ def mistral3_check(hp: Hparams) -> None:
         raise UnsupportedModelError(f"mistral3 with sliding_window={h['sliding_window']}: llama.cpp's mistral3 architecture has no sliding window")
 
 
-MISTRAL3 = GgufArch(
-    gguf.MODEL_ARCH.MISTRAL3,
-    mistral3_params,
-    permute_qk=True,
-    vocabs=(VocabKind.SPM, VocabKind.SPM_JSON, VocabKind.BPE),
-    bpe_pre="llama-bpe",
-    check=mistral3_check,
-    rope_types=frozenset({"default", "linear", "yarn"}),
-)
+MISTRAL3 = llama_like(gguf.MODEL_ARCH.MISTRAL3, mistral3_params, check=mistral3_check, rope_types=frozenset({"default", "linear", "yarn"}))
 
 #: HF ``model_type`` -> rules.
 ARCHITECTURES: dict[str, GgufArch] = {

@@ -13,8 +13,8 @@ from __future__ import annotations
 import gguf
 
 from lorasave.errors import UnsupportedModelError
-from lorasave.formats.gguf.arch.base import GgufArch, Hparams, VocabKind
-from lorasave.formats.gguf.arch.llama import llama_params
+from lorasave.formats.gguf.arch.base import GgufArch, Hparams
+from lorasave.formats.gguf.arch.llama import llama_like, llama_params
 
 #: ``llama_model_smollm3::load_arch_hparams``: every 4th layer has no RoPE.
 NO_ROPE_STEP = 4
@@ -44,12 +44,5 @@ def smollm3_check(hp: Hparams) -> None:
 
 #: HF ``model_type`` -> rules.
 ARCHITECTURES: dict[str, GgufArch] = {
-    "smollm3": GgufArch(
-        gguf.MODEL_ARCH.SMOLLM3,
-        llama_params,
-        permute_qk=True,
-        vocabs=(VocabKind.SPM, VocabKind.SPM_JSON, VocabKind.BPE),
-        bpe_pre="llama-bpe",
-        check=smollm3_check,
-    ),
+    "smollm3": llama_like(gguf.MODEL_ARCH.SMOLLM3, llama_params, check=smollm3_check),
 }
