@@ -32,6 +32,7 @@ import test_hub
 from hub_server import USER, WRITE_TOKEN, HubStandIn
 from lorasave.errors import InvalidChoiceError, InvalidOptionError, LorasaveError, NotOfferedError, UnknownArgumentError, UnsupportedModelError
 from lorasave.unsloth import SAVE_METHOD_ALIASES, SAVE_METHODS, gguf_types, sixteen_bit_type
+from lorasave.verify.run import verify
 
 hub = test_hub.hub  # the Hub stand-in fixture
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -165,12 +166,17 @@ def test_unsloth_session(model: PeftModel, tok: PreTrainedTokenizerBase, adapter
     assert res.modelfile is not None and (res.output / "Modelfile").read_bytes() == (own.output / "Modelfile").read_bytes()
     manifest = json.loads((res.output / "lorasave.json").read_text())
     assert manifest["sources"]["base"]["path"] == str(BASE.resolve()) and "live_model" in manifest["sources"]
+    rep = verify(res.output)  # the base from lorasave.json; the live adapter's tensors not checkable without it
+    assert rep.ok and rep.not_probed and all("--adapter" in why for why in rep.not_probed.values())
+    rep = verify(res.output, adapters=[adapter_dir])
+    assert rep.ok and not rep.not_probed and rep.tensors_probed > 0
 
     # --- model.save_pretrained_ggml: the GGUF LoRA adapter == lorasave.export_gguf_adapter
     res = _call(model.save_pretrained_ggml, "lora_gguf", tok)
     own = lorasave.export_gguf_adapter(BASE, adapter_dir, ref / "lora_gguf", type="f16")
     assert res.gguf_file.name == own.gguf_file.name
     _same_bytes(res.output, own.output, [own.gguf_file.name])
+    assert verify(res.output, adapters=[adapter_dir]).tensors_probed == 2 * 7 * 2
 
     # --- pushes, the token given as token=
     res = _call(model.push_to_hub_merged, "tiny-lora", tok, save_method="lora", token=token)
