@@ -9,7 +9,8 @@ Public API::
     lorasave.attach(peft_model)   # then peft_model.save_pretrained_merged(...), push_to_hub_gguf(...): Unsloth's names
     lorasave.export_gguf(base, adapters, output, type="q8_0")
     lorasave.export_gguf_adapter(base, adapter, output, type="f16")
-    lorasave.export_onnx(base, adapters, output)
+    lorasave.export_onnx(base, adapters, output)   # lora_inputs="all-linear": LoRA weights as graph inputs
+    lorasave.export_onnx_adapter(onnx_base, adapter, output)   # an .onnx_adapter for that graph
     lorasave.compute_imatrix(base, adapters, output, text="calib.txt")   # llama-imatrix's GGUF
     lorasave.load_imatrix("imatrix.gguf").importances()   # what llama_model_quantize takes
     from lorasave.verify.run import verify; verify(output, level="tensors"
@@ -36,6 +37,9 @@ _LAZY = {
     "export_gguf_adapter": "formats.gguf.adapter",
     "GgufAdapterResult": "formats.gguf.adapter",
     "export_onnx": "formats.onnx.export",
+    "OnnxResult": "formats.onnx.export",
+    "export_onnx_adapter": "formats.onnx.adapter",
+    "OnnxAdapterResult": "formats.onnx.adapter",
     "compute_imatrix": "formats.gguf.calibrate",
     "ImatrixResult": "formats.gguf.calibrate",
     "load_imatrix": "formats.gguf.imatrix",
@@ -63,6 +67,8 @@ __all__ = [
     "ImatrixResult",
     "LorasaveError",
     "MergeResult",
+    "OnnxAdapterResult",
+    "OnnxResult",
     "PushResult",
     "SavedAndPushed",
     "VerifyReport",
@@ -72,6 +78,7 @@ __all__ = [
     "export_gguf",
     "export_gguf_adapter",
     "export_onnx",
+    "export_onnx_adapter",
     "inspect_path",
     "load_imatrix",
     "merge",
@@ -92,7 +99,8 @@ if TYPE_CHECKING:
     from lorasave.formats.gguf.calibrate import ImatrixResult, compute_imatrix
     from lorasave.formats.gguf.export import GgufResult, export_gguf
     from lorasave.formats.gguf.imatrix import Imatrix, load_imatrix
-    from lorasave.formats.onnx.export import export_onnx
+    from lorasave.formats.onnx.adapter import OnnxAdapterResult, export_onnx_adapter
+    from lorasave.formats.onnx.export import OnnxResult, export_onnx
     from lorasave.hub.push import PushResult, push
     from lorasave.unsloth import (
         SavedAndPushed,

@@ -141,7 +141,7 @@ def save_pretrained_merged(
             ``generation_config.json``.
         save_method: ``"merged_16bit"``, ``"merged_4bit"``, ``"lora"``, or a compressed-tensors scheme
             for vLLM / SGLang (``"fp8_dynamic"``, ``"fp8_block"``, ``"w8a16"``, ``"w4a16"``, ``"w8a8"``,
-            ``"nvfp4a16"``, ``"mxfp4a16"``: ``lorasave.merge``'s ``save_method``).
+            ``"nvfp4a16"``, ``"mxfp4a16"``), or ``"mxfp4"`` (gpt-oss's MXFP4 experts): ``lorasave.merge``'s ``save_method``.
         max_shard_size: shard limit in bytes or ``"5GB"`` (decimal units).
         dtype: ``"auto"`` (the base's), ``"bfloat16"``, ``"float16"``, ``"float32"``.
         overwrite: replace an existing ``save_directory`` (default True, as Unsloth).

@@ -168,8 +168,9 @@ def _unchanged_copy(adapter: Adapter, ckpt: Checkpoint, target: str) -> bool:
         return torch.equal(reader.read(entry).to(torch.float32), adapter.tensor(key, reader).to(torch.float32))
 
 
-def check_expressible(adapter: Adapter, ckpt: Checkpoint) -> None:
-    """Refuse what llama.cpp's LoRA adapter format (pairs ``lora_a``/``lora_b`` + one alpha) cannot hold.
+def check_expressible(adapter: Adapter, ckpt: Checkpoint, *, refuse: Callable[[Adapter, str], UnsupportedAdapterError] | None = None) -> None:
+    """Refuse what llama.cpp's LoRA adapter format (pairs ``lora_a``/``lora_b`` + one alpha) cannot hold;
+    ``refuse`` words the error for another adapter format (the ONNX one) that holds the same.
 
     Raises:
         UnsupportedAdapterError: LoHa / LoKr / IA3 / trainable tokens, DoRA, ``lora_bias``,
@@ -177,28 +178,29 @@ def check_expressible(adapter: Adapter, ckpt: Checkpoint) -> None:
             differs from the base's (resized vocabulary; PEFT's ``save_embedding_layers`` copies of
             the unchanged base weight are accepted), LoRA on 3-D parameters (``target_parameters``) or on convolutions.
     """
+    say = refuse or _refuse
     cfg = adapter.config
     if adapter.tuner is not TunerType.LORA:
-        raise _refuse(adapter, f"peft_type {adapter.tuner.value} is not LoRA")
+        raise say(adapter, f"peft_type {adapter.tuner.value} is not LoRA")
     if adapter.uses_dora:
-        raise _refuse(adapter, "DoRA (use_dora) rescales each weight by a magnitude vector")
+        raise say(adapter, "DoRA (use_dora) rescales each weight by a magnitude vector")
     if cfg.get("lora_bias") or any("lora_B.bias" in p.keys for p in adapter.parts.values()):
-        raise _refuse(adapter, "lora_bias trains a bias delta")
+        raise say(adapter, "lora_bias trains a bias delta")
     if cfg.get("trainable_token_indices") or any(TOKENS_ROLE in p.keys for p in adapter.parts.values()):
-        raise _refuse(adapter, "trainable_token_indices trains rows of the embedding (new or changed tokens)")
+        raise say(adapter, "trainable_token_indices trains rows of the embedding (new or changed tokens)")
     if cfg.get("modules_to_save"):
-        raise _refuse(adapter, f"modules_to_save ({', '.join(cfg['modules_to_save'])}) stores full trained modules")
+        raise say(adapter, f"modules_to_save ({', '.join(cfg['modules_to_save'])}) stores full trained modules")
     for target in sorted(adapter.extra):
         if ".modules_to_save." not in adapter.extra[target] and _unchanged_copy(adapter, ckpt, target):
             continue  # save_embedding_layers wrote the untouched base weight beside the LoRA
         if any(k in target for k in ("embed", "lm_head", "wte", "output")):
-            raise _refuse(adapter, f"it saves a full {target} that differs from the base's (new tokens or a resized vocabulary)")
-        raise _refuse(adapter, f"modules_to_save stores full trained tensors ({target})")
+            raise say(adapter, f"it saves a full {target} that differs from the base's (new tokens or a resized vocabulary)")
+        raise say(adapter, f"modules_to_save stores full trained tensors ({target})")
     if cfg.get("target_parameters"):
-        raise _refuse(adapter, "target_parameters puts LoRA on 3-D expert parameters")
+        raise say(adapter, "target_parameters puts LoRA on 3-D expert parameters")
     for p in adapter.lora.values():
         if len(adapter.shape(p.lora_A)) != 2:
-            raise _refuse(adapter, f"{p.module} is a convolution LoRA")
+            raise say(adapter, f"{p.module} is a convolution LoRA")
 
 
 def _file_alpha(adapter: Adapter) -> float:
@@ -244,6 +246,8 @@ def plan_pairs(ckpt: Checkpoint, adapter: Adapter, rules: GgufArch, type: str, a
             raise _refuse(adapter, f"it adapts experts stacked in {g.name}")
         if not g.src.ops:
             continue
+        if g.transform is not None:  # GgufArch.transforms: Qwen3.5's V-head reorder...
+            raise _refuse(adapter, f"it adapts {g.src.name}, whose values llama.cpp's converter transforms")
         op = g.src.ops[0]
         if len(g.src.ops) != 1 or not isinstance(op, LoraDelta):
             raise _refuse(adapter, f"{g.src.name} gets {type_name(g.src.ops)}, not a plain LoRA delta")
