@@ -184,7 +184,7 @@ def test_unsloth_session(model: PeftModel, tok: PreTrainedTokenizerBase, adapter
     assert got["adapter_model.safetensors"] == (adapter_dir / "adapter_model.safetensors").read_bytes()
     assert "lorasave.json" in got and "tokenizer.json" in got and res.kept is None and not res.saved.output.exists()
 
-    res = _call(model.push_to_hub_gguf, "tiny-gguf", tok, quantization_method=["q8_0", "quantized"], token=token)
+    res = _call(model.push_to_hub_gguf, "tiny-gguf", tok, quantization_method=["q8_0", "quantized"], token=token, max_shard_size="5GB")
     own = lorasave.export_gguf(BASE, adapter_dir, ref / "tiny-gguf", type="q8_0,q4_k_m", tokenizer=tok_dir, modelfile=False)
     got = hub.files(f"{USER}/tiny-gguf")
     assert all(got[p.name] == p.read_bytes() for p in own.gguf_files) and "Modelfile" in got
@@ -200,7 +200,7 @@ def test_unsloth_session(model: PeftModel, tok: PreTrainedTokenizerBase, adapter
     )
 
     # --- the same names as functions; Unsloth's default quantization_method ("fast_quantized")
-    res = _call(lorasave.save_pretrained_gguf, model, "fn_gguf", tok, maximum_memory_usage=0.5)
+    res = _call(lorasave.save_pretrained_gguf, model, "fn_gguf", tok, maximum_memory_usage=0.5, max_shard_size="5GB", first_conversion="f16")
     assert res.types == ["q8_0"]
     own = lorasave.export_gguf(BASE, adapter_dir, ref / "fn_gguf", type="q8_0", tokenizer=tok_dir, modelfile=False)
     _same_bytes(res.output, own.output, [own.gguf_file.name])
@@ -211,7 +211,7 @@ def test_unsloth_session(model: PeftModel, tok: PreTrainedTokenizerBase, adapter
     assert model.training == training
     # the token appears in no log line, no output and no file
     log_text = "\n".join(r.getMessage() for r in caplog.records)
-    assert "maximum_memory_usage" in log_text  # the not-needed argument was named
+    assert "not needed by lorasave: maximum_memory_usage" in log_text and "first_conversion" in log_text  # the ignored arguments are named
     transcript = capsys.readouterr().out
     test_hub._assert_token_nowhere(hub, token, log_text, transcript)
     with capsys.disabled():

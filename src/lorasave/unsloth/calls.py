@@ -223,10 +223,8 @@ def push_to_hub_gguf(
     Raises:
         As :func:`save_pretrained_gguf` and ``lorasave.push``; the push checks run before anything is written.
     """
-    given = _given(first_conversion=first_conversion, use_temp_dir=use_temp_dir, safe_serialization=safe_serialization)
-    if max_shard_size is not None:
-        given["max_shard_size"] = max_shard_size
-    take_unsloth_kwargs("push_to_hub_gguf", {**unsloth_kwargs, **given}, (*GGUF_EXTRA, "max_shard_size"), _declared(push_to_hub_gguf))
+    given = _given(first_conversion=first_conversion, use_temp_dir=use_temp_dir, safe_serialization=safe_serialization, max_shard_size=max_shard_size)
+    take_unsloth_kwargs("push_to_hub_gguf", {**unsloth_kwargs, **given}, GGUF_EXTRA, _declared(push_to_hub_gguf))
     save = _gguf_saver(model, tokenizer, quantization_method, imatrix_file, name, True, modelfile, pure, output_tensor_type, token_embedding_type)
     return save_and_push(
         save, repo_id, save_directory=save_directory, token=token, private=private, commit_message=commit_message, create_pr=create_pr, revision=revision

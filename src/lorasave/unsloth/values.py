@@ -85,6 +85,7 @@ NOT_NEEDED: dict[str, str] = {
     "num_calibration_samples": "lorasave's compressed-tensors presets are data-free",
     "max_seq_length": "lorasave's compressed-tensors presets are data-free",
     "save_method": "a GGUF file is always a merge (save_pretrained_ggml writes the adapter)",
+    "max_shard_size": "a GGUF file is one file",
     "state_dict": "lorasave reads the model's own tensors (only None is accepted)",
     "calibration_dataset": "lorasave's compressed-tensors presets are data-free (only None is accepted)",
 }
@@ -110,7 +111,7 @@ MERGED_EXTRA = (
     "use_temp_dir",
     "commit_description",
 )
-GGUF_EXTRA = (*MERGED_EXTRA, "first_conversion", "merge_is_disposable", "save_method")
+GGUF_EXTRA = (*MERGED_EXTRA, "first_conversion", "merge_is_disposable", "save_method", "max_shard_size")
 
 #: Unsloth's names lorasave does not offer, and what to use instead.
 NOT_OFFERED: dict[str, str] = {
