@@ -5,7 +5,8 @@ Public API::
     lorasave.merge(base, adapters, output, dtype="auto", max_shard_size="5GB")
     lorasave.save_adapter(adapter, output, dtype=None)
     lorasave.save_pretrained_merged(peft_model, "out", tokenizer, save_method="merged_16bit")
-    lorasave.attach(peft_model)   # then peft_model.save_pretrained_merged(...), Unsloth-style
+    lorasave.save_pretrained_gguf(peft_model, "out", tokenizer, quantization_method=["q4_k_m", "q8_0"])
+    lorasave.attach(peft_model)   # then peft_model.save_pretrained_merged(...), push_to_hub_gguf(...): Unsloth's names
     lorasave.export_gguf(base, adapters, output, type="q8_0")
     lorasave.export_gguf_adapter(base, adapter, output, type="f16")
     lorasave.export_onnx(base, adapters, output)   # lora_inputs="all-linear": LoRA weights as graph inputs
@@ -45,8 +46,14 @@ _LAZY = {
     "Imatrix": "formats.gguf.imatrix",
     "push": "hub.push",
     "PushResult": "hub.push",
-    "save_pretrained_merged": "sources.live",
-    "attach": "sources.live",
+    "save_pretrained_merged": "unsloth",
+    "push_to_hub_merged": "unsloth",
+    "save_pretrained_gguf": "unsloth",
+    "push_to_hub_gguf": "unsloth",
+    "save_pretrained_ggml": "unsloth",
+    "push_to_hub_ggml": "unsloth",
+    "SavedAndPushed": "unsloth",
+    "attach": "unsloth",
     "VerifyReport": "verify.run",
     "inspect_path": "verify.inspect",
     "LorasaveError": "errors",
@@ -63,6 +70,7 @@ __all__ = [
     "OnnxAdapterResult",
     "OnnxResult",
     "PushResult",
+    "SavedAndPushed",
     "VerifyReport",
     "__version__",
     "attach",
@@ -75,7 +83,12 @@ __all__ = [
     "load_imatrix",
     "merge",
     "push",
+    "push_to_hub_ggml",
+    "push_to_hub_gguf",
+    "push_to_hub_merged",
     "save_adapter",
+    "save_pretrained_ggml",
+    "save_pretrained_gguf",
     "save_pretrained_merged",
 ]  # = sorted(_LAZY) + __version__ (tests/test_cli_usage.py checks it)
 
@@ -89,7 +102,16 @@ if TYPE_CHECKING:
     from lorasave.formats.onnx.adapter import OnnxAdapterResult, export_onnx_adapter
     from lorasave.formats.onnx.export import OnnxResult, export_onnx
     from lorasave.hub.push import PushResult, push
-    from lorasave.sources.live import attach, save_pretrained_merged
+    from lorasave.unsloth import (
+        SavedAndPushed,
+        attach,
+        push_to_hub_ggml,
+        push_to_hub_gguf,
+        push_to_hub_merged,
+        save_pretrained_ggml,
+        save_pretrained_gguf,
+        save_pretrained_merged,
+    )
     from lorasave.verify.inspect import inspect_path
     from lorasave.verify.run import VerifyReport
 
@@ -97,6 +119,10 @@ if TYPE_CHECKING:
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
+        from lorasave.unsloth import NOT_OFFERED, not_offered
+
+        if name in NOT_OFFERED:  # another tool's name: say what to use instead
+            raise not_offered(name)
         raise AttributeError(f"module 'lorasave' has no attribute {name!r}")
     from importlib import import_module
 

@@ -253,16 +253,16 @@ def _check_tensors(out: Path, manifest: dict[str, Any], report: VerifyReport, ba
         report.skipped = "re-quantized output or merge into a quantization round trip: its tensors are not checkable (files level only)"
         return
     with TensorReader() as reader:
+        from lorasave.verify.probes import Expect
+        from lorasave.verify.sources import live_unprobed
+
         checker = _Checker(ckpt, ads, weights, reader, report, seed)
+        checker.exp.update({n: Expect("skip", reason=why) for n, why in live_unprobed(manifest, adapters).items()})
         if command == "gguf":
             from lorasave.verify.gguf import check_gguf
 
             check_gguf(out, manifest, report, checker)
             return
-        from lorasave.verify.probes import Expect
-        from lorasave.verify.sources import live_unprobed
-
-        checker.exp.update({n: Expect("skip", reason=why) for n, why in live_unprobed(manifest, adapters).items()})
         raw = _raw_entries(ckpt) if keep_layout else {}
         for shard in sorted(out.glob("*.safetensors")):
             for name, entry in read_header(shard).tensors.items():

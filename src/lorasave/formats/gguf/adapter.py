@@ -314,14 +314,15 @@ def _write_card(folder: Path, title: str, filename: str, type: str, counts: dict
 
 
 def export_gguf_adapter(
-    base: PathLike,
-    adapter: PathLike | Sequence[PathLike],
+    base: PathLike | Checkpoint,
+    adapter: PathLike | Sequence[PathLike] | Adapter,
     output_dir: PathLike,
     *,
     type: str = "f16",
     overwrite: bool = False,
     name: str | None = None,
     allow_pickle: bool = False,
+    describe_sources: Callable[[], dict[str, Any]] | None = None,
 ) -> GgufAdapterResult:
     """Write a PEFT LoRA adapter as ``OUTPUT_DIR/<name>-lora-<type>.gguf`` plus ``lorasave.json``.
 
@@ -339,6 +340,8 @@ def export_gguf_adapter(
         name: ``general.name`` and file stem, a plain file name (no path separator, ``..``, NUL); default:
             the output folder's name, sanitised (``names.safe_file_name``).
         allow_pickle: accept ``adapter_model.bin``.
+        describe_sources: the manifest's ``sources`` section, for sources that are not folders
+            (a live PeftModel: ``sources.live_gguf``); default: the base's config and the adapter's files.
 
     Returns:
         GgufAdapterResult.
@@ -357,15 +360,15 @@ def export_gguf_adapter(
         raise InvalidOptionError(f"GGUF type {type!r} is not supported; choose one of {', '.join(ADAPTER_TYPES)}")
     if name is not None:
         check_file_name(name, "name")
-    specs = adapter_list(adapter)
+    specs: Sequence[PathLike | Adapter] = [adapter] if isinstance(adapter, Adapter) else adapter_list(adapter)
     if len(specs) != 1:
         raise UnsupportedAdapterError(
             f"a GGUF LoRA adapter holds one adapter, {len(specs)} were given; write one file per adapter (llama.cpp takes several --lora), "
             "or write a merged GGUF instead with `lorasave gguf BASE ADAPTER ADAPTER ...`"
         )
-    ckpt = open_checkpoint(base)
+    ckpt = base if isinstance(base, Checkpoint) else open_checkpoint(base)
     rules = gguf_arch_for(ckpt.config)
-    ad = load_adapters(specs, allow_pickle=allow_pickle)[0]
+    ad = specs[0] if isinstance(specs[0], Adapter) else load_adapters(specs, allow_pickle=allow_pickle)[0]  # type: ignore[arg-type]
     check_expressible(ad, ckpt)
     final = check_output_path(Path(output_dir), [ckpt.root, ad.root], overwrite)
     stem = name if name is not None else safe_file_name(final.name)
@@ -405,10 +408,14 @@ def export_gguf_adapter(
         writer.close()
         _write_card(folder, final.name, filename, type, counts, notes, ckpt, ad)
         files = {filename: sha256_file(folder / filename), "README.md": sha256_file(folder / "README.md")}
-        sources = {
-            "base": {"path": str(ckpt.root.resolve()), "hub_id": ckpt.hub_id, "files": {"config.json": sha256_source(ckpt.root / "config.json")}},
-            "adapters": [{"path": str(ad.root.resolve()), "files": {str(f.relative_to(ad.root)): sha256_source(f) for f in ad.source_files()}}],
-        }
+        sources = (
+            describe_sources()
+            if describe_sources is not None
+            else {
+                "base": {"path": str(ckpt.root.resolve()), "hub_id": ckpt.hub_id, "files": {"config.json": sha256_source(ckpt.root / "config.json")}},
+                "adapters": [{"path": str(ad.root.resolve()), "files": {str(f.relative_to(ad.root)): sha256_source(f) for f in ad.source_files()}}],
+            }
+        )
         result = {
             "n_tensors": 2 * len(pairs),
             "n_modules": len(pairs),
