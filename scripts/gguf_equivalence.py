@@ -420,7 +420,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 }
 #: Options the converter runs with per model type: Qwen3.5 without its MTP block, as lorasave writes it
 #: (without ``--no-mtp`` the converter stops on a checkpoint that has none, any transformers save).
-CONVERTER_ARGS: dict[str, tuple[str, ...]] = dict.fromkeys(("qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe"), ("--no-mtp",))
+#: GLM-4.5 too: lorasave leaves its MTP layers out; without ``--no-mtp`` ``Glm4MoeModel`` counts
+#: ``num_nextn_predict_layers`` into ``block_count`` and writes ``nextn_predict_layers``, tensors or not.
+CONVERTER_ARGS: dict[str, tuple[str, ...]] = dict.fromkeys(("qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "glm4_moe"), ("--no-mtp",))
 #: Special tokens the converter's ``set_vocab`` looks up, per model type (``Glm4Model``: ``<|user|>`` ...).
 SPECIALS: dict[str, tuple[str, ...]] = {
     "glm4": ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),

@@ -5,7 +5,7 @@ llama.cpp against transformers on the float32 merge (``_gguf_check``).
 Also checked: the keys of ``Glm4MoeModel.set_gguf_parameters`` (leading dense layers, shared expert
 count, sigmoid gating, ``routed_scaling_factor``, ``norm_topk_prob``), the router's correction bias as
 ``exp_probs_b`` (randomised here, so the logits fail without it), the MTP layers of a checkpoint left
-out (``--no-mtp``), expert groups (``n_group`` 4 keeping ``topk_group`` 2: llama.cpp's ``build_moe_ffn``
+out (``--no-mtp``), the EOT / EOM ids of ``_set_vocab_glm``, expert groups (``n_group`` 4 keeping ``topk_group`` 2: llama.cpp's ``build_moe_ffn``
 chooses groups as transformers' router does; the groups change transformers' logits, so matching them
 proves llama.cpp honours them), and a ``topk_group`` llama.cpp asserts against refused.
 
@@ -28,6 +28,7 @@ import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken
+from transformers import AutoTokenizer
 
 from _gguf_check import GgufCase, build_case, check_logits
 from _llama import need_llama_cpp
@@ -61,7 +62,8 @@ def _case(root: Path, kind: str, **changes: Any) -> GgufCase:
     try:
         torch.manual_seed(0)
         tok = build_bpe_tokenizer("llama3", vocab=319)
-        tok.add_tokens([AddedToken("<|user|>", special=True)], special_tokens=True)  # GLM's EOT, the converter's lookup
+        glm = ("<|user|>", "<|observation|>")  # GLM's EOT and EOM, which the converter looks up (_set_vocab_glm)
+        tok.add_tokens([AddedToken(t, special=True) for t in glm], special_tokens=True)
         model = Glm4MoeForCausalLM(_config(len(tok), **changes)).eval()
         with torch.no_grad():  # the correction bias (a buffer, zero at init) chooses experts: make it matter
             for layer in model.model.layers[1:]:
@@ -106,6 +108,9 @@ def test_keys_and_tensors(glm4_moe: GgufCase) -> None:
         "rope.dimension_count": 32, "block_count": 3,
     }  # fmt: skip
     assert "glm4moe.nextn_predict_layers" not in r.fields
+    vocab = AutoTokenizer.from_pretrained(glm4_moe.base).get_vocab()
+    assert r.fields["tokenizer.ggml.eot_token_id"].contents() == vocab["<|user|>"]
+    assert r.fields["tokenizer.ggml.eom_token_id"].contents() == vocab["<|observation|>"]
     got = _tensors(path)
     merged = load_file(glm4_moe.merged / "model.safetensors")
     assert "blk.0.ffn_gate.weight" in got and "blk.0.ffn_gate_exps.weight" not in got

@@ -10,7 +10,9 @@ and ``post_attention_layernorm`` (the pre-MLP norm) is ``ffn_norm``, all by gguf
 tokenizer is byte-level BPE only, with ``<|endoftext|>`` as BOS/EOS/UNK and ``<|user|>`` as EOT
 where the tokenizer files set none (``Glm4Model.set_vocab``).
 
-``glm4_moe`` (GLM-4.5 / 4.5-Air / 4.6): the same RoPE (partial, NeoX: Q/K as they are) and vocab;
+``glm4_moe`` (GLM-4.5 / 4.5-Air / 4.6): the same RoPE (partial, NeoX: Q/K as they are) and vocab, with
+the special tokens of ``TextModel._set_vocab_glm`` where the tokenizer files set none (``[gMASK]`` as
+BOS, ``<|user|>`` EOT, ``<|endoftext|>`` UNK, ``<|observation|>`` EOM; no EOS fallback);
 the first ``first_k_dense_replace`` layers dense, the others routed experts (stacked ``ffn_*_exps``)
 + shared experts (``ffn_*_shexp``), sigmoid gating with the router's ``e_score_correction_bias``
 (``exp_probs_b``: used to choose the experts only), ``routed_scaling_factor`` and ``norm_topk_prob``
@@ -101,8 +103,11 @@ GLM4 = GgufArch(
     special_tokens=(("eos", "<|endoftext|>"), ("eot", "<|user|>"), ("unk", "<|endoftext|>"), ("bos", "<|endoftext|>")),
 )
 
+#: ``TextModel._set_vocab_glm`` (``Glm4MoeModel.set_vocab``): kind -> added token text.
+GLM_SPECIAL_TOKENS = (("bos", "[gMASK]"), ("eot", "<|user|>"), ("unk", "<|endoftext|>"), ("eom", "<|observation|>"))
+
 #: HF ``model_type`` -> rules.
 ARCHITECTURES: dict[str, GgufArch] = {
     "glm4": GLM4,
-    "glm4_moe": replace(GLM4, arch=gguf.MODEL_ARCH.GLM4_MOE, params=glm4_moe_params, check=glm4_moe_check, mtp_layers=True),
+    "glm4_moe": replace(GLM4, arch=gguf.MODEL_ARCH.GLM4_MOE, params=glm4_moe_params, check=glm4_moe_check, mtp_layers=True, special_tokens=GLM_SPECIAL_TOKENS),
 }
