@@ -212,6 +212,10 @@ def check_gguf(out: Path, manifest: dict[str, Any], report: VerifyReport, checke
                 report.not_checkable(t.name, "GGUF tensor with no base tensor name")
                 continue
             what = f" (GGUF {t.name}, {t.tensor_type.name})"
+            expected = checker.exp.get(hf)
+            if expected is not None and expected.kind == "skip":  # e.g. changed by a live PeftModel's adapter that was not saved
+                report.not_checkable(hf, expected.reason or "not probed")
+                continue
             heads = _heads(ckpt, rules, hf)
             shift = norm_shift(ckpt.config, hf)
             eps = ggml_eps(t.tensor_type)
@@ -281,7 +285,13 @@ def check_gguf_adapter(out: Path, manifest: dict[str, Any], report: VerifyReport
     from lorasave.sources.checkpoint import TensorReader
 
     if len(ads) != 1:
-        report.skipped = "a GGUF LoRA adapter is checked against exactly one source adapter"
+        from lorasave.verify.sources import live_adapter_unsaved
+
+        report.skipped = (
+            "the adapter lived in a PeftModel and was not saved: pass --adapter DIR (model.save_pretrained(DIR)) to probe the GGUF adapter"
+            if live_adapter_unsaved(manifest, ads)
+            else "a GGUF LoRA adapter is checked against exactly one source adapter"
+        )
         return
     with TensorReader() as reader:
         seen = _check_pairs(out, manifest, report, ckpt, ads[0], reader, torch.Generator().manual_seed(seed))

@@ -24,6 +24,7 @@ import ast
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -114,12 +115,14 @@ def plan_via_converter(
     progress: bool,
     quant_options: dict[str, Any],
     t_start: float,
+    describe_sources: Callable[[], dict[str, Any]] | None = None,
 ) -> PlannedOutput:
     """Plan ``lorasave gguf`` through llama.cpp's converter (see the module docstring).
 
     Args:
         quant_options: ``pure`` / ``output_tensor_type`` / ``token_embedding_type`` for the
             llama-quantize types (``lib.quantize``'s keywords; None values are dropped).
+        describe_sources: the manifest's ``sources`` section (``plan_gguf``'s); default: the files read.
 
     Raises:
         LlamaCppConverterNotInstalledError: the converter is not installed (nothing written; the
@@ -229,15 +232,19 @@ def plan_via_converter(
         more = [(f, e["type"], e["tensor_types"]) for f, e in per_file.items() if f != first]
         side = _side_files(folder, final.name, first, types[0], per_file[first]["tensor_types"], notes, ckpt, ads, tok_dir, modelfile, more)
         files = {n: sha256_file(folder / n) for n in [*names.values(), *side.files]}
-        sources = {
-            "base": {
-                "path": str(ckpt.root.resolve()),
-                "hub_id": ckpt.hub_id,
-                "files": {str(p.relative_to(ckpt.root)): sha256_source(p) for p in ckpt.source_files()},
-            },
-            "adapters": [{"path": str(a.root.resolve()), "files": {str(p.relative_to(a.root)): sha256_source(p) for p in a.source_files()}} for a in ads],
-            "tokenizer": str(tok_dir.resolve()),
-        }
+        sources = (
+            describe_sources()
+            if describe_sources is not None
+            else {
+                "base": {
+                    "path": str(ckpt.root.resolve()),
+                    "hub_id": ckpt.hub_id,
+                    "files": {str(p.relative_to(ckpt.root)): sha256_source(p) for p in ckpt.source_files()},
+                },
+                "adapters": [{"path": str(a.root.resolve()), "files": {str(p.relative_to(a.root)): sha256_source(p) for p in a.source_files()}} for a in ads],
+                "tokenizer": str(tok_dir.resolve()),
+            }
+        )
         result: dict[str, Any] = {
             "n_tensors": per_file[first]["n_tensors"],
             "n_merged": len(plan.merged),
