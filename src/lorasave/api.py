@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lorasave.formats.bnb import Bnb4bitSpec, import_bnb
+from lorasave.formats.bnb import Bnb4bitSpec, import_bnb, require_bnb
 from lorasave.formats.compressed import CompressedSpec
 from lorasave.formats.safetensors import SafetensorsShardWriter
 from lorasave.formats.safetensors.header import layout, read_header, serialize_header
@@ -194,7 +194,10 @@ def plan_merge(
     spec = None
     output_quantizer(method, None)  # a compressed-tensors method: the package is there
     if method is SaveMethod.MERGED_4BIT or into is MergeInto.DEQUANTIZED:
-        import_bnb()
+        if into is MergeInto.DEQUANTIZED:
+            import_bnb()  # the 4-bit round trip dequantizes with bitsandbytes
+        else:
+            require_bnb()  # writing 4-bit does not import it (formats.bnb_encode)
         spec = bnb_spec(
             quant_type=quant_type,
             blocksize=blocksize,
