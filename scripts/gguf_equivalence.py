@@ -51,6 +51,16 @@ Allowed deviations (the documented list; each is printed anyway, never counted a
   token list to the config's ``vocab_size``; llama.cpp refuses that file (``check_tensor_dims``:
   token_embd has the wrong shape). lorasave writes the same ``token_embd`` and a token list of as
   many entries (``gguf_vocab.embedding_rows``), a file llama.cpp loads.
+* The order of the tensors (:data:`ORDER_NOTE`), when both files hold the same names (types, shapes
+  and bytes are compared by name). The converter's order is the merged checkpoint's: after the
+  generated tensors (``generate_extra_tensors``) it reads the safetensors parts in sorted file-name
+  order, each part's tensors sorted by name as strings (gguf-py's ``SafetensorsLocal``, "same as default
+  safetensors behavior"), so ``model.layers.10`` comes before ``model.layers.2`` and the order moves
+  with the sharding of the checkpoint it reads (and with what ``modify_tensors`` buffers, such as
+  stacked experts). lorasave exports straight from base + adapter, without that checkpoint, and writes
+  in layer order. llama.cpp's loader keys every tensor by name (``llama_model_loader::weights_map``, a
+  map ordered by layer number, then name; ``get_weight`` / ``require_weight`` look names up in it), so
+  the order changes nothing it reads.
 
 When the converter does not know the tokenizer's pre-tokenizer hash (any tiny trained BPE) it
 raises ``NotImplementedError``; the script runs the converter through a shim that then answers
@@ -102,6 +112,12 @@ LORASAVE_ONLY_KEYS = frozenset({"tokenizer.ggml.add_bos_token", "tokenizer.ggml.
 #: ``token_embd`` when its list is longer than that (Gemma 3 with a tokenizer.json smaller than the
 #: embedding: the converter's file does not load in llama.cpp; see the module docstring).
 CUT_TOKEN_KEYS = frozenset({"tokenizer.ggml.tokens", "tokenizer.ggml.token_type"})
+#: Why the order of the tensors is not compared (printed, never counted as a difference).
+ORDER_NOTE = (
+    "the converter writes the merged checkpoint's tensors shard by shard, each shard's sorted by HF name as strings "
+    "(gguf-py SafetensorsLocal; ModelBase.index_tensors / prepare_tensors), so its order depends on how that checkpoint "
+    "was sharded; lorasave writes them in layer order; llama.cpp looks every tensor up by name (llama_model_loader::weights_map)"
+)
 #: Keys that are GGUF file structure, not metadata, as gguf-py's reader exposes them.
 STRUCTURE_KEYS = frozenset({"GGUF.version", "GGUF.tensor_count", "GGUF.kv_count"})
 
@@ -127,14 +143,14 @@ base.TextModel.get_vocab_base_pre = patched
 # --------------------------------------------------------------------------- the converter
 
 
-def convert(conv: Converter, model: Path, out: Path, outtype: str, fallback_pre: str) -> tuple[float, bool]:
-    """Run the converter through :data:`SHIM`; return (wall seconds, whether the pre-tokenizer was patched).
+def convert(conv: Converter, model: Path, out: Path, outtype: str, fallback_pre: str, args: tuple[str, ...] = ()) -> tuple[float, bool]:
+    """Run the converter through :data:`SHIM` (with more options ``args``); return (wall seconds, whether the pre-tokenizer was patched).
 
     Raises:
         LlamaCppConverterError: the converter failed.
     """
     start = time.perf_counter()
-    log = conv.convert(model, out, outtype, env={"LORASAVE_FALLBACK_PRE": fallback_pre}, prelude=SHIM)
+    log = conv.convert(model, out, outtype, env={"LORASAVE_FALLBACK_PRE": fallback_pre}, prelude=SHIM, args=args)
     return time.perf_counter() - start, "LORASAVE-SHIM" in log
 
 
@@ -188,6 +204,7 @@ class Comparison:
     stamp_diffs: list[str] = field(default_factory=list)  # differences in STAMP_KEYS
     extra_keys: list[str] = field(default_factory=list)  # LORASAVE_ONLY_KEYS present only in lorasave
     cut_keys: list[str] = field(default_factory=list)  # CUT_TOKEN_KEYS: the converter's list cut to its token_embd rows
+    order: str | None = None  # same tensor names in another order (allowed, see ORDER_NOTE)
     layout_diffs: list[str] = field(default_factory=list)  # tensor names / types / shapes
     identical: dict[str, list[int]] = field(default_factory=dict)  # GGML type -> [identical, total]
     data_diffs: list[str] = field(default_factory=list)
@@ -222,12 +239,14 @@ def compare_files(ours: Path, ref: Path) -> Comparison:
                 target.append(f"{key}: lorasave {short(va)} vs converter {short(vb)}")
     ta = {t.name: t for t in a.tensors}
     tb = {t.name: t for t in b.tensors}
-    if [t.name for t in a.tensors] != [t.name for t in b.tensors]:
+    names_a, names_b = [t.name for t in a.tensors], [t.name for t in b.tensors]
+    if names_a != names_b:
         only_a, only_b = sorted(ta.keys() - tb.keys()), sorted(tb.keys() - ta.keys())
-        if only_a or only_b:
+        if only_a or only_b or len(names_a) != len(names_b):
             out.layout_diffs.append(f"tensor names: only lorasave {only_a[:5]}, only converter {only_b[:5]}")
         else:
-            out.layout_diffs.append("tensor order differs")
+            i = next(i for i, (x, y) in enumerate(zip(names_a, names_b, strict=True)) if x != y)
+            out.order = f"tensor order differs from position {i} on: lorasave {names_a[i]}, converter {names_b[i]}"
     for name in [n for n in ta if n in tb]:
         x, y = ta[name], tb[name]
         if x.tensor_type != y.tensor_type or list(x.shape) != list(y.shape):
@@ -281,7 +300,9 @@ def tiny_spm(out: Path, vocab_size: int) -> None:
 
 #: Sizes every tiny model gets, for the keys its default config has (its ``text_config`` and
 #: ``vision_config`` too): small, with the real models' relations kept where a key says so (head_dim
-#: 16 with 4 heads over hidden 64; 4 experts, top-2; MLA ranks below hidden).
+#: 16 with 4 heads over hidden 64; 4 experts, top-2; MLA ranks below hidden). ``vocab_size`` and
+#: ``vocab_size_per_layer_input`` (Gemma 4's per-layer embeddings: llama.cpp loads them with the token
+#: vocabulary's rows, as E2B's 262144 = 262144 does) become the tokenizer's size.
 TINY: dict[str, Any] = {
     "hidden_size": 64,
     "intermediate_size": 96,
@@ -308,13 +329,20 @@ TINY: dict[str, Any] = {
     "v_head_dim": 16,
     "sliding_window": 16,
     "query_pre_attn_scalar": 16,
-    "vocab_size_per_layer_input": 64,
     "hidden_size_per_layer_input": 16,
     # vision towers
     "depth": 1,
     "out_hidden_size": 64,
     "image_size": 32,
     "patch_size": 8,
+}
+QWEN35: dict[str, Any] = {
+    "num_hidden_layers": 4,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25, "mrope_section": [1, 1, 0], "mrope_interleaved": True},
 }
 LLAMA4_ROPE = {"rope_type": "llama3", "rope_theta": 5e5, "factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0}
 LLAMA4_ROPE["original_max_position_embeddings"] = 8192
@@ -327,9 +355,26 @@ LLAMA4_VISION: dict[str, Any] = {
     **{"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28, "patch_size": 14},
     **{"vision_output_dim": 32, "projector_input_dim": 32, "projector_output_dim": 32},
 }
+#: Gemma 4 E2B's relations (tests/test_gguf_arch_gemma.py): 4 layers sliding / global alternating, the
+#: global head twice the sliding one (E2B's ``per_layer_config``), proportional RoPE on global layers (the
+#: default's), the last half sharing KV with a double-wide MLP, per-layer inputs, a final softcap that bites.
+GEMMA4_PER_LAYER = {"1": {"head_dim": 32}, "3": {"head_dim": 32}}
+GEMMA4: dict[str, Any] = {
+    **{"num_hidden_layers": 4, "layer_types": ["sliding_attention", "full_attention"] * 2, "per_layer_config": GEMMA4_PER_LAYER},
+    **{"intermediate_size": 128, "sliding_window": 8, "num_kv_shared_layers": 2, "use_double_wide_mlp": True},
+    **{"hidden_size_per_layer_input": 8, "final_logit_softcapping": 8.0, "max_position_embeddings": 256},
+}
+#: A one-layer Gemma 4 vision tower (no audio tower), and the multimodal token ids inside the vocabulary
+#: (a callable gets the vocabulary size: the last 7 ids, as the test's checkpoint has them).
+GEMMA4_VISION: dict[str, Any] = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2}
+GEMMA4_VISION["head_dim"] = 16
+GEMMA4_IDS = ("boi_token_id", "eoi_token_id", "image_token_id", "video_token_id", "boa_token_id", "eoa_token_index", "audio_token_id")
 DEEPSEEK_YARN = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0, "original_max_position_embeddings": 64, "beta_fast": 32.0, "beta_slow": 1.0}
-#: Per ``model_type`` changes to the tiny config (after :data:`TINY`; into its ``text_config`` too).
+#: Per ``model_type`` changes to the tiny config (after :data:`TINY`; into its ``text_config`` too). A
+#: callable value is called with the vocabulary size.
 OVERRIDES: dict[str, dict[str, Any]] = {
+    "gemma4_text": GEMMA4,
+    "gemma4": {**GEMMA4, "vision_config": GEMMA4_VISION, "audio_config": None, **{k: (lambda n, i=i: n - 1 - i) for i, k in enumerate(GEMMA4_IDS)}},
     "mistral": {"sliding_window": None},
     "mistral3": {"sliding_window": None},
     "ministral3": {"sliding_window": None},
@@ -341,6 +386,9 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     # mrope_section sums to head_dim / 2 (16 / 2), as [16, 24, 24] does for Qwen2.5-VL's 128
     "qwen2_5_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]}},
     "qwen3_vl": {"rope_parameters": {"rope_type": "default", "rope_theta": 5e6, "mrope_section": [4, 2, 2], "mrope_interleaved": True}},
+    # Qwen3.5: 4 layers (3 linear attention, 1 full); twice as many linear value heads as key heads (32 / 16),
+    # head size hidden / value heads; a quarter of head_dim rotated, mrope_section summing to its half ([11, 11, 10])
+    **dict.fromkeys(("qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe"), QWEN35),
     # MLA needs one K/V head per head; one leading dense layer; 4 experts in 2 groups, 1 kept; DeepSeek-V3's
     # config.json names its sigmoid gating (scoring_func), and its YaRN has mscale = mscale_all_dim
     "deepseek_v3": {
@@ -370,6 +418,11 @@ OVERRIDES: dict[str, dict[str, Any]] = {
         "rope_parameters": {**DEEPSEEK_YARN, "mscale": 0.707, "mscale_all_dim": 0.707},
     },
 }
+#: Options the converter runs with per model type: Qwen3.5 without its MTP block, as lorasave writes it
+#: (without ``--no-mtp`` the converter stops on a checkpoint that has none, any transformers save).
+#: GLM-4.5 too: lorasave leaves its MTP layers out; without ``--no-mtp`` ``Glm4MoeModel`` counts
+#: ``num_nextn_predict_layers`` into ``block_count`` and writes ``nextn_predict_layers``, tensors or not.
+CONVERTER_ARGS: dict[str, tuple[str, ...]] = dict.fromkeys(("qwen3_5_text", "qwen3_5", "qwen3_5_moe_text", "qwen3_5_moe", "glm4_moe"), ("--no-mtp",))
 #: Special tokens the converter's ``set_vocab`` looks up, per model type (``Glm4Model``: ``<|user|>`` ...).
 SPECIALS: dict[str, tuple[str, ...]] = {
     "glm4": ("<|endoftext|>", "[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"),
@@ -386,9 +439,13 @@ TARGET_PARAMETERS["llama4"] = TARGET_PARAMETERS["llama4_text"]
 #: Model types run with a SentencePiece ``tokenizer.model``: the converter's class reads only that
 #: (``conversion/phi.py``) or lorasave's rules take no byte-level BPE (gemma2).
 SPM_ONLY = frozenset({"phi3", "gemma2"})
+#: Model types run with a SentencePiece BPE (byte fallback) saved as ``tokenizer.json`` alone (what
+#: transformers 5 saves): ``Gemma4Model.set_vocab`` reads it with gguf-py's ``LlamaHfVocab``, which takes
+#: no byte-level BPE.
+HF_SPM = frozenset({"gemma4_text", "gemma4"})
 #: Multimodal model types whose config ``AutoModelForCausalLM`` builds as the text model alone
 #: (``llama4`` -> ``Llama4ForCausalLM``): built as image-text-to-text, the checkpoint users have.
-IMAGE_TEXT = frozenset({"llama4"})
+IMAGE_TEXT = frozenset({"llama4", "gemma4"})
 #: Cases beyond one per model type: ``<model_type>-spm`` runs it with a SentencePiece ``tokenizer.model``.
 EXTRA_CASES = ("llama-spm", "gemma3_text-spm")
 
@@ -407,16 +464,19 @@ def tiny_config(model_type: str, vocab: int) -> Any:
 
     default = AutoConfig.for_model(model_type).to_dict()
     extra = copy.deepcopy(OVERRIDES.get(model_type, {}))  # transformers rewrites rope dicts in place
+    extra = {k: v(vocab) if callable(v) else v for k, v in extra.items()}
 
     def shrink(d: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in TINY.items() if k in d}
         for sub in ("text_config", "vision_config"):
             if isinstance(d.get(sub), dict):
                 mine = {k: v for k, v in extra.items() if k in d[sub]} if sub == "text_config" else {}  # overrides are the language model's
-                out[sub] = {**d[sub], **shrink(d[sub]), **mine}
+                out[sub] = {**d[sub], **shrink(d[sub])}
                 out[sub].pop("layer_types", None)  # regenerated for the new layer count
-        if "vocab_size" in d:
-            out["vocab_size"] = vocab
+                out[sub].update(mine)
+        for key in ("vocab_size", "vocab_size_per_layer_input"):
+            if key in d:
+                out[key] = vocab
         if "layer_types" in d:
             out["layer_types"] = None
         return out
@@ -463,6 +523,10 @@ def build_case(name: str, root: Path, tokenizer_dir: Path | None, base_dtype: st
         tiny_spm(base, _models.VOCAB)
         model = tiny_model(model_type, _models.VOCAB)
         bos, eos = 1, 2  # sentencepiece: <unk> 0, <s> 1, </s> 2
+    elif model_type in HF_SPM and not tokenizer_dir:
+        tok = _models.build_spm_tokenizer(base, "GemmaTokenizer", keep_model=False)  # <pad> 0, <s> 1, </s> 2
+        model = tiny_model(model_type, len(tok))
+        bos, eos = tok.bos_token_id, tok.eos_token_id
     else:
         tok = AutoTokenizer.from_pretrained(tokenizer_dir) if tokenizer_dir else tiny_bpe(_models.VOCAB, SPECIALS.get(model_type, ("<|endoftext|>",)))
         model = tiny_model(model_type, len(tok) if tokenizer_dir else _models.VOCAB)
@@ -474,11 +538,16 @@ def build_case(name: str, root: Path, tokenizer_dir: Path | None, base_dtype: st
     model.to(getattr(torch, base_dtype)).save_pretrained(base)
     model.float()
     # transformers 5 saves tokenizer_class "TokenizersBackend", unknown to the converter's
-    # pinned transformers 4.57: name the class both versions load a tokenizer.json with.
+    # pinned transformers 4.57: name the class both versions load a tokenizer.json with; and it
+    # saves added specials as a list "extra_special_tokens", which 4.57 reads as a dict (AttributeError):
+    # write them as "additional_special_tokens", which both versions read.
     tok_config = base / "tokenizer_config.json"
     data = json.loads(tok_config.read_text()) if tok_config.is_file() else {}
     if data.get("tokenizer_class") == "TokenizersBackend":
         data["tokenizer_class"] = "PreTrainedTokenizerFast"
+    if isinstance(data.get("extra_special_tokens"), list):
+        data["additional_special_tokens"] = data.pop("extra_special_tokens")
+    if data:
         tok_config.write_text(json.dumps(data, indent=2))
     # every linear layer of the language model (a vision tower gets no gradient from text)
     config = LoraConfig(
@@ -528,7 +597,7 @@ def run_case(name: str, workdir: Path, conv: Converter, types: list[str], tokeni
         ours = next(ours_dir.glob("*.gguf"))
         ref = case_root / f"converter-{merge_dtype}-{t}.gguf"
         try:
-            t_ref, patched = convert(conv, merged, ref, t, gguf_pre(ours))
+            t_ref, patched = convert(conv, merged, ref, t, gguf_pre(ours), CONVERTER_ARGS.get(name.removesuffix("-spm"), ()))
         except LlamaCppConverterError as exc:
             result.error = str(exc)
             return result
@@ -541,7 +610,7 @@ def run_case(name: str, workdir: Path, conv: Converter, types: list[str], tokeni
 
 def report(results: list[CaseResult]) -> bool:
     print()
-    print(f"{'case':<26}{'type':<6}{'metadata':<12}{'layout':<9}{'tensor data identical':<34}{'pre shim':<10}{'s ours/conv'}")
+    print(f"{'case':<26}{'type':<6}{'metadata':<12}{'layout':<9}{'tensor data identical':<40}{'pre shim':<10}{'s ours/conv'}")
     all_equal = True
     for r in results:
         if r.error:  # a case that did not run proves nothing: it fails the comparison
@@ -552,7 +621,7 @@ def report(results: list[CaseResult]) -> bool:
             meta = "equal" if not cmp.meta_diffs else f"{len(cmp.meta_diffs)} diff"
             layout = "equal" if not cmp.layout_diffs else f"{len(cmp.layout_diffs)} diff"
             data = ", ".join(f"{k} {v[0]}/{v[1]}" for k, v in sorted(cmp.identical.items()))
-            print(f"{r.name:<26}{t:<6}{meta:<12}{layout:<9}{data:<34}{'used' if patched else '-':<10}{t_ours:.1f}/{t_ref:.1f}")
+            print(f"{r.name:<26}{t:<6}{meta:<12}{layout:<9}{data:<40}{'used' if patched else '-':<10}{t_ours:.1f}/{t_ref:.1f}")
             if "bf16 base" not in r.name:
                 all_equal &= cmp.equal
     print()
@@ -567,6 +636,10 @@ def report(results: list[CaseResult]) -> bool:
     extra = sorted({line for r in results for _, c, _, _, _ in r.rows for line in c.extra_keys})
     print(f"keys only lorasave writes, allowed ({', '.join(sorted(LORASAVE_ONLY_KEYS))}):")
     for line in extra:
+        print(f"  {line}")
+    order = sorted({f"{r.name}: {c.order}" for r in results for _, c, _, _, _ in r.rows if c.order})
+    print(f"tensor order, allowed ({ORDER_NOTE}):")
+    for line in order:
         print(f"  {line}")
     cut = sorted({f"{r.name}: {line}" for r in results for _, c, _, _, _ in r.rows for line in c.cut_keys})
     print(f"token lists cut to the converter's own token_embd rows, allowed ({', '.join(sorted(CUT_TOKEN_KEYS))}):")

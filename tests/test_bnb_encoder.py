@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from lorasave.errors import InvalidOptionError
 from lorasave.formats.bnb import Bnb4bitSpec, preload_bnb
-from lorasave.formats.bnb_encode import BLOCKSIZES, CHUNK, quantize_4bit
+from lorasave.formats.bnb_encode import BLOCKSIZES, CHUNK, code_4bit, dynamic_map, quantize_4bit, serialize_4bit
 
 bnb = preload_bnb()
 pytestmark = pytest.mark.skipif(bnb is None, reason="bitsandbytes is not installed")
 QUANT_TYPES = ("nf4", "fp4")
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE_BASE, EXAMPLE_LORA = REPO / "examples" / "tiny-llama", REPO / "examples" / "tiny-llama-lora"
 
 
 def reference(a: torch.Tensor, blocksize: int, quant_type: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,8 +129,68 @@ def test_serialized_matches_bitsandbytes(quant_type: str, double_quant: bool) ->
         assert ours[k].dtype == ref[k].dtype and torch.equal(ours[k], ref[k]), k
 
 
+def test_format_constants_are_bitsandbytes() -> None:
+    """The codebooks written without importing bitsandbytes are its own, bit for bit."""
+    F = bnb.functional
+    for qt in QUANT_TYPES:
+        ref = F.get_4bit_type(qt, device="cpu")
+        assert torch.equal(torch.from_numpy(code_4bit(qt).copy()).view(torch.int32), ref.view(torch.int32)), qt
+    assert torch.equal(torch.from_numpy(dynamic_map().copy()).view(torch.int32), F.create_dynamic_map(signed=True).view(torch.int32))
+
+
+@pytest.mark.parametrize("quant_type", QUANT_TYPES)
+def test_serialize_every_blocksize_dtype_and_odd_shape(quant_type: str) -> None:
+    """``serialize_4bit`` (the write path: no bitsandbytes import, its C kernel for the double quant)
+    equals ``quantize_4bit`` + ``as_dict(packed=True)``: every tensor and the JSON bytes."""
+    g = torch.Generator().manual_seed(4)
+    F = bnb.functional
+    for blocksize in BLOCKSIZES:
+        for shape in ((40, 72), (3 * 256 * blocksize // 64 + 5,)):  # the nested absmax: a shorter last block of 256
+            w = torch.randn(shape, generator=g) * torch.rand(shape, generator=g) ** 3
+            w[0] = 0.0
+            for dt, qs_dtype in ((torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16), (torch.float16, torch.float32)):
+                for double_quant in (True, False):
+                    a = w.to(dt)
+                    ours = serialize_4bit(a, blocksize, quant_type, double_quant, qs_dtype)
+                    packed, qs = F.quantize_4bit(a, blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type)
+                    qs.dtype = qs_dtype
+                    ref = {"": packed, **qs.as_dict(packed=True)}
+                    assert list(ours) == list(ref)
+                    for k in ref:
+                        assert ours[k].dtype == ref[k].dtype and ours[k].shape == ref[k].shape, (blocksize, k)
+                        assert torch.equal(ours[k].view(torch.uint8), ref[k].view(torch.uint8)), (blocksize, dt, double_quant, k)
+
+
+def test_quantization_config_is_transformers() -> None:
+    """The ``quantization_config`` written without importing transformers is its ``BitsAndBytesConfig.to_dict()``."""
+    from transformers import BitsAndBytesConfig
+
+    for qt, dq, dt in (("nf4", True, torch.bfloat16), ("fp4", False, torch.float16), ("nf4", False, torch.float32)):
+        ref = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=qt, bnb_4bit_use_double_quant=dq, bnb_4bit_compute_dtype=dt).to_dict()
+        assert Bnb4bitSpec(quant_type=qt, double_quant=dq).quantization_config(dt) == ref
+
+
 def test_rejects_what_bitsandbytes_rejects() -> None:
     with pytest.raises(InvalidOptionError, match="block size"):
         quantize_4bit(torch.zeros(64), 16, "nf4")
     with pytest.raises(InvalidOptionError, match="quant type"):
         quantize_4bit(torch.zeros(64), 64, "int4")
+
+
+def test_writing_4bit_imports_neither_bitsandbytes_nor_transformers(tmp_path: Path) -> None:
+    """``merged_4bit`` writes without importing bitsandbytes (whose CPU backend compiles at import) or transformers.
+
+    Run twice with one cache: the first run of a model reads its architecture through transformers
+    (``sources.cache``); the second, what this checks, does not.
+    """
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src"), "LORASAVE_CACHE": str(tmp_path / "cache")}
+    for run in ("o1", "o2"):
+        code = (
+            "import sys, lorasave\n"
+            f"lorasave.merge({str(EXAMPLE_BASE)!r}, {str(EXAMPLE_LORA)!r}, {str(tmp_path / run)!r}, save_method='merged_4bit')\n"
+            "print(sorted(m for m in ('bitsandbytes', 'transformers', 'torch._dynamo') if m in sys.modules))\n"
+        )
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+    written = load_file(tmp_path / "o2" / "model.safetensors")
+    assert any(k.endswith(".quant_state.bitsandbytes__nf4") for k in written)

@@ -579,3 +579,25 @@ def test_compressed_tensors_fp8_base(preset: str, tmp_path: Path) -> None:
     else:
         with pytest.raises(QuantizedBaseError, match="weight_block_size"):
             lorasave.merge(base, tmp_path / "lora", tmp_path / "block", save_method="fp8_block")
+
+
+def test_cli(gpt_oss: dict[str, Any], built: Any, tmp_path: Path) -> None:
+    """``lorasave merge --save-method mxfp4`` writes what the API writes; on a model without gpt-oss experts, and on a
+    broken FP8 scale, one ``error:`` line."""
+    from click.testing import CliRunner
+
+    from lorasave.cli.main import main
+
+    c = gpt_oss
+    res = CliRunner().invoke(main, ["merge", str(c["base"]), str(c["lora"]), "-o", str(tmp_path / "cli"), "--save-method", "mxfp4"])
+    assert res.exit_code == 0, res.output
+    api = c["root"] / "out-mxfp4"
+    if not api.exists():
+        lorasave.merge(c["base"], c["lora"], api, save_method="mxfp4")
+    got, want = M.read_tensors(tmp_path / "cli"), M.read_tensors(api)
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    llama = built("llama-block")
+    res = CliRunner().invoke(main, ["merge", str(llama["base"]), str(llama["lora"]), "-o", str(tmp_path / "no"), "--save-method", "mxfp4"])
+    assert res.exit_code == 1 and "mxfp4" in res.output and not (tmp_path / "no").exists()
+    errors = [line for line in res.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.output

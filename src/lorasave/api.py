@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from lorasave.formats.bnb import Bnb4bitSpec, import_bnb
+from lorasave.formats.bnb import Bnb4bitSpec, import_bnb, require_bnb
 from lorasave.formats.compressed import CompressedSpec
 from lorasave.formats.safetensors import SafetensorsShardWriter
 from lorasave.formats.safetensors.header import layout, read_header, serialize_header
@@ -161,9 +161,12 @@ def plan_merge(
             compressed-tensors scheme for vLLM / SGLang, data-free: ``"fp8_dynamic"``, ``"fp8_block"``,
             ``"w8a16"``, ``"w4a16"``, ``"w8a8"``, ``"nvfp4a16"``, ``"mxfp4a16"`` (``formats.compressed``;
             the Linear weights of the merge rounded to ``dtype``, then quantized as llm-compressor's
-            ``oneshot`` does with the same preset).
+            ``oneshot`` does with the same preset; on a block-scaled FP8 base ``"fp8_block"`` keeps the
+            base's layout, ``formats.fp8.Fp8BlockSpec``), or ``"mxfp4"`` (gpt-oss's fused experts in its own
+            MXFP4 layout, ``formats.mxfp4``). A quantized BASE (bitsandbytes, FP8, compressed-tensors FP8,
+            gpt-oss MXFP4: ``formats.quant_bases``) is dequantized to float32 before the merge.
         merge_into: ``"base"`` adds the delta to BASE's weights (dequantized to float32 first
-            when BASE is a bitsandbytes checkpoint); ``"dequantized"`` first round-trips each
+            when BASE is quantized); ``"dequantized"`` first round-trips each
             targeted weight of a 16-bit BASE through the 4-bit quantization a QLoRA adapter was
             trained against (``quant_type``, ``blocksize`` in elements, ``double_quant``,
             ``quant_input_dtype``, or all read from ``quantization_from``'s config.json).
@@ -195,7 +198,10 @@ def plan_merge(
     spec = None
     output_quantizer(method, None)  # a compressed-tensors method: the package is there
     if method is SaveMethod.MERGED_4BIT or into is MergeInto.DEQUANTIZED:
-        import_bnb()
+        if into is MergeInto.DEQUANTIZED:
+            import_bnb()  # the 4-bit round trip dequantizes with bitsandbytes
+        else:
+            require_bnb()  # writing 4-bit does not import it (formats.bnb_encode)
         spec = bnb_spec(
             quant_type=quant_type,
             blocksize=blocksize,

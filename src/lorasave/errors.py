@@ -178,6 +178,54 @@ class InvalidOptionError(LorasaveError, ValueError):
     exit_code = 2
 
 
+class InvalidChoiceError(InvalidOptionError):
+    """An option given a value outside its fixed set (``save_method``, ``quantization_method``...);
+    the message lists every valid value.
+
+    Attributes:
+        option: the option's name.
+        value: the value given.
+        choices: every valid value, in the order the message lists them.
+    """
+
+    option: str
+    value: object
+    choices: list[str]
+
+    def __init__(self, message: str, *, option: str, value: object, choices: list[str]) -> None:
+        super().__init__(message, option=option, value=value, choices=list(choices))
+
+
+class UnknownArgumentError(LorasaveError, TypeError):
+    """A keyword argument a function neither takes nor accepts as another tool's name for an option.
+
+    Attributes:
+        argument: the keyword given.
+        accepted: every keyword the function accepts.
+    """
+
+    argument: str
+    accepted: list[str]
+
+    def __init__(self, message: str, *, argument: str, accepted: list[str]) -> None:
+        super().__init__(message, argument=argument, accepted=list(accepted))
+
+
+class NotOfferedError(LorasaveError, AttributeError):
+    """Another tool's name (Unsloth's ``save_pretrained_torchao``...) lorasave does not offer; the message says what to use instead.
+
+    Attributes:
+        attribute: the name looked up (``AttributeError.name`` is Python's own slot, left unset).
+        instead: what to use instead.
+    """
+
+    attribute: str
+    instead: str
+
+    def __init__(self, message: str, *, attribute: str, instead: str) -> None:
+        super().__init__(message, attribute=attribute, instead=instead)
+
+
 class ImatrixRequiredError(InvalidOptionError):
     """A GGUF type needs an importance matrix (``--imatrix``) for a tensor, and none is given for it."""
 

@@ -1,4 +1,4 @@
-"""``lorasave merge``, ``adapter``, ``onnx``, ``verify``, ``inspect`` and ``push``: thin shells over the library."""
+"""``lorasave merge``, ``adapter``, ``onnx``, ``onnx-adapter``, ``verify``, ``inspect`` and ``push``: thin shells over the library."""
 
 from __future__ import annotations
 
@@ -167,6 +167,13 @@ def adapter_cmd(ctx: click.Context, adapter: str, output: str, dtype: str, opts:
     show_default=True,
     help="Compare onnxruntime with the unmerged PeftModel in float32 (loads the base); refuse the output beyond tolerance.",
 )
+@click.option(
+    "--lora-inputs",
+    multiple=True,
+    metavar="PROJ[,PROJ...]|all-linear|ADAPTER",
+    help="Give these Linears LoRA weights as graph inputs (Olive's names, rank 0 when not fed), for `lorasave onnx-adapter` files: "
+    "projection names (q_proj,v_proj), all-linear, or an adapter folder whose modules to take. Repeatable.",
+)
 @_weights_option
 @_tokenizer_option("Copy")
 @_save_options
@@ -181,6 +188,7 @@ def onnx_cmd(
     asymmetric: bool,
     opset: int,
     verify: bool,
+    lora_inputs: tuple[str, ...],
     weights: list[float] | None,
     tokenizer: str | None,
     opts: _SaveOptions,
@@ -188,10 +196,14 @@ def onnx_cmd(
     """Merge ADAPTER(s) into BASE and export an ONNX decoder with KV cache to OUT, weights streamed.
 
     optimum's layout, run by onnxruntime and (genai_config.json) onnxruntime-genai. With no ADAPTER,
-    BASE itself is exported; with no BASE, the adapters' adapter_config.json names it. Needs pip install 'lorasave[onnx]'.
+    BASE itself is exported; with no BASE, the adapters' adapter_config.json names it. With --lora-inputs the graph
+    also takes LoRA weights as inputs, so `lorasave onnx-adapter` files switch fine-tunes at run time. Needs pip
+    install 'lorasave[onnx]'.
     """
     export = _deferred("lorasave.formats.onnx.export", "export_onnx")
     quant = {"quantize": quantize, "block_size": block_size, "symmetric": not asymmetric} if quantize else {}
+    if lora_inputs:
+        quant["lora_inputs"] = list(lora_inputs)
     opts.save(
         ctx,
         _with_sources(export, sources, adapter_required=False),
@@ -204,6 +216,30 @@ def onnx_cmd(
         progress=opts.progress,
         **quant,
     )
+
+
+@main.command("onnx-adapter", short_help="Write a LoRA adapter as an .onnx_adapter for an ONNX base with LoRA inputs.")
+@_sources_argument(adapter_required=True)
+@_output_option
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16"], case_sensitive=False),
+    default=None,
+    help="Parameter dtype (default: the ONNX base's LoRA inputs', float32 for a Hugging Face BASE).",
+)
+@click.option("--name", default=None, help="File stem (default: the output folder's name).")
+@_save_options
+@click.pass_context
+def onnx_adapter_cmd(ctx: click.Context, sources: tuple[str, ...], output: str, dtype: str | None, name: str | None, opts: _SaveOptions) -> None:
+    """Write ADAPTER as OUT/<name>.onnx_adapter, which onnxruntime-genai (og.Adapters) and onnxruntime (LoraAdapter)
+    apply at run time to an ONNX base exported with `lorasave onnx BASE --lora-inputs ...`.
+
+    BASE is that ONNX base folder (checked against its graph inputs) or the Hugging Face base; without BASE, the
+    Hugging Face base adapter_config.json names (base_model_name_or_path). PEFT's scaling is
+    folded into lora_B exactly. DoRA, modules_to_save, new tokens and LoRA on embeddings or lm_head are refused.
+    """
+    export = _deferred("lorasave.formats.onnx.adapter", "export_onnx_adapter")
+    opts.save(ctx, _with_sources(export, sources), output, dtype=dtype, name=name)
 
 
 @main.command("verify", short_help="Check an output against its manifest and sources.")

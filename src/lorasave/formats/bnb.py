@@ -13,11 +13,14 @@
 
 Dequantization is bitsandbytes' own (``dequantize_4bit`` with the quant state's dtype set to
 float32; ``int8_vectorwise_dequant``), which runs on CPU, so the float32 values are exactly
-the reference's. bitsandbytes is imported only when a quantized base or output is met.
+the reference's. bitsandbytes is imported only when a quantized base is read or a weight is
+round-tripped through 4-bit (``merge_into=dequantized``); writing 4-bit does not import it
+(``bnb_encode``).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import re
@@ -36,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 QUANT_STATE_RE = re.compile(r"^(?P<weight>.+)\.quant_state\.bitsandbytes__(?P<type>nf4|fp4)$")
 AUX_4BIT = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
+BNB_MISSING = "this needs bitsandbytes (it runs on CPU): pip install 'lorasave[bnb]' or pip install bitsandbytes"
 
 
 def import_bnb() -> Any:
@@ -46,8 +50,18 @@ def import_bnb() -> Any:
     """
     bnb = preload_bnb()
     if bnb is None:
-        raise UnsupportedModelError("this needs bitsandbytes (it runs on CPU): pip install 'lorasave[bnb]' or pip install bitsandbytes")
+        raise UnsupportedModelError(BNB_MISSING)
     return bnb
+
+
+def require_bnb() -> None:
+    """Check that bitsandbytes is installed, without importing it (its import takes seconds).
+
+    Raises:
+        UnsupportedModelError: bitsandbytes is not installed.
+    """
+    if "bitsandbytes" not in sys.modules and importlib.util.find_spec("bitsandbytes") is None:
+        raise UnsupportedModelError(BNB_MISSING)
 
 
 def preload_bnb() -> Any | None:
@@ -279,6 +293,9 @@ class Bnb4bitSpec:
     def serialized(self, name: str, w: torch.Tensor, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         """Quantize a float32 weight once and return the tensors transformers saves for it.
 
+        Bit-identical to bitsandbytes' ``quantize_4bit`` + ``QuantState.as_dict(packed=True)``, without
+        importing bitsandbytes (:func:`lorasave.formats.bnb_encode.serialize_4bit`).
+
         Args:
             name: the weight's name (``<module>.weight``).
             w: float32 weight ``(out, in)``.
@@ -287,12 +304,10 @@ class Bnb4bitSpec:
         Returns:
             ``{name: packed uint8, name + ".absmax": ..., name + ".quant_state.bitsandbytes__nf4": ...}``.
         """
-        packed, qs = self.quantize(w.contiguous())
-        qs.dtype = dtype
-        out = {name: packed}
-        for k, v in qs.as_dict(packed=True).items():
-            out[f"{name}.{k}"] = v
-        return out
+        from lorasave.formats.bnb_encode import serialize_4bit
+
+        tensors = serialize_4bit(w.contiguous(), self.blocksize, self.quant_type, self.double_quant, dtype)
+        return {f"{name}.{k}" if k else name: v for k, v in tensors.items()}
 
     def planned_shapes(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> dict[str, tuple[StDtype, tuple[int, ...]]]:
         """Names, dtypes and shapes ``serialized`` will produce, known before quantizing.
@@ -321,16 +336,27 @@ class Bnb4bitSpec:
         return out
 
     def quantization_config(self, compute_dtype: torch.dtype) -> dict[str, Any]:
-        """``config.json``'s ``quantization_config`` as transformers writes it for this spec."""
-        from transformers import BitsAndBytesConfig
+        """``config.json``'s ``quantization_config`` as transformers writes it for this spec.
 
-        qc = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=self.quant_type,
-            bnb_4bit_use_double_quant=self.double_quant,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-        return qc.to_dict()
+        ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=..., bnb_4bit_use_double_quant=...,
+        bnb_4bit_compute_dtype=...).to_dict()``, spelled out so that writing does not import
+        transformers (seconds); the tests compare it with transformers' own.
+        """
+        return {
+            "quant_method": "bitsandbytes",
+            "_load_in_8bit": False,
+            "_load_in_4bit": True,
+            "llm_int8_threshold": 6.0,
+            "llm_int8_skip_modules": None,
+            "llm_int8_enable_fp32_cpu_offload": False,
+            "llm_int8_has_fp16_weight": False,
+            "bnb_4bit_quant_type": self.quant_type,
+            "bnb_4bit_use_double_quant": self.double_quant,
+            "bnb_4bit_compute_dtype": str(compute_dtype).split(".")[1],
+            "bnb_4bit_quant_storage": "uint8",
+            "load_in_4bit": True,
+            "load_in_8bit": False,
+        }
 
     @property
     def label(self) -> str:

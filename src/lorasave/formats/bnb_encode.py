@@ -15,12 +15,27 @@ bitsandbytes' own midpoints and ``torch.bucketize`` (each entry covers a contigu
 of floats, so the code is known whenever both ends of the interval get the same code); the
 ~1% of values whose interval holds a midpoint, and NaN / Inf patterns, are bucketed exactly
 with ``numpy.searchsorted`` (``side="left"`` is ``bucketize(right=False)``; NaN sorts last).
-The double quantization of ``absmax`` stays bitsandbytes' own (``quantize_blockwise``).
+The double quantization of ``absmax`` stays bitsandbytes' own: its C kernel
+``cquantize_blockwise_cpu_fp32`` (what ``quantize_blockwise`` runs on CPU), called in the shared
+library bitsandbytes ships.
+
+Writing needs no ``import bitsandbytes`` (whose CPU backend wraps its kernels in ``torch.compile``
+at import: seconds per run): the codebooks are the format's constants (:data:`NF4`, :data:`FP4`,
+:func:`dynamic_map`, each tested equal to bitsandbytes'), the kernel is loaded from the package's
+folder with ``ctypes`` (:func:`_native_blockwise`; where that fails, bitsandbytes is imported and
+its ``quantize_blockwise`` used), and :func:`serialize_4bit` lays the tensors out as
+``QuantState.as_dict(packed=True)`` does.
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib.util
+import json
+import platform
+import threading
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -32,33 +47,130 @@ from lorasave.errors import InvalidOptionError
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 #: elements per chunk (a multiple of the block size): 1 MiB of float32, cache-resident
 CHUNK = 1 << 18
+#: block size of the double quantization of the 4-bit block scales (``quantize_4bit(compress_statistics=True)``)
+NESTED_BLOCKSIZE = 256
 _UNSURE = 255  # table entry: the interval holds a midpoint (or NaN / Inf): bucket exactly
 _ONE, _TINY, _ZERO = np.float32(1.0), np.float32(1e-38), np.float32(0.0)
+
+#: NF4 (QLoRA, arXiv:2305.14314): the values of ``bitsandbytes.functional.get_4bit_type("nf4")``, code order
+NF4 = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+#: FP4 (1 sign, 2 exponent, 1 mantissa bit) in code order, before ``get_4bit_type`` divides by the largest
+#: magnitude; code 8 is +0.0 there too (bitsandbytes' list spells it as the integer ``-0``)
+FP4 = (0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0)
+
+
+@lru_cache(maxsize=2)
+def code_4bit(quant_type: str) -> np.ndarray:
+    """The 16 code values (float32, code order) of ``quant_type``: ``get_4bit_type``'s ``quant_map``."""
+    data = np.array(NF4 if quant_type == "nf4" else FP4, dtype=np.float32)
+    data /= np.abs(data).max()  # as get_4bit_type: float32 division by the largest magnitude
+    data.flags.writeable = False
+    return data
+
+
+@lru_cache(maxsize=1)
+def dynamic_map() -> np.ndarray:
+    """The signed 8-bit dynamic map (256 float32, sorted) of the double quantization's ``nested_quant_map``.
+
+    The construction of ``bitsandbytes.functional.create_dynamic_map(signed=True, max_exponent_bits=7,
+    total_bits=8)`` (Dettmers 2016, arXiv:1511.04561): for exponent ``i`` of 0..6, the midpoints of
+    ``2 ** i + 1`` float32 ``linspace(0.1, 1)`` points scaled by ``10 ** (i - 6)``, both signs, then 0
+    and 1, sorted. Checked equal to bitsandbytes' map by the tests.
+    """
+    data: list[float] = []
+    for i in range(7):
+        bounds = torch.linspace(0.1, 1, 2**i + 1, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (i - 6)) * means).tolist()
+        data += (-(10 ** (i - 6)) * means).tolist()
+    data += [0, 1.0]
+    data += [0] * (256 - len(data))
+    data.sort()
+    out = torch.tensor(data, dtype=torch.float32).numpy()
+    out.flags.writeable = False
+    return out
 
 
 @lru_cache(maxsize=4)
 def _tables(quant_type: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(lookup uint8 (65536,), midpoints float32 (15,), order uint8 (16,))`` for ``quant_type``.
 
-    ``lookup[h]`` is the (order-remapped) code of every float32 whose top 16 bits are ``h``
-    (unsigned), or ``_UNSURE``.
+    The midpoints and order are bitsandbytes' ``_get_4bit_quantize_bounds``: the codebook sorted
+    (``argsort``), ``(lower + upper) / 2`` in float32. ``lookup[h]`` is the (order-remapped) code
+    of every float32 whose top 16 bits are ``h`` (unsigned), or ``_UNSURE``.
     """
-    from lorasave.formats.bnb import import_bnb
-
-    import_bnb()
-    from bitsandbytes.backends.default.ops import _get_4bit_quantize_bounds  # the reference's own midpoints
-
-    bounds, order = _get_4bit_quantize_bounds(quant_type, torch.device("cpu"))
+    code = torch.from_numpy(code_4bit(quant_type).copy())
+    order = torch.argsort(code)
+    bounds = (code[order[:-1]] + code[order[1:]]) / 2
     top = torch.arange(1 << 16, dtype=torch.int32) << 16
     lo, hi = top.view(torch.float32), (top | 0xFFFF).view(torch.float32)
 
-    def code(v: torch.Tensor) -> torch.Tensor:
+    def bucket(v: torch.Tensor) -> torch.Tensor:
         return order[torch.bucketize(torch.clamp(v, -1, 1), bounds)]
 
-    a, b = code(lo), code(hi)
+    a, b = bucket(lo), bucket(hi)
     odd = lo.isnan() | hi.isnan() | lo.isinf() | hi.isinf()
     table = torch.where((a == b) & ~odd, a, _UNSURE).to(torch.uint8)
     return table.numpy(), bounds.numpy().astype(np.float32), order.to(torch.uint8).numpy()
+
+
+_NATIVE_LOCK = threading.Lock()
+
+
+@lru_cache(maxsize=1)
+def _native_blockwise() -> Any | None:
+    """bitsandbytes' ``cquantize_blockwise_cpu_fp32`` from its CPU library, loaded without importing the package; None where it is not there."""
+    spec = importlib.util.find_spec("bitsandbytes")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    suffix = {"Darwin": ".dylib", "Windows": ".dll"}.get(platform.system(), ".so")  # bitsandbytes' consts.DYNAMIC_LIBRARY_SUFFIX
+    path = Path(next(iter(spec.submodule_search_locations))) / f"libbitsandbytes_cpu{suffix}"
+    try:
+        fn = ctypes.CDLL(str(path)).cquantize_blockwise_cpu_fp32
+    except (OSError, AttributeError):
+        return None
+    fn.restype = None
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_longlong, ctypes.c_longlong]
+    return fn
+
+
+def quantize_blockwise(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``bitsandbytes.functional.quantize_blockwise(a, blocksize=256)`` of a float32 vector: ``(uint8 codes, float32 absmax)``.
+
+    bitsandbytes' own CPU kernel with the dynamic map (:func:`dynamic_map`); through the imported
+    package where its library cannot be loaded directly.
+    """
+    a = a.to(torch.float32).contiguous()
+    fn = _native_blockwise()
+    if fn is None:
+        from lorasave.formats.bnb import import_bnb
+
+        q, state = import_bnb().functional.quantize_blockwise(a, blocksize=NESTED_BLOCKSIZE)
+        return q, state.absmax
+    n = a.numel()
+    code = np.ascontiguousarray(dynamic_map())
+    out = torch.empty(a.shape, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // NESTED_BLOCKSIZE), dtype=torch.float32)
+    with _NATIVE_LOCK:  # one call at a time, as bitsandbytes' op
+        fn(code.ctypes.data, a.data_ptr(), absmax.data_ptr(), out.data_ptr(), NESTED_BLOCKSIZE, n)
+    return out, absmax
 
 
 def quantize_4bit(a: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4") -> tuple[torch.Tensor, torch.Tensor]:
@@ -111,6 +223,45 @@ def quantize_4bit(a: torch.Tensor, blocksize: int = 64, quant_type: str = "nf4")
                 codes[unsure] = order[np.searchsorted(bounds, np.clip(s[unsure], -1, 1), side="left")]
             np.bitwise_or(codes[::2] << 4, codes[1::2], out=packed[start // 2 : stop // 2])
     return torch.from_numpy(packed).unsqueeze(1), torch.from_numpy(absmax)
+
+
+def serialize_4bit(a: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors transformers saves for a 4-bit weight, as ``quantize_4bit`` + ``QuantState.as_dict(packed=True)``.
+
+    Args:
+        a: the weight (float32, bfloat16 or float16), quantized as given.
+        blocksize, quant_type, double_quant: ``quantize_4bit``'s ``blocksize``, ``quant_type``,
+            ``compress_statistics``.
+        dtype: the dtype the quant state records (what the layer dequantizes to).
+
+    Returns:
+        ``{"": packed codes, "absmax": ..., "quant_map": ..., ["nested_absmax", "nested_quant_map",]
+        "quant_state.bitsandbytes__<type>": JSON bytes}`` in ``as_dict``'s order (``""``: the
+        weight itself). Double quant, as bitsandbytes: ``absmax - absmax.mean()`` through
+        :func:`quantize_blockwise`, the mean kept as ``nested_offset``.
+
+    Raises:
+        InvalidOptionError: as :func:`quantize_4bit`.
+    """
+    packed, absmax = quantize_4bit(a, blocksize, quant_type)
+    out: dict[str, torch.Tensor] = {"": packed}
+    state: dict[str, Any] = {
+        "quant_type": quant_type,
+        "blocksize": blocksize,
+        "dtype": str(dtype).strip("torch."),  # as_dict's own spelling
+        "shape": tuple(a.shape),
+    }
+    if double_quant:
+        offset = absmax.mean()
+        qabsmax, nested = quantize_blockwise(absmax - offset)
+        out["absmax"], out["quant_map"] = qabsmax, torch.from_numpy(code_4bit(quant_type).copy())
+        out["nested_absmax"], out["nested_quant_map"] = nested, torch.from_numpy(dynamic_map().copy())
+        state.update(nested_blocksize=NESTED_BLOCKSIZE, nested_dtype="float32", nested_offset=offset.item())
+    else:
+        out["absmax"], out["quant_map"] = absmax, torch.from_numpy(code_4bit(quant_type).copy())
+    blob = json.dumps(state).encode("utf-8")  # bitsandbytes.utils.pack_dict_to_tensor
+    out[f"quant_state.bitsandbytes__{quant_type}"] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    return out
 
 
 def quantize_4bit_state(a: torch.Tensor, blocksize: int, quant_type: str, double_quant: bool) -> tuple[torch.Tensor, Any]:

@@ -86,7 +86,7 @@ def write_card(
 
     Args:
         folder: the staging folder of the output.
-        kind: what the output is: ``"merged"``, ``"merged-4bit"``, ``"merged-compressed"``, ``"adapter"`` or ``"onnx"``.
+        kind: what the output is: ``"merged"``, ``"merged-4bit"``, ``"merged-compressed"``, ``"adapter"``, ``"onnx"`` or ``"onnx-adapter"``.
         base_model: the base's Hub id when known (else omitted from the metadata).
         architectures: ``config.json`` architectures (for ``pipeline_tag``).
         adapters: descriptions of the adapters (``peft_type``, ``r``, ``lora_alpha``, targets, path).
@@ -103,8 +103,8 @@ def write_card(
 
     from lorasave import __version__
 
-    merged = kind != "adapter"
-    library = {"adapter": "peft", "onnx": "onnx"}.get(kind, "transformers")
+    merged = kind not in ("adapter", "onnx-adapter")
+    library = {"adapter": "peft", "onnx": "onnx", "onnx-adapter": "onnx"}.get(kind, "transformers")
     data: dict[str, Any] = {
         "base_model": hub_id(base_model),
         "library_name": library,
@@ -114,7 +114,7 @@ def write_card(
             "merged" if merged else "adapter",
             *(["4-bit", "bitsandbytes"] if "4bit" in kind else []),
             *(["compressed-tensors", "vllm"] if kind == "merged-compressed" else []),
-            *(["onnx", "onnxruntime"] if kind == "onnx" else []),
+            *(["onnx", "onnxruntime"] if kind in ("onnx", "onnx-adapter") else []),
         ],
         "pipeline_tag": pipeline_tag(architectures),
         "license": base_license(base_dir),

@@ -3,15 +3,14 @@
 ``save_pretrained_merged(model, save_directory, tokenizer, save_method=...)`` reads the base
 weights and the adapter tensors from the live model (nothing is copied whole, nothing is
 merged in place), plans and writes exactly as ``lorasave merge`` does from the same base and
-adapter on disk, and leaves the model unchanged and trainable. ``attach(model)`` binds it as
-``model.save_pretrained_merged``, the method name and arguments Unsloth scripts call.
+adapter on disk, and leaves the model unchanged and trainable. ``lorasave.unsloth`` gives it Unsloth's
+names and arguments (``attach(model)`` binds them as methods) and adds the push and the GGUF outputs
+(``sources.live_gguf``).
 
 Differences from Unsloth's ``save_pretrained_merged``: no GPU is needed and memory does not
 grow with the model (one tensor at a time); ``merged_4bit`` quantizes once from the float32
 merge instead of re-quantizing a dequantized 4-bit model; the output is written atomically with
-a ``lorasave.json`` manifest; ``push_to_hub`` and GGUF ``save_method`` values are not offered here
-(``push_to_hub=True`` raises an error pointing to ``lorasave push OUT REPO_ID``). ``lorasave.json``
-records the folder the live model's base was loaded from (``sources.base.path``), so
+a ``lorasave.json`` manifest. ``lorasave.json`` records the folder the live model's base was loaded from (``sources.base.path``), so
 ``lorasave verify OUT`` finds it without ``--base``.
 """
 
@@ -23,7 +22,6 @@ import json
 import logging
 import os
 import time
-import types
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +30,9 @@ import torch
 from lorasave.api import AdapterResult, MergeResult, has_chat_template, merge_sources
 from lorasave.errors import InvalidOptionError, UnsupportedModelError
 from lorasave.formats.quant_bases import check_quant_method, group_quantized
-from lorasave.pipeline.cards import card_kind, hub_id, merged_snippet, write_card
+from lorasave.pipeline.cards import adapter_snippet, card_kind, hub_id, merged_snippet, write_card
 from lorasave.pipeline.manifest import MANIFEST_NAME, sha256_file, write_manifest
-from lorasave.pipeline.output import check_free_space, check_output_path, set_generation_eos, write_config
+from lorasave.pipeline.output import TOKENIZER_FILES, check_free_space, check_output_path, set_generation_eos, write_config
 from lorasave.pipeline.run import PlannedOutput, run_single
 from lorasave.sources.adapter import KEY_PREFIX, Adapter, TunerType, _check_config, _resolve_modules
 from lorasave.sources.checkpoint import Checkpoint, MemoryEntry, logical_tensors
@@ -129,7 +127,6 @@ def save_pretrained_merged(
     overwrite: bool = True,
     quant_type: str = "nf4",
     double_quant: bool = True,
-    push_to_hub: bool = False,
 ) -> MergeResult | AdapterResult:
     """Save a live ``PeftModel`` merged (``merged_16bit`` / ``merged_4bit`` / compressed-tensors) or as its adapter (``lora``).
 
@@ -144,27 +141,19 @@ def save_pretrained_merged(
             ``generation_config.json``.
         save_method: ``"merged_16bit"``, ``"merged_4bit"``, ``"lora"``, or a compressed-tensors scheme
             for vLLM / SGLang (``"fp8_dynamic"``, ``"fp8_block"``, ``"w8a16"``, ``"w4a16"``, ``"w8a8"``,
-            ``"nvfp4a16"``, ``"mxfp4a16"``: ``lorasave.merge``'s ``save_method``).
+            ``"nvfp4a16"``, ``"mxfp4a16"``), or ``"mxfp4"`` (gpt-oss's MXFP4 experts): ``lorasave.merge``'s ``save_method``.
         max_shard_size: shard limit in bytes or ``"5GB"`` (decimal units).
         dtype: ``"auto"`` (the base's), ``"bfloat16"``, ``"float16"``, ``"float32"``.
         overwrite: replace an existing ``save_directory`` (default True, as Unsloth).
         quant_type, double_quant: the 4-bit format for ``merged_4bit``.
-        push_to_hub: not offered here: True raises before anything is written (push the folder
-            afterwards with ``lorasave push OUT REPO_ID`` or ``lorasave.push``).
 
     Returns:
-        MergeResult for merged outputs; AdapterResult for ``lora`` (``summary()``, ``to_dict()``,
-        ``manifest``; its ``output`` is the folder).
+        MergeResult for merged outputs; AdapterResult for ``lora`` (PEFT's own ``save_pretrained`` files).
 
     Raises:
         LorasaveError subclasses, as ``lorasave.merge``; InvalidOptionError for an unknown
-        ``save_method``, ``push_to_hub=True``, or a model that is not a PeftModel with one active adapter.
+        ``save_method``, or a model that is not a PeftModel with one active adapter.
     """
-    if push_to_hub:
-        raise InvalidOptionError(
-            f"save_pretrained_merged does not push: save with push_to_hub=False, then run `lorasave push {save_directory} REPO_ID` "
-            "(or lorasave.push(folder, repo_id)); nothing was written"
-        )
     from peft import PeftModel
 
     if not isinstance(model, PeftModel):
@@ -284,52 +273,49 @@ def _base_folder(base: Any, ckpt: Checkpoint) -> dict[str, Any] | None:
 
 
 def _save_lora(model: Any, final: Path, tokenizer: Any, overwrite: bool) -> AdapterResult:
-    """``model.save_pretrained`` and ``tokenizer.save_pretrained`` into ``final``, with ``lorasave.json``, as one atomic output."""
     check_output_path(final, [], overwrite)
 
     def finish(folder: Path, _: Any) -> AdapterResult:
-        from lorasave.formats.safetensors.header import read_header
-        from lorasave.pipeline.output import TOKENIZER_FILES
-
         model.save_pretrained(folder, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(folder)
+        # lorasave's card instead of PEFT's template, whose base_model (a local path) the Hub refuses
+        base = model.get_base_model()
+        name_or_path = getattr(base.config, "_name_or_path", None)
+        described = json.loads(json.dumps(model.peft_config[_active_adapter(model)].to_dict(), default=_jsonable))
+        write_card(
+            folder,
+            kind="adapter",
+            base_model=hub_id(name_or_path),
+            architectures=None,
+            adapters=[{k: described.get(k) for k in ("peft_type", "r", "lora_alpha", "target_modules")} | {"path": "live PeftModel"}],
+            settings={"dtype": "as trained", "save_method": "lora"},
+            base_dir=None,
+            load_snippet=adapter_snippet(str(name_or_path or "BASE"), final.name),
+            title=final.name,
+        )
         check_free_space(final, 0)
         files = {p.name: sha256_file(p) for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_NAME and not p.name.startswith(".")}
-        cfg = model.peft_config[_active_adapter(model)]
+        name = _active_adapter(model)
+        cfg = model.peft_config[name]
+        n_tensors = len(get_peft_model_state_dict(model, adapter_name=name))
         write_manifest(
             folder,
             command="adapter",
             sources={"live_model": {"class": type(model.get_base_model()).__name__}},
             settings={"save_method": "lora"},
-            result={"peft_type": str(getattr(cfg, "peft_type", ""))},
+            result={"peft_type": str(getattr(cfg, "peft_type", "")), "n_tensors": n_tensors},
             files=files,
         )
-        weights = folder / "adapter_model.safetensors"
-        n_tensors = len(read_header(weights).tensors) if weights.is_file() else 0
         tok_files = [n for n in TOKENIZER_FILES if n in files]
         return AdapterResult(final, sorted([*files, MANIFEST_NAME]), n_tensors, "as-is", tok_files, has_chat_template(folder))
+
+    from peft import get_peft_model_state_dict
 
     saved: AdapterResult = run_single(PlannedOutput(command="adapter", final=final, overwrite=overwrite, stamps={}, needed_bytes=0, finish=finish))
     return saved
 
 
-def attach(model: Any) -> Any:
-    """Bind ``model.save_pretrained_merged(save_directory, tokenizer=None, save_method="merged_16bit", ...)``.
-
-    The method takes Unsloth's argument names, so a training script switches with one line:
-    ``lorasave.attach(model)``. Returns the model.
-    """
-
-    def _method(self: Any, save_directory: str | os.PathLike[str], tokenizer: Any = None, save_method: str = "merged_16bit", **kwargs: Any) -> Any:
-        kwargs.pop("token", None)
-        kwargs.pop("safe_serialization", None)
-        return save_pretrained_merged(self, save_directory, tokenizer, save_method, **kwargs)
-
-    model.save_pretrained_merged = types.MethodType(_method, model)
-    return model
-
-
-__all__ = ["attach", "save_pretrained_merged"]
+__all__ = ["save_pretrained_merged"]
 
 _ = (TunerType, FLOAT_DTYPES)  # re-exported names used by type checkers only

@@ -6,7 +6,8 @@ raises on their contents is one :class:`CheckpointFormatError`.
 Merged models (``lorasave gguf``):
 
 - float tensors (F32/F16/BF16) are dequantized, renamed, un-permuted and probed within one
-  rounding of their type (``verify._Checker``);
+  rounding of their type (``verify._Checker``); those an architecture's ``ValueTransform`` wrote (Qwen3.5's
+  V-head reorder, ``-exp(A_log)``) are compared bit for bit with the transform of the reference merge;
 - quantized tensors must be bit for bit the reference quantizer's encoding of the merge, at the
   precision lorasave handed to the quantizer (``result.quantized_from`` in ``lorasave.json``:
   float32 for every type written now; the 16-bit intermediate of the k-quants for outputs of
@@ -51,10 +52,31 @@ def name_map(ckpt: Any) -> tuple[dict[str, str], Any]:
     inverse: dict[str, str] = {}
     for hf in ckpt.tensors:
         text = rules.text_name(hf)  # a multimodal checkpoint's language model (GgufArch.text_of)
-        g = None if text is None else names.get_name(text, try_suffixes=(".weight", ".bias"))
-        if g is not None and text not in rules.drop:
-            inverse[g] = hf
+        if text is None or text in rules.drop:
+            continue
+        for out, _ in _outputs(rules, text):  # a ValueTransform's tensors (renamed, split), else the tensor itself
+            g = names.get_name(out, try_suffixes=(".weight", ".bias"))
+            if g is not None:
+                inverse[g] = hf
     return inverse, rules
+
+
+def _outputs(rules: Any, text: str) -> list[tuple[str, Any]]:
+    """``(HF name gguf-py maps, ValueTransform function or None)`` of each GGUF tensor written from text-model tensor ``text``."""
+    rule = next((r for r in rules.transforms if r.matches(text)), None)
+    if rule is None:
+        return [(text, None)]
+    prefix = text[: len(text) - len(rule.suffix)]
+    return [(prefix + name, fn) for name, fn in rule.into]
+
+
+def _transform(rules: Any, names: Any, hf: str, gname: str) -> Any:
+    """The ``ValueTransform`` function (``fn(hp, values)``) that wrote GGUF tensor ``gname`` from checkpoint tensor ``hf``, or None."""
+    text = rules.text_name(hf)
+    for out, fn in [] if text is None else _outputs(rules, text):
+        if fn is not None and names.get_name(out, try_suffixes=(".weight", ".bias")) == gname:
+            return fn
+    return None
 
 
 def _heads(ckpt: Any, rules: Any, hf: str) -> int | None:
@@ -166,11 +188,14 @@ def check_gguf(out: Path, manifest: dict[str, Any], report: VerifyReport, checke
     """Every tensor of OUT's GGUF file(s): float ones probed, quantized ones bit-equal to the reference (module docstring)."""
     import gguf
 
+    from lorasave.formats.gguf.arch import Hparams
     from lorasave.formats.gguf.read import open_gguf
     from lorasave.verify.probes import TINY, block_error, ggml_eps, norm_shift, q8_0_error, unpermute_qk
 
     ckpt = checker.ckpt
     inverse, rules = name_map(ckpt)
+    hp = Hparams.of(ckpt.config)
+    names = gguf.get_tensor_name_map(rules.arch, hp.n_layer)
     result = manifest.get("result", {})
     per_file = result.get("gguf_files") if isinstance(result.get("gguf_files"), dict) else {}
     for fname in manifest.get("files", {}):
@@ -187,11 +212,18 @@ def check_gguf(out: Path, manifest: dict[str, Any], report: VerifyReport, checke
                 report.not_checkable(t.name, "GGUF tensor with no base tensor name")
                 continue
             what = f" (GGUF {t.name}, {t.tensor_type.name})"
+            expected = checker.exp.get(hf)
+            if expected is not None and expected.kind == "skip":  # e.g. changed by a live PeftModel's adapter that was not saved
+                report.not_checkable(hf, expected.reason or "not probed")
+                continue
             heads = _heads(ckpt, rules, hf)
             shift = norm_shift(ckpt.config, hf)
             eps = ggml_eps(t.tensor_type)
-            ref = _reference_merge(checker, hf) if eps is None else None
+            fn = _transform(rules, names, hf, t.name)  # not undone: the bytes of the reference's transform are compared
+            ref = _reference_merge(checker, hf) if eps is None or fn is not None else None
             if ref is not None:
+                if fn is not None:
+                    ref = fn(hp, ref)  # on the merge, before the norm shift and Q/K permute (the export's order)
                 rows = int(t.shape.tolist()[-1])  # ggml order: the last is the row count
                 x = ref[:rows] if ref.dim() >= 1 and rows < ref.shape[0] else ref
                 if shift:
@@ -211,11 +243,14 @@ def check_gguf(out: Path, manifest: dict[str, Any], report: VerifyReport, checke
                     bad = int((got.reshape(n, block) != want.reshape(n, block)).any(1).sum()) if got.shape == want.shape else n
                     report.fail(hf, f"{bad} of {n} blocks differ from the reference quantizer's encoding of the merge at {quantized_from}{what}")
                 continue
+            if fn is not None:
+                report.not_checkable(hf, f"llama.cpp's converter transforms its values and its merge is not a plain LoRA sum{what}")
+                continue
             w = _dequantized(path, t)
             if heads is not None:
                 w = unpermute_qk(w, heads)
-            if rules.norm_shift and hf.endswith("norm.weight"):
-                w = (w.double() - rules.norm_shift).float()  # exact: both are float32 values near each other
+            if shift:
+                w = (w.double() - shift).float()  # exact: both are float32 values near each other
             base_rows = int(ckpt.tensors[hf].shape[0]) if getattr(ckpt.tensors[hf], "shape", None) else 0
             if w.dim() >= 1 and w.shape[0] < base_rows:  # Gemma 3's token_embd cut to the tokenizer: the rest is the base's
                 from lorasave.verify.probes import base_tensor
@@ -250,7 +285,13 @@ def check_gguf_adapter(out: Path, manifest: dict[str, Any], report: VerifyReport
     from lorasave.sources.checkpoint import TensorReader
 
     if len(ads) != 1:
-        report.skipped = "a GGUF LoRA adapter is checked against exactly one source adapter"
+        from lorasave.verify.sources import live_adapter_unsaved
+
+        report.skipped = (
+            "the adapter lived in a PeftModel and was not saved: pass --adapter DIR (model.save_pretrained(DIR)) to probe the GGUF adapter"
+            if live_adapter_unsaved(manifest, ads)
+            else "a GGUF LoRA adapter is checked against exactly one source adapter"
+        )
         return
     with TensorReader() as reader:
         seen = _check_pairs(out, manifest, report, ckpt, ads[0], reader, torch.Generator().manual_seed(seed))

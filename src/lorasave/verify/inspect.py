@@ -23,7 +23,7 @@ class Inspection:
 
     Attributes:
         path: what was inspected.
-        kind: ``"checkpoint"``, ``"adapter"``, ``"safetensors"`` or ``"gguf"``.
+        kind: ``"checkpoint"``, ``"adapter"``, ``"safetensors"``, ``"gguf"``, ``"onnx"`` or ``"onnx-adapter"``.
         architecture: model class or GGUF ``general.architecture``.
         parameters: number of parameters (elements of floating tensors; quantized weights counted unpacked).
         dtype_bytes: bytes of tensor data per dtype (safetensors / GGML type names).
@@ -102,6 +102,11 @@ def inspect_path(path: str | os.PathLike[str]) -> Inspection:
         return _with_manifest(p, _adapter(p))
     if p.is_dir() and (p / "model.onnx").is_file():
         return _with_manifest(p, _onnx(p))
+    if p.is_file() and p.suffix == ".onnx_adapter":
+        return _onnx_adapter(p)
+    onnx_adapters = sorted(p.glob("*.onnx_adapter")) if p.is_dir() else []
+    if onnx_adapters:  # a `lorasave onnx-adapter` output folder
+        return _with_manifest(p, _onnx_adapter(onnx_adapters[0]))
     ggufs = sorted(p.glob("*.gguf")) if p.is_dir() and not (p / "config.json").is_file() else []
     if ggufs:  # a `lorasave gguf` / `gguf-adapter` output folder: one file, or one per --type
         ins = _gguf(ggufs[0])
@@ -219,5 +224,27 @@ def _onnx(p: Path) -> Inspection:
     ins = Inspection(str(p), "onnx", architecture=arch)
     names = [i.name for i in model.graph.input]
     ins.notes.append(f"inputs: {', '.join(names[:3])}{', ...' if len(names) > 3 else ''} ({len(names)}), outputs: {len(model.graph.output)}")
+    lora = [n for n in names if n.endswith((".lora_A.weight", ".lora_B.weight"))]
+    if lora:
+        ins.notes.append(f"LoRA inputs on {len(lora) // 2} Linears ({lora[0]}, ...): `lorasave onnx-adapter` files apply at run time")
     ins.can = ["lorasave.formats.onnx.export.onnx_generate(folder, prompt)"]
+    return ins
+
+
+def _onnx_adapter(f: Path) -> Inspection:
+    """An ``.onnx_adapter`` file (``lorasave onnx-adapter``): its parameters, read with onnxruntime."""
+    try:
+        from lorasave.verify.onnx_adapter import read_parameters
+
+        params = read_parameters(f)
+    except ImportError:
+        raise CheckpointFormatError(f"{f}: reading an .onnx_adapter needs onnxruntime: pip install 'lorasave[onnx]'", path=f) from None
+    except Exception as e:
+        raise CheckpointFormatError(f"{f}: not a readable .onnx_adapter file ({type(e).__name__}: {e})", path=f) from None
+    ins = Inspection(str(f), "onnx-adapter", files={f.name: f.stat().st_size})
+    for v in params.values():
+        ins.dtype_bytes[str(v.dtype)] = ins.dtype_bytes.get(str(v.dtype), 0) + v.nbytes
+        ins.parameters += int(v.size)
+    ins.notes.append(f"{len(params)} tensors ({len(params) // 2} LoRA modules), e.g. {next(iter(sorted(params)), '-')}")
+    ins.can = ["og.Adapters(model).load(file, name); generator.set_active_adapter(adapters, name) (onnxruntime-genai)"]
     return ins

@@ -46,6 +46,8 @@ def output_precision(command: str | None, settings: dict[str, Any], base_dtype: 
         return dtype if dtype in FLOAT_EPS else "f32"
     if settings.get("save_method") not in (None, "merged_16bit"):  # bitsandbytes 4-bit or compressed-tensors
         return None
+    if command == "onnx-adapter":  # on a quantized ONNX base (``settings`` then carry ``base_quantize``): reported
+        return None if settings.get("base_quantize") else str(settings.get("dtype") or "float32")
     if command == "onnx":
         return None if settings.get("quantize") else str(settings.get("dtype") or "float32").replace("torch.", "")
     dtype = str(settings.get("dtype") or "auto").replace("torch.", "")
@@ -110,7 +112,7 @@ def check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, base
 
     command = manifest.get("command")
     settings = manifest.get("settings", {})
-    if command not in ("merge", "gguf", "gguf-adapter", "onnx", "adapter"):
+    if command not in ("merge", "gguf", "gguf-adapter", "onnx", "onnx-adapter", "adapter"):
         report.skipped = f"logits: nothing to compare for a {command!r} output"
         return
     ckpt, ads, weights = sources(out, manifest, base, adapters)
@@ -150,6 +152,10 @@ def check_logits(out: Path, manifest: dict[str, Any], report: VerifyReport, base
             got_np, _ = dec(ids.numpy(), torch.ones_like(ids).numpy(), dec.empty_past(ids.shape[0]))
             got = torch.from_numpy(got_np)
             report.logits_runtime = "onnxruntime"
+        elif command == "onnx-adapter":  # the ONNX base with the adapter active in onnxruntime
+            from lorasave.verify.onnx_adapter import onnx_adapter_logits
+
+            got, report.logits_runtime = onnx_adapter_logits(out, manifest, ckpt.root, ids)
         elif command == "adapter":  # PEFT with the adapter as saved against PEFT with the source adapter
             from lorasave.verify.sources import adapter_output_logits
 

@@ -234,7 +234,7 @@ def unpermute_qk(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def norm_shift(config: dict[str, Any], hf_name: str) -> float:
-    """What GGUF export added to tensor ``hf_name`` (Gemma's RMSNorm ``+1``; ``gguf_arch.GgufArch.norm_shift``), else 0."""
+    """What GGUF export added to tensor ``hf_name`` (Gemma's RMSNorm ``+1``; ``gguf_arch.GgufArch.shift``), else 0."""
     from lorasave.formats.gguf.arch import gguf_arch_for
 
-    return gguf_arch_for(config).norm_shift if hf_name.endswith("norm.weight") else 0.0
+    return gguf_arch_for(config).shift(hf_name)

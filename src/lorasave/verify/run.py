@@ -15,7 +15,8 @@ GGUF outputs (``verify_gguf``: float tensors probed, quantized ones bit-equal to
 quantizer's encoding of the merge; GGUF LoRA adapters probed pair by pair). Adapter outputs
 (``lorasave adapter``) must equal the source adapter's tensors cast to their dtype, bit for bit.
 LoHa/LoKr, trainable tokens, lora_bias, MoE experts, re-quantized bitsandbytes outputs and ONNX
-initializers are reported as not checkable, never as passed.
+initializers are reported as not checkable, never as passed. ONNX LoRA adapters (``onnx-adapter``)
+are probed pair by pair (``verify_onnx_adapter``).
 ``logits`` (``verify_judge``): OUT's logits against base + adapter(s) under PEFT (fp32) on a fixed text.
 
 Every level reports its counts (``verify_report``); a file whose size or sha256 differs from
@@ -113,6 +114,11 @@ def verify(
     command = manifest.get("command")
     if lvl is Level.TENSORS and command == "adapter":
         _check_adapter(out, manifest, report, adapters)
+    elif lvl is Level.TENSORS and command == "onnx-adapter":
+        from lorasave.verify.onnx_adapter import check_onnx_adapter
+
+        _, ads, _ = _sources(out, manifest, base, adapters)
+        check_onnx_adapter(out, manifest, report, ads, seed)
     elif lvl is Level.TENSORS and command == "onnx":
         report.skipped = "ONNX initializers are not compared with the merge yet (use --level logits)"
     elif lvl is Level.TENSORS and command in ("merge", "gguf", "gguf-adapter"):
@@ -247,16 +253,16 @@ def _check_tensors(out: Path, manifest: dict[str, Any], report: VerifyReport, ba
         report.skipped = "re-quantized output or merge into a quantization round trip: its tensors are not checkable (files level only)"
         return
     with TensorReader() as reader:
+        from lorasave.verify.probes import Expect
+        from lorasave.verify.sources import live_unprobed
+
         checker = _Checker(ckpt, ads, weights, reader, report, seed)
+        checker.exp.update({n: Expect("skip", reason=why) for n, why in live_unprobed(manifest, adapters).items()})
         if command == "gguf":
             from lorasave.verify.gguf import check_gguf
 
             check_gguf(out, manifest, report, checker)
             return
-        from lorasave.verify.probes import Expect
-        from lorasave.verify.sources import live_unprobed
-
-        checker.exp.update({n: Expect("skip", reason=why) for n, why in live_unprobed(manifest, adapters).items()})
         raw = _raw_entries(ckpt) if keep_layout else {}
         for shard in sorted(out.glob("*.safetensors")):
             for name, entry in read_header(shard).tensors.items():

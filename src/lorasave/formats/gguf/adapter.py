@@ -41,7 +41,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -171,8 +171,9 @@ def _unchanged_copy(adapter: Adapter, ckpt: Checkpoint, target: str) -> bool:
         return torch.equal(reader.read(entry).to(torch.float32), adapter.tensor(key, reader).to(torch.float32))
 
 
-def check_expressible(adapter: Adapter, ckpt: Checkpoint) -> None:
-    """Refuse what llama.cpp's LoRA adapter format (pairs ``lora_a``/``lora_b`` + one alpha) cannot hold.
+def check_expressible(adapter: Adapter, ckpt: Checkpoint, *, refuse: Callable[[Adapter, str], UnsupportedAdapterError] | None = None) -> None:
+    """Refuse what llama.cpp's LoRA adapter format (pairs ``lora_a``/``lora_b`` + one alpha) cannot hold;
+    ``refuse`` words the error for another adapter format (the ONNX one) that holds the same.
 
     Raises:
         UnsupportedAdapterError: LoHa / LoKr / IA3 / trainable tokens, DoRA, ``lora_bias``,
@@ -180,28 +181,29 @@ def check_expressible(adapter: Adapter, ckpt: Checkpoint) -> None:
             differs from the base's (resized vocabulary; PEFT's ``save_embedding_layers`` copies of
             the unchanged base weight are accepted), LoRA on 3-D parameters (``target_parameters``) or on convolutions.
     """
+    say = refuse or _refuse
     cfg = adapter.config
     if adapter.tuner is not TunerType.LORA:
-        raise _refuse(adapter, f"peft_type {adapter.tuner.value} is not LoRA")
+        raise say(adapter, f"peft_type {adapter.tuner.value} is not LoRA")
     if adapter.uses_dora:
-        raise _refuse(adapter, "DoRA (use_dora) rescales each weight by a magnitude vector")
+        raise say(adapter, "DoRA (use_dora) rescales each weight by a magnitude vector")
     if cfg.get("lora_bias") or any("lora_B.bias" in p.keys for p in adapter.parts.values()):
-        raise _refuse(adapter, "lora_bias trains a bias delta")
+        raise say(adapter, "lora_bias trains a bias delta")
     if cfg.get("trainable_token_indices") or any(TOKENS_ROLE in p.keys for p in adapter.parts.values()):
-        raise _refuse(adapter, "trainable_token_indices trains rows of the embedding (new or changed tokens)")
+        raise say(adapter, "trainable_token_indices trains rows of the embedding (new or changed tokens)")
     if cfg.get("modules_to_save"):
-        raise _refuse(adapter, f"modules_to_save ({', '.join(cfg['modules_to_save'])}) stores full trained modules")
+        raise say(adapter, f"modules_to_save ({', '.join(cfg['modules_to_save'])}) stores full trained modules")
     for target in sorted(adapter.extra):
         if ".modules_to_save." not in adapter.extra[target] and _unchanged_copy(adapter, ckpt, target):
             continue  # save_embedding_layers wrote the untouched base weight beside the LoRA
         if any(k in target for k in ("embed", "lm_head", "wte", "output")):
-            raise _refuse(adapter, f"it saves a full {target} that differs from the base's (new tokens or a resized vocabulary)")
-        raise _refuse(adapter, f"modules_to_save stores full trained tensors ({target})")
+            raise say(adapter, f"it saves a full {target} that differs from the base's (new tokens or a resized vocabulary)")
+        raise say(adapter, f"modules_to_save stores full trained tensors ({target})")
     if cfg.get("target_parameters"):
-        raise _refuse(adapter, "target_parameters puts LoRA on 3-D expert parameters")
+        raise say(adapter, "target_parameters puts LoRA on 3-D expert parameters")
     for p in adapter.lora.values():
         if len(adapter.shape(p.lora_A)) != 2:
-            raise _refuse(adapter, f"{p.module} is a convolution LoRA")
+            raise say(adapter, f"{p.module} is a convolution LoRA")
 
 
 def _file_alpha(adapter: Adapter) -> float:
@@ -247,6 +249,8 @@ def plan_pairs(ckpt: Checkpoint, adapter: Adapter, rules: GgufArch, type: str, a
             raise _refuse(adapter, f"it adapts experts stacked in {g.name}")
         if not g.src.ops:
             continue
+        if g.transform is not None:  # GgufArch.transforms: Qwen3.5's V-head reorder...
+            raise _refuse(adapter, f"it adapts {g.src.name}, whose values llama.cpp's converter transforms")
         op = g.src.ops[0]
         if len(g.src.ops) != 1 or not isinstance(op, LoraDelta):
             raise _refuse(adapter, f"{g.src.name} gets {type_name(g.src.ops)}, not a plain LoRA delta")
@@ -313,14 +317,15 @@ def _write_card(folder: Path, title: str, filename: str, type: str, counts: dict
 
 
 def export_gguf_adapter(
-    base: PathLike | None,
-    adapter: PathLike | Sequence[PathLike],
+    base: PathLike | Checkpoint | None,
+    adapter: PathLike | Sequence[PathLike] | Adapter,
     output_dir: PathLike,
     *,
     type: str = "f16",
     overwrite: bool = False,
     name: str | None = None,
     allow_pickle: bool = False,
+    describe_sources: Callable[[], dict[str, Any]] | None = None,
 ) -> GgufAdapterResult:
     """Write a PEFT LoRA adapter as ``OUTPUT_DIR/<Name>-<TYPE>-LoRA.gguf`` plus ``lorasave.json``.
 
@@ -340,6 +345,8 @@ def export_gguf_adapter(
             separator, ``..``, NUL); default: the names ``convert_lora_to_gguf.py`` gives, from the adapter
             folder's card and name (``naming``).
         allow_pickle: accept ``adapter_model.bin``.
+        describe_sources: the manifest's ``sources`` section, for sources that are not folders
+            (a live PeftModel: ``sources.live_gguf``); default: the base's config and the adapter's files.
 
     Returns:
         GgufAdapterResult.
@@ -358,7 +365,7 @@ def export_gguf_adapter(
         raise InvalidOptionError(f"GGUF type {type!r} is not supported; choose one of {', '.join(ADAPTER_TYPES)}")
     if name is not None:
         check_file_name(name, "name")
-    specs = adapter_list(adapter)
+    specs: Sequence[PathLike | Adapter] = [adapter] if isinstance(adapter, Adapter) else adapter_list(adapter)
     if len(specs) != 1:
         raise UnsupportedAdapterError(
             f"a GGUF LoRA adapter holds one adapter, {len(specs)} were given; write one file per adapter (llama.cpp takes several --lora), "
@@ -366,7 +373,7 @@ def export_gguf_adapter(
         )
     ckpt = open_base(base, specs)
     rules = gguf_arch_for(ckpt.config)
-    ad = load_adapters(specs, allow_pickle=allow_pickle)[0]
+    ad = specs[0] if isinstance(specs[0], Adapter) else load_adapters(specs, allow_pickle=allow_pickle)[0]  # type: ignore[arg-type]
     check_expressible(ad, ckpt)
     final = check_output_path(Path(output_dir), [ckpt.root, ad.root], overwrite)
     alpha = _file_alpha(ad)
@@ -408,10 +415,14 @@ def export_gguf_adapter(
         writer.close()
         _write_card(folder, final.name, filename, type, counts, notes, ckpt, ad)
         files = {filename: sha256_file(folder / filename), "README.md": sha256_file(folder / "README.md")}
-        sources = {
-            "base": {"path": str(ckpt.root.resolve()), "hub_id": ckpt.hub_id, "files": {"config.json": sha256_source(ckpt.root / "config.json")}},
-            "adapters": [{"path": str(ad.root.resolve()), "files": {str(f.relative_to(ad.root)): sha256_source(f) for f in ad.source_files()}}],
-        }
+        sources = (
+            describe_sources()
+            if describe_sources is not None
+            else {
+                "base": {"path": str(ckpt.root.resolve()), "hub_id": ckpt.hub_id, "files": {"config.json": sha256_source(ckpt.root / "config.json")}},
+                "adapters": [{"path": str(ad.root.resolve()), "files": {str(f.relative_to(ad.root)): sha256_source(f) for f in ad.source_files()}}],
+            }
+        )
         result = {
             "n_tensors": 2 * len(pairs),
             "n_modules": len(pairs),

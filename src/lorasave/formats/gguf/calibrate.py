@@ -204,6 +204,30 @@ def merged_model(model: GgufModel, timings: Timings) -> torch.nn.Module:
     return net.eval()
 
 
+def gguf_columns(model: GgufModel, targets: dict[str, str], sums: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``sums`` in the GGUF tensor's column order where an architecture's ``ValueTransform`` permutes a weight's
+    columns (Qwen3.5's ``out_proj``: value heads tiled), as llama.cpp's matmul then takes its inputs.
+
+    The order is read off the transform of a matrix whose every row holds the column indices; an entry whose
+    transform does more than permute rows and columns is left as it is.
+    """
+    from lorasave.formats.gguf.arch import Hparams
+
+    hp = Hparams.of(model.config)
+    out = dict(sums)
+    for hf, gname in targets.items():
+        text = model.rules.text_name(hf)
+        rule = None if text is None else next((r for r in model.rules.transforms if r.matches(text)), None)
+        if rule is None or len(rule.into) != 1 or gname not in out:
+            continue
+        shape = tuple(model.plan.tensors[hf].shape)
+        index = torch.arange(shape[-1], dtype=torch.float32).expand(shape).contiguous()
+        got = rule.into[0][1](hp, index)
+        if tuple(got.shape) == shape and bool((got == got[:1]).all()) and sorted(got[0].tolist()) == list(range(shape[-1])):
+            out[gname] = out[gname][got[0].long().numpy()]
+    return out
+
+
 def collect(net: torch.nn.Module, targets: dict[str, str], chunks: Sequence[Sequence[int]]) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Evaluate each chunk and sum the squared inputs of the Linear modules of ``targets``.
 
@@ -317,6 +341,7 @@ def plan_imatrix(
         net = merged_model(model, timings)
         sums, counts = collect(net, targets, token_chunks)
         del net
+        sums = gguf_columns(model, targets, sums)
         bad = next((g for g, s in sums.items() if not np.isfinite(s).all()), None)
         if bad is not None:
             raise ImatrixError(f"non-finite activations in {bad}: the merged model overflows on this text", path=final)

@@ -13,7 +13,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -235,6 +235,7 @@ def plan_gguf(
     report: bool = False,
     report_text: PathLike | None = None,
     imatrix: PathLike | None = None,
+    describe_sources: Callable[[], dict[str, Any]] | None = None,
 ) -> PlannedOutput:
     """Merge adapter(s) into ``base`` and write ``OUTPUT_DIR/<Name>-<size>-<TYPE>.gguf`` (one per type, named as llama.cpp names them) and ``lorasave.json``.
 
@@ -292,6 +293,8 @@ def plan_gguf(
             types that need one (:attr:`GgufType.needs_imatrix`: iq2_*, iq1_*, iq3_xxs, iq3_xs,
             q2_k_s) are refused without it. The file is copied into the output
             (``<stem>.imatrix``, :data:`IMATRIX_SUFFIX`) so ``verify`` needs nothing else.
+        describe_sources: the manifest's ``sources`` section, for sources that are not folders
+            (a live PeftModel: ``sources.live_gguf``); default: the base's and adapters' files.
 
     Returns:
         The planned output; ``pipeline.run.run_single`` writes it and returns a GgufResult.
@@ -362,6 +365,7 @@ def plan_gguf(
             progress=progress,
             quant_options=quant_options,
             t_start=t_start,
+            describe_sources=describe_sources,
         )
     model = GgufModel.build(ckpt, ads, tok_dir, name)
     writers: dict[GgufType, tuple[GgufOutput, list[str]]] = {}
@@ -415,10 +419,7 @@ def plan_gguf(
         for f in per_file:
             if f not in files:
                 files[f] = sha256_file(folder / f)
-        sources = {
-            **sources_record(ckpt, ads),
-            "tokenizer": str(tok_dir.resolve()),
-        }
+        sources = describe_sources() if describe_sources is not None else {**sources_record(ckpt, ads), "tokenizer": str(tok_dir.resolve())}
         if importance is not None:
             sources["imatrix"] = {"path": str(importance.path.resolve()), "sha256": options.imatrix_sha256, "file": stem + IMATRIX_SUFFIX}
         n_tensors = len(writers[types[0]][0].tensors) + len(writers[types[0]][0].extras)

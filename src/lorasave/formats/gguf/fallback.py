@@ -25,6 +25,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from functools import cache
 from pathlib import Path
@@ -149,6 +150,7 @@ def plan_via_converter(
     progress: bool,
     quant_options: dict[str, Any],
     t_start: float,
+    describe_sources: Callable[[], dict[str, Any]] | None = None,
 ) -> PlannedOutput:
     """Plan ``lorasave gguf`` through llama.cpp's converter (see the module docstring).
 
@@ -159,6 +161,7 @@ def plan_via_converter(
             named from the keys the converter wrote (``naming.gguf_file_name``).
         quant_options: ``pure`` / ``output_tensor_type`` / ``token_embedding_type`` for the
             llama-quantize types (``lib.quantize``'s keywords; None values are dropped).
+        describe_sources: the manifest's ``sources`` section (``plan_gguf``'s); default: the files read.
 
     Raises:
         LlamaCppConverterNotInstalledError: the converter is not installed (nothing written; the
@@ -243,12 +246,12 @@ def plan_via_converter(
             start = time.perf_counter()
             written = folder / f".converter-{t.value}.gguf"
             if t in CONVERTER_TYPES:
-                conv.convert(folder, written, t.value, metadata=override)
+                conv.convert(folder, written, t.value, args=["--metadata", str(override)])
             else:
                 from lorasave.runtimes.llama_cpp.lib import quantize
 
                 if not intermediate.is_file():
-                    conv.convert(folder, intermediate, "f32", metadata=override)
+                    conv.convert(folder, intermediate, "f32", args=["--metadata", str(override)])
                 quantize(intermediate, written, t.value, **options)
             names[t] = gguf_file_name(_written_names(written), t, chosen=name)
             written.rename(folder / names[t])
@@ -272,15 +275,19 @@ def plan_via_converter(
         more = [(f, e["type"], e["tensor_types"]) for f, e in per_file.items() if f != first]
         side = _side_files(folder, final.name, first, types[0], per_file[first]["tensor_types"], notes, ckpt, ads, tok_dir, modelfile, more)
         files = {n: sha256_file(folder / n) for n in [*names.values(), *side.files]}
-        sources = {
-            "base": {
-                "path": str(ckpt.root.resolve()),
-                "hub_id": ckpt.hub_id,
-                "files": {str(p.relative_to(ckpt.root)): sha256_source(p) for p in ckpt.source_files()},
-            },
-            "adapters": [{"path": str(a.root.resolve()), "files": {str(p.relative_to(a.root)): sha256_source(p) for p in a.source_files()}} for a in ads],
-            "tokenizer": str(tok_dir.resolve()),
-        }
+        sources = (
+            describe_sources()
+            if describe_sources is not None
+            else {
+                "base": {
+                    "path": str(ckpt.root.resolve()),
+                    "hub_id": ckpt.hub_id,
+                    "files": {str(p.relative_to(ckpt.root)): sha256_source(p) for p in ckpt.source_files()},
+                },
+                "adapters": [{"path": str(a.root.resolve()), "files": {str(p.relative_to(a.root)): sha256_source(p) for p in a.source_files()}} for a in ads],
+                "tokenizer": str(tok_dir.resolve()),
+            }
+        )
         result: dict[str, Any] = {
             "n_tensors": per_file[first]["n_tensors"],
             "n_merged": len(plan.merged),

@@ -56,6 +56,8 @@ logger = logging.getLogger(__name__)
 
 #: ``model.layers.<N>.``: a decoder layer's tensor.
 LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+#: Qwen3.5's multi-token-prediction block (``mtp.fc.weight``, ``mtp.layers.0...``), beside the decoder layers.
+MTP_PREFIX = ("mtp.", "model.mtp.")
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,7 @@ def gguf_tensors(
     for t in plan.tensors.values():
         text_name = rules.text_name(t.name)
         layer = LAYER.match(text_name or "")
-        if rules.mtp_layers and layer is not None and int(layer[1]) >= hp.n_layer:
+        if rules.mtp_layers and ((layer is not None and int(layer[1]) >= hp.n_layer) or (text_name or "").startswith(MTP_PREFIX)):
             mtp.append(t)
         elif text_name is None:
             left_out.append(t)
@@ -225,7 +227,7 @@ def gguf_tensors(
             heads = (n_head, n_head)
         elif rules.permute_qk and hf.endswith(("k_proj.weight", "k_proj.bias")):
             heads = (n_head, n_kv)
-        shift = rules.norm_shift if hf.endswith("norm.weight") else 0.0
+        shift = rules.shift(hf)
         rows = None
         if tok_dir is not None and name == "token_embd.weight" and t.shape and not s.pieces:
             keep = embedding_rows(tok_dir, rules, int(t.shape[0]), notes if notes is not None else [])

@@ -346,14 +346,18 @@ GEMMA4_VISIBLE = frozenset({"<|channel>", "<channel|>", "<|tool_call>", "<tool_c
 
 def gemma4_vocab(writer: gguf.GGUFWriter, tok_dir: Path, n_vocab: int) -> gguf.SpecialVocab:
     """The token list of ``Gemma4Model.set_vocab`` (``conversion/gemma.py``): ``gguf.LlamaHfVocab``'s
-    tokens, scores and types (:func:`spm_json_vocab`) with :data:`GEMMA4_VISIBLE` USER_DEFINED, as
-    tokenizer model ``gemma4`` (llama.cpp's BPE with the ``gemma4`` pre-tokenizer; no ``pre`` key),
-    ``add_space_prefix`` false.
+    tokens and types (:func:`spm_json_vocab`; ``<unk>`` CONTROL, as ``LlamaHfVocab.get_token_type``
+    types every special id) and its placeholder score -1000 for every token
+    (``LlamaHfVocab.get_token_score``; llama.cpp's ``gemma4`` tokenizer is BPE, ranked by the merges,
+    and reads no score), with :data:`GEMMA4_VISIBLE` USER_DEFINED, as tokenizer model ``gemma4``
+    (llama.cpp's BPE with the ``gemma4`` pre-tokenizer; no ``pre`` key), ``add_space_prefix`` false.
 
     Returns:
         The special vocabulary with merges (written by the caller, BOS added).
     """
-    pieces, scores, ttypes, _ = spm_json_vocab(tok_dir, n_vocab)
+    pieces, _, ttypes, _ = spm_json_vocab(tok_dir, n_vocab)
+    scores = [SCORE_ADDED] * len(pieces)
+    ttypes = [int(T.CONTROL) if t == T.UNKNOWN else t for t in ttypes]
     ttypes = [int(T.USER_DEFINED) if p.decode("utf-8", "replace") in GEMMA4_VISIBLE else t for p, t in zip(pieces, ttypes, strict=True)]
     writer.add_tokenizer_model("gemma4")
     writer.add_token_list(pieces)

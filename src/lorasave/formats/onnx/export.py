@@ -30,7 +30,8 @@ import torch
 from lorasave.errors import InvalidOptionError
 from lorasave.formats.card_sources import card_sources
 from lorasave.formats.onnx.genai import write_genai_config
-from lorasave.formats.onnx.graph import OPSET, QuantSpec, input_names, output_names
+from lorasave.formats.onnx.graph import LORA_RANK_DIM, OPSET, QuantSpec, input_names, output_names
+from lorasave.formats.onnx.lora import parse_lora_inputs
 from lorasave.formats.onnx.output import DATA_NAME, OnnxOutput
 from lorasave.formats.onnx.run import ONNX_NAME, OnnxDecoder, OnnxVerificationError, import_onnx, onnx_generate, verify_onnx
 from lorasave.formats.onnx.spec import FAMILIES, decoder_spec
@@ -76,6 +77,8 @@ class OnnxResult:
         total_bytes: bytes of the ONNX files (graph and external data).
         timings: seconds per phase: read, merge (cast/quantize), write, hash, verify.
         block_size, symmetric: the MatMulNBits settings (None without ``quantize``).
+        lora_inputs: the projections whose Linears take LoRA inputs (``formats.onnx.lora``), empty for none.
+        lora_modules: the number of such Linears (two graph inputs each).
     """
 
     output: Path
@@ -92,6 +95,8 @@ class OnnxResult:
     timings: dict[str, float] = field(default_factory=dict)
     block_size: int | None = None
     symmetric: bool | None = None
+    lora_inputs: list[str] = field(default_factory=list)
+    lora_modules: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form (``--json``)."""
@@ -104,6 +109,8 @@ class OnnxResult:
             f"exported an ONNX decoder ({self.n_layers} layers, KV cache {self.num_kv_heads} heads x {self.head_dim}, {form}) "
             f"to {self.output} ({self.total_bytes / 1e6:.1f} MB) in {self.seconds:.1f} s"
         )
+        if self.lora_inputs:
+            line += f"; LoRA inputs on {self.lora_modules} Linears ({', '.join(self.lora_inputs)})"
         v = self.verification
         if v:
             verdict = "not checked" if v["passed"] is None else ("passed" if v["passed"] else "FAILED")
@@ -176,6 +183,7 @@ def plan_onnx(
     tokenizer: PathLike | None = None,
     allow_pickle: bool = False,
     progress: bool = False,
+    lora_inputs: PathLike | Sequence[PathLike] | None = None,
 ) -> PlannedOutput:
     """Plan ``export_onnx``: adapter(s) merged into a base, streamed into a directly built ONNX decoder.
 
@@ -200,6 +208,11 @@ def plan_onnx(
             |logit|, float16 within 2e-2, quantized outputs are reported. Loads the float32 base.
         weights, tokenizer, allow_pickle: as ``lorasave.merge``.
         progress: a progress bar in bytes on stderr.
+        lora_inputs: projections whose Linears take LoRA weights as graph inputs
+            (``<module>.lora_A.weight`` (in, lora_r), ``<module>.lora_B.weight`` (lora_r, out), zero-rank
+            defaults; Olive's names): names such as ``"q_proj"`` (commas allowed), ``"all-linear"``, or
+            PEFT adapter folders whose modules to take; ``lorasave onnx-adapter`` writes the adapters
+            (``formats.onnx.lora``). None: none.
 
     Raises:
         LorasaveError subclasses: InvalidOptionError, UnsupportedModelError (onnx/onnxruntime
@@ -223,7 +236,8 @@ def plan_onnx(
     config = dict(ckpt.config)
     config.update({k: v for k, v in plan.config_updates.items() if "." not in k})
     spec = decoder_spec(config, plan.tensors)
-    writer = OnnxOutput(spec, {n: t.shape for n, t in plan.tensors.items()}, dtype_name, quant, opset)
+    targets = parse_lora_inputs(lora_inputs, spec.family, spec.model_type, allow_pickle=allow_pickle)
+    writer = OnnxOutput(spec, {n: t.shape for n, t in plan.tensors.items()}, dtype_name, quant, opset, lora=targets)
     carry = carry_plan(ckpt.root, tok_dir)
 
     def finish(folder: Path, job_timings: Timings) -> OnnxResult:
@@ -254,7 +268,7 @@ def plan_onnx(
             "adapters": [{"path": str(a.root.resolve()), "files": {str(p.relative_to(a.root)): sha256_source(p) for p in a.source_files()}} for a in ads],
             "tokenizer": str(tok_dir.resolve()),
         }
-        _write_card(folder, final.name, ckpt, sources, dtype_name, quant, opset, spec, verification)
+        _write_card(folder, final.name, ckpt, sources, dtype_name, quant, opset, spec, verification, targets)
         files = dict(writer.files)
         for p in sorted(folder.iterdir()):
             if p.is_file() and p.name not in files and p.name != MANIFEST_NAME and not p.name.startswith("."):
@@ -268,6 +282,7 @@ def plan_onnx(
             "opset": opset,
             "verify": verify,
             "weights": list(weights) if weights is not None else None,
+            "lora_inputs": list(targets) or None,
             "exporter": "lorasave graph builder (formats.onnx.graph)",
             "onnx": onnx.__version__,
             "onnxruntime": ort.__version__,
@@ -277,6 +292,7 @@ def plan_onnx(
             "outputs": output_names(spec.n_layers),
             "architecture": spec.model_type,
             "cache": {"n_layers": spec.n_layers, "num_kv_heads": spec.n_kv_heads, "head_dim": spec.head_dim, "value_dim": spec.head_dim},
+            "lora_inputs": {"projections": list(targets), "modules": len(writer.graph.lora), "rank_dim": LORA_RANK_DIM} if targets else None,
             "n_merged": len(plan.merged),
             "notes": list(plan.notes),
             "timings": timings,
@@ -298,6 +314,8 @@ def plan_onnx(
             timings=timings,
             block_size=quant.block_size if quant else None,
             symmetric=quant.symmetric if quant else None,
+            lora_inputs=list(targets),
+            lora_modules=len(writer.graph.lora),
         )
         logger.debug("%s", result.summary())
         return result
@@ -319,7 +337,16 @@ def plan_onnx(
 
 
 def _write_card(
-    folder: Path, title: str, ckpt: Any, sources: dict[str, Any], dtype: str, quant: QuantSpec | None, opset: int, spec: Any, verification: Any
+    folder: Path,
+    title: str,
+    ckpt: Any,
+    sources: dict[str, Any],
+    dtype: str,
+    quant: QuantSpec | None,
+    opset: int,
+    spec: Any,
+    verification: Any,
+    lora: Sequence[str] = (),
 ) -> None:
     """The output's ``README.md`` (``lorasave.pipeline.cards.write_card``), with the two ways to run it."""
     from lorasave.pipeline.cards import write_card
@@ -328,7 +355,14 @@ def _write_card(
         "import onnxruntime_genai as og  # pip install onnxruntime-genai\n\n"
         f'model = og.Model("{title}")\ntokenizer = og.Tokenizer(model)\n'
         "params = og.GeneratorParams(model)\nparams.set_search_options(max_length=64)\n"
-        'generator = og.Generator(model, params)\ngenerator.append_tokens(tokenizer.encode("Once upon a time"))\n'
+        "generator = og.Generator(model, params)\n"
+        + (
+            'adapters = og.Adapters(model)  # `lorasave onnx-adapter` writes the files\nadapters.load("my.onnx_adapter", "mine")\n'
+            'generator.set_active_adapter(adapters, "mine")\n'
+            if lora
+            else ""
+        )
+        + 'generator.append_tokens(tokenizer.encode("Once upon a time"))\n'
         "while not generator.is_done():\n    generator.generate_next_token()\nprint(tokenizer.decode(generator.get_sequence(0)))\n\n"
         "# or onnxruntime alone: from lorasave.formats.onnx.export import onnx_generate\n"
         "# inputs input_ids, attention_mask, position_ids, past_key_values.N.key/value; outputs logits, present.N.key/value"
@@ -349,6 +383,7 @@ def _write_card(
             "dtype": dtype,
             "quantization": f"int{quant.bits} MatMulNBits, block {quant.block_size}, {'symmetric' if quant.symmetric else 'asymmetric'}" if quant else None,
             "cache": f"{spec.n_layers} layers x (batch, {spec.n_kv_heads} KV heads, seq, {spec.head_dim})",
+            "LoRA inputs": f"{', '.join(lora)} of every layer (<module>.lora_A.weight, <module>.lora_B.weight; rank 0 by default)" if lora else None,
         },
         load_snippet=snippet,
         verification=checked,
@@ -375,6 +410,9 @@ def export_onnx(base: PathLike | None, adapters: PathLike | Sequence[PathLike] |
         return result
     from lorasave.formats.onnx import legacy
 
+    if options.get("lora_inputs"):
+        raise InvalidOptionError(f"{ckpt.config.get('model_type')}: LoRA inputs need the ONNX graph builder, which handles {', '.join(sorted(FAMILIES))}")
+    options.pop("lora_inputs", None)
     if options.get("quantize") or "block_size" in options or "symmetric" in options:
         raise InvalidOptionError(
             f"{ckpt.config.get('model_type')}: MatMulNBits quantization needs the ONNX graph builder, which handles {', '.join(sorted(FAMILIES))}"

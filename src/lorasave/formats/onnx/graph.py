@@ -15,12 +15,21 @@ grouped-query attention folds the query heads of one KV head into the sequence a
 values are never repeated; the mask (causal on cache slots, left padding from ``attention_mask``,
 the sliding window where a layer has one: key slot > query slot - window, as transformers'
 ``sliding_window_overlay``) adds the dtype's lowest value, and the softmax is float32.
+
+LoRA inputs (``lora``: projection names such as ``q_proj``): each such Linear of every layer gets
+``y + (x @ A) @ B`` with ``A = <module>.lora_A.weight`` (in, lora_r) and ``B = <module>.lora_B.weight``
+(lora_r, out) as graph inputs, the names and layout of Olive's ``ExtractAdapters`` (``make_inputs``)
+and ``convert-adapters``: PEFT's ``A.T`` and ``(scaling * B).T``, the scaling folded into B as
+onnxruntime-genai's builder (``make_matmul_lora``) and Olive do, so adapters of any rank and alpha
+share one graph. Each input has a default initializer with ``lora_r = 0`` (Olive's
+``optional_inputs``), so the base runs alone; onnxruntime-genai feeds an inactive adapter's inputs
+as such empty tensors too.
 The op patterns follow onnxruntime-genai's model builder (``onnxruntime_genai/models/builders``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +67,17 @@ def input_names(n_layers: int) -> list[str]:
 def output_names(n_layers: int) -> list[str]:
     """Graph output names in order: ``logits``, then ``present.N.key/value``."""
     return ["logits", *(f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value"))]
+
+
+#: Suffixes of a Linear's two LoRA inputs after its module name (Olive's ``ExtractAdapters`` names).
+LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight")
+#: The symbolic rank dimension of every LoRA input.
+LORA_RANK_DIM = "lora_r"
+
+
+def lora_input_names(module: str) -> tuple[str, str]:
+    """``(<module>.lora_A.weight, <module>.lora_B.weight)``: the graph inputs of a Linear's LoRA branch."""
+    return module + LORA_SUFFIXES[0], module + LORA_SUFFIXES[1]
 
 
 def quantized_names(weight: str, q: QuantSpec) -> list[str]:
@@ -117,15 +137,18 @@ class DecoderGraph:
         dtype: ``onnx.TensorProto.FLOAT`` or ``FLOAT16`` (activations, cache, logits).
         quant: MatMulNBits settings for every Linear (lm_head included), or None for Gemm.
         has: whether the checkpoint holds a tensor (biases).
+        lora: projection names (``q_proj``...) whose Linears take LoRA inputs (module docstring).
     """
 
-    def __init__(self, spec: DecoderSpec, dtype: int, quant: QuantSpec | None, has: Callable[[str], bool]) -> None:
+    def __init__(self, spec: DecoderSpec, dtype: int, quant: QuantSpec | None, has: Callable[[str], bool], lora: Collection[str] = ()) -> None:
         self.spec = spec
         self.g = _Graph(dtype)
         self.quant = quant
         self.has = has
+        self.lora_targets = frozenset(lora)
         self.weights: list[str] = []  # checkpoint tensors read (float initializers)
         self.quantized: dict[str, list[str]] = {}  # weight -> its MatMulNBits initializers
+        self.lora: dict[str, tuple[int, int]] = {}  # module with LoRA inputs -> (in, out)
 
     # ----------------------------------------------------------------------------------- pieces
 
@@ -142,15 +165,23 @@ class DecoderGraph:
         g = self.g
         if self.quant is None:
             inputs = [x, self._w(weight)] + ([self._w(bias)] if bias else [])
-            return g.op("Gemm", inputs, transB=1)
-        q = self.quant
-        names = quantized_names(weight, q)
-        self.quantized[weight] = names
-        attrs = {"K": in_features, "N": out_features, "bits": q.bits, "block_size": q.block_size}
-        if q.accuracy_level:
-            attrs["accuracy_level"] = q.accuracy_level
-        y = g.op("MatMulNBits", [x, *names], domain=MS_DOMAIN, **attrs)
-        return g.op("Add", [y, self._w(bias)]) if bias else y
+            y = g.op("Gemm", inputs, transB=1)
+        else:
+            q = self.quant
+            names = quantized_names(weight, q)
+            self.quantized[weight] = names
+            attrs = {"K": in_features, "N": out_features, "bits": q.bits, "block_size": q.block_size}
+            if q.accuracy_level:
+                attrs["accuracy_level"] = q.accuracy_level
+            y = g.op("MatMulNBits", [x, *names], domain=MS_DOMAIN, **attrs)
+            y = g.op("Add", [y, self._w(bias)]) if bias else y
+        module = weight.removesuffix(".weight")
+        if weight == LM_HEAD or module.rsplit(".", 1)[-1] not in self.lora_targets:
+            return y
+        # PEFT: result + lora_B(lora_A(x)) * scaling; here (x @ A) @ B with B = (scaling * B_peft).T
+        self.lora[module] = (in_features, out_features)
+        a, b = lora_input_names(module)
+        return g.op("Add", [y, g.op("MatMul", [g.op("MatMul", [x, a]), b])])
 
     def rms_norm(self, x: str, weight: str, *, plus_one: bool = False) -> str:
         """RMSNorm over the last axis in float32: ``w * (x * rsqrt(mean(x²) + eps))`` (Gemma: ``(1 + w)``), cast back."""
@@ -277,7 +308,7 @@ class DecoderGraph:
 
     def build(self) -> Any:
         """The ``onnx.GraphProto`` without weight initializers (the writer adds them, as external data)."""
-        from onnx import helper
+        from onnx import helper, numpy_helper
 
         s, g, T = self.spec, self.g, self.g.T
         ids, mask_in, pos_in = "input_ids", "attention_mask", "position_ids"
@@ -329,4 +360,9 @@ class DecoderGraph:
             for kv in ("key", "value"):
                 inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", g.dtype, [dyn_b, s.n_kv_heads, dyn_p, s.head_dim]))
                 outputs.append(helper.make_tensor_value_info(f"present.{i}.{kv}", g.dtype, [dyn_b, s.n_kv_heads, dyn_t, s.head_dim]))
-        return helper.make_graph(g.nodes, "lorasave_decoder", inputs, outputs, initializer=list(g.consts))
+        defaults = []
+        for module, (n_in, n_out) in self.lora.items():  # optional inputs: lora_r = 0 unless fed
+            for name, dims, empty in zip(lora_input_names(module), ([n_in, LORA_RANK_DIM], [LORA_RANK_DIM, n_out]), ((n_in, 0), (0, n_out)), strict=True):
+                inputs.append(helper.make_tensor_value_info(name, g.dtype, dims))
+                defaults.append(numpy_helper.from_array(np.zeros(empty, helper.tensor_dtype_to_np_dtype(g.dtype)), name))
+        return helper.make_graph(g.nodes, "lorasave_decoder", inputs, outputs, initializer=[*g.consts, *defaults])

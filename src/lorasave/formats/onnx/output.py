@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,7 @@ class OnnxOutput(OutputWriter):
         dtype: ``"float32"`` or ``"float16"``: weights, activations, cache and logits.
         quant: MatMulNBits settings for the Linear weights (lm_head included), or None.
         opset: opset of the ONNX domain.
+        lora: projection names whose Linears take LoRA inputs (``formats.onnx.lora``).
 
     Raises:
         UnsupportedModelError: (at construction) a tensor the graph reads is not in the checkpoint.
@@ -81,7 +83,9 @@ class OnnxOutput(OutputWriter):
         files: ``{file name: sha256}`` after ``end``.
     """
 
-    def __init__(self, spec: DecoderSpec, shapes: dict[str, tuple[int, ...]], dtype: str, quant: QuantSpec | None, opset: int = OPSET) -> None:
+    def __init__(
+        self, spec: DecoderSpec, shapes: dict[str, tuple[int, ...]], dtype: str, quant: QuantSpec | None, opset: int = OPSET, lora: Collection[str] = ()
+    ) -> None:
         from onnx import TensorProto
 
         from lorasave.errors import UnsupportedModelError
@@ -89,7 +93,7 @@ class OnnxOutput(OutputWriter):
         super().__init__()
         self.spec, self.dtype_name, self.quant, self.opset = spec, dtype, quant, opset
         self.np_dtype = np.dtype(np.float16 if dtype == "float16" else np.float32)
-        self.graph = DecoderGraph(spec, TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT, quant, lambda n: n in shapes)
+        self.graph = DecoderGraph(spec, TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT, quant, lambda n: n in shapes, lora)
         self.proto = self.graph.build()
         embed = f"{spec.prefix}embed_tokens.weight"
         # checkpoint tensor -> [(initializer entries it fills, quantized?)]

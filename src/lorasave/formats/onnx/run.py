@@ -77,7 +77,9 @@ class OnnxDecoder:
         self.path = path / ONNX_NAME if path.is_dir() else path
         if not self.path.is_file():
             raise SourceNotFoundError(f"{self.path}: no ONNX graph there; give an export_onnx output folder or its model.onnx", path=self.path)
-        self.session = ort.InferenceSession(str(self.path), providers=list(providers or ["CPUExecutionProvider"]))
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # no warning per LoRA input that also has a default initializer
+        self.session = ort.InferenceSession(str(self.path), options, providers=list(providers or ["CPUExecutionProvider"]))
         self.past_inputs = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.output_names = [o.name for o in self.session.get_outputs()]
         if not self.past_inputs:
@@ -93,13 +95,16 @@ class OnnxDecoder:
         """Past tensors of length 0 for the first step: (batch, num_kv_heads, 0, dim) each."""
         return [np.zeros((batch, int(i.shape[1]), 0, int(i.shape[3])), dtype=self.dtype) for i in self.past_inputs]
 
-    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+    def __call__(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, past: list[np.ndarray], run_options: Any = None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """One step.
 
         Args:
             input_ids: (batch, seq) int64, the new tokens.
             attention_mask: (batch, past_seq + seq) int64, 1 for tokens and 0 for (left) padding.
             past: the cache, as ``empty_past`` or a previous call's ``present``.
+            run_options: ``onnxruntime.RunOptions`` (an active LoRA adapter: ``formats.onnx.lora.adapter_run_options``).
 
         Returns:
             ``(logits, present)``: logits (batch, seq, vocab) as float32, and the new cache.
@@ -108,7 +113,7 @@ class OnnxDecoder:
         positions = np.where(attention_mask == 0, 1, positions)[:, -input_ids.shape[1] :]
         feed = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64), "position_ids": positions.astype(np.int64)}
         feed.update({i.name: t for i, t in zip(self.past_inputs, past, strict=True)})
-        logits, *present = self.session.run(self.output_names, feed)
+        logits, *present = self.session.run(self.output_names, feed, run_options)
         return logits.astype(np.float32), present
 
 

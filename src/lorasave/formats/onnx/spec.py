@@ -32,6 +32,12 @@ from lorasave.errors import UnsupportedModelError
 
 #: model_type -> family rules.
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "llama", "qwen3": "llama", "phi3": "phi3", "gemma3_text": "gemma3"}
+#: family -> its Linear projections, the names a LoRA input (``--lora-inputs``) can target.
+PROJECTIONS = {
+    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "gemma3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
+}
 #: RoPE types whose frequencies change with the sequence length (transformers' ``dynamic_rope_update``).
 _DYNAMIC_ROPE = ("dynamic", "longrope")
 

@@ -13,10 +13,11 @@ file hashed once complete. A quantized shard (``Shard.deferred``) is always asse
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -33,16 +34,24 @@ from lorasave.util.dtypes import st_dtype
 #: Most blocks waiting to be written (each at most ``merging.stream.COPY_BLOCK_BYTES``, 16 MiB): at
 #: most 64 MiB per writer, so a batch pass's memory grows by that much per output.
 QUEUE_BLOCKS = 4
-_END = object()
+#: Most quantized weights queued for encoding or being encoded on the writer thread: one encodes
+#: while the next is merged, one waits.
+QUEUE_CALLS = 2
+_END, _CALL = object(), object()
 
 ShardWriter = SafetensorsShardWriter | DeferredShardWriter
 
 
 class WriteBehind:
-    """A writer thread fed through a bounded queue; re-raises its error in the caller's thread."""
+    """A writer thread fed through a bounded queue; re-raises its error in the caller's thread.
+
+    Besides bytes it runs calls (:meth:`submit`: the encoding of a quantized weight), in queue order,
+    at most :data:`QUEUE_CALLS` waiting or running at a time: each holds a whole float32 weight.
+    """
 
     def __init__(self, on_bytes: Any = None) -> None:
         self._q: queue.Queue[tuple[Any, ...] | None] = queue.Queue(maxsize=QUEUE_BLOCKS)
+        self._calls = threading.BoundedSemaphore(QUEUE_CALLS)
         self._on_bytes = on_bytes
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._loop, name="lorasave-writer", daemon=True)
@@ -50,18 +59,33 @@ class WriteBehind:
 
     def _loop(self) -> None:
         while (item := self._q.get()) is not None:
-            if self._error is not None:
-                continue  # drain after a failure
             writer, name, data = item
             try:
+                if self._error is not None:
+                    continue  # drain after a failure
                 if data is _END:
                     writer.end()
+                elif data is _CALL:
+                    writer()
                 else:
-                    writer.write(name, data)
-                    if self._on_bytes is not None:
-                        self._on_bytes(len(data))
+                    self.write_now(writer, name, data)
             except BaseException as e:
                 self._error = e
+            finally:
+                if data is _CALL:
+                    self._calls.release()
+
+    def write_now(self, writer: ShardWriter, name: str, data: Any) -> None:
+        """Write bytes of ``name`` on this thread (from a :meth:`submit` call)."""
+        writer.write(name, data)
+        if self._on_bytes is not None:
+            self._on_bytes(len(data))
+
+    def submit(self, call: Callable[[], None]) -> None:
+        """Run ``call`` on the writer thread after what is queued (waits while :data:`QUEUE_CALLS` are pending)."""
+        self._check()
+        self._calls.acquire()
+        self._q.put((call, "", _CALL))
 
     def _check(self) -> None:
         if self._error is not None:
@@ -111,13 +135,17 @@ class _BytesSink:
 class _QuantizedSink:
     """A quantized Linear weight: the whole float32 merge collected, quantized once at ``close``.
 
+    The quantization runs on the writer thread (:meth:`WriteBehind.submit`) while the pass merges
+    the next tensor; its float32 buffer then goes back to :class:`_Buffers`.
     NVFP4 weights that share a global scale (q/k/v, gate/up: ``CompressedSpec.fusion_groups``) wait
     for the last of their group, then are quantized together (:meth:`SafetensorsOutput.fused_done`).
     """
 
     def __init__(self, out: SafetensorsOutput, t: OutputTensor, writer: DeferredShardWriter) -> None:
         self._out, self.t, self.writer = out, t, writer
-        self.full = torch.empty(t.shape, dtype=torch.float32)  # (out, in)
+        n = math.prod(t.shape)
+        self._flat = out.buffers.get(n)
+        self.full = self._flat[:n].view(t.shape)  # (out, in)
 
     def add(self, block: Block) -> None:
         if block.merged:
@@ -132,20 +160,57 @@ class _QuantizedSink:
             self.write()
 
     def write(self, global_scale: torch.Tensor | None = None) -> None:
-        """Quantize, queue the tensors, and count the weight done."""
-        t = self.t
+        """Queue the quantization and the writing of its tensors, and count the weight done."""
+        t, out, writer, full, flat = self.t, self._out, self.writer, self.full, self._flat
         assert t.quantize is not None and t.dtype.torch_dtype is not None
-        t0 = time.perf_counter()
-        if isinstance(t.quantize, CompressedSpec):
-            tensors = t.quantize.serialized(t.name, self.full, t.dtype.torch_dtype, global_scale)
-        else:
-            tensors = t.quantize.serialized(t.name, self.full, t.dtype.torch_dtype)
-        self._out.timings.merge += time.perf_counter() - t0
-        del self.full
-        for name, tensor in tensors.items():
-            self.writer.declare(name, st_dtype(tensor.dtype), tuple(tensor.shape))
-            self._out.behind.put(self.writer, name, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B"))
-        self._out.tensor_done(self.writer)
+        del self.full, self._flat
+
+        def encode() -> None:
+            assert t.quantize is not None and t.dtype.torch_dtype is not None
+            t0 = time.perf_counter()
+            if isinstance(t.quantize, CompressedSpec):
+                tensors = t.quantize.serialized(t.name, full, t.dtype.torch_dtype, global_scale)
+            else:
+                tensors = t.quantize.serialized(t.name, full, t.dtype.torch_dtype)
+            out.encode_seconds += time.perf_counter() - t0  # only this thread adds to it
+            for name, tensor in tensors.items():
+                writer.declare(name, st_dtype(tensor.dtype), tuple(tensor.shape))
+                out.behind.write_now(writer, name, memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy()).cast("B"))
+            del tensors  # written: nothing refers to the buffer any more
+            out.buffers.put(flat)
+
+        out.behind.submit(encode)
+        out.tensor_done(writer)
+
+
+class _Buffers:
+    """Flat float32 buffers for whole weights, reused from one quantized weight to the next.
+
+    A fresh buffer of tens of MB is a new mapping whose every page faults when first written
+    (seconds over a model); the weights of a model come in a few shapes, and at most
+    ``QUEUE_CALLS + 1`` are held at a time (one merging, the others queued or encoding), so a few
+    buffers of the largest size serve them all.
+    """
+
+    def __init__(self, keep: int = QUEUE_CALLS + 1) -> None:
+        self._free: list[torch.Tensor] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def get(self, n: int) -> torch.Tensor:
+        """A flat float32 buffer of at least ``n`` elements (contents undefined)."""
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= n]
+            if fits:
+                return self._free.pop(min(fits, key=lambda i: self._free[i].numel()))
+        return torch.empty(n, dtype=torch.float32)
+
+    def put(self, buf: torch.Tensor) -> None:
+        """Give a buffer back; beyond ``keep`` the smallest is dropped."""
+        with self._lock:
+            self._free.append(buf)
+            if len(self._free) > self._keep:
+                del self._free[min(range(len(self._free)), key=lambda i: self._free[i].numel())]
 
 
 class SafetensorsOutput(OutputWriter):
@@ -170,6 +235,9 @@ class SafetensorsOutput(OutputWriter):
         self._writers: dict[str, ShardWriter] = {}
         self._left: dict[str, int] = {sh.filename: len(sh.outputs) for sh in self.shards}
         self.behind: WriteBehind
+        self.buffers = _Buffers()
+        #: seconds the writer thread spent quantizing (added to ``timings.merge`` at ``end``)
+        self.encode_seconds = 0.0
         self._in_order = False
         self.files: dict[str, str] = {}
         #: weight name -> the names of its NVFP4 fused group; collected sinks of incomplete groups
@@ -244,6 +312,7 @@ class SafetensorsOutput(OutputWriter):
     def end(self) -> dict[str, str]:
         assert not self._waiting, f"fused weights never completed: {list(self._waiting)}"
         self.behind.finish()
+        self.timings.merge += self.encode_seconds
         files = {}
         for name, w in self._writers.items():
             assert w.sha256 is not None, f"{name} was never completed"

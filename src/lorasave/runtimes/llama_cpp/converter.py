@@ -39,6 +39,7 @@ import sys
 import tarfile
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,11 +107,10 @@ class Converter:
     python: Path
     source: Path
 
-    def command(self, model: Path, out: Path, outtype: str, *, prelude: str = GUARD, metadata: Path | None = None) -> list[str]:
+    def command(self, model: Path, out: Path, outtype: str, *, prelude: str = GUARD, args: Sequence[str] = ()) -> list[str]:
         """The command line that converts ``model`` to ``out`` (``prelude`` runs the converter, :data:`GUARD` by default;
-        ``metadata``: its ``--metadata`` override file)."""
-        extra = ["--metadata", str(metadata)] if metadata is not None else []
-        return [str(self.python), "-c", prelude, str(self.source), str(model), "--outtype", outtype, "--outfile", str(out), *extra]
+        ``args``: more of the converter's options, e.g. ``--no-mtp``)."""
+        return [str(self.python), "-c", prelude, str(self.source), str(model), "--outtype", outtype, "--outfile", str(out), *args]
 
     def convert(
         self,
@@ -120,9 +120,9 @@ class Converter:
         *,
         env: dict[str, str] | None = None,
         prelude: str = GUARD,
-        metadata: str | os.PathLike[str] | None = None,
+        args: Sequence[str] = (),
     ) -> str:
-        """Run ``convert_hf_to_gguf.py MODEL --outtype OUTTYPE --outfile OUT`` in the converter's environment.
+        """Run ``convert_hf_to_gguf.py MODEL --outtype OUTTYPE --outfile OUT [ARGS]`` in the converter's environment.
 
         Args:
             model: a Hugging Face checkpoint folder (config.json, safetensors, tokenizer files).
@@ -130,7 +130,7 @@ class Converter:
             outtype: one of :data:`OUTTYPES`.
             env: extra environment variables.
             prelude: the Python code that starts the converter (argv: source folder, then its own).
-            metadata: a ``--metadata`` file (``gguf.Metadata``'s override JSON: ``general.name``...).
+            args: more converter options (``--no-mtp``).
 
         Returns:
             The converter's stderr (its log).
@@ -141,7 +141,7 @@ class Converter:
         full = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **(env or {})}
         full.pop("NO_LOCAL_GGUF", None)  # the converter then puts its own gguf-py first on sys.path
         full.pop("PYTHONPATH", None)
-        cmd = self.command(Path(model), Path(out), outtype, prelude=prelude, metadata=Path(metadata) if metadata is not None else None)
+        cmd = self.command(Path(model), Path(out), outtype, prelude=prelude, args=args)
         logger.info("running llama.cpp's converter: %s", " ".join(cmd[3:]))
         proc = subprocess.run(cmd, capture_output=True, text=True, env=full, check=False)
         if proc.returncode != 0:

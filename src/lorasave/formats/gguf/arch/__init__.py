@@ -14,6 +14,7 @@ parameter normalisation) and ``TextModel.set_gguf_parameters`` (the common keys)
 ``conversion/llama.py`` ``LlamaModel`` (permute, ``vocab_size``, ``rope.dimension_count``,
 ``generate_extra_tensors``); ``conversion/qwen.py`` ``Qwen2Model`` / ``Qwen3Model``;
 ``conversion/gemma.py`` ``Gemma3Model``; ``conversion/phi.py`` ``Phi3MiniModel``;
+``conversion/qwen.py`` ``Qwen3_5TextModel`` / ``Qwen3_5MoeTextModel`` (``qwen35``);
 ``src/models/gemma3.cpp`` (attention scale, SWA pattern 6).
 """
 
@@ -57,11 +58,12 @@ ARCHITECTURES: dict[str, GgufArch] = {
     **glm.ARCHITECTURES,
     **gptoss.ARCHITECTURES,
     **qwenvl.ARCHITECTURES,
+    **qwen35.ARCHITECTURES,
     **deepseek.ARCHITECTURES,
 }
 
 #: ``model_type`` -> one-line reason: known architectures the export refuses (the runtime may load them).
-REFUSED: dict[str, str] = {**qwen35.REFUSED}
+REFUSED: dict[str, str] = {}
 
 
 def gguf_arch_for(config: dict[str, Any]) -> GgufArch:

@@ -308,7 +308,9 @@ class GgufArch:
         arch: gguf-py architecture (``gguf.MODEL_ARCH.LLAMA``); its name is ``general.architecture``.
         params: hyper-parameters -> ``{arch}.*`` metadata items.
         permute_qk: apply ``LlamaModel.permute`` to ``q_proj`` / ``k_proj`` rows (and biases).
-        norm_shift: added to every tensor whose HF name ends in ``norm.weight`` (Gemma: 1.0).
+        norm_shift: added to every tensor whose HF name ends in ``norm.weight`` (Gemma: 1.0) but those
+            ending in one of ``no_shift``.
+        no_shift: name ends that get no ``norm_shift`` (Qwen3.5's gated ``linear_attn.norm.weight``).
         vocabs: tokenizer kinds in the order the converter's ``set_vocab`` tries them.
         bpe_pre: ``tokenizer.ggml.pre`` when the BPE pre-tokenizer hash is unknown.
         add_space_prefix: ``tokenizer.ggml.add_space_prefix`` written with a SentencePiece vocab, or None.
@@ -325,8 +327,9 @@ class GgufArch:
         special_tokens: ``(kind, added token text)`` set as ``tokenizer.ggml.<kind>_token_id`` when the
             tokenizer files name none of that kind (``SpecialVocab._set_special_token`` in a converter
             ``set_vocab``, e.g. GLM-4's ``eot`` = ``<|user|>``).
-        mtp_layers: checkpoint layers at index ``>= num_hidden_layers`` are multi-token-prediction
-            (``nextn``) layers, left out of the file as the converter's ``--no-mtp`` does (GLM-4.5).
+        mtp_layers: checkpoint layers at index ``>= num_hidden_layers`` (GLM-4.5) and tensors named
+            ``mtp.*`` (Qwen3.5) are multi-token-prediction (``nextn``) layers, left out of the file as the
+            converter's ``--no-mtp`` does.
         expert_note: a note for every file with expert tensors (``ffn_*_exps``), ``{types}`` replaced by
             their GGML types (gpt-oss: the merged experts are float, not the checkpoint's MXFP4).
         transforms: value transforms that need the whole tensor (:class:`ValueTransform`).
@@ -350,6 +353,11 @@ class GgufArch:
     expert_note: str | None = None
     mtp_layers: bool = False
     transforms: tuple[ValueTransform, ...] = ()
+    no_shift: tuple[str, ...] = ()
+
+    def shift(self, hf_name: str) -> float:
+        """What is added to tensor ``hf_name``'s values: :attr:`norm_shift` for a ``norm.weight`` not in :attr:`no_shift`, else 0."""
+        return self.norm_shift if hf_name.endswith("norm.weight") and not hf_name.endswith(self.no_shift) else 0.0
 
     def text_name(self, hf_name: str) -> str | None:
         """The text-model name of checkpoint tensor ``hf_name`` (itself without :attr:`text_of`, plus

@@ -10,13 +10,19 @@ and ``post_attention_layernorm`` (the pre-MLP norm) is ``ffn_norm``, all by gguf
 tokenizer is byte-level BPE only, with ``<|endoftext|>`` as BOS/EOS/UNK and ``<|user|>`` as EOT
 where the tokenizer files set none (``Glm4Model.set_vocab``).
 
-``glm4_moe`` (GLM-4.5 / 4.5-Air / 4.6): the same RoPE (partial, NeoX: Q/K as they are) and vocab;
+``glm4_moe`` (GLM-4.5 / 4.5-Air / 4.6): the same RoPE (partial, NeoX: Q/K as they are) and vocab, with
+the special tokens of ``TextModel._set_vocab_glm`` where the tokenizer files set none (``[gMASK]`` as
+BOS, ``<|user|>`` EOT, ``<|endoftext|>`` UNK, ``<|observation|>`` EOM; no EOS fallback);
 the first ``first_k_dense_replace`` layers dense, the others routed experts (stacked ``ffn_*_exps``)
 + shared experts (``ffn_*_shexp``), sigmoid gating with the router's ``e_score_correction_bias``
 (``exp_probs_b``: used to choose the experts only), ``routed_scaling_factor`` and ``norm_topk_prob``
 as ``expert_weights_scale`` / ``expert_weights_norm``. The checkpoint's multi-token-prediction layers
 (``num_nextn_predict_layers`` layers after the last) are left out, as ``--no-mtp`` does (transformers
-runs no MTP layer either); expert groups (``n_group`` > 1) are refused: ``glm4-moe.cpp`` reads none.
+runs no MTP layer either). Expert groups (``n_group`` / ``topk_group``, written by
+``TextModel.set_gguf_parameters`` as ``expert_group_count`` / ``expert_group_used_count``): llama.cpp
+reads them for every architecture (``llama_model::load_hparams``) and ``build_moe_ffn``, which
+``glm4-moe.cpp`` calls, keeps the ``topk_group`` groups with the largest sum of their two best biased
+scores, as transformers' ``Glm4MoeTopkRouter`` does.
 """
 
 from __future__ import annotations
@@ -74,15 +80,19 @@ def glm4_moe_params(hp: Hparams) -> list[MetaItem]:
 
 
 def glm4_moe_check(hp: Hparams) -> None:
-    """GLM-4's refusals, and expert groups (``n_group`` > 1: transformers' group-limited routing, which
-    ``glm4-moe.cpp`` does not read).
+    """GLM-4's refusals, and expert groups llama.cpp would not load: with ``n_group`` > 1 it asserts
+    ``0 < topk_group < n_group`` (``llama_model::load_hparams``), where transformers also takes
+    ``topk_group == n_group`` (every group kept).
 
     Raises:
-        UnsupportedModelError: see :func:`glm4_check`; ``n_group`` > 1.
+        UnsupportedModelError: see :func:`glm4_check`; ``topk_group`` outside 1 .. ``n_group`` - 1.
     """
     glm4_check(hp)
-    if int(hp.h.get("n_group") or 1) > 1:
-        raise UnsupportedModelError(f"glm4_moe with expert groups (n_group={hp.h['n_group']}) is not supported by llama.cpp's glm4moe graph")
+    n_group, topk_group = int(hp.h.get("n_group") or 1), int(hp.h.get("topk_group") or 0)
+    if n_group > 1 and not 0 < topk_group < n_group:
+        raise UnsupportedModelError(
+            f"glm4_moe with topk_group={hp.h.get('topk_group')} of n_group={n_group} expert groups: llama.cpp asserts 0 < topk_group < n_group"
+        )
 
 
 GLM4 = GgufArch(
@@ -93,8 +103,11 @@ GLM4 = GgufArch(
     special_tokens=(("eos", "<|endoftext|>"), ("eot", "<|user|>"), ("unk", "<|endoftext|>"), ("bos", "<|endoftext|>")),
 )
 
+#: ``TextModel._set_vocab_glm`` (``Glm4MoeModel.set_vocab``): kind -> added token text.
+GLM_SPECIAL_TOKENS = (("bos", "[gMASK]"), ("eot", "<|user|>"), ("unk", "<|endoftext|>"), ("eom", "<|observation|>"))
+
 #: HF ``model_type`` -> rules.
 ARCHITECTURES: dict[str, GgufArch] = {
     "glm4": GLM4,
-    "glm4_moe": replace(GLM4, arch=gguf.MODEL_ARCH.GLM4_MOE, params=glm4_moe_params, check=glm4_moe_check, mtp_layers=True),
+    "glm4_moe": replace(GLM4, arch=gguf.MODEL_ARCH.GLM4_MOE, params=glm4_moe_params, check=glm4_moe_check, mtp_layers=True, special_tokens=GLM_SPECIAL_TOKENS),
 }
