@@ -191,14 +191,15 @@ def test_first_folder_rule(tmp_path: Path) -> None:
 
 
 def test_every_merging_command_without_base(tmp_path: Path) -> None:
-    """gguf, gguf-adapter, onnx and imatrix take the adapter alone too, and write what they write with BASE."""
+    """gguf, gguf-adapter, onnx, onnx-adapter and imatrix take the adapter alone too, and write what they write with BASE."""
     ad = _adapter(tmp_path / "lora", str(BASE))
-    for cmd, extra in (("gguf", ["--type", "q8_0"]), ("gguf-adapter", ["--type", "f16"]), ("onnx", [])):
+    cases = (("gguf", ["--type", "q8_0"]), ("gguf-adapter", ["--type", "f16"]), ("onnx", []), ("onnx-adapter", ["--name", "a"]))
+    for cmd, extra in cases:
         with_base = _cli(cmd, BASE, ad, "-o", tmp_path / f"{cmd}-given", *extra)
         without = _cli(cmd, ad, "-o", tmp_path / f"{cmd}-named", *extra)
         assert with_base.exit_code == 0 and without.exit_code == 0, (cmd, with_base.output, without.output)
         assert "note: base: " in without.stderr, cmd
-        produced = sorted(p.name for p in (tmp_path / f"{cmd}-given").iterdir() if p.suffix in (".gguf", ".data", ".onnx"))
+        produced = sorted(p.name for p in (tmp_path / f"{cmd}-given").iterdir() if p.suffix in (".gguf", ".data", ".onnx", ".onnx_adapter"))
         assert produced, cmd
         for name in produced:
             assert (tmp_path / f"{cmd}-given" / name).read_bytes() == (tmp_path / f"{cmd}-named" / name).read_bytes(), (cmd, name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -173,8 +174,11 @@ def test_unsloth_session(model: PeftModel, tok: PreTrainedTokenizerBase, adapter
 
     # --- model.save_pretrained_ggml: the GGUF LoRA adapter == lorasave.export_gguf_adapter
     res = _call(model.save_pretrained_ggml, "lora_gguf", tok)
-    own = lorasave.export_gguf_adapter(BASE, adapter_dir, ref / "lora_gguf", type="f16")
-    assert res.gguf_file.name == own.gguf_file.name
+    # GGUF adapters are named from the adapter folder (convert_lora_to_gguf.py); the live adapter's folder is the output's
+    named = ref / "src" / "lora_gguf"
+    shutil.copytree(adapter_dir, named, ignore=shutil.ignore_patterns("README.md"))  # PEFT's card: no card in memory
+    own = lorasave.export_gguf_adapter(BASE, named, ref / "lora_gguf", type="f16")
+    assert res.gguf_file.name == own.gguf_file.name == "Lora_Gguf-F16-LoRA.gguf"
     _same_bytes(res.output, own.output, [own.gguf_file.name])
     assert verify(res.output, adapters=[adapter_dir]).tensors_probed == 2 * 7 * 2
 
@@ -190,7 +194,8 @@ def test_unsloth_session(model: PeftModel, tok: PreTrainedTokenizerBase, adapter
     assert all(got[p.name] == p.read_bytes() for p in own.gguf_files) and "Modelfile" in got
 
     res = _call(model.push_to_hub_ggml, tok, "tiny-lora-gguf", token=token)
-    own = lorasave.export_gguf_adapter(BASE, adapter_dir, ref / "tiny-lora-gguf", type="f16")
+    shutil.copytree(adapter_dir, ref / "src" / "tiny-lora-gguf", ignore=shutil.ignore_patterns("README.md"))
+    own = lorasave.export_gguf_adapter(BASE, ref / "src" / "tiny-lora-gguf", ref / "tiny-lora-gguf", type="f16")
     assert hub.files(f"{USER}/tiny-lora-gguf")[own.gguf_file.name] == own.gguf_file.read_bytes()
 
     # --- Unsloth's push_to_hub=True: save_directory is the repo id, the local folder is kept

@@ -393,8 +393,10 @@ def export_gguf_adapter(
         for suffix, shape, qtype in ((".lora_a", p.a_shape, p.a_type), (".lora_b", p.b_shape, p.b_type)):
             writer.add_tensor_info(p.name + suffix, shape, np.dtype(np.float32), tensor_nbytes(shape, qtype), raw_dtype=qtype)
             counts[qtype.name] = counts.get(qtype.name, 0) + 1
-    # convert_lora_to_gguf.py: the adapter folder's card and name, a negative parameter count (no size label)
-    meta = model_metadata(ad.root, name=name, counts=writer.get_total_parameter_count())
+    # convert_lora_to_gguf.py: the adapter folder's card and name, a negative parameter count (no size label); a live
+    # adapter has no folder: the output's, where Unsloth saves it before converting
+    named_from = ad.root if ad.root.is_dir() else final
+    meta = model_metadata(named_from, name=name, counts=writer.get_total_parameter_count())
     filename = gguf_file_name(meta, type, chosen=name, lora=True)
 
     def finish(folder: Path, _: Timings) -> GgufAdapterResult:
